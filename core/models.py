@@ -1,0 +1,243 @@
+"""Model zoo: CIFAR ResNets (option-A shortcut), VGG-BN, AlexNet-32, a small CNN, user factories.
+
+The ResNets are state-dict compatible with the public akamaster/pytorch_resnet_cifar10
+checkpoints once the ``module.`` prefix is stripped (see ``load_checkpoint``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.errors import SlimError
+
+
+class OptionAShortcut(nn.Module):
+    """Parameter-free downsampling shortcut: stride-2 subsampling plus zero channel padding.
+
+    A real module rather than the original lambda, so that the model pickles, scripts and exports.
+    """
+
+    def __init__(self, pad_channels: int) -> None:
+        super().__init__()
+        self.pad_channels = pad_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.pad_channels
+        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, p, p), "constant", 0.0)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = OptionAShortcut(planes // 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """He et al. 2016 CIFAR ResNet (depth = 6n+2), 16/32/64 channels, option-A shortcut."""
+
+    def __init__(self, depth: int, num_classes: int = 10, in_channels: int = 3) -> None:
+        super().__init__()
+        if (depth - 2) % 6:
+            raise SlimError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        in_planes = 16
+        stages = []
+        for planes, stride in ((16, 1), (32, 2), (64, 2)):
+            blocks = []
+            for i in range(n):
+                blocks.append(BasicBlock(in_planes, planes, stride if i == 0 else 1))
+                in_planes = planes
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.linear = nn.Linear(64, num_classes)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.linear(out)
+
+
+VGG_CFG: dict[int, list[int | str]] = {
+    11: [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    13: [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    16: [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+    19: [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"],
+}
+
+
+class VGG(nn.Module):
+    """VGG with BatchNorm for 32x32 inputs: conv features, global pool, one linear classifier."""
+
+    def __init__(self, depth: int, num_classes: int = 10, in_channels: int = 3) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = in_channels
+        for v in VGG_CFG[depth]:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [nn.Conv2d(c, int(v), 3, padding=1, bias=False), nn.BatchNorm2d(int(v)), nn.ReLU(inplace=True)]
+                c = int(v)
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(c, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
+        return self.classifier(x)
+
+
+class AlexNetCifar(nn.Module):
+    """AlexNet shape adapted to 32x32 inputs (5 convs, 3 pools, 3 linears), with BatchNorm."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3) -> None:
+        super().__init__()
+
+        def block(cin: int, cout: int, k: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+        self.features = nn.Sequential(
+            *block(in_channels, 64, 5), nn.MaxPool2d(3, 2),
+            *block(64, 192, 5), nn.MaxPool2d(3, 2),
+            *block(192, 384, 3), *block(384, 256, 3), *block(256, 256, 3), nn.MaxPool2d(3, 2),
+        )  # fmt: skip
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Dropout(0.5), nn.Linear(256 * 3 * 3, 1024), nn.ReLU(inplace=True),
+            nn.Dropout(0.5), nn.Linear(1024, 1024), nn.ReLU(inplace=True), nn.Linear(1024, num_classes),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class SmallCNN(nn.Module):
+    """Four-conv CNN sized for 8x8 digits (the embedded default); trains in seconds on a CPU."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 32) -> None:
+        super().__init__()
+        w = width
+
+        def block(cin: int, cout: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+        self.features = nn.Sequential(
+            *block(in_channels, w), *block(w, w), nn.MaxPool2d(2), *block(w, 2 * w), *block(2 * w, 2 * w)
+        )
+        self.classifier = nn.Linear(2 * w, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(F.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
+
+
+def _resnet(depth: int) -> Callable[..., nn.Module]:
+    return lambda num_classes=10, in_channels=3: CifarResNet(depth, num_classes, in_channels)
+
+
+def _vgg(depth: int) -> Callable[..., nn.Module]:
+    return lambda num_classes=10, in_channels=3: VGG(depth, num_classes, in_channels)
+
+
+ZOO: dict[str, Callable[..., nn.Module]] = {
+    **{f"resnet{d}": _resnet(d) for d in (20, 32, 44, 56, 110)},
+    **{f"vgg{d}": _vgg(d) for d in (11, 13, 16, 19)},
+    "alexnet": lambda num_classes=10, in_channels=3: AlexNetCifar(num_classes, in_channels),
+    "smallcnn": lambda num_classes=10, in_channels=1: SmallCNN(num_classes, in_channels),
+}
+
+
+def build_model(name: str, num_classes: int = 10, in_channels: int | None = None) -> nn.Module:
+    """Build a zoo model by name, or call a user factory given as ``"pkg.module:fn"``.
+
+    A factory is called as ``fn(num_classes=..., in_channels=...)`` when it accepts those
+    keywords, else with no arguments.
+    """
+    kwargs: dict[str, Any] = {"num_classes": num_classes}
+    if in_channels is not None:
+        kwargs["in_channels"] = in_channels
+    if ":" in name:
+        return _call_factory(name, kwargs)
+    if name not in ZOO:
+        raise SlimError(f"unknown model {name!r}; known: {', '.join(sorted(ZOO))} or 'pkg.module:fn'")
+    return ZOO[name](**kwargs)
+
+
+def _call_factory(spec: str, kwargs: dict[str, Any]) -> nn.Module:
+    mod_name, _, fn_name = spec.partition(":")
+    try:
+        module = importlib.import_module(mod_name)
+    except Exception as e:  # any import-time failure is the user's factory, not us
+        raise SlimError(f"model factory {spec!r}: cannot import {mod_name!r} ({type(e).__name__}: {e})") from None
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise SlimError(f"model factory {spec!r}: {mod_name!r} has no callable {fn_name!r}")
+    try:
+        model = fn(**kwargs)
+    except TypeError:
+        model = fn()
+    if not isinstance(model, nn.Module):
+        raise SlimError(f"model factory {spec!r} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a checkpoint safely (``weights_only=True``) and return a plain, prefix-free state dict."""
+    p = Path(path)
+    if not p.is_file():
+        raise SlimError(f"checkpoint not found: {p}")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SlimError(f"checkpoint {p} is corrupt or not a safe torch checkpoint: {first[:200]}") from None
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model_state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise SlimError(f"checkpoint {p} holds no state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a checkpoint into ``model`` (in place) and return it; mismatches are a ``SlimError``."""
+    sd = read_state_dict(path)
+    own = model.state_dict()
+    # Checkpoints from older torch lack BN's num_batches_tracked counters; they are not weights.
+    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in sd and sd[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatches (e.g. {shapes[0]})")
+        raise SlimError(f"checkpoint {path} does not fit model {type(model).__name__}: {'; '.join(parts)}")
+    model.load_state_dict(sd, strict=False)
+    return model
