@@ -33,7 +33,11 @@ def _flat(weight: Tensor) -> Tensor:
 
 
 def _distance_sums(flat: Tensor) -> Tensor:
-    """Sum over j of the Euclidean distance ||w_i - w_j|| for every filter i (FPGM / redundancy score)."""
+    """Sum over j of the Euclidean distance ||w_i - w_j|| for every filter i (FPGM / redundancy score).
+
+    torch.cdist switches to the Gram-matrix formula above 25 filters (8x faster on 512 x 4608, error ~1e-6
+    relative), so exact ties between different filters are only guaranteed for small layers.
+    """
     return torch.cdist(flat, flat).sum(dim=1)
 
 
@@ -51,7 +55,9 @@ def importance(weight: Tensor, criterion: str) -> Tensor:
         return flat.norm(dim=1)
     if criterion in ("fpgm", "distfit"):
         return _distance_sums(flat)
-    raise SlimError(f"criterion {criterion!r} has no per-filter importance score; scored criteria: {', '.join(_SCORED)}")
+    raise SlimError(
+        f"criterion {criterion!r} has no per-filter importance score; scored criteria: {', '.join(_SCORED)}"
+    )
 
 
 def _top(scores: Tensor, keep: int) -> Tensor:
@@ -85,12 +91,13 @@ def _mask_indices(n: int, keep: int, keep_idx: Sequence[int] | None) -> Tensor:
     return torch.tensor(sorted(idx), dtype=torch.long)
 
 
-def _distfit(flat: Tensor, keep: int) -> Tensor:
+def _distfit(flat: Tensor, keep: int, tie_rtol: float = 1e-9) -> Tensor:
     """METHODS.md section 4 [inferred]: keep one filter per equal-count L2-norm stratum.
 
     Filters are sorted by L2 norm (ties -> lower index) and split into ``keep`` quantile strata of
     (nearly) equal size; per stratum the least redundant filter (largest sum of distances to ALL filters)
-    is kept, ties -> the norm closest to the stratum's median norm, then lower index.
+    is kept, ties (within ``tie_rtol``, to absorb summation order) -> the norm closest to the stratum's
+    (lower) median norm, then lower index.
     """
     norms = flat.norm(dim=1)
     redundancy = _distance_sums(flat)
@@ -98,7 +105,7 @@ def _distfit(flat: Tensor, keep: int) -> Tensor:
     kept = []
     for stratum in torch.tensor_split(order, keep):
         best = redundancy[stratum].max()
-        tied = stratum[redundancy[stratum] == best]
+        tied = stratum[redundancy[stratum] >= best * (1 - tie_rtol)]
         median = norms[stratum].median()  # lower median for even counts
         gap = (norms[tied] - median).abs()
         kept.append(int(tied[torch.sort(gap, stable=True).indices[0]]))

@@ -1,0 +1,161 @@
+"""apply_policy: a Policy + a model -> a new, smaller model (the input is never modified).
+
+Order: validate -> choose the kept filters of every pruned layer on the ORIGINAL weights
+(``core.criteria.select_filters``) -> prune a deep copy (``core.prune``) -> decompose the layers
+whose policy says cp/tucker, using the POST-pruning conv (its filters, and input channels cut by
+pruned predecessors, are gone; ranks are checked against that shape) -> eval mode -> one forward
+pass checking the output shape is unchanged.
+
+Coupled groups (``core.graph``): a policy entry on any member prunes the whole group with one kept set,
+chosen on the group leader's weights; members given in the policy must agree on their pruning settings.
+
+The example input (for tracing the dependency graph once per architecture) defaults to 1×C×32×32, C the
+first conv's in_channels. That suits the zoo; a model whose head needs another size (e.g. a flatten
+sized for 8×8 inputs) needs ``input_shape=(1, C, H, W)`` or ``example_input``.
+"""
+
+from __future__ import annotations
+
+import copy
+import zlib
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from core.criteria import select_filters
+from core.decompose import DecompositionCache, choose_rank, decompose_conv, default_cache
+from core.errors import SlimError
+from core.graph import InputSpec, ModelGraph, model_graph
+from core.policy import LayerPolicy, Policy
+from core.prune import masked_model_inplace, prune_layers
+
+__all__ = ["apply_policy", "kept_indices", "layer_seed", "masked_model"]
+
+
+def layer_seed(seed: int, name: str) -> int:
+    """Per-layer seed for seeded criteria, so layers of equal size do not all drop the same indices."""
+    return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**31)
+
+
+def _prune_key(lp: LayerPolicy) -> tuple[object, ...]:
+    return (lp.prune_rate, lp.criterion, lp.clusters, lp.keep)
+
+
+def _pruned_leaders(graph: ModelGraph, policy: Policy) -> dict[str, tuple[str, LayerPolicy]]:
+    """Leader (or ungrouped conv) -> (the policy entry that prunes it, that entry's layer name)."""
+    out: dict[str, tuple[str, LayerPolicy]] = {}
+    for name, lp in policy.layers.items():
+        info = graph.layers[name]
+        if lp.keep_count(info.out_channels) >= info.out_channels:
+            continue  # removes nothing (e.g. a rate below 1/N): allowed on any layer
+        if not info.prunable:
+            prunable = [n for n, i in graph.layers.items() if i.prunable]
+            hint = f"; prunable layers: {', '.join(prunable[:6])}{' ...' if len(prunable) > 6 else ''}" if prunable else ""
+            raise SlimError(f"policy: layer {name!r} cannot be pruned: {info.reason}{hint}")
+        leader = info.group or name
+        if leader in out and _prune_key(out[leader][1]) != _prune_key(lp):
+            raise SlimError(
+                f"policy: layers {out[leader][0]!r} and {name!r} are coupled (group {leader!r}) and must have "
+                "the same prune_rate, criterion, clusters and keep"
+            )
+        out.setdefault(leader, (name, lp))
+    return out
+
+
+def _kept(graph: ModelGraph, model: nn.Module, policy: Policy, seed: int) -> dict[str, torch.Tensor]:
+    """Kept filter indices per pruned leader, selected on ``model``'s (original) weights."""
+    convs = dict(model.named_modules())
+    kept: dict[str, torch.Tensor] = {}
+    for leader, (name, lp) in _pruned_leaders(graph, policy).items():
+        weight = convs[leader].weight
+        n = weight.shape[0]
+        try:
+            kept[leader] = select_filters(weight, lp.keep_count(n), lp.criterion, seed=layer_seed(seed, leader), keep_idx=lp.keep)
+        except SlimError as e:
+            raise SlimError(f"policy: layer {name!r}: {e}") from None
+    return kept
+
+
+def kept_indices(
+    model: nn.Module, policy: Policy, *, example_input: InputSpec = None, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Sorted kept filter indices (original indexing) of every conv the policy prunes, group members
+    included: what ``apply_policy`` keeps. Does not modify ``model``."""
+    policy.validate(model)
+    graph = model_graph(model, example_input)
+    out: dict[str, torch.Tensor] = {}
+    for leader, idx in _kept(graph, model, policy, seed).items():
+        for member in graph.groups.get(leader, [leader]):
+            out[member] = idx.clone()
+    return out
+
+
+def _decompose(
+    model: nn.Module, policy: Policy, cache: DecompositionCache | None, seed: int, graph: ModelGraph
+) -> None:
+    for name, lp in policy.layers.items():
+        if lp.decomposition == "none":
+            continue
+        if not graph.layers[name].decomposable:
+            raise SlimError(f"policy: layer {name!r} cannot be decomposed (groups={graph.layers[name].groups})")
+        conv = model.get_submodule(name)
+        t, s, kh, kw = conv.weight.shape
+        try:
+            rank = choose_rank(conv, lp.decomposition, lp.rank, lp.rank_ratio, layer_name=name)
+            new = decompose_conv(conv, lp.decomposition, rank, cache=cache, layer_name=name, seed=seed)
+        except SlimError as e:
+            raise SlimError(f"policy: {e} (after pruning the layer's kernel is {t}x{s}x{kh}x{kw})") from None
+        model.set_submodule(name, new)
+
+
+def apply_policy(
+    model: nn.Module,
+    policy: Policy,
+    *,
+    example_input: torch.Tensor | None = None,
+    input_shape: Sequence[int] | None = None,
+    cache: DecompositionCache | None = None,
+    seed: int = 0,
+    check: bool = True,
+) -> nn.Module:
+    """A new model (eval mode) with ``policy`` applied; ``model`` itself is never modified.
+
+    ``example_input`` / ``input_shape`` (batch first) tell how to trace the model; default 1×C×32×32.
+    ``cache`` holds decompositions (default: ``core.decompose.default_cache()``). ``seed`` drives the
+    random criterion (per layer via ``layer_seed``) and the CP initialisation. ``check`` runs one forward
+    pass and raises ``RuntimeError`` if the output shape changed (a bug, never expected). Bad policies
+    (unknown layer, out-of-range values, pruning a non-prunable layer, ranks above the post-pruning full
+    rank) raise ``SlimError``.
+    """
+    if not isinstance(policy, Policy):
+        raise SlimError(f"apply_policy needs a Policy, got {type(policy).__name__}")
+    policy.validate(model)
+    spec: InputSpec = example_input if example_input is not None else input_shape
+    graph = model_graph(model, spec)
+    kept = _kept(graph, model, policy, seed)
+    new = copy.deepcopy(model)
+    if kept:
+        prune_layers(new, kept, graph=graph)
+    if any(lp.decomposition != "none" for lp in policy.layers.values()):
+        _decompose(new, policy, default_cache() if cache is None else cache, seed, graph)
+    new.eval()
+    if check and graph.output_shape is not None:
+        x = torch.zeros(graph.input_shape, dtype=graph.template_dtype, device=graph.template_device)
+        with torch.no_grad():
+            out = new(x)
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != graph.output_shape:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise RuntimeError(f"apply_policy produced output {got}, expected {graph.output_shape}: policy {policy.hash}")
+    return new
+
+
+def masked_model(
+    model: nn.Module, kept: Mapping[str, Sequence[int] | torch.Tensor], *, example_input: InputSpec = None
+) -> nn.Module:
+    """A copy of ``model`` whose removed filters (those not in ``kept[name]``) are zeroed together with
+    their BN weight/bias/running mean, without removing anything: in eval mode it computes exactly what
+    the pruned model computes (the reference for surgery tests). ``model`` is not modified."""
+    new = copy.deepcopy(model)
+    masked_model_inplace(new, kept, example_input=example_input, graph=model_graph(model, example_input))
+    return new.eval()

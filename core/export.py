@@ -1,0 +1,189 @@
+"""Export a compressed model: TorchScript, torch.export (.pt2), state dict + policy/metrics JSON.
+
+Layout of an export directory (written to a temporary sibling and renamed into place, so a reader never
+sees a half-written export; an existing directory is replaced only after the new one is complete):
+
+- ``model.torchscript.pt`` — TorchScript (``torch.jit.script``, falling back to ``torch.jit.trace``).
+  Self-contained: ``torch.jit.load`` needs only torch, not slimsearch.
+- ``model.pt2`` — ``torch.export`` program with a dynamic batch dimension where the model allows it.
+  Self-contained: ``torch.export.load(p).module()``.
+- ``model.pt`` — the state dict. NOT self-contained: a pruned/decomposed model's shapes differ from the
+  zoo model's, so rebuild the architecture first: ``load_state(base_model, dir)`` re-applies
+  ``policy.json`` to the base model (same architecture and original weights, which fix the EVBMF ranks
+  and hence the shapes) and loads ``model.pt`` into it.
+- ``policy.json``, ``metrics.json``, ``manifest.json`` (files, input shape, torch version) and
+  ``check.pt`` (an input and the expected output, used to verify reloads).
+
+Every exported program is reloaded and compared with the model's own output before the directory is
+published; a mismatch above ``atol`` is a ``RuntimeError``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from core.errors import SlimError
+from core.graph import example_input_for
+from core.policy import Policy
+
+__all__ = ["FILES", "FORMATS", "export_model", "load_exported", "load_state"]
+
+FORMATS = ("torchscript", "pt2", "state")
+FILES = {"torchscript": "model.torchscript.pt", "pt2": "model.pt2", "state": "model.pt"}
+
+
+def _to_torchscript(model: nn.Module, x: torch.Tensor, path: Path) -> None:
+    try:
+        program = torch.jit.script(model)
+    except Exception:  # scripting rejects much ordinary Python; a trace is fine for feed-forward CNNs
+        program = torch.jit.trace(model, x, check_trace=False)
+    program.save(str(path))
+
+
+def _to_pt2(model: nn.Module, x: torch.Tensor, path: Path) -> None:
+    x2 = torch.cat([x[:1], x[:1]], dim=0)  # batch 2: a batch of 1 would be specialised to the constant 1
+    try:
+        program = torch.export.export(model, (x2,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    except Exception:  # the model pins its batch size somewhere: export it static
+        program = torch.export.export(model, (x,))
+    torch.export.save(program, str(path))
+
+
+def _check(name: str, run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, atol: float) -> None:
+    with torch.no_grad():
+        got = run(x)
+    if not torch.allclose(got, y, atol=atol, rtol=0):
+        raise RuntimeError(f"export: reloaded {name} differs from the model by {float((got - y).abs().max()):.3g}")
+
+
+def _json(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, default=lambda v: v.item() if hasattr(v, "item") else str(v))
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Move the finished ``tmp`` directory to ``out``, replacing an existing export only at the end."""
+    old = None
+    if out.exists():
+        if not out.is_dir():
+            raise SlimError(f"export: {out} exists and is not a directory")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_model(
+    model: nn.Module,
+    policy: Policy | None,
+    out_dir: str | Path,
+    formats: Sequence[str] = FORMATS,
+    example_input: torch.Tensor | Sequence[int] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    *,
+    atol: float = 1e-5,
+) -> dict[str, Path]:
+    """Write ``model`` in ``formats`` (torchscript, pt2, state) plus policy/metrics/manifest JSON to
+    ``out_dir`` atomically; return format -> file path. ``model`` is not modified (a copy is exported
+    in eval mode). ``example_input`` (tensor or shape, batch first) defaults to 1×C×32×32."""
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise SlimError(f"export: unknown format {bad[0] if bad else '(none)'!r}; allowed: {', '.join(FORMATS)}")
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    m = copy.deepcopy(model).eval()
+    x = example_input_for(m, example_input)
+    with torch.no_grad():
+        y = m(x)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        written: dict[str, Path] = {}
+        for fmt in dict.fromkeys(formats):
+            path = tmp / FILES[fmt]
+            if fmt == "torchscript":
+                _to_torchscript(m, x, path)
+                _check(fmt, torch.jit.load(str(path)), x, y, atol)
+            elif fmt == "pt2":
+                _to_pt2(m, x, path)
+                _check(fmt, torch.export.load(str(path)).module(), x, y, atol)
+            else:
+                torch.save(m.state_dict(), path)
+            written[fmt] = out / FILES[fmt]
+        torch.save({"input": x.cpu(), "output": y.detach().cpu()}, tmp / "check.pt")
+        (tmp / "policy.json").write_text((policy or Policy()).to_json(indent=2) + "\n")
+        (tmp / "metrics.json").write_text(_json(dict(metrics or {})) + "\n")
+        manifest = {
+            "files": {f: FILES[f] for f in written},
+            "input_shape": list(x.shape),
+            "policy_hash": (policy or Policy()).hash,
+            "torch": torch.__version__,
+            "self_contained": [f for f in written if f != "state"],
+        }
+        (tmp / "manifest.json").write_text(_json(manifest) + "\n")
+        _publish(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return written
+
+
+def load_exported(path: str | Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Load a self-contained export: a ``.pt2`` file, a TorchScript file, or an export directory
+    (TorchScript preferred, else pt2). A state dict alone cannot be loaded: see ``load_state``."""
+    p = Path(path)
+    if p.is_dir():
+        for fmt in ("torchscript", "pt2"):
+            if (p / FILES[fmt]).is_file():
+                return load_exported(p / FILES[fmt])
+        raise SlimError(f"export directory {p} holds no TorchScript or pt2 model; for model.pt use load_state()")
+    if not p.is_file():
+        raise SlimError(f"exported model not found: {p}")
+    if p.suffix == ".pt2":
+        try:
+            return torch.export.load(str(p)).module()
+        except Exception as e:
+            raise SlimError(f"{p} is not a readable torch.export program: {type(e).__name__}") from None
+    try:
+        return torch.jit.load(str(p), map_location="cpu")
+    except Exception:
+        raise SlimError(
+            f"{p} is not a TorchScript model (a state dict needs its architecture: use load_state)"
+        ) from None
+
+
+def load_state(
+    base_model: nn.Module, export_dir: str | Path, *, example_input: torch.Tensor | Sequence[int] | None = None
+) -> nn.Module:
+    """Rebuild an exported model from its state dict: apply ``policy.json`` to ``base_model`` (the model
+    the policy was applied to, with its original weights) and load ``model.pt`` (``weights_only=True``)."""
+    from core.apply import apply_policy  # apply imports the heavy graph machinery; export needs it only here
+
+    d = Path(export_dir)
+    for f in ("policy.json", FILES["state"]):
+        if not (d / f).is_file():
+            raise SlimError(f"export directory {d} has no {f}")
+    policy = Policy.from_json((d / "policy.json").read_text(), where=str(d / "policy.json"))
+    model = apply_policy(base_model, policy, example_input=example_input if isinstance(example_input, torch.Tensor) else None,
+                         input_shape=None if isinstance(example_input, torch.Tensor) else example_input)  # fmt: skip
+    state = torch.load(d / FILES["state"], map_location="cpu", weights_only=True)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0][:200]
+        raise SlimError(f"{d / FILES['state']} does not fit the rebuilt model (wrong base model?): {first}") from None
+    return model.eval()

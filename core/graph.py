@@ -1,0 +1,293 @@
+"""Which conv layers can be compressed, and which are coupled (Torch-Pruning's ``DependencyGraph``).
+
+For every ``nn.Conv2d`` we ask Torch-Pruning for the group of its out-channel pruning
+(``DG.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=[0])``): all the layers whose
+channels must go with its filters (BN entries, consumers' input channels, residual partners...).
+
+- A conv is *prunable alone* when its group touches no other conv's OUT channels. Convs whose
+  out channels are joined (residual adds, depthwise followers) form one *coupled group*: they share
+  one rate and one kept-index set, chosen on the group's *leader* (first member in module order).
+  The group is named after its leader.
+- A group is *not prunable* when Torch-Pruning's channel tracing cannot be trusted or pruning would
+  change the model's interface: channel padding (``F.pad``; the CIFAR ResNets' option-A shortcut pads
+  zeros onto the residual stream, and Torch-Pruning traces the pad as element-wise, silently coupling
+  channel i of one stage with channel i of the next, which is wrong by ``pad`` channels), channels that
+  are model outputs, unwrapped ``nn.Parameter``s, non-depthwise grouped convs, or op types we do not
+  vouch for. Then every member gets ``prunable=False`` and a ``reason``.
+- A conv is *decomposable* when ``groups == 1`` (CP / Tucker-2 keep the in/out channel counts).
+
+Building the dependency graph traces the model and is slow (seconds for ResNet-56 on a busy CPU), so
+the analysis is cached per architecture fingerprint (module names, types, hyper-parameters, tensor
+shapes) and example-input shape; it is built on a private eval-mode copy, never on the caller's model.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch_pruning import ops
+
+from core.errors import SlimError
+
+__all__ = [
+    "LayerInfo",
+    "ModelGraph",
+    "compressible_layers",
+    "coupled_groups",
+    "example_input_for",
+    "fingerprint",
+    "model_graph",
+]
+
+InputSpec = torch.Tensor | Sequence[int] | None
+
+DEFAULT_HW = (32, 32)
+_GRAPH_CACHE_SIZE = 8
+# Node types whose channel handling in Torch-Pruning we rely on (anything else blocks pruning).
+_TRUSTED = {
+    ops.OPTYPE.CONV,
+    ops.OPTYPE.DEPTHWISE_CONV,
+    ops.OPTYPE.BN,
+    ops.OPTYPE.LINEAR,
+    ops.OPTYPE.PRELU,
+    ops.OPTYPE.ELEMENTWISE,
+    ops.OPTYPE.CONCAT,
+    ops.OPTYPE.SPLIT,
+    ops.OPTYPE.RESHAPE,
+    ops.OPTYPE.SLICE,
+    ops.OPTYPE.GN,
+    ops.OPTYPE.IN,
+    ops.OPTYPE.LN,
+}
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One conv layer: shape, whether it may be pruned / decomposed, its coupled group, and why not."""
+
+    name: str
+    out_channels: int
+    in_channels: int
+    kernel: tuple[int, int]
+    groups: int
+    prunable: bool
+    decomposable: bool
+    group: str | None = None
+    reason: str | None = None
+
+
+# A removal op: (module name, Torch-Pruning handler, pruning_dim) -> channel indices to remove.
+RemovalKey = tuple[str, Callable[..., nn.Module], int]
+
+
+class ModelGraph:
+    """Dependency graph of a private template copy plus the per-conv analysis; read-only after build.
+
+    ``removal_ops`` maps a pruning plan (conv name -> kept filter indices, ORIGINAL indexing) to the
+    handler calls Torch-Pruning's ``group.prune()`` would make, merged per module and dimension and
+    expressed in original indices; ``core.prune`` replays them on a copy of any model with the same
+    fingerprint, so the slow graph build happens once per architecture.
+    """
+
+    def __init__(self, model: nn.Module, example_input: torch.Tensor) -> None:
+        self.fingerprint = fingerprint(model)
+        self.input_shape = tuple(example_input.shape)
+        self.template_dtype, self.template_device = example_input.dtype, example_input.device
+        template = copy.deepcopy(model).eval()
+        for p in template.parameters():
+            p.requires_grad_(True)  # Torch-Pruning traces grad_fn; frozen weights would hide the convs
+        with torch.enable_grad():
+            self.dg = tp.DependencyGraph().build_dependency(template, example_inputs=example_input, verbose=False)
+            out = template(example_input)
+        self.output_shape = tuple(out.shape) if isinstance(out, torch.Tensor) else None
+        self.template = template
+        self._names = {m: n for n, m in template.named_modules()}
+        self._lock = threading.Lock()
+        self.convs: dict[str, nn.Conv2d] = {n: m for n, m in template.named_modules() if isinstance(m, nn.Conv2d)}
+        has_option_a = any(type(m).__name__ == "OptionAShortcut" for m in template.modules())
+        self.layers, self.groups = self._analyse(has_option_a)
+
+    def _group(self, conv: nn.Conv2d, idxs: Sequence[int]) -> tp.Group:
+        with self._lock:
+            return self.dg.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=list(idxs))
+
+    def _analyse(self, has_option_a: bool) -> tuple[dict[str, LayerInfo], dict[str, list[str]]]:
+        order = {n: i for i, n in enumerate(self.convs)}
+        members: dict[str, tuple[str, ...]] = {}
+        reasons: dict[str, str | None] = {}
+        for name, conv in self.convs.items():
+            if conv not in self.dg.module2node:
+                members[name], reasons[name] = (name,), "not used in the forward pass"
+                continue
+            outs, reason = self._inspect(self._group(conv, [0]), has_option_a)
+            members[name] = tuple(sorted(set(outs) | {name}, key=order.__getitem__))
+            reasons[name] = reason
+        groups: dict[str, list[str]] = {}
+        for mem in members.values():
+            if len(mem) > 1:
+                groups.setdefault(mem[0], list(mem))
+        layers = {}
+        for name, conv in self.convs.items():
+            mem = members[name]
+            # A group is as prunable as its least prunable member's view of it (the views coincide
+            # for a symmetric closure; taking any reason is the safe side if they ever do not).
+            reason = next((reasons[m] for m in mem if reasons.get(m)), None)
+            layers[name] = LayerInfo(
+                name=name,
+                out_channels=conv.out_channels,
+                in_channels=conv.in_channels,
+                kernel=tuple(conv.kernel_size),  # type: ignore[arg-type]
+                groups=conv.groups,
+                prunable=reason is None,
+                decomposable=conv.groups == 1,
+                group=mem[0] if len(mem) > 1 else None,
+                reason=reason,
+            )
+        return layers, groups
+
+    def _inspect(self, group: tp.Group, has_option_a: bool) -> tuple[list[str], str | None]:
+        """Convs whose OUT channels are in ``group``, and why the group must not be pruned (or None)."""
+        outs: list[str] = []
+        reason: str | None = None
+        for dep, _ in group:
+            node = dep.target
+            kind = node.type
+            module = node.module
+            if isinstance(module, nn.Conv2d) and self.dg.is_out_channel_pruning_fn(dep.handler):
+                outs.append(self._names[module])
+            why = None
+            if _pads_channels(node.grad_fn):
+                why = (
+                    "option-A residual stage (zero channel padding couples the residual stream across stages)"
+                    if has_option_a
+                    else "channel padding (F.pad) in its channel group"
+                )
+            elif kind == ops.OPTYPE.OUTPUT:
+                why = "its channels are model outputs"
+            elif kind == ops.OPTYPE.PARAMETER:
+                why = "an unwrapped nn.Parameter shares its channels"
+            elif isinstance(module, nn.Conv2d) and kind == ops.OPTYPE.CONV and module.groups > 1:
+                why = f"grouped conv {self._names[module]!r} (groups={module.groups}) shares its channels"
+            elif kind not in _TRUSTED:
+                why = f"its channels reach a {kind.name} node that is not supported for pruning"
+            reason = reason or why
+        return outs, reason
+
+    def removal_ops(self, plan: Mapping[str, Sequence[int]]) -> dict[RemovalKey, list[int]]:
+        """Handler calls (module name, handler, dim) -> removed indices for a plan of kept indices.
+
+        ``plan`` keys must be group leaders or ungrouped prunable convs (``core.prune`` resolves groups).
+        Indices are in the original, unpruned indexing, so the ops commute and each runs once.
+        """
+        merged: dict[RemovalKey, set[int]] = {}
+        for name, kept in plan.items():
+            conv = self.convs[name]
+            removed = sorted(set(range(conv.out_channels)) - {int(i) for i in kept})
+            if not removed:
+                continue
+            for dep, idxs in self._group(conv, removed):
+                mod_name = self._names.get(dep.target.module)
+                if mod_name is None:  # graph-only op (add, reshape, concat...): nothing to cut in a module
+                    continue
+                key = (mod_name, dep.handler, dep.target.pruning_dim)
+                merged.setdefault(key, set()).update(int(i) for i in tp._helpers.to_plain_idxs(list(idxs)))
+        return {k: sorted(v) for k, v in merged.items()}
+
+
+def _pads_channels(grad_fn: object) -> bool:
+    """Whether a traced op pads the channel dimension of an NCHW tensor (spatial padding is harmless)."""
+    name = type(grad_fn).__name__
+    if name.startswith("ConstantPadNd"):
+        pad = tuple(getattr(grad_fn, "_saved_pad", ()) or ())
+        # (W, W, H, H, C, C, ...) for NCHW. Two entries could be a 2-D (N, C) tensor's channels: count as unsafe.
+        return len(pad) <= 2 or any(pad[4:6])
+    return "Pad" in name and "Pad1d" not in name and "Pad2d" not in name
+
+
+def fingerprint(model: nn.Module) -> str:
+    """Digest of the architecture: module names, classes, plain public attributes (hyper-parameters such as
+    a padding width a ``forward`` may read), tensor shapes and dtypes (not values). Forward code itself is
+    identified by the class name only."""
+    h = hashlib.sha256()
+    for name, m in model.named_modules():
+        attrs = sorted(
+            (k, repr(v))
+            for k, v in vars(m).items()
+            if not k.startswith("_") and k != "training" and isinstance(v, (int, float, str, bool, tuple, type(None)))
+        )
+        h.update(f"{name}|{type(m).__module__}.{type(m).__qualname__}|{m.extra_repr()}|{attrs}".encode())
+        for pname, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
+            h.update(f"|{pname}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(b"\n")
+    return h.hexdigest()[:24]
+
+
+def example_input_for(model: nn.Module, example_input: InputSpec = None) -> torch.Tensor:
+    """A tensor to trace with: ``example_input`` itself, zeros of a given shape, or 1×C×32×32 where C is
+    the first conv's ``in_channels``. The inferred 32×32 suits the zoo (whose heads pool adaptively; AlexNet
+    needs 32); pass the real shape for anything else (e.g. a head sized for 8×8 inputs)."""
+    p = next(model.parameters(), None)
+    device = p.device if p is not None else torch.device("cpu")
+    dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
+    if isinstance(example_input, torch.Tensor):
+        return example_input.detach().to(device=device, dtype=dtype)
+    if example_input is not None:
+        shape = tuple(int(s) for s in example_input)
+        if len(shape) < 2 or any(s < 1 for s in shape):
+            raise SlimError(f"input shape must be (batch, channels, ...) with positive sizes, got {shape}")
+        return torch.zeros((1, *shape[1:]), device=device, dtype=dtype)
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if first is None:
+        raise SlimError(f"{type(model).__name__} has no Conv2d layer; nothing to compress")
+    return torch.zeros((1, first.in_channels, *DEFAULT_HW), device=device, dtype=dtype)
+
+
+_CACHE: OrderedDict[tuple[str, tuple[int, ...], str], ModelGraph] = OrderedDict()
+_CACHE_LOCK = threading.Lock()
+
+
+def model_graph(model: nn.Module, example_input: InputSpec = None) -> ModelGraph:
+    """The (cached) ``ModelGraph`` of ``model``'s architecture; a failed trace is a ``SlimError``."""
+    x = example_input_for(model, example_input)
+    key = (fingerprint(model), tuple(x.shape[1:]), str(x.device))
+    with _CACHE_LOCK:
+        graph = _CACHE.get(key)
+        if graph is not None:
+            _CACHE.move_to_end(key)
+            return graph
+    try:
+        graph = ModelGraph(model, x)
+    except SlimError:
+        raise
+    except Exception as e:  # a model that cannot run on this input cannot be analysed
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise SlimError(
+            f"cannot trace {type(model).__name__} on an input of shape {tuple(x.shape)} "
+            f"(pass the right input shape): {type(e).__name__}: {msg}"
+        ) from None
+    with _CACHE_LOCK:
+        _CACHE[key] = graph
+        while len(_CACHE) > _GRAPH_CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return graph
+
+
+def compressible_layers(model: nn.Module, example_input: InputSpec = None) -> list[LayerInfo]:
+    """Every ``nn.Conv2d`` of ``model`` in module order, with prunability, decomposability and group."""
+    return list(model_graph(model, example_input).layers.values())
+
+
+def coupled_groups(model: nn.Module, example_input: InputSpec = None) -> dict[str, list[str]]:
+    """Coupled conv groups (2+ convs sharing out channels), keyed by leader name -> members in module order.
+
+    Includes non-prunable groups (see ``LayerInfo.prunable``); a search space shares one rate per group.
+    """
+    return {k: list(v) for k, v in model_graph(model, example_input).groups.items()}

@@ -1,0 +1,111 @@
+"""Physical filter pruning: remove filters, the consumers' input channels and BN entries (Torch-Pruning).
+
+The channel bookkeeping is Torch-Pruning's: for each pruned conv we take its dependency-graph group
+(``DG.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=removed)``) and run the group's
+handlers, exactly what ``group.prune()`` does. Difference, for speed: the group is computed on the
+cached ``core.graph.ModelGraph`` template (all plans in the ORIGINAL channel indexing, merged per module
+and dimension) and the handlers are replayed on the model given here, so no dependency graph has to be
+traced per call. Indices stay valid because every (module, dimension) is cut exactly once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from core.errors import SlimError
+from core.graph import InputSpec, ModelGraph, fingerprint, model_graph
+
+__all__ = ["masked_model_inplace", "prune_layers", "resolve_plan"]
+
+Plan = Mapping[str, Sequence[int] | torch.Tensor]
+
+
+def _indices(name: str, kept: Sequence[int] | torch.Tensor, n: int) -> tuple[int, ...]:
+    raw = kept.tolist() if isinstance(kept, torch.Tensor) else list(kept)
+    idx = tuple(sorted(int(i) for i in raw))
+    if not idx:
+        raise SlimError(f"pruning plan: layer {name!r} keeps no filters; keep at least one")
+    if len(set(idx)) != len(idx) or idx[0] < 0 or idx[-1] >= n:
+        raise SlimError(f"pruning plan: layer {name!r}: kept indices must be distinct and in 0..{n - 1}, got {raw}")
+    return idx
+
+
+def resolve_plan(graph: ModelGraph, plan: Plan) -> dict[str, tuple[int, ...]]:
+    """Check a plan (conv name -> kept filter indices) and map it onto group leaders.
+
+    Members of a coupled group share the leader's kept set; two members with different kept sets,
+    an unknown conv or a non-prunable one raise ``SlimError``.
+    """
+    out: dict[str, tuple[int, ...]] = {}
+    source: dict[str, str] = {}
+    for name, kept in plan.items():
+        info = graph.layers.get(name)
+        if info is None:
+            raise SlimError(f"pruning plan: {name!r} is not a Conv2d of the model")
+        if not info.prunable:
+            raise SlimError(f"pruning plan: layer {name!r} cannot be pruned: {info.reason}")
+        leader = info.group or name
+        idx = _indices(name, kept, graph.layers[leader].out_channels)
+        if leader in out and out[leader] != idx:
+            raise SlimError(
+                f"pruning plan: layers {source[leader]!r} and {name!r} are coupled (group {leader!r}) "
+                "and must keep the same filters"
+            )
+        out[leader], source[leader] = idx, name
+    return out
+
+
+def _graph_for(model: nn.Module, example_input: InputSpec, graph: ModelGraph | None) -> ModelGraph:
+    if graph is None:
+        return model_graph(model, example_input)
+    if graph.fingerprint != fingerprint(model):
+        raise ValueError("graph was built for a different architecture than the model given")
+    return graph
+
+
+def prune_layers(
+    model: nn.Module, plan: Plan, *, example_input: InputSpec = None, graph: ModelGraph | None = None
+) -> nn.Module:
+    """Remove, IN PLACE, every filter of ``model`` not listed in ``plan`` (conv name -> kept indices,
+    original indexing) plus the matching BN entries and consumer input channels; returns ``model``.
+
+    Pass a copy if the original must survive (``core.apply.apply_policy`` does). ``example_input`` is
+    only needed when the graph is not cached yet and 1×C×32×32 does not fit the model.
+    """
+    graph = _graph_for(model, example_input, graph)
+    ops = graph.removal_ops(resolve_plan(graph, plan))
+    modules = dict(model.named_modules())
+    with graph._lock:  # handlers are shared pruner objects whose pruning_dim is set per call
+        for (name, handler, dim), idxs in ops.items():
+            handler.__self__.pruning_dim = dim  # as torch_pruning's Dependency.__call__ does
+            handler(modules[name], idxs)
+    return model
+
+
+@torch.no_grad()
+def masked_model_inplace(
+    model: nn.Module, plan: Plan, *, example_input: InputSpec = None, graph: ModelGraph | None = None
+) -> nn.Module:
+    """Zero, IN PLACE, what ``prune_layers`` would remove from the OUTPUT side: the filters (weight rows,
+    bias) of every group member and the BN weight, bias and running mean of those channels, so those
+    channels are exactly 0 after BN in eval mode and the model computes what the pruned one computes.
+
+    Exact for chains of conv/BN/linear/ReLU/pooling/adds; not for norms that mix channels (GroupNorm).
+    """
+    graph = _graph_for(model, example_input, graph)
+    ops = graph.removal_ops(resolve_plan(graph, plan))
+    modules = dict(model.named_modules())
+    for (name, handler, _dim), idxs in ops.items():
+        if not graph.dg.is_out_channel_pruning_fn(handler):
+            continue  # consumers' input channels stay: they now read zeros
+        m = modules[name]
+        index = torch.as_tensor(idxs, dtype=torch.long)
+        for attr in ("weight", "bias", "running_mean"):
+            t = getattr(m, attr, None)
+            if isinstance(t, torch.Tensor):
+                dim = 1 if attr == "weight" and getattr(m, "transposed", False) else 0
+                t.index_fill_(dim, index.to(t.device), 0.0)
+    return model

@@ -1,0 +1,91 @@
+"""EvalContext: what every evaluation of one study shares (baseline model, data, cost bound)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from core.cost import Cost, count_cost
+from core.errors import SlimError
+from evaluators.cache import ResultCache
+
+
+@dataclass
+class EvalContext:
+    """Baseline ``model`` (eval mode, never modified), ``splits`` (train/val/test; search scores on
+    val), ``input_shape`` with batch dim, baseline ``base`` cost, absolute ``max_macs`` bound (None =
+    unconstrained), baseline val accuracy, and the ``cache`` of results (in memory by default)."""
+
+    model: nn.Module
+    splits: Any  # core.data.DataSplits
+    input_shape: tuple[int, ...]
+    base: Cost
+    max_macs: float | None = None
+    base_val_acc: float | None = None
+    cache: ResultCache | None = field(default_factory=ResultCache)
+    _fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def fingerprint(self) -> str:
+        """Digest of the baseline weights, the train/val data, the input shape and the MACs bound, so a
+        persistent result cache never serves results of another model or dataset."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            for name, t in self.model.state_dict().items():
+                h.update(name.encode())
+                h.update(_tensor_bytes(t))
+            for part in ("train", "val"):
+                ds = getattr(self.splits, part)
+                h.update(_tensor_bytes(ds.x))
+                h.update(_tensor_bytes(ds.y))
+            h.update(repr((self.input_shape, self.max_macs)).encode())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().cpu().contiguous()
+    return str(t.dtype).encode() + repr(tuple(t.shape)).encode() + t.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def build_context(
+    model: nn.Module,
+    splits: Any,
+    input_shape: Sequence[int],
+    *,
+    max_macs_ratio: float | None = None,
+    max_macs: float | None = None,
+    score_baseline: bool = True,
+    cache: ResultCache | str | Path | None = None,
+) -> EvalContext:
+    """Measure the baseline and fix the MACs bound: ``max_macs`` (absolute) or ``max_macs_ratio`` of the
+    baseline (at most one). ``score_baseline`` records the baseline's val accuracy. ``cache``: a
+    ResultCache, or a path for a persistent one (``*.jsonl`` file or a directory)."""
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) == 3:
+        shape = (1, *shape)
+    if max_macs is not None and max_macs_ratio is not None:
+        raise SlimError("[constraint]: give max_macs or max_macs_ratio, not both")
+    if max_macs_ratio is not None and not 0.0 < float(max_macs_ratio) <= 1.0:
+        raise SlimError(f"[constraint] max_macs_ratio: expected a number in (0, 1], got {max_macs_ratio!r}")
+    if max_macs is not None and not float(max_macs) > 0:
+        raise SlimError(f"[constraint] max_macs: expected a positive number, got {max_macs!r}")
+    model.eval()
+    base = count_cost(model, shape)
+    bound = float(max_macs) if max_macs is not None else None
+    if max_macs_ratio is not None:
+        bound = float(max_macs_ratio) * base.macs
+    base_acc = None
+    if score_baseline:
+        from core.train import evaluate
+
+        base_acc = evaluate(model, splits.val)
+    if not isinstance(cache, ResultCache):
+        cache = ResultCache(cache)
+    return EvalContext(model, splits, shape, base, bound, base_acc, cache)

@@ -1,0 +1,230 @@
+"""Score one policy: apply it, gate on MACs (before any training), then proxy or short fine-tune.
+
+``evaluate`` never raises for a bad candidate: infeasible, failing (bad policy, NaN loss, any
+exception) and pruned candidates come back as an ``EvalResult`` with a status and a one-line reason.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from core.errors import SlimError
+from core.policy import Policy, replace_layer
+from evaluators.cache import ResultCache
+from evaluators.config import EvaluatorConfig
+from evaluators.context import EvalContext
+
+STATUSES = ("ok", "infeasible", "fail", "pruned")
+TIMES = ("apply_s", "cost_s", "train_s", "eval_s", "wall_s")
+_USE_CONTEXT_CACHE: Any = object()
+
+Report = Callable[[int, float], bool]
+
+
+@dataclass
+class EvalResult:
+    """Outcome of one evaluation. ``metrics``: val_acc (ok/pruned), macs, flops (= 2·MACs), params,
+    macs_ratio, params_ratio, macs_violation (macs - max_macs, when bounded), latency_ms (when
+    measured) and the time split apply_s, cost_s, train_s, eval_s, wall_s. ``intermediate``:
+    (step, val_acc) of the fine-tune's periodic evaluations. ``cached``: served from the cache."""
+
+    status: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    reason: str = ""
+    intermediate: list[tuple[int, float]] = field(default_factory=list)
+    policy_hash: str = ""
+    cached: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "metrics": dict(self.metrics),
+            "reason": self.reason,
+            "intermediate": [[int(s), float(a)] for s, a in self.intermediate],
+            "policy_hash": self.policy_hash,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], cached: bool = False) -> EvalResult:
+        return cls(
+            status=d["status"],
+            metrics={k: float(v) for k, v in d.get("metrics", {}).items()},
+            reason=d.get("reason", ""),
+            intermediate=[(int(s), float(a)) for s, a in d.get("intermediate", [])],
+            policy_hash=d.get("policy_hash", ""),
+            cached=cached,
+        )
+
+
+def result_key(ctx: EvalContext, cfg: EvaluatorConfig, policy: Policy) -> str:
+    """Cache key: context fingerprint, the evaluation-relevant config fields and the policy hash."""
+    return f"{ctx.fingerprint}-{cfg.key}-{policy.hash}"
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one short line (SlimError messages are already written for users)."""
+    text = " ".join(str(e).split())
+    if not isinstance(e, SlimError):
+        text = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return text[:300]
+
+
+def evaluate(
+    ctx: EvalContext,
+    cfg: EvaluatorConfig,
+    policy: Policy,
+    *,
+    report: Report | None = None,
+    cache: ResultCache | None = _USE_CONTEXT_CACHE,
+) -> EvalResult:
+    """Evaluate ``policy`` on ``ctx`` under ``cfg``; deterministic for ``cfg.seed``.
+
+    ``report(step, val_acc)`` receives the fine-tune's evaluations every ``cfg.eval_every`` steps;
+    returning True stops the trial ("pruned"). ``cache`` defaults to ``ctx.cache``; None disables it.
+    """
+    if cache is _USE_CONTEXT_CACHE:
+        cache = ctx.cache
+    key = result_key(ctx, cfg, policy) if cache is not None else ""
+    if cache is not None:
+        hit = cache.get(key)
+        if hit is not None:
+            hit.cached = True
+            return hit
+    t0 = time.perf_counter()
+    metrics: dict[str, float] = dict.fromkeys(TIMES[:-1], 0.0)
+    intermediate: list[tuple[int, float]] = []
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            status, reason = _run(ctx, cfg, policy, report, metrics, intermediate)
+    except Exception as e:  # never raise for a candidate: the search records the failure and moves on
+        status, reason = "fail", one_line(e)
+    metrics["wall_s"] = time.perf_counter() - t0
+    result = EvalResult(status, metrics, reason, intermediate, policy.hash)
+    if cache is not None:
+        cache.put(key, result)
+    return result
+
+
+def _run(
+    ctx: EvalContext,
+    cfg: EvaluatorConfig,
+    policy: Policy,
+    report: Report | None,
+    metrics: dict[str, float],
+    intermediate: list[tuple[int, float]],
+) -> tuple[str, str]:
+    from core.apply import apply_policy
+    from core.cost import count_cost, measure_latency
+    from core.train import FinetuneConfig, finetune, recalibrate_bn
+    from core.train import evaluate as accuracy
+
+    if any(lp.decomposition != "none" for lp in policy.layers.values()):
+        # Factorising (CP above all) can take seconds, so gate on the structure first: the pruned model
+        # with untrained decomposition layers has exactly the MACs of the real result.
+        t = time.perf_counter()
+        shell = _structure_only(ctx, policy, cfg.seed)
+        metrics["apply_s"] += time.perf_counter() - t
+        t = time.perf_counter()
+        verdict = _gate(ctx, count_cost(shell, ctx.input_shape), metrics)
+        metrics["cost_s"] += time.perf_counter() - t
+        if verdict:
+            return "infeasible", verdict
+
+    t = time.perf_counter()
+    model = apply_policy(ctx.model, policy, input_shape=ctx.input_shape, seed=cfg.seed)
+    metrics["apply_s"] += time.perf_counter() - t
+
+    t = time.perf_counter()
+    verdict = _gate(ctx, count_cost(model, ctx.input_shape), metrics)
+    if verdict:
+        metrics["cost_s"] += time.perf_counter() - t
+        return "infeasible", verdict
+    if cfg.measure_latency:
+        lat = measure_latency(model, ctx.input_shape, batch_size=cfg.latency_batch, threads=1)
+        metrics["latency_ms"] = float(lat.median_ms)
+    metrics["cost_s"] += time.perf_counter() - t
+
+    train, val = ctx.splits.train, ctx.splits.val
+    t = time.perf_counter()
+    # Pruning/decomposition leaves BN statistics of the old activations; recomputing them is the proxy,
+    # and also the starting point of the fine-tune (so short fine-tunes do not start from stale stats).
+    recalibrate_bn(model, train, num_batches=cfg.bn_batches, batch_size=cfg.batch_size, seed=cfg.seed)
+    acc: float | None = None
+    status = "ok"
+    if cfg.kind == "finetune":
+        fcfg = FinetuneConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
+
+        def on_eval(step: int, val_acc: float) -> bool:
+            intermediate.append((int(step), float(val_acc)))
+            return bool(report(step, val_acc)) if report is not None else False
+
+        every = cfg.eval_every or None
+        res = finetune(
+            model,
+            train,
+            fcfg,
+            teacher=ctx.model if cfg.kd else None,
+            val_ds=val if every else None,
+            eval_every=every,
+            on_eval=on_eval if every else None,
+        )
+        if res.stopped_early:
+            status = "pruned"
+        if intermediate and intermediate[-1][0] == res.steps:
+            acc = intermediate[-1][1]  # already scored at the last step
+    metrics["train_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    if acc is None:
+        acc = accuracy(model, val, cfg.val_batch_size)
+    metrics["eval_s"] = time.perf_counter() - t
+    if not math.isfinite(acc):
+        raise SlimError(f"validation accuracy is {acc}")
+    metrics["val_acc"] = float(acc)
+    reason = f"stopped by the pruner at step {intermediate[-1][0]}" if status == "pruned" else ""
+    return status, reason
+
+
+def _gate(ctx: EvalContext, cost: Any, metrics: dict[str, float]) -> str:
+    """Record the cost metrics; return why the model breaks the MACs bound ("" when it does not)."""
+    metrics.update(macs=float(cost.macs), flops=float(cost.flops), params=float(cost.params))
+    metrics["macs_ratio"] = cost.macs / ctx.base.macs if ctx.base.macs else 1.0
+    metrics["params_ratio"] = cost.params / ctx.base.params if ctx.base.params else 1.0
+    if ctx.max_macs is None:
+        return ""
+    metrics["macs_violation"] = cost.macs - ctx.max_macs
+    if cost.macs <= ctx.max_macs:
+        return ""
+    return (
+        f"MACs {cost.macs:,} exceed the bound {ctx.max_macs:,.0f} "
+        f"({metrics['macs_ratio']:.1%} of the baseline's {ctx.base.macs:,})"
+    )
+
+
+def _structure_only(ctx: EvalContext, policy: Policy, seed: int) -> nn.Module:
+    """The pruned model with each decomposed layer replaced by its (untrained) factor layers."""
+    from core.apply import apply_policy
+    from core.decompose import _structure, choose_rank  # _structure: the layer stack without factorising
+
+    pruned = Policy({n: replace_layer(lp, decomposition="none", rank=None, rank_ratio=None)
+                     for n, lp in policy.layers.items()})  # fmt: skip
+    policy.validate(ctx.model)
+    model = apply_policy(ctx.model, pruned, input_shape=ctx.input_shape, seed=seed, check=False)
+    for name, lp in policy.layers.items():
+        if lp.decomposition != "none":
+            conv = model.get_submodule(name)
+            rank = choose_rank(conv, lp.decomposition, lp.rank, lp.rank_ratio, layer_name=name)
+            model.set_submodule(name, _structure(conv, lp.decomposition, rank))
+    return model.eval()

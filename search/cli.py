@@ -1,0 +1,320 @@
+"""``slimsearch`` command line: run / worker / status / report / export / train / cost.
+
+Exit codes: 0 ok; 2 bad input (one line ``slimsearch: error: ...`` on stderr, nothing created);
+1 internal error (traceback); 130 interrupted (rerun the same command to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from core.errors import SlimError
+from search.study import mask_url
+
+PROG = "slimsearch"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is a one-line SlimError (exit 2) like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        raise SlimError(f"{self.prog}: {message} (see --help)")
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return v
+
+
+def _nonneg_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s!r}") from None
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s!r}")
+    return v
+
+
+def _macs(s: str) -> float:
+    """MACs as a number with an optional k/M/G suffix: 60e6, 60M, 1.2G."""
+    mult = {"k": 1e3, "K": 1e3, "m": 1e6, "M": 1e6, "g": 1e9, "G": 1e9}
+    t = s.strip()
+    f = mult.get(t[-1:], 1.0)
+    try:
+        v = float(t[:-1] if f != 1.0 else t) * f
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MACs such as 60e6 or 60M, got {s!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of MACs, got {s!r}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="AutoML search for per-layer CNN compression policies.")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser, metavar="COMMAND")
+
+    r = sub.add_parser("run", help="create or resume a study and run it to n_trials (same command after a crash)")
+    r.add_argument("study", type=Path, help="study file (TOML)")
+    r.add_argument("--workers", type=_positive_int, help="worker processes (default: [evaluator] workers)")
+    r.add_argument("--n-trials", type=_positive_int, help="override [study] n_trials (grow a finished study)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar (one line per trial only)")
+    r.add_argument("--ray-address", help="Ray cluster address (backend ray)")
+
+    w = sub.add_parser("worker", help="join a running study (another process or machine on the same storage)")
+    w.add_argument("study", type=Path)
+    w.add_argument("--ray-address", help=argparse.SUPPRESS)
+    w.add_argument("--config-pickle", type=Path, help=argparse.SUPPRESS)
+    w.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
+    w.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    w.add_argument("--threads", type=int, help=argparse.SUPPRESS)
+
+    s = sub.add_parser("status", help="trial counts by state, best so far")
+    s.add_argument("study", type=Path)
+
+    rep = sub.add_parser("report", help="Pareto table + CSV + PNG charts")
+    rep.add_argument("study", type=Path)
+    rep.add_argument("--trial", type=int, help="trial for the per-layer policy chart (default: best)")
+    rep.add_argument("--out", type=Path, help="output folder (default: <workdir>/report)")
+
+    e = sub.add_parser("export", help="export a trial's compressed model")
+    e.add_argument("study", type=Path)
+    e.add_argument("--trial", default="best", help="'best' (default) or a trial number")
+    e.add_argument("--format", action="append", dest="formats", metavar="FMT",
+                   help="torchscript | pt2 | state; repeat or comma-separate (default: [export] formats)")  # fmt: skip
+    e.add_argument("--finetune-epochs", type=_nonneg_float, help="final fine-tune before export")
+    e.add_argument("--max-macs", type=_macs, help="'best' among trials with at most these MACs (e.g. 60M)")
+    e.add_argument("--out", type=Path, help="output folder (default: <export out>/trial-<N>)")
+
+    t = sub.add_parser("train", help="train a baseline checkpoint (for models without public weights)")
+    t.add_argument("model", help="zoo name (resnet20, vgg16, smallcnn...) or pkg.module:fn")
+    t.add_argument("--data", default="digits", help="dataset: digits | cifar10 | cifar100 | imagefolder | synthetic")
+    t.add_argument("--root", type=Path, help="data folder or archive")
+    t.add_argument("--epochs", type=_nonneg_float, required=True)
+    t.add_argument("--out", type=Path, required=True, help="checkpoint file to write (state dict)")
+    t.add_argument("--lr", type=float, default=0.1)
+    t.add_argument("--batch-size", type=_positive_int, default=128)
+    t.add_argument("--val-size", type=float, default=0.1, help="count or fraction held out of train (default 0.1)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--num-classes", type=_positive_int)
+    t.add_argument("--device", default="cpu", help="cpu | cuda")
+
+    c = sub.add_parser("cost", help="MACs, FLOPs, params and CPU latency of a model")
+    c.add_argument("model")
+    c.add_argument("--input-shape", help="C,H,W or N,C,H,W (default: 3x32x32; 1x8x8 for smallcnn)")
+    c.add_argument("--checkpoint", type=Path)
+    c.add_argument("--num-classes", type=_positive_int, default=10)
+    c.add_argument("--threads", type=_positive_int, default=1, help="threads for the latency measurement")
+    return p
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def _load(path: Path) -> Any:
+    from search.study import load_study
+
+    return load_study(path)
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    cfg = _load(a.study)
+    if a.n_trials:
+        cfg = cfg.with_n_trials(a.n_trials)
+    if cfg.study.backend == "ray" or a.ray_address:
+        return _run_ray(cfg, a.ray_address)
+    from search.runner import run_study
+
+    summary = run_study(cfg, workers=a.workers, progress=not a.no_progress)
+    print(f"next: slimsearch report {a.study}   |   slimsearch export {a.study} --trial best   |   "
+          f"optuna-dashboard {mask_url(cfg.study.storage)}")  # fmt: skip
+    return 0
+
+
+def _run_ray(cfg: Any, address: str | None) -> int:
+    try:
+        from search.ray_runner import run_ray
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith("search"):
+            raise SlimError("backend ray is not available in this installation (search/ray_runner.py is missing)") from None
+        raise
+    run_ray(cfg, address=address)
+    return 0
+
+
+def cmd_worker(a: argparse.Namespace) -> int:
+    import pickle
+
+    from search.runner import run_worker
+
+    if a.config_pickle is not None:  # started by `slimsearch run --workers N`: exactly the driver's config
+        with open(a.config_pickle, "rb") as fh:
+            cfg = pickle.load(fh)
+    else:
+        cfg = _load(a.study)
+    ran = run_worker(cfg, parent_pid=a.parent_pid, worker_index=a.worker_index, threads=a.threads)
+    if a.parent_pid is None:
+        print(f"worker done: {ran} trials evaluated")
+    return 0
+
+
+def cmd_status(a: argparse.Namespace) -> int:
+    from search.report import study_status
+
+    print(study_status(_load(a.study)).text())
+    return 0
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    from search.report import write_report
+
+    cfg = _load(a.study)
+    rep = write_report(cfg, trial=a.trial, out_dir=a.out)
+    print(f"Pareto front of {cfg.name} (val_acc max, MACs min; feasible trials only):")
+    print(rep.table)
+    for key, path in rep.files.items():
+        print(f"{key:<12} {path}")
+    print(f"dashboard:   optuna-dashboard {mask_url(cfg.study.storage)}")
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from search.export import export_trial, parse_formats, parse_trial
+
+    cfg = _load(a.study)
+    formats = parse_formats(a.formats) if a.formats else None
+    trial = parse_trial(a.trial)
+    res = export_trial(cfg, trial, formats, a.out, a.finetune_epochs, a.max_macs, log=print)
+    m = res.metrics
+    test = f"  test_acc {m['test_acc']:.4f} (baseline {m['base_test_acc']:.4f})" if "test_acc" in m else ""
+    print(f"trial {res.trial}: val_acc {m['val_acc']:.4f}{test}  MACs {m['macs']:,} ({m['macs_ratio']:.1%})  "
+          f"params {m['params']:,}  latency {m['latency_ms_batch1']:.2f} ms (batch 1, 1 thread)")  # fmt: skip
+    for fmt, path in res.files.items():
+        print(f"{fmt:<12} {path}")
+    print(f"{'metrics':<12} {res.out_dir / 'metrics.json'}")
+    return 0
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from core.data import load_splits
+    from core.models import build_model
+    from core.train import FinetuneConfig, evaluate, finetune
+
+    if a.epochs <= 0:
+        raise SlimError("--epochs must be > 0")
+    if a.root is not None and not a.root.exists():
+        raise SlimError(f"--root: {a.root} does not exist")
+    val_size: int | float = int(a.val_size) if a.val_size >= 1 else a.val_size
+    if not val_size > 0:
+        raise SlimError(f"--val-size must be a count >= 1 or a fraction in (0, 1), got {a.val_size}")
+    if a.out.exists() and a.out.is_dir():
+        raise SlimError(f"--out: {a.out} is a directory; give a checkpoint file name")
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SlimError(f"--device {a.device}: CUDA is not available on this machine")
+    splits = load_splits(a.data, a.root, val_size, a.seed)
+    model = build_model(a.model, num_classes=a.num_classes or splits.train.num_classes,
+                        in_channels=splits.train.in_channels).to(a.device)  # fmt: skip
+    cfg = FinetuneConfig(epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, seed=a.seed)
+    print(f"training {a.model} on {a.data} ({len(splits.train)} train / {len(splits.val)} val) for {a.epochs:g} epochs")
+    t0 = time.perf_counter()
+    finetune(model, splits.train, cfg, log=print, log_every=100)
+    model.eval()
+    val = evaluate(model, splits.val)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = a.out.with_name(f".{a.out.name}.{os.getpid()}.tmp")
+    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp)
+    os.replace(tmp, a.out)
+    test = f", test_acc {evaluate(model, splits.test):.4f}" if splits.test is not None else ""
+    print(f"done in {time.perf_counter() - t0:.0f}s: val_acc {val:.4f}{test}; wrote {a.out}")
+    return 0
+
+
+def _shape(text: str | None, model: Any, name: str) -> tuple[int, ...]:
+    from torch import nn
+
+    if text is None:
+        first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        c = first.in_channels if first is not None else 3
+        size = 8 if name == "smallcnn" else 32
+        return (1, c, size, size)
+    try:
+        dims = tuple(int(x) for x in text.replace("x", ",").split(",") if x.strip())
+    except ValueError:
+        raise SlimError(f"--input-shape: expected C,H,W or N,C,H,W integers, got {text!r}") from None
+    if len(dims) == 3:
+        dims = (1, *dims)
+    if len(dims) != 4 or min(dims) < 1:
+        raise SlimError(f"--input-shape: expected C,H,W or N,C,H,W positive integers, got {text!r}")
+    return (1, *dims[1:])
+
+
+def cmd_cost(a: argparse.Namespace) -> int:
+    import torch
+
+    from core.cost import count_cost, measure_latency
+    from core.models import build_model, load_checkpoint
+
+    in_ch = None
+    if a.input_shape:
+        in_ch = _shape(a.input_shape, None, a.model)[1]
+    model = build_model(a.model, num_classes=a.num_classes, in_channels=in_ch)
+    if a.checkpoint is not None:
+        load_checkpoint(model, a.checkpoint)
+    shape = _shape(a.input_shape, model, a.model)
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(shape))
+    except Exception as e:
+        raise SlimError(f"{a.model} fails on input {list(shape)}: {str(e).splitlines()[0][:200]}") from None
+    cost = count_cost(model, shape)
+    lat1 = measure_latency(model, shape, batch_size=1, threads=a.threads)
+    lat64 = measure_latency(model, shape, batch_size=64, threads=a.threads, repeats=5, warmup=1)
+    print(f"model   {a.model}   input {'x'.join(map(str, shape))}")
+    print(f"MACs    {cost.macs / 1e6:10.3f} M  ({cost.macs:,} multiply-accumulates per image)")
+    print(f"FLOPs   {cost.flops / 1e6:10.3f} M  (= 2 x MACs)")
+    print(f"params  {cost.params / 1e6:10.3f} M  ({cost.params:,})")
+    print(f"latency {lat1.median_ms:10.3f} ms at batch 1,  {lat64.median_ms:.2f} ms at batch 64 "
+          f"({lat64.median_ms / 64:.3f} ms/image; CPU, {a.threads} thread{'s' if a.threads > 1 else ''}, median)")  # fmt: skip
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "worker": cmd_worker, "status": cmd_status, "report": cmd_report, "export": cmd_export,
+            "train": cmd_train, "cost": cmd_cost}  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``slimsearch`` console script; returns the exit code."""
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.cmd](args)
+    except SlimError as e:
+        msg = " ".join(mask_url(str(e)).split())  # exactly one line, passwords masked
+        print(f"{PROG}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except Exception as e:
+        traceback.print_exc()
+        print(f"{PROG}: internal error: {mask_url(' '.join(str(e).split()))[:300]}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

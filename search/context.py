@@ -1,0 +1,175 @@
+"""Everything a trial needs, built from a ``StudyConfig`` alone (so each worker process rebuilds it).
+
+Order matters for the "bad input creates nothing" rule: the data and model are checked (and the
+checkpoint loaded) before anything is written; only then may a baseline be pre-trained and cached
+in ``<workdir>/baseline.pt`` (reused on resume and by every worker).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from core.errors import SlimError
+from search.study import StudyConfig
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class StudyContext:
+    """The baseline model (eval mode), data splits, input shape (1, C, H, W), the evaluators'
+    ``EvalContext``, the search space, and where the baseline weights came from."""
+
+    cfg: StudyConfig
+    model: nn.Module
+    splits: Any  # core.data.DataSplits
+    input_shape: tuple[int, ...]
+    eval_ctx: Any  # evaluators.context.EvalContext
+    space: Any  # spaces.space.SearchSpace
+    baseline_path: Path | None
+    baseline_sha: str
+
+    @property
+    def base_macs(self) -> int:
+        return int(self.eval_ctx.base.macs)
+
+
+def baseline_cache_path(cfg: StudyConfig) -> Path:
+    return cfg.study.workdir / "baseline.pt"
+
+
+def _state_sha(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def load_data(cfg: StudyConfig) -> Any:
+    """The study's train/val/test splits; a wrong root or dataset is a ``SlimError`` naming the file."""
+    from core.data import load_splits
+
+    d = cfg.data
+    try:
+        return load_splits(d.dataset, d.root, d.val_size, d.seed)
+    except SlimError as e:
+        raise SlimError(f"{cfg.path}: [data]: {e}") from None
+
+
+def input_shape_for(cfg: StudyConfig, splits: Any) -> tuple[int, int, int, int]:
+    """(1, C, H, W) from the data, with [model] in_channels / input_size overriding."""
+    ds = splits.train
+    c = cfg.model.in_channels or ds.in_channels
+    hw = cfg.model.input_size or ds.image_size
+    return (1, int(c), int(hw), int(hw))
+
+
+def build_baseline(cfg: StudyConfig, splits: Any) -> nn.Module:
+    """The untrained model of [model], sized for the data (classes, channels)."""
+    from core.models import build_model
+
+    m = cfg.model
+    num_classes = m.num_classes or splits.train.num_classes
+    in_channels = m.in_channels or splits.train.in_channels
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.study.seed)  # same initial weights in every process (pre-training)
+            return build_model(m.factory, num_classes=num_classes, in_channels=in_channels)
+    except SlimError as e:
+        raise SlimError(f"{cfg.path}: [model] factory: {e}") from None
+
+
+def _load(model: nn.Module, path: Path, cfg: StudyConfig, key: str) -> nn.Module:
+    from core.models import load_checkpoint
+
+    try:
+        return load_checkpoint(model, path)
+    except SlimError as e:
+        raise SlimError(f"{cfg.path}: [model] {key}: {e}") from None
+
+
+def pretrain_baseline(cfg: StudyConfig, model: nn.Module, splits: Any, log: Log) -> Path:
+    """Train ``model`` for [model] pretrain_epochs and save it atomically as ``<workdir>/baseline.pt``."""
+    from core.train import FinetuneConfig, evaluate, finetune, recalibrate_bn
+
+    m = cfg.model
+    path = baseline_cache_path(cfg)
+    log(f"pre-training a {m.factory} baseline for {m.pretrain_epochs:g} epochs (cached in {path})")
+    t0 = time.perf_counter()
+    ft = FinetuneConfig(epochs=m.pretrain_epochs, lr=m.pretrain_lr, batch_size=m.pretrain_batch_size,
+                        seed=cfg.study.seed)  # fmt: skip
+    finetune(model, splits.train, ft)
+    # Running BN statistics of a short training lag the final weights; candidates get recalibrated
+    # statistics in the evaluator, so the baseline gets them too (a fair, and better, reference).
+    recalibrate_bn(model, splits.train, num_batches=20, batch_size=m.pretrain_batch_size, seed=cfg.study.seed)
+    model.eval()
+    acc = evaluate(model, splits.val)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
+    log(f"baseline trained in {time.perf_counter() - t0:.1f}s: val_acc {acc:.4f}")
+    return path
+
+
+def build_study_context(cfg: StudyConfig, *, log: Log | None = None, allow_pretrain: bool = True) -> StudyContext:
+    """Data, baseline model (checkpoint, cached pre-trained baseline, or pre-train now), EvalContext, space.
+
+    ``allow_pretrain=False`` (workers) refuses to train a baseline: it must already be cached by
+    ``slimsearch run``, so every process searches the same weights.
+    """
+    from evaluators.context import build_context
+    from spaces.space import SearchSpace
+
+    log = log or (lambda s: None)
+    splits = load_data(cfg)
+    model = build_baseline(cfg, splits)
+    shape = input_shape_for(cfg, splits)
+    source: Path | None
+    if cfg.model.checkpoint is not None:
+        source = cfg.model.checkpoint
+        _load(model, source, cfg, "checkpoint")
+    else:
+        source = baseline_cache_path(cfg)
+        if source.is_file():
+            _load(model, source, cfg, f"pretrained baseline (delete {source} to retrain it)")
+        elif allow_pretrain:
+            check_forward(model, shape, cfg)
+            pretrain_baseline(cfg, model, splits, log)
+        else:
+            raise SlimError(f"{cfg.path}: no baseline at {source}; start the study with `slimsearch run` first")
+    model.eval()
+    check_forward(model, shape, cfg)
+    c = cfg.constraint
+    try:
+        # In-memory result cache here; the runner attaches the persistent one once the input is valid.
+        ectx = build_context(model, splits, shape, max_macs_ratio=c.max_macs_ratio, max_macs=c.max_macs)
+        space = SearchSpace.build(model, cfg.space, shape)
+    except SlimError as e:
+        raise SlimError(f"{cfg.path}: {e}") from None
+    return StudyContext(cfg, model, splits, shape, ectx, space, source, _state_sha(model))
+
+
+def check_forward(model: nn.Module, shape: tuple[int, ...], cfg: StudyConfig) -> None:
+    """One forward pass on zeros, so a model/data mismatch is reported before any search starts."""
+    try:
+        with torch.no_grad():
+            was = model.training
+            model.eval()
+            out = model(torch.zeros(shape))
+            model.train(was)
+    except Exception as e:  # the user's model, the user's input shape
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise SlimError(f"{cfg.path}: [model] {cfg.model.factory} fails on input {list(shape)}: {first}") from None
+    if out.ndim != 2:
+        raise SlimError(f"{cfg.path}: [model] {cfg.model.factory} returns shape {list(out.shape)}, expected [batch, classes]")

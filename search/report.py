@@ -1,0 +1,260 @@
+"""Study status and report: trial table, Pareto front (val_acc vs MACs, plus latency when it is an
+objective) as text and CSV, and PNG charts (matplotlib, Agg): Pareto scatter and a per-layer policy chart.
+
+Everything is read from the Optuna storage (trial user_attrs and the study's "slimsearch" attr), so a
+report never rebuilds the model. Studies are ordinary Optuna RDB studies: ``optuna-dashboard <storage URL>``
+opens them too.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from optuna.trial import FrozenTrial
+
+from core.errors import SlimError
+from search.runner import best_feasible, fmt_count, is_counted, load_optuna_study, open_storage, tally, target_trials
+from search.study import StudyConfig, mask_url
+
+COLUMNS = ["trial", "state", "status", "val_acc", "macs", "macs_ratio", "flops", "params", "params_ratio",
+           "latency_ms", "seed", "policy", "duration_s", "reason"]  # fmt: skip
+
+
+def trials_frame(trials: list[FrozenTrial]) -> pd.DataFrame:
+    """One row per trial with its state, evaluator status, metrics and policy summary."""
+    rows = []
+    for t in trials:
+        ua = t.user_attrs
+        dur = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
+        rows.append({
+            "trial": t.number, "state": t.state.name, "status": ua.get("status", ""),
+            "val_acc": ua.get("val_acc"), "macs": ua.get("macs"), "macs_ratio": ua.get("macs_ratio"),
+            "flops": ua.get("flops"), "params": ua.get("params"), "params_ratio": ua.get("params_ratio"),
+            "latency_ms": ua.get("latency_ms"), "seed": ua.get("seed", ""), "policy": ua.get("policy_summary", ""),
+            "duration_s": dur, "reason": ua.get("reason", ""),
+        })  # fmt: skip
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    for c in ("val_acc", "macs", "macs_ratio", "flops", "params", "params_ratio", "latency_ms", "duration_s"):
+        df[c] = pd.to_numeric(df[c], errors="coerce")
+    return df
+
+
+def pareto_front(df: pd.DataFrame, with_latency: bool = False) -> pd.DataFrame:
+    """Non-dominated feasible COMPLETE trials: max val_acc, min MACs (and min latency_ms), sorted by MACs."""
+    ok = df[(df["state"] == "COMPLETE") & (df["status"] == "ok")].dropna(subset=["val_acc", "macs"])
+    cols = ["val_acc", "macs"] + (["latency_ms"] if with_latency and ok["latency_ms"].notna().all() else [])
+    if ok.empty:
+        return ok
+    # Minimise everything: negate accuracy.
+    v = ok[cols].to_numpy(dtype=float) * np.array([-1.0] + [1.0] * (len(cols) - 1))
+    le = (v[:, None, :] <= v[None, :, :]).all(axis=2)  # le[i, j]: i is no worse than j everywhere
+    lt = (v[:, None, :] < v[None, :, :]).any(axis=2)
+    dominated = (le & lt).any(axis=0)
+    return ok[~dominated].sort_values(["macs", "val_acc"], ascending=[True, False])
+
+
+@dataclass
+class StudyStatus:
+    name: str
+    storage: str  # masked
+    n_trials: int
+    counted: int
+    by_state: dict[str, int]
+    best: dict[str, Any] | None
+    objectives: list[str]
+    seeds: list[str] = field(default_factory=list)
+
+    def text(self) -> str:
+        states = " · ".join(f"{k} {v}" for k, v in sorted(self.by_state.items())) or "no trials"
+        lines = [
+            f"study {self.name}  ({self.storage})",
+            f"objectives {', '.join(self.objectives)}",
+            f"trials {self.counted}/{self.n_trials} done  [{states}]",
+        ]
+        if self.seeds:
+            lines.append(f"seeds {', '.join(self.seeds)}")
+        if self.best:
+            b = self.best
+            ratio = f" ({b['macs_ratio']:.1%})" if b.get("macs_ratio") is not None else ""
+            lines.append(f"best trial {b['trial']}: val_acc {b['val_acc']:.4f}  MACs {fmt_count(b['macs'])}{ratio}  "
+                         f"params {fmt_count(b['params'])}")  # fmt: skip
+        else:
+            lines.append("best: no feasible completed trial yet")
+        return "\n".join(lines)
+
+
+def study_status(cfg: StudyConfig) -> StudyStatus:
+    """Counts by state, progress toward n_trials and the best feasible trial (read-only)."""
+    study = load_optuna_study(cfg, open_storage(cfg, create=False))
+    trials = study.get_trials(deepcopy=False)
+    tl = tally(trials)
+    b = best_feasible(trials)
+    best = None
+    if b is not None:
+        best = {"trial": b.number, **{k: b.user_attrs.get(k) for k in ("val_acc", "macs", "macs_ratio", "params")}}
+    return StudyStatus(cfg.name, mask_url(cfg.study.storage), target_trials(study, cfg.study.n_trials), tl.counted,
+                       tl.by_state, best, study.user_attrs.get("objectives", [o.spec for o in cfg.study.objectives]),
+                       list(study.user_attrs.get("seeds_enqueued", [])))  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- charts
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_pareto(df: pd.DataFrame, front: pd.DataFrame, info: dict[str, Any], path: Path, title: str) -> Path:
+    """val_acc vs MACs: feasible trials, infeasible ones (rug at the bottom: never trained), seeds, the
+    Pareto front, the baseline and the MACs bound."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=120)
+    scale = 1e6
+    ok = df[(df["status"] == "ok") & df["val_acc"].notna()]
+    seeds = ok[ok["seed"] != ""]
+    plain = ok[ok["seed"] == ""]
+    ax.scatter(plain["macs"] / scale, plain["val_acc"], s=18, c="tab:blue", alpha=0.6, label="feasible trial")
+    if not seeds.empty:
+        ax.scatter(seeds["macs"] / scale, seeds["val_acc"], s=40, marker="D", c="tab:purple", label="seed trial")
+    if not front.empty:
+        ax.plot(front["macs"] / scale, front["val_acc"], "-o", c="tab:orange", ms=5, lw=1.5, label="Pareto front")
+    bad = df[(df["status"] == "infeasible") & df["macs"].notna()]
+    base = info.get("base", {})
+    ys = list(ok["val_acc"]) + ([base["val_acc"]] if base.get("val_acc") is not None else [])
+    lo = min(ys) if ys else 0.0
+    hi = max(ys) if ys else 1.0
+    pad = max(0.02, 0.05 * (hi - lo))
+    y_rug = lo - pad
+    if not bad.empty:
+        ax.scatter(bad["macs"] / scale, [y_rug] * len(bad), marker="x", c="tab:red", s=22,
+                   label="infeasible (MACs over bound, not trained)")  # fmt: skip
+    if base.get("macs"):
+        if base.get("val_acc") is not None:
+            ax.scatter([base["macs"] / scale], [base["val_acc"]], marker="*", s=160, c="black", label="baseline")
+        else:
+            ax.axvline(base["macs"] / scale, c="black", ls=":", lw=1, label="baseline MACs")
+    if info.get("max_macs"):
+        ax.axvline(info["max_macs"] / scale, c="tab:red", ls="--", lw=1, label="MACs bound")
+    ax.set_ylim(y_rug - pad, min(1.0, hi + pad) if hi <= 1.0 else hi + pad)
+    ax.set_xlabel("MACs per image (millions; FLOPs = 2 x MACs)")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_policy(trial: FrozenTrial, info: dict[str, Any], path: Path, title: str) -> Path:
+    """Prune rate per conv layer (depth order) with kept/total filters; decomposed layers hatched and labelled."""
+    from core.policy import Policy
+
+    plt = _plt()
+    policy = Policy.from_json(trial.user_attrs["policy"], where=f"trial {trial.number} policy")
+    layers = info.get("layers") or [{"name": n, "out_channels": None} for n in policy.layers]
+    names = [layer["name"] for layer in layers]
+    rates, labels, colors, hatches = [], [], [], []
+    for layer in layers:
+        lp = policy.get(layer["name"])
+        n = layer.get("out_channels")
+        keep = lp.keep_count(n) if n else None
+        rates.append(1.0 - keep / n if n else lp.prune_rate)
+        lab = f"{keep}/{n}" if n else ""
+        if lp.decomposition != "none":
+            rr = f" r{lp.rank_ratio:.2f}" if lp.rank_ratio is not None else ""
+            lab += f"\n{lp.decomposition}{rr}"
+        labels.append(lab)
+        colors.append({"none": "tab:blue", "cp": "tab:green", "tucker": "tab:purple"}[lp.decomposition])
+        hatches.append("" if lp.decomposition == "none" else "//")
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.38 * len(names) + 2), 4.5), dpi=120)
+    x = np.arange(len(names))
+    bars = ax.bar(x, rates, color=colors, edgecolor="black", linewidth=0.5)
+    for b, h in zip(bars, hatches, strict=True):
+        b.set_hatch(h)
+    for xi, r, lab in zip(x, rates, labels, strict=True):
+        ax.text(xi, r + 0.01, lab, ha="center", va="bottom", fontsize=6, rotation=90 if len(names) > 24 else 0)
+    ax.set_xticks(x, names, rotation=90, fontsize=7)
+    ax.set_ylim(0, 1.15)
+    ax.set_ylabel("fraction of filters removed")
+    ua = trial.user_attrs
+    sub = f"val_acc {ua.get('val_acc', float('nan')):.4f}, MACs {fmt_count(ua.get('macs', 0))} ({ua.get('macs_ratio', float('nan')):.1%})"
+    ax.set_title(f"{title}\n{sub}", fontsize=10)
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color="tab:blue", label="pruned only"), Patch(color="tab:green", hatch="//", label="CP"),
+                       Patch(color="tab:purple", hatch="//", label="Tucker-2")], fontsize=7, loc="upper right")  # fmt: skip
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------- report
+
+
+@dataclass
+class Report:
+    out_dir: Path
+    files: dict[str, Path]
+    front: pd.DataFrame
+    table: str
+
+
+def _front_table(front: pd.DataFrame) -> pd.DataFrame:
+    show = front[["trial", "val_acc", "macs", "macs_ratio", "params", "latency_ms", "seed", "policy"]].copy()
+    show["macs"] = show["macs"].map(fmt_count)
+    show["params"] = show["params"].map(fmt_count)
+    show["val_acc"] = show["val_acc"].map(lambda v: f"{v:.4f}")
+    show["macs_ratio"] = show["macs_ratio"].map(lambda v: f"{v:.1%}")
+    if show["latency_ms"].isna().all():
+        show = show.drop(columns=["latency_ms"])
+    return show
+
+
+def write_report(cfg: StudyConfig, trial: int | None = None, out_dir: str | Path | None = None) -> Report:
+    """Write trials.csv, pareto.csv, pareto.png and policy_trial<N>.png (N: ``trial`` or the best) to
+    ``out_dir`` (default ``<workdir>/report``); return them with the printed Pareto table."""
+    study = load_optuna_study(cfg, open_storage(cfg, create=False))
+    trials = study.get_trials(deepcopy=False)
+    info = study.user_attrs.get("slimsearch", {})
+    chosen: FrozenTrial | None
+    if trial is not None:
+        chosen = next((t for t in trials if t.number == trial), None)
+        if chosen is None:
+            raise SlimError(f"--trial {trial}: no such trial (the study has trials 0..{len(trials) - 1})")
+        if "policy" not in chosen.user_attrs:
+            raise SlimError(f"--trial {trial}: trial is {chosen.state.name} and has no policy to chart")
+    else:
+        chosen = best_feasible(trials)
+    out = Path(out_dir) if out_dir is not None else cfg.study.workdir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    df = trials_frame(trials)
+    with_lat = any(o.metric == "latency_ms" for o in cfg.study.objectives)
+    front = pareto_front(df, with_latency=with_lat)
+    files = {"trials_csv": out / "trials.csv", "pareto_csv": out / "pareto.csv", "pareto_png": out / "pareto.png"}
+    df.to_csv(files["trials_csv"], index=False)
+    front.to_csv(files["pareto_csv"], index=False)
+    counted = sum(is_counted(t) for t in trials)
+    plot_pareto(df, front, info, files["pareto_png"], f"{cfg.name}: {counted} trials, {len(front)} on the Pareto front")
+    if chosen is not None:
+        files["policy_png"] = out / f"policy_trial{chosen.number}.png"
+        plot_policy(chosen, info, files["policy_png"], f"{cfg.name} trial {chosen.number}: {chosen.user_attrs.get('policy_summary', '')}")
+    (out / "study.json").write_text(json.dumps({"name": cfg.name, "storage": mask_url(cfg.study.storage),
+                                                "info": info, "n_trials": target_trials(study, cfg.study.n_trials),
+                                                "counted": counted}, indent=2, default=str) + "\n")  # fmt: skip
+    files["study_json"] = out / "study.json"
+    table = "(no feasible completed trial yet)" if front.empty else _front_table(front).to_string(index=False)
+    return Report(out, files, front, table)

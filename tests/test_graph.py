@@ -1,0 +1,105 @@
+"""core.graph: which convs are prunable / decomposable / coupled, on the zoo and on small custom nets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.graph import compressible_layers, coupled_groups, fingerprint
+from core.models import build_model
+
+
+def _prunable(name: str) -> list[str]:
+    return [li.name for li in compressible_layers(build_model(name)) if li.prunable]
+
+
+def test_resnet20_only_block_inner_convs_are_prunable() -> None:
+    layers = compressible_layers(build_model("resnet20"))
+    assert len(layers) == 19
+    expected = [f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3)]
+    assert [li.name for li in layers if li.prunable] == expected
+    blocked = [li for li in layers if not li.prunable]
+    assert {li.name for li in blocked} == {"conv1"} | {f"layer{s}.{b}.conv2" for s in (1, 2, 3) for b in range(3)}
+    assert all(li.reason and li.reason.startswith("option-A residual stage") for li in blocked)
+    assert all(li.decomposable for li in layers)
+    inner = next(li for li in layers if li.name == "layer2.0.conv1")
+    assert (inner.out_channels, inner.in_channels, inner.kernel, inner.groups, inner.group) == (32, 16, (3, 3), 1, None)
+
+
+def test_resnet20_residual_stream_is_one_coupled_group() -> None:
+    groups = coupled_groups(build_model("resnet20"))
+    assert list(groups) == ["conv1"]
+    assert groups["conv1"] == ["conv1"] + [f"layer{s}.{b}.conv2" for s in (1, 2, 3) for b in range(3)]
+    infos = {li.name: li for li in compressible_layers(build_model("resnet20"))}
+    assert infos["layer3.2.conv2"].group == "conv1"
+
+
+@pytest.mark.parametrize(("name", "n_convs"), [("vgg16", 13), ("smallcnn", 4), ("alexnet", 5)])
+def test_plain_nets_have_every_conv_prunable(name: str, n_convs: int) -> None:
+    layers = compressible_layers(build_model(name))
+    assert len(layers) == n_convs
+    assert all(li.prunable and li.decomposable and li.group is None and li.reason is None for li in layers)
+    assert coupled_groups(build_model(name)) == {}
+
+
+class _ResidualB(nn.Module):
+    """Option-B style residual (1x1 conv shortcut), a depthwise conv and a conv classifier head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a = nn.Conv2d(8, 8, 3, padding=1)
+        self.short = nn.Conv2d(3, 8, 1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.head = nn.Conv2d(8, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.a(F.relu(self.stem(x))) + self.short(x))
+        y = self.grouped(F.relu(self.dw(y)))
+        return self.head(y).mean((2, 3))
+
+
+def test_custom_graph_couplings_and_reasons() -> None:
+    infos = {li.name: li for li in compressible_layers(_ResidualB(), (1, 3, 8, 8))}
+    # a + short are added; dw follows them; the grouped conv couples its own in/out channels: all one group
+    assert infos["stem"].prunable and infos["stem"].group is None
+    assert infos["a"].group == infos["short"].group == "a"
+    assert not infos["a"].prunable and "grouped conv 'grouped'" in infos["a"].reason
+    assert not infos["grouped"].decomposable and not infos["dw"].decomposable
+    assert not infos["head"].prunable and infos["head"].reason == "its channels are model outputs"
+
+
+def test_spatial_padding_does_not_block_but_channel_padding_does() -> None:
+    class Net(nn.Module):
+        def __init__(self, channel_pad: bool) -> None:
+            super().__init__()
+            self.c1, self.c2, self.fc = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 6, 3), nn.Linear(6, 2)
+            self.pad = (0, 0, 0, 0, 1, 1) if channel_pad else (1, 1, 1, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = F.pad(F.relu(self.c1(x)), self.pad)
+            return self.fc(self.c2(y if y.shape[1] == 4 else y[:, :4]).mean((2, 3)))
+
+    spatial = {li.name: li for li in compressible_layers(Net(False), (1, 3, 8, 8))}
+    assert spatial["c1"].prunable and spatial["c2"].prunable
+    chan = {li.name: li for li in compressible_layers(Net(True), (1, 3, 8, 8))}
+    assert not chan["c1"].prunable and chan["c1"].reason == "channel padding (F.pad) in its channel group"
+
+
+def test_fingerprint_tracks_architecture_not_weights() -> None:
+    a, b = build_model("smallcnn"), build_model("smallcnn")
+    assert fingerprint(a) == fingerprint(b)
+    assert fingerprint(a) != fingerprint(build_model("smallcnn", num_classes=3))
+
+
+def test_graph_building_leaves_the_model_untouched() -> None:
+    m = build_model("smallcnn").train()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    compressible_layers(m, (1, 1, 8, 8))
+    assert m.training and not any(p.requires_grad for p in m.parameters())
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())

@@ -1,0 +1,156 @@
+"""core.prune: physical surgery equals masking, MACs/params fall as computed by hand, plans are checked."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.apply import masked_model
+from core.cost import count_cost
+from core.errors import SlimError
+from core.graph import model_graph
+from core.models import build_model
+from core.prune import prune_layers, resolve_plan
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random BN statistics and affine parameters (modest scale, so fp32 outputs stay O(1..10))."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                m.weight.copy_(0.3 + 0.4 * torch.rand(n, generator=g))
+                m.bias.copy_(0.2 * torch.rand(n, generator=g) - 0.1)
+    return model.eval()
+
+
+def random_plan(model: nn.Module, names: list[str], seed: int) -> dict[str, list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    mods = dict(model.named_modules())
+    plan = {}
+    for name in names:
+        n = mods[name].out_channels
+        k = int(torch.randint(1, n, (1,), generator=g))
+        plan[name] = sorted(torch.randperm(n, generator=g)[:k].tolist())
+    return plan
+
+
+@pytest.mark.parametrize("name", ["vgg11", "resnet20", "alexnet"])
+def test_pruned_model_equals_masked_original(name: str) -> None:
+    model = randomize_bn(build_model(name))
+    graph = model_graph(model)
+    prunable = [n for n, li in graph.layers.items() if li.prunable]
+    plan = random_plan(model, prunable, seed=1)
+    pruned = prune_layers(masked := masked_model(model, {}), plan)  # prune a copy (masked_model({}) = deepcopy)
+    assert pruned is masked
+    reference = masked_model(model, plan)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out, ref, orig = pruned(x), reference(x), model(x)
+    assert out.shape == (3, 10)
+    # pruning changed the function (so the equality below means something); fp32 outputs are O(0.01..10)
+    assert (out - orig).abs().max() > 0.05 * orig.abs().max()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    mods = dict(pruned.named_modules())
+    for conv_name, kept in plan.items():
+        assert mods[conv_name].out_channels == len(kept)
+        assert mods[conv_name].weight.shape[0] == len(kept)
+
+
+def _three_conv(bias: bool) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=bias), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1, bias=bias), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, bias=bias), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_macs_and_params_fall_as_computed_by_hand(bias: bool) -> None:
+    model = _three_conv(bias).eval()
+    hw, b = 8 * 8, int(bias)
+    before = count_cost(model, (1, 3, 8, 8))
+    assert before.macs == (8 * 3 * 9 + 16 * 8 * 9 + 16 * 16 * 9) * hw + 16 * 10
+    assert before.params == (8 * 27 + b * 8 + 16) + (16 * 72 + b * 16 + 32) + (16 * 144 + b * 16 + 32) + 170
+    prune_layers(model, {"0": [0, 1, 2, 4, 5, 7]}, example_input=(1, 3, 8, 8))  # remove filters 3 and 6 of 8
+    after = count_cost(model, (1, 3, 8, 8))
+    assert after.macs == (6 * 3 * 9 + 16 * 6 * 9 + 16 * 16 * 9) * hw + 16 * 10
+    assert after.params == (6 * 27 + b * 6 + 12) + (16 * 54 + b * 16 + 32) + (16 * 144 + b * 16 + 32) + 170
+    assert before.macs - after.macs == 2 * 3 * 9 * hw + 16 * 2 * 9 * hw
+    assert model[1].num_features == 6 and model[1].running_mean.shape == (6,) and model[3].in_channels == 6
+
+
+def test_kept_filters_and_channels_are_the_original_ones() -> None:
+    model = _three_conv(True).eval()
+    orig = {k: v.clone() for k, v in model.state_dict().items()}
+    prune_layers(model, {"0": [1, 5], "3": [0, 2, 9]}, example_input=(1, 3, 8, 8))
+    assert torch.equal(model[0].weight, orig["0.weight"][[1, 5]])
+    assert torch.equal(model[0].bias, orig["0.bias"][[1, 5]])
+    assert torch.equal(model[1].running_var, orig["1.running_var"][[1, 5]])
+    assert torch.equal(model[3].weight, orig["3.weight"][[0, 2, 9]][:, [1, 5]])
+    assert torch.equal(model[6].weight, orig["6.weight"][:, [0, 2, 9]])
+
+
+class _Coupled(nn.Module):
+    """Two convs added (option-B style residual), a depthwise conv after them, and a concat."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn_a = nn.BatchNorm2d(8)
+        self.b = nn.Conv2d(3, 8, 1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.c = nn.Conv2d(8, 6, 3, padding=1)
+        self.d = nn.Conv2d(3, 4, 3, padding=1)
+        self.e = nn.Conv2d(10, 5, 1)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.dw(F.relu(self.bn_a(self.a(x)) + self.b(x))))
+        z = torch.cat([F.relu(self.c(y)), F.relu(self.d(x))], 1)
+        return self.fc(F.relu(self.e(z)).mean((2, 3)))
+
+
+def test_coupled_group_shares_one_kept_set_and_equals_masking() -> None:
+    model = randomize_bn(_Coupled())
+    graph = model_graph(model, (1, 3, 8, 8))
+    assert graph.groups == {"a": ["a", "b", "dw"]}
+    assert all(graph.layers[n].prunable for n in ("a", "b", "dw", "c", "d"))
+    plan = {"b": [0, 3, 4, 7], "c": [1, 2, 5], "d": [0, 3]}  # b is a member: its kept set drives a and dw
+    assert resolve_plan(graph, plan) == {"a": (0, 3, 4, 7), "c": (1, 2, 5), "d": (0, 3)}
+    reference = masked_model(model, plan)
+    pruned = prune_layers(masked_model(model, {}), plan)
+    assert (pruned.a.out_channels, pruned.b.out_channels, pruned.dw.out_channels, pruned.dw.groups) == (4, 4, 4, 4)
+    assert pruned.e.in_channels == 5  # concat of 3 + 2
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), reference(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(SlimError, match="'a' and 'b' are coupled"):
+        resolve_plan(graph, {"a": [0, 1], "b": [0, 2]})
+
+
+def test_plan_errors_name_the_layer() -> None:
+    model = build_model("resnet20")
+    graph = model_graph(model)
+    with pytest.raises(SlimError, match=r"'layer1\.0\.conv2' cannot be pruned: option-A residual stage"):
+        prune_layers(model, {"layer1.0.conv2": [0, 1]})
+    with pytest.raises(SlimError, match="'nope' is not a Conv2d"):
+        resolve_plan(graph, {"nope": [0]})
+    with pytest.raises(SlimError, match="keeps no filters"):
+        resolve_plan(graph, {"layer1.0.conv1": []})
+    with pytest.raises(SlimError, match=r"in 0\.\.15"):
+        resolve_plan(graph, {"layer1.0.conv1": [3, 16]})
+    assert model.layer1[0].conv2.out_channels == 16  # errors come before any surgery
+
+
+def test_keeping_everything_is_a_no_op() -> None:
+    model = _three_conv(False).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prune_layers(model, {"0": list(range(8))}, example_input=(1, 3, 8, 8))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
