@@ -413,7 +413,7 @@ def _cache_key(root: Path, fingerprint: str, frozen: bool) -> str:
 def _list_image_folder(root: Path) -> _Listing:
     """Class folders (sorted names = labels) and their image files (sorted), with size/mtime statistics."""
     if not root.is_dir():
-        raise SlimError(f"image folder not found: {root}")
+        raise SlimError(f"image folder {root} is not a folder (archives go through load_train_test/load_splits)")
     class_dirs = _visible_dirs(root)
     if not class_dirs:
         raise SlimError(f"no class sub-folders in image folder {root} (expected one folder of images per class)")
@@ -466,6 +466,8 @@ def _decode_chunk(paths: list[str], first: str, shape: tuple[int, ...]) -> np.nd
 def _workers() -> int:
     env = os.environ.get("SLIMSEARCH_DATA_WORKERS")
     if env:
+        if not env.isdigit():
+            raise SlimError(f"SLIMSEARCH_DATA_WORKERS must be a positive integer, got {env!r}")
         return max(1, int(env))
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return min(cpus, 8)
@@ -597,6 +599,8 @@ def _resolve_root(root: Path) -> tuple[Path, str | None]:
     if _is_archive(root):
         root = extract_archive(root)
         archive_id = root.name
+    elif not root.is_dir():
+        raise SlimError(f"data path {root} is neither a folder nor a {'/'.join(ARCHIVE_SUFFIXES)} archive")
     while True:
         if _pickle_kind(root) or (root / "train").is_dir():
             return root, archive_id

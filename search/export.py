@@ -128,7 +128,7 @@ def export_trial(
     from core.cost import count_cost, measure_latency
     from core.export import export_model
     from core.policy import Policy
-    from core.train import FinetuneConfig, evaluate, finetune
+    from core.train import FinetuneConfig, evaluate, finetune, recalibrate_bn
     from search.context import build_study_context
     from search.runner import load_optuna_study, open_storage
 
@@ -151,6 +151,8 @@ def export_trial(
     if want is not None and want != sctx.baseline_sha:
         raise SlimError(f"the baseline weights ({sctx.baseline_path}) differ from the ones the study searched on")
 
+    if ft.user_attrs.get("status") == "infeasible":
+        log(f"note: trial {ft.number} exceeds the study's MACs bound ({ft.user_attrs.get('reason', '')})")
     log(f"trial {ft.number}: {policy.summary()}; search val_acc {ft.user_attrs.get('val_acc', float('nan')):.4f}")
     t0 = time.perf_counter()
     model = rebuild_candidate(sctx, cfg, policy)
@@ -169,6 +171,8 @@ def export_trial(
         fcfg = FinetuneConfig(epochs=epochs, lr=e.finetune_lr, batch_size=e.finetune_batch_size, seed=cfg.study.seed)
         res = finetune(model, sctx.splits.train, fcfg, teacher=sctx.model if e.kd else None,
                        log=log, log_every=200)  # fmt: skip
+        # Fresh BN statistics for the final weights (the running averages lag a short fine-tune).
+        recalibrate_bn(model, sctx.splits.train, num_batches=20, batch_size=e.finetune_batch_size, seed=cfg.study.seed)
         model.eval()
         metrics.update(finetune_epochs=epochs, finetune_steps=res.steps, finetune_final_loss=res.final_loss)
     cost = count_cost(model, sctx.input_shape)

@@ -292,6 +292,11 @@ def test_cifar10_pickle_roundtrip(tmp_path: Path) -> None:
     # The parent folder is detected too, and load_splits carves val out of train only.
     s = load_splits("cifar10", str(tmp_path), 4, seed=0)
     assert (len(s.train), len(s.val), len(s.test)) == (6, 4, 3) and s.train.name == "cifar10"
+    # ... and so is the official cifar-10-python.tar.gz layout.
+    with tarfile.open(tmp_path / "cifar-10-python.tar.gz", "w:gz") as t:
+        t.add(tmp_path / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    train2, test2 = load_train_test(tmp_path / "cifar-10-python.tar.gz")
+    assert torch.equal(train2.x, train.x) and torch.equal(test2.y, test.y)
 
 
 def test_cifar100_pickle_fine_labels(tmp_path: Path) -> None:
@@ -415,6 +420,13 @@ def test_error_missing_paths(tmp_path: Path) -> None:
         _one_line_error(fn, missing, match=f"not found: {missing}")
     _one_line_error(load_splits, "cifar10", str(missing), 0.1, 0, match=str(missing))
     _one_line_error(load_splits, "cifar10", None, 0.1, 0, match="cifar10 needs a data root")
+
+
+def test_error_data_path_is_a_plain_file(tmp_path: Path) -> None:
+    f = tmp_path / "images.npz"
+    f.write_bytes(b"x")
+    _one_line_error(load_train_test, f, match=f"data path {f} is neither a folder nor a")
+    _one_line_error(load_image_folder, f, match=f"image folder {f} is not a folder")
 
 
 def test_error_unknown_dataset_lists_allowed() -> None:

@@ -302,6 +302,7 @@ def ga_select(
 
         def apply(m: nn.Module, p: Policy) -> nn.Module:
             return apply_policy(m, p, example_input=example)
+
     convs = conv_modules(model, layers)
     counted = CountingAcc(acc)
     a0 = counted(Policy())
@@ -349,7 +350,12 @@ def ga_select(
         if finetune is not None:
             current = finetune(current, policy)
 
-    report: dict[str, Any] = {"a0": a0, "order": order, "layers": decisions, "tol": dict(tol) if isinstance(tol, Mapping) else tol}
+    report: dict[str, Any] = {
+        "a0": a0,
+        "order": order,
+        "layers": decisions,
+        "tol": dict(tol) if isinstance(tol, Mapping) else tol,
+    }
     if scan is not None:
         report["sensitivity"] = scan
     if final_eval:

@@ -59,7 +59,7 @@ def study_seed(name: str) -> Callable[[Any, Mapping[str, Any]], list[Policy]]:
         from core.data import batches
         from evaluators.evaluate import evaluate
 
-        ectx = dataclasses.replace(ctx.eval_ctx, max_macs=None, _fingerprint=None)
+        ectx = dataclasses.replace(ctx.eval_ctx, max_macs=None)  # new fingerprint: no MACs bound
         cfg = ctx.cfg.evaluator
 
         def acc(policy: Policy) -> float:

@@ -1,0 +1,697 @@
+"""Ray Tune backend: the study's search space through ``OptunaSearch``, ASHA on the intermediate val_acc.
+
+One Ray Tune experiment per study, stored under ``<workdir>/ray/<study name>`` (``RunConfig.storage_path``
+= ``<workdir>/ray``; an absolute path, so every node of a cluster on a shared filesystem writes the same
+place). Running again continues it with ``Tuner.restore``: finished trials are kept, unfinished and
+errored ones are restarted (there are no checkpoints: a trial is a short evaluation), and a larger
+``n_trials`` adds trials to the same experiment (see ``_SlotGenerator``).
+
+What each trial reports to Tune (``tune.report``): intermediate ``{"val_acc", "step", "status":
+"partial"}`` from the fine-tune's periodic evaluations (ASHA stops the weak ones), then one final result
+with every metric of ``evaluators.evaluate``, ``status`` (ok | infeasible | fail), ``feasible``,
+``reason``, the policy JSON, the Optuna trial ``number`` and the Ray ``node_id``. Infeasible and failed
+candidates report ``val_acc = 0.0``, so neither ASHA nor the sampler mistakes them for good ones;
+the MACs violation also goes to the Optuna trial as a constraint (TPE / NSGA-II are constraint-aware).
+
+Files next to the experiment (read by ``ray_trials`` / ``ray_best_policy`` without Ray running):
+``<workdir>/ray/<name>-results.csv`` (one row per trial, written at the end of every run) and
+``<workdir>/ray/<name>-meta.json`` (target n_trials, objectives, baseline info for reports).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from core.errors import SlimError
+from search.study import StudyConfig
+
+Log = Callable[[str], None]
+
+# Metrics copied from an EvalResult into the final Tune result (when present).
+RESULT_METRICS = (
+    "val_acc", "macs", "flops", "params", "macs_ratio", "params_ratio", "macs_violation", "latency_ms",
+    "apply_s", "cost_s", "train_s", "eval_s", "wall_s",
+)  # fmt: skip
+# Columns of the results table, first; Ray's own columns and config/<param> follow.
+TABLE_COLUMNS = ("number", "trial_id", "ray_status", "status", "feasible", "val_acc", "macs", "params",
+                 "macs_ratio", "params_ratio", "flops", "latency_ms", "wall_s", "seed", "reason", "node_id",
+                 "policy_hash", "policy")  # fmt: skip
+CONNECT_TIMEOUT_S = 5.0
+
+# (study file, study name) -> StudyContext, per Ray worker process: trials reusing the actor reuse it.
+_CONTEXTS: dict[tuple[str, str], Any] = {}
+
+
+# ----------------------------------------------------------------------------- paths
+
+
+def ray_storage_path(cfg: StudyConfig) -> Path:
+    """``RunConfig.storage_path``: ``<workdir>/ray`` (absolute)."""
+    return (cfg.study.workdir / "ray").resolve()
+
+
+def ray_experiment_dir(cfg: StudyConfig) -> Path:
+    """The Tune experiment directory: ``<workdir>/ray/<study name>``."""
+    return ray_storage_path(cfg) / cfg.name
+
+
+def ray_results_csv(cfg: StudyConfig) -> Path:
+    return ray_storage_path(cfg) / f"{cfg.name}-results.csv"
+
+
+def ray_meta_path(cfg: StudyConfig) -> Path:
+    return ray_storage_path(cfg) / f"{cfg.name}-meta.json"
+
+
+# ----------------------------------------------------------------------------- connecting
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """host and port of "host:port" / "ray://host:port" / "[v6]:port"; None for "auto" and friends."""
+    a = address.split("://", 1)[-1].strip().rstrip("/")
+    host, sep, port = a.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Fail fast with a ``SlimError`` when nothing listens at ``address`` (``ray.init`` would retry for minutes).
+
+    "auto" is resolved through Ray's own lookup (RAY_ADDRESS, then the last cluster started on this machine).
+    """
+    target = address
+    if address == "auto":
+        from ray._private.services import canonicalize_bootstrap_address  # no public equivalent
+
+        try:
+            target = canonicalize_bootstrap_address("auto") or ""
+        except Exception as e:
+            raise SlimError(f"cannot connect to Ray at {address}: {_first_line(e)}") from None
+        if not target:
+            raise SlimError(f"cannot connect to Ray at {address}: no running Ray cluster found on this machine")
+    hp = _host_port(target)
+    if hp is None:
+        raise SlimError(f"cannot connect to Ray at {address}: expected host:port, ray://host:port or auto")
+    try:
+        with socket.create_connection(hp, timeout=timeout):
+            pass
+    except OSError as e:
+        raise SlimError(f"cannot connect to Ray at {address}: {hp[0]}:{hp[1]} unreachable ({e})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [s for s in str(e).strip().splitlines() if s.strip()]
+    return (lines[0] if lines else type(e).__name__)[:300]
+
+
+def _runtime_env() -> dict[str, Any]:
+    """Workers import this package from the checkout, and see the SLIMSEARCH_* settings of the driver."""
+    root = str(Path(__file__).resolve().parents[1])
+    env = {k: v for k, v in os.environ.items() if k.startswith("SLIMSEARCH_")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    return {"env_vars": env}
+
+
+def connect(address: str | None, num_cpus: int) -> bool:
+    """Start a private local Ray (``address`` None) or join the cluster at ``address``.
+
+    Returns True when this call initialised Ray (the caller shuts it down). Already initialised: reused.
+    Ray >= 2.5x clusters use token authentication: a client joining with an explicit address needs
+    ``RAY_AUTH_MODE=token`` and the cluster's token (``~/.ray/auth_token``, ``RAY_AUTH_TOKEN_PATH`` or
+    ``RAY_AUTH_TOKEN``) in its environment.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "runtime_env": _runtime_env(),
+                          "logging_level": logging.WARNING, "configure_logging": True}  # fmt: skip
+    if address is None:
+        # "local": always a new instance, never another user's cluster found in /tmp/ray.
+        ray.init(address="local", num_cpus=num_cpus, **kw)
+        return True
+    check_reachable(address)
+    try:
+        ray.init(address=address, **kw)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        cause = e.__cause__ or e
+        hint = ""
+        if "auth" in str(cause).lower() or "token" in str(cause).lower():
+            hint = " (the cluster uses token authentication: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH)"
+        raise SlimError(f"cannot connect to Ray at {address}: {_first_line(cause)}{hint}") from None
+    return True
+
+
+# ----------------------------------------------------------------------------- the trainable
+
+
+def _worker_context(cfg: StudyConfig) -> Any:
+    """The study context of this worker process, built once (baseline must be cached by the driver)."""
+    key = (str(cfg.path), cfg.name)
+    sctx = _CONTEXTS.get(key)
+    if sctx is None:
+        from evaluators.cache import ResultCache
+        from search.context import build_study_context
+
+        sctx = build_study_context(cfg, allow_pretrain=False)
+        sctx.eval_ctx.cache = ResultCache(cfg.study.workdir / "cache")  # shared with the Optuna backend
+        _CONTEXTS[key] = sctx
+    return sctx
+
+
+def fidelity(cfg: StudyConfig) -> tuple[int, int, bool]:
+    """(max_t, grace_period, intermediate) for ASHA in units of fine-tune steps.
+
+    The proxy (and a fine-tune without ``eval_every``) reports once, at ``max_t``; ASHA then only records.
+    """
+    ev = cfg.evaluator
+    if ev.kind == "finetune":
+        max_t = int(ev.steps)
+        inter = 0 < ev.eval_every < max_t
+        return max_t, int(ev.eval_every) if inter else max_t, inter
+    return 1, 1, False
+
+
+def final_result(cfg: StudyConfig, res: Any, policy: Any, extra: Mapping[str, Any]) -> dict[str, Any]:
+    """The last Tune result of a trial: every metric, status, feasibility, policy (values, no objects)."""
+    max_t, _, _ = fidelity(cfg)
+    out: dict[str, Any] = {k: float(res.metrics[k]) for k in RESULT_METRICS if k in res.metrics}
+    out.update(extra)
+    out.update(
+        step=max_t,
+        status=res.status,
+        feasible=res.status == "ok",
+        reason=res.reason,
+        cached=bool(getattr(res, "cached", False)),
+        policy=policy.to_json() if policy is not None else "",
+        policy_hash=policy.hash if policy is not None else "",
+    )
+    if res.status != "ok" or not math.isfinite(out.get("val_acc", math.nan)):
+        out["val_acc"] = 0.0  # infeasible / failed: worst accuracy for ASHA and the sampler
+    for o in cfg.study.objectives:  # every objective needs a value for OptunaSearch
+        if o.metric not in out:
+            out[o.metric] = math.inf if o.direction == "minimize" else -math.inf
+    return out
+
+
+def _trainable(config: dict[str, Any], study: StudyConfig) -> None:
+    """Ray Tune function trainable: params -> Policy -> ``evaluate`` -> ``tune.report``."""
+    import ray
+    import torch
+    from ray import tune
+
+    from evaluators.evaluate import EvalResult, evaluate, one_line
+
+    torch.set_num_threads(1)  # one CPU per trial
+    extra = {"number": int(config.get("_number", -1)), "seed": str(config.get("_seed", "")),
+             "node_id": ray.get_runtime_context().get_node_id()}  # fmt: skip
+    policy = None
+    try:
+        sctx = _worker_context(study)
+        policy = sctx.space.policy_from_params(config)
+    except Exception as e:  # e.g. a worker that cannot see the data or the baseline: a failed trial
+        res = EvalResult("fail", {}, f"worker: {one_line(e)}")
+        tune.report(final_result(study, res, policy, extra))
+        return
+    max_t, _, inter = fidelity(study)
+    report = None
+    if inter:
+
+        def report(step: int, acc: float) -> bool:
+            if step < max_t:  # the final result carries the last step (ASHA stops a trial at max_t)
+                tune.report({"val_acc": float(acc), "step": int(step), "status": "partial", **extra})
+            return False  # ASHA stops a trial itself: the next tune.report ends its thread
+
+    res = evaluate(sctx.eval_ctx, study.evaluator, policy, report=report)
+    tune.report(final_result(study, res, policy, extra))
+
+
+def trial_dirname(trial: Any) -> str:
+    """Short trial folder names (the default embeds every parameter: too long for 50+ layers)."""
+    return f"trial_{trial.trial_id}"
+
+
+# ----------------------------------------------------------------------------- search algorithm
+
+_SEARCH_CLASSES: dict[str, type] = {}
+
+
+def _search_classes() -> tuple[type, type]:
+    """(OptunaSearch subclass, SearchGenerator subclass), defined lazily so importing this module needs no Ray.
+
+    They must stay the same class objects for pickling (``tuner.pkl`` holds them): cached at module level
+    and registered under stable names in this module.
+    """
+    if _SEARCH_CLASSES:
+        return _SEARCH_CLASSES["search"], _SEARCH_CLASSES["generator"]
+    from optuna.trial import TrialState
+    from ray.tune import Callback
+    from ray.tune.search import SearchGenerator
+    from ray.tune.search.optuna import OptunaSearch
+
+    class SlimOptunaSearch(OptunaSearch):
+        """OptunaSearch plus: the Optuna trial number and seed label in the config, the MACs constraint,
+        failed evaluations told as FAIL and ASHA-stopped trials as PRUNED (not as COMPLETE)."""
+
+        def __init__(self, *args: Any, seed_labels: tuple[str, ...] = (), **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.seed_labels = tuple(seed_labels)
+
+        def suggest(self, trial_id: str) -> dict | None:
+            params = super().suggest(trial_id)
+            if params is None:
+                return None
+            n = self._ot_trials[trial_id].number
+            params["_number"] = n
+            if n < len(self.seed_labels):
+                params["_seed"] = self.seed_labels[n]
+            return params
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            ot_trial = self._ot_trials.get(trial_id)
+            if ot_trial is None or trial_id in self._completed_trials:
+                return super().on_trial_complete(trial_id, result, error)
+            status = (result or {}).get("status")
+            if result and "macs_violation" in result:
+                v = float(result["macs_violation"])
+                ot_trial.set_user_attr("constraint", [v])  # read by constraints_func (optuna < 5)
+                if hasattr(ot_trial, "set_constraint"):
+                    ot_trial.set_constraint("macs", v)
+            if status in ("fail", "partial"):
+                state = TrialState.FAIL if status == "fail" else TrialState.PRUNED
+                try:
+                    self._ot_study.tell(ot_trial, state=state)
+                except Exception as e:  # same tolerance as OptunaSearch itself
+                    logging.getLogger(__name__).warning(e)
+                self._completed_trials.add(trial_id)
+                return None
+            return super().on_trial_complete(trial_id, result, error)
+
+    class SlotGenerator(SearchGenerator):
+        """SearchGenerator whose total can grow on restore: ``Tuner.restore`` brings back the saved
+        ``total_samples`` (the first run's num_samples); this raises it to the n_trials in the meta file
+        written by the current ``run_ray``, so a resumed experiment reaches the new target."""
+
+        def __init__(self, searcher: Any, meta_path: str) -> None:
+            super().__init__(searcher)
+            self.meta_path = meta_path
+
+        def set_state(self, state: dict) -> None:
+            super().set_state(state)
+            target = _read_meta(Path(self.meta_path)).get("n_trials")
+            if isinstance(target, int) and target > self._total_samples:
+                self._total_samples = target
+                self._finished = False
+
+    class TrialLines(Callback):
+        """One line per finished trial through ``_PROGRESS_LOG``."""
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            _log_trial_complete(trial)
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            _log_trial_error(trial)
+
+    classes = {"SlimOptunaSearch": SlimOptunaSearch, "SlotGenerator": SlotGenerator, "TrialLines": TrialLines}
+    for name, cls in classes.items():
+        cls.__module__, cls.__qualname__ = __name__, name
+    globals().update(classes)
+    _SEARCH_CLASSES.update(search=SlimOptunaSearch, generator=SlotGenerator, lines=TrialLines)
+    return SlimOptunaSearch, SlotGenerator
+
+
+def __getattr__(name: str) -> Any:
+    """Unpickling ``tuner.pkl`` looks the classes up here: define them on first access."""
+    if name in ("SlimOptunaSearch", "SlotGenerator", "TrialLines"):
+        _search_classes()
+        return globals()[name]
+    raise AttributeError(name)
+
+
+def make_search_alg(cfg: StudyConfig, space: Any, seeds: list[tuple[str, Any]], workers: int) -> Any:
+    """SlotGenerator(ConcurrencyLimiter(SlimOptunaSearch)) for ``Tuner(param_space=space.ray_param_space())``.
+
+    The sampler is the study's (``search.runner.make_sampler``: seeded TPE / NSGA-II / CMA-ES / random);
+    seed policies are ``points_to_evaluate`` (complete points: every parameter of the Ray space).
+    """
+    from ray.tune.search import ConcurrencyLimiter
+
+    from search.runner import make_sampler
+
+    search_cls, gen_cls = _search_classes()
+    objectives = cfg.study.objectives
+    metric: str | list[str] = [o.metric for o in objectives]
+    mode: str | list[str] = ["max" if o.direction == "maximize" else "min" for o in objectives]
+    if len(objectives) == 1:
+        metric, mode = metric[0], mode[0]
+    points = [space.params_from_policy(p, strict=False, complete=True) for _, p in seeds]
+    # The space itself reaches the searcher through Tuner(param_space=...) (set_search_properties).
+    searcher = search_cls(
+        metric=metric,
+        mode=mode,
+        points_to_evaluate=points or None,
+        sampler=make_sampler(cfg, cfg.study.seed),
+        seed_labels=tuple(label for label, _ in seeds),
+    )
+    return gen_cls(ConcurrencyLimiter(searcher, max_concurrent=workers), str(ray_meta_path(cfg)))
+
+
+def make_scheduler(cfg: StudyConfig) -> Any:
+    """ASHA on val_acc (max) with ``time_attr="step"`` (fine-tune steps)."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    max_t, grace, _ = fidelity(cfg)
+    return ASHAScheduler(time_attr="step", metric="val_acc", mode="max", max_t=max_t, grace_period=grace)
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_meta(cfg: StudyConfig, n_trials: int, info: Mapping[str, Any]) -> None:
+    p = ray_meta_path(cfg)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"study": cfg.name, "n_trials": int(n_trials), "objectives": [o.spec for o in cfg.study.objectives],
+            "experiment_dir": str(ray_experiment_dir(cfg)), "results_csv": str(ray_results_csv(cfg)), **info}  # fmt: skip
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(meta, indent=1, default=str))
+    os.replace(tmp, p)
+
+
+def _trial_status(ray_status: str, last: Mapping[str, Any]) -> str:
+    """Our status from Ray's trial status and the last result: ok | infeasible | fail | pruned | error | running."""
+    s = last.get("status")
+    if s == "partial":
+        return "pruned" if ray_status == "TERMINATED" else "running"
+    if s in ("ok", "infeasible", "fail", "pruned"):
+        return s
+    return {"ERROR": "error", "TERMINATED": "error"}.get(ray_status, "running" if ray_status == "RUNNING" else "pending")
+
+
+def trials_table(trials: list[Any]) -> Any:
+    """One row per Ray trial (``ray.tune.experiment.Trial``): our columns first, then Ray's and config/<param>."""
+    import pandas as pd
+
+    rows = []
+    for t in trials:
+        last = dict(t.last_result or {})
+        last.pop("config", None)
+        row = {k: v for k, v in last.items() if not isinstance(v, (dict, list))}
+        row.update({f"config/{k}": v for k, v in (t.config or {}).items()})
+        row["trial_id"] = t.trial_id
+        row["ray_status"] = t.status
+        row["status"] = _trial_status(t.status, last)
+        row["number"] = int(last.get("number", (t.config or {}).get("_number", -1)))
+        row.setdefault("feasible", False)
+        if row["status"] == "error":
+            row["reason"] = f"trial error: {_first_line(Exception(t.error_msg or 'see the trial error file'))}"
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return pd.DataFrame(columns=list(TABLE_COLUMNS))
+    for c in TABLE_COLUMNS:
+        if c not in df.columns:
+            df[c] = None
+    df = df[[*TABLE_COLUMNS, *[c for c in df.columns if c not in TABLE_COLUMNS]]]
+    return df.sort_values("number", kind="stable").reset_index(drop=True)
+
+
+def _load_trials(exp_dir: Path) -> list[Any]:
+    from ray.tune import ExperimentAnalysis
+
+    return list(ExperimentAnalysis(str(exp_dir)).trials)
+
+
+def ray_trials(cfg: StudyConfig) -> Any:
+    """The study's trial table (pandas DataFrame), for ``status`` / ``report`` / ``export``.
+
+    Read from the experiment directory when it exists (current even while a run is going on or after a
+    crash; Ray need not be running), else from the CSV written at the end of the last run.
+    """
+    import pandas as pd
+
+    exp = ray_experiment_dir(cfg)
+    if exp.is_dir():
+        try:
+            return trials_table(_load_trials(exp))
+        except Exception:  # a half-written state: fall back to the last complete CSV
+            pass
+    csv = ray_results_csv(cfg)
+    if csv.is_file():
+        return pd.read_csv(csv)
+    raise SlimError(f"no Ray results for study {cfg.name!r} under {ray_storage_path(cfg)}; "
+                    f"start it with `slimsearch run {cfg.path}`")  # fmt: skip
+
+
+def best_row(df: Any) -> Any | None:
+    """The highest val_acc among feasible (status ok) trials; ties -> fewer MACs, then lower number."""
+    ok = df[df["status"] == "ok"]
+    if ok.empty:
+        return None
+    ok = ok.assign(_neg_macs=-ok["macs"].astype(float), _neg_n=-ok["number"].astype(int))
+    return ok.sort_values(["val_acc", "_neg_macs", "_neg_n"], ascending=False).iloc[0]
+
+
+def _row_metrics(row: Any) -> dict[str, Any]:
+    out = {}
+    for k in ("number", "trial_id", "status", "val_acc", "macs", "flops", "params", "macs_ratio", "params_ratio",
+              "latency_ms", "reason", "seed", "node_id", "policy_hash"):  # fmt: skip
+        v = row.get(k)
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            continue
+        out[k] = v.item() if hasattr(v, "item") else v
+    return out
+
+
+def ray_best_policy(cfg: StudyConfig, trial: str | int = "best") -> tuple[Any, dict[str, Any]]:
+    """(Policy, metrics) of a Ray trial: "best" (highest feasible val_acc), an Optuna trial number, or a
+    Ray trial id. Used by ``slimsearch export`` for Ray studies; a missing or unusable trial is a SlimError."""
+    from core.policy import Policy
+
+    df = ray_trials(cfg)
+    if trial == "best":
+        row = best_row(df)
+        if row is None:
+            raise SlimError(f"study {cfg.name!r}: no feasible finished Ray trial to export yet")
+    else:
+        s = str(trial).strip()
+        hit = df[df["number"].astype(str) == s] if s.isdigit() else df[df["trial_id"].astype(str) == s]
+        if hit.empty:
+            raise SlimError(f"--trial {trial}: no such trial in Ray study {cfg.name!r} ({len(df)} trials)")
+        row = hit.iloc[0]
+        if row["status"] not in ("ok", "infeasible"):
+            why = row.get("reason")
+            raise SlimError(f"--trial {trial}: trial is {row['status']}, only evaluated trials can be exported"
+                            + (f" ({why})" if isinstance(why, str) and why else ""))  # fmt: skip
+    pol = row.get("policy")
+    if not isinstance(pol, str) or not pol:
+        raise SlimError(f"--trial {trial}: Ray trial {row.get('trial_id')} has no stored policy")
+    return Policy.from_json(pol, where=f"Ray trial {row.get('trial_id')} policy"), _row_metrics(row)
+
+
+# ----------------------------------------------------------------------------- progress lines
+
+
+def _trial_line(row: Mapping[str, Any]) -> str:
+    from search.runner import fmt_count
+
+    parts = [f"trial {int(row.get('number', -1)):>4}", f"{row.get('status', '?'):<10}"]
+    if row.get("status") in ("ok", "pruned"):
+        parts.append(f"val_acc {float(row.get('val_acc', 0.0)):.4f}")
+    if row.get("macs") is not None and math.isfinite(float(row["macs"])):
+        parts.append(f"MACs {fmt_count(float(row['macs']))} ({float(row.get('macs_ratio', math.nan)):.1%})")
+    if row.get("wall_s") is not None:
+        parts.append(f"{float(row['wall_s']):.1f}s")
+    if row.get("seed"):
+        parts.append(f"seed {row['seed']}")
+    if row.get("reason") and row.get("status") != "ok":
+        parts.append(f"- {str(row['reason'])[:120]}")
+    return "  ".join(parts)
+
+
+# The callback object is pickled into the experiment (tuner.pkl) and comes back on restore; it prints
+# through this module-level logger so a resumed run logs to its own caller (None: silent).
+_PROGRESS_LOG: Log | None = None
+
+
+def _log_trial_complete(trial: Any) -> None:
+    if _PROGRESS_LOG is not None:
+        last = dict(trial.last_result or {})
+        last["status"] = _trial_status("TERMINATED", last)
+        _PROGRESS_LOG(_trial_line(last))
+
+
+def _log_trial_error(trial: Any) -> None:
+    if _PROGRESS_LOG is not None:
+        _PROGRESS_LOG(f"trial {trial.trial_id}: error ({_first_line(Exception(trial.error_msg or '?'))}); "
+                      "Ray retries it up to [study] max_retry times")  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+@dataclass
+class RayRunSummary:
+    """Same leading fields as ``search.runner.RunSummary``; ``by_state`` counts our statuses."""
+
+    name: str
+    counted: int
+    n_trials: int
+    by_state: dict[str, int]
+    best: dict[str, Any] | None
+    wall_s: float
+    done: bool
+    best_policy: Any = None  # core.policy.Policy of ``best``
+    experiment_dir: Path | None = None
+    results_csv: Path | None = None
+    resumed: bool = False
+    table: Any = field(default=None, repr=False)  # pandas DataFrame, one row per trial
+
+
+COUNTED = ("ok", "infeasible", "fail", "pruned")
+
+
+def run_ray(
+    cfg: StudyConfig,
+    *,
+    address: str | None = None,
+    progress: bool = True,
+    n_trials: int | None = None,
+    log: Log | None = None,
+) -> RayRunSummary:
+    """Create or resume ``cfg``'s Ray Tune experiment and run it to ``n_trials`` (default [study] n_trials).
+
+    ``address``: None -> [evaluator] ray_address, else a private local Ray with [evaluator] workers CPUs;
+    "auto" / "host:port" / "ray://host:port" joins that cluster (unreachable: SlimError within seconds).
+    Concurrency is [evaluator] workers trials, one CPU each. Every node must see the study's files
+    (data, checkpoint / ``<workdir>/baseline.pt``, ``<workdir>/ray``) at the same absolute paths.
+    """
+    from ray import tune
+
+    from search.context import build_study_context
+    from search.runner import seed_policies, study_info
+
+    log = log or (lambda s: print(s, flush=True))
+    t0 = time.perf_counter()
+    if n_trials is not None:
+        cfg = cfg.with_n_trials(n_trials)
+    target = cfg.study.n_trials
+    workers = int(getattr(cfg.evaluator, "workers", 1) or 1)
+    address = address if address is not None else getattr(cfg.evaluator, "ray_address", None)
+    if address is not None:
+        check_reachable(address)  # before building anything
+    sctx = build_study_context(cfg, log=log)  # validates input; pre-trains and caches the baseline if asked
+    exp_dir = ray_experiment_dir(cfg)
+    meta = _read_meta(ray_meta_path(cfg))
+    info = study_info(sctx)
+    if meta.get("baseline_sha") not in (None, info["baseline_sha"]):
+        raise SlimError(f"Ray study {cfg.name!r} was searched on a baseline with weights {meta['baseline_sha']}, this "
+                        f"one has {info['baseline_sha']}; use a new [study] name")  # fmt: skip
+    _write_meta(cfg, max(target, int(meta.get("n_trials") or 0)), info)  # a restored run never shrinks
+
+    import ray
+
+    started = connect(address, workers)
+    _search_classes()
+    try:
+        trainable = tune.with_parameters(_trainable, study=cfg)
+        resumed = tune.Tuner.can_restore(str(exp_dir))
+        if resumed:
+            done_before = sum(1 for t in _load_trials(exp_dir) if t.status in ("TERMINATED", "ERROR"))
+            log(f"resuming Ray experiment {exp_dir}: {done_before} trials finished, target {_target(cfg, target)}")
+            tuner = tune.Tuner.restore(
+                str(exp_dir), trainable, resume_unfinished=True, restart_errored=True,
+                param_space=sctx.space.ray_param_space(),
+            )  # fmt: skip
+        else:
+            seeds = seed_policies(sctx)[:target]
+            if seeds:
+                log(f"{len(seeds)} seed policies first: {', '.join(label for label, _ in seeds)}")
+            tuner = tune.Tuner(
+                trainable,
+                param_space=sctx.space.ray_param_space(),
+                tune_config=tune.TuneConfig(
+                    search_alg=make_search_alg(cfg, sctx.space, seeds, workers),
+                    scheduler=make_scheduler(cfg),
+                    num_samples=target,
+                    reuse_actors=True,
+                    time_budget_s=cfg.study.timeout,
+                    trial_dirname_creator=trial_dirname,
+                ),
+                run_config=tune.RunConfig(
+                    name=cfg.name,
+                    storage_path=str(ray_storage_path(cfg)),
+                    verbose=0,
+                    callbacks=[_SEARCH_CLASSES["lines"]()],
+                    failure_config=tune.FailureConfig(max_failures=cfg.study.max_retry),
+                ),
+            )
+        where = f"Ray at {address}" if address else f"local Ray ({workers} CPUs)"
+        log(f"study {cfg.name}: Ray Tune (OptunaSearch {cfg.study.sampler} + ASHA), {workers} concurrent trials, "
+            f"{where}, experiment {exp_dir}")  # fmt: skip
+        _fit_quietly(tuner, log if progress else None)
+    finally:
+        if started:
+            ray.shutdown()
+    return _summarise(cfg, exp_dir, t0, resumed, log)
+
+
+def _fit_quietly(tuner: Any, log: Log | None) -> Any:
+    """``tuner.fit()`` with our trial lines instead of Ray's tables (the legacy reporter honours verbose=0;
+    the new output engine prints its header regardless)."""
+    global _PROGRESS_LOG
+    old_env, old_log = os.environ.get("RAY_AIR_NEW_OUTPUT"), _PROGRESS_LOG
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    _PROGRESS_LOG = log
+    try:
+        return tuner.fit()
+    finally:
+        _PROGRESS_LOG = old_log
+        if old_env is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = old_env
+
+
+def _target(cfg: StudyConfig, default: int) -> int:
+    return int(_read_meta(ray_meta_path(cfg)).get("n_trials", default))
+
+
+def _summarise(cfg: StudyConfig, exp_dir: Path, t0: float, resumed: bool, log: Log) -> RayRunSummary:
+    df = trials_table(_load_trials(exp_dir))
+    csv = ray_results_csv(cfg)
+    tmp = csv.with_name(f".{csv.name}.{os.getpid()}.tmp")
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, csv)
+    by = {str(k): int(v) for k, v in df["status"].value_counts().items()} if len(df) else {}
+    counted = sum(by.get(s, 0) for s in COUNTED)
+    target = _target(cfg, cfg.study.n_trials)
+    row = best_row(df) if len(df) else None
+    best, policy = None, None
+    if row is not None:
+        from core.policy import Policy
+
+        best = _row_metrics(row)
+        best["trial"] = best.get("number")
+        policy = Policy.from_json(row["policy"])
+    s = RayRunSummary(cfg.name, counted, target, by, best, time.perf_counter() - t0, counted >= target, policy,
+                      exp_dir, csv, resumed, df)  # fmt: skip
+    tail = f"; best val_acc {best['val_acc']:.4f} (trial {best['trial']})" if best else ""
+    log(f"{'done' if s.done else 'stopped'}: {counted}/{target} trials in {s.wall_s:.1f}s{tail}; results {csv}")
+    return s

@@ -1,0 +1,193 @@
+"""core.apply: apply_policy never mutates its input, shrinks cost, mixes pruning and decomposition,
+reuses cached decompositions, and rejects bad policies with SlimError."""
+
+from __future__ import annotations
+
+import random
+import zlib
+
+import pytest
+import torch
+from torch import nn
+
+from core.apply import apply_policy, kept_indices, layer_seed
+from core.cost import count_cost
+from core.criteria import select_filters
+from core.decompose import DecompositionCache
+from core.errors import SlimError
+from core.graph import compressible_layers
+from core.models import build_model
+from core.policy import LayerPolicy, Policy
+from tests.test_prune import randomize_bn
+
+SMALL_DECOMP = 64 * 64  # decompose only layers with out*in <= this in random policies (tensorly is slow on big ones)
+
+
+def snapshot(model: nn.Module) -> tuple[dict[str, torch.Tensor], str, list[bool], list[bool]]:
+    return (
+        {k: v.detach().clone() for k, v in model.state_dict().items()},
+        repr(model),
+        [m.training for m in model.modules()],
+        [p.requires_grad for p in model.parameters()],
+    )
+
+
+def assert_unchanged(model: nn.Module, before: tuple) -> None:
+    state, structure, modes, grads = before
+    now = model.state_dict()
+    assert list(now) == list(state)
+    assert all(torch.equal(now[k], v) for k, v in state.items())
+    assert repr(model) == structure
+    assert [m.training for m in model.modules()] == modes
+    assert [p.requires_grad for p in model.parameters()] == grads
+
+
+def random_policy(model: nn.Module, rng: random.Random, input_shape: tuple[int, ...]) -> Policy:
+    layers: dict[str, LayerPolicy] = {}
+    n_decomposed = 0
+    for li in compressible_layers(model, input_shape):
+        rate = round(rng.uniform(0.0, 0.9), 3) if li.prunable and rng.random() < 0.6 else 0.0
+        crit = rng.choice(["l1", "l2", "random", "fpgm"])
+        dec, ratio = "none", None
+        if li.decomposable and n_decomposed < 1 and li.out_channels * li.in_channels <= SMALL_DECOMP and rng.random() < 0.3:
+            dec = rng.choice(["cp", "tucker"])
+            ratio = round(rng.uniform(0.02, 0.1) if dec == "cp" else rng.uniform(0.1, 0.5), 3)
+            n_decomposed += 1
+        if rate or dec != "none":
+            layers[li.name] = LayerPolicy(prune_rate=rate, criterion=crit, decomposition=dec, rank_ratio=ratio)
+    return Policy(layers)
+
+
+def check_random_policies(name: str, n: int, seed: int) -> None:
+    shape = (1, 1, 8, 8) if name == "smallcnn" else (1, 3, 32, 32)
+    model = build_model(name).train()  # train mode: apply_policy must not flip the input's modes
+    before = snapshot(model)
+    base = count_cost(model, shape)
+    cache = DecompositionCache()
+    rng = random.Random(seed)
+    x = torch.randn(2, *shape[1:])
+    for _ in range(n):
+        policy = random_policy(model, rng, shape)
+        new = apply_policy(model, policy, input_shape=shape, cache=cache, seed=rng.randrange(1000))
+        assert not new.training
+        with torch.no_grad():
+            out = new(x)
+        assert out.shape == (2, 10) and torch.isfinite(out).all()
+        cost = count_cost(new, shape)
+        assert cost.macs <= base.macs and cost.params <= base.params, policy.to_json()
+        if any(lp.prune_rate >= 0.5 for lp in policy.layers.values()):
+            assert cost.macs < base.macs
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize(("name", "n"), [("resnet20", 8), ("smallcnn", 10), ("vgg11", 4)])
+def test_random_policies_fast_subset(name: str, n: int) -> None:
+    check_random_policies(name, n, seed=zlib.crc32(name.encode()) % 1000)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "n"),
+    [("resnet20", 20), ("resnet32", 20), ("vgg11", 20), ("vgg16", 20), ("alexnet", 20), ("smallcnn", 20),
+     ("resnet56", 4), ("resnet110", 3), ("vgg19", 3)],
+)  # fmt: skip
+def test_random_policies_full(name: str, n: int) -> None:
+    check_random_policies(name, n, seed=7)
+
+
+def test_kept_filters_are_selected_on_the_original_weights() -> None:
+    model = build_model("vgg11").eval()
+    policy = Policy({"features.0": LayerPolicy(prune_rate=0.5), "features.4": LayerPolicy(prune_rate=0.25, criterion="l2")})
+    new = apply_policy(model, policy)
+    k0 = select_filters(model.features[0].weight, 32, "l1")
+    k4 = select_filters(model.features[4].weight, 96, "l2")
+    assert torch.equal(kept_indices(model, policy)["features.0"], k0)
+    assert torch.equal(new.features[0].weight, model.features[0].weight[k0])
+    assert torch.equal(new.features[4].weight, model.features[4].weight[k4][:, k0])
+    assert new.features[8].in_channels == 96 and new.features[5].num_features == 96
+
+
+def test_random_criterion_is_seeded_per_layer() -> None:
+    model = build_model("smallcnn")
+    policy = Policy({n: LayerPolicy(prune_rate=0.5, criterion="random") for n in ("features.0", "features.3")})
+    a = kept_indices(model, policy, seed=3)
+    assert {k: v.tolist() for k, v in a.items()} == {k: v.tolist() for k, v in kept_indices(model, policy, seed=3).items()}
+    assert not torch.equal(a["features.0"], kept_indices(model, policy, seed=4)["features.0"])
+    assert not torch.equal(a["features.0"], a["features.3"])  # same size, different layer seed
+    assert layer_seed(3, "features.0") != layer_seed(3, "features.3")
+
+
+def test_second_application_reuses_every_decomposition() -> None:
+    model = build_model("resnet20").eval()
+    policy = Policy(
+        {
+            "layer1.0.conv1": LayerPolicy(prune_rate=0.5, decomposition="tucker", rank_ratio=0.5),
+            "layer1.1.conv2": LayerPolicy(decomposition="cp", rank=4),
+        }
+    )
+    cache = DecompositionCache()
+    first = apply_policy(model, policy, cache=cache)
+    assert cache.computed == 2
+    second = apply_policy(model, policy, cache=cache)
+    assert cache.computed == 2 and cache.hits_memory == 2
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(first(x), second(x))
+    assert first.layer1[0].conv1 is not second.layer1[0].conv1  # fresh modules, no shared parameters
+
+
+def test_prune_then_decompose_at_full_rank_reproduces_pruning() -> None:
+    model = randomize_bn(build_model("smallcnn"))
+    prune = LayerPolicy(prune_rate=0.5)
+    pruned = apply_policy(model, Policy({"features.0": prune, "features.3": prune}), input_shape=(1, 1, 8, 8))
+    # features.3 after pruning: 16 filters x 16 input channels; Tucker at (16, 16) is an exact factorisation
+    full = LayerPolicy(prune_rate=0.5, decomposition="tucker", rank=(16, 16))
+    mixed = apply_policy(model, Policy({"features.0": prune, "features.3": full}), input_shape=(1, 1, 8, 8))
+    seq = mixed.features[3]
+    assert isinstance(seq, nn.Sequential) and [c.in_channels for c in seq] == [16, 16, 16]
+    assert seq[-1].out_channels == 16 and mixed.features[4].num_features == 16
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(mixed(x), pruned(x), atol=1e-4, rtol=1e-4)
+    low = apply_policy(
+        model,
+        Policy({"features.3": LayerPolicy(prune_rate=0.5, decomposition="tucker", rank_ratio=0.25)}),
+        input_shape=(1, 1, 8, 8),
+    )
+    assert [c.out_channels for c in low.features[3]] == [8, 4, 16]  # ranks of the 16x32 post-pruning kernel: (8, 4)
+    assert count_cost(low, (1, 1, 8, 8)).macs < count_cost(apply_policy(model, Policy({"features.3": prune}),
+                                                           input_shape=(1, 1, 8, 8)), (1, 1, 8, 8)).macs  # fmt: skip
+
+
+def test_bad_policies_raise_slim_error() -> None:
+    resnet = build_model("resnet20")
+    with pytest.raises(SlimError, match="'layer9.conv1' is not a Conv2d"):
+        apply_policy(resnet, Policy({"layer9.conv1": LayerPolicy(prune_rate=0.5)}))
+    with pytest.raises(SlimError, match=r"prune_rate must be in \[0, 1\)"):
+        apply_policy(resnet, Policy({"layer1.0.conv1": LayerPolicy(prune_rate=1.0)}))
+    with pytest.raises(SlimError, match=r"layer 'layer2\.1\.conv2' cannot be pruned: option-A residual stage"):
+        apply_policy(resnet, Policy({"layer2.1.conv2": LayerPolicy(prune_rate=0.5)}))
+    small = build_model("smallcnn")
+    too_big = Policy({"features.3": LayerPolicy(prune_rate=0.5, decomposition="tucker", rank=(32, 32))})
+    too_big.validate(small)  # fine against the original 32x32 kernel ...
+    with pytest.raises(SlimError, match=r"features\.3.*Tucker ranks \(32, 32\).*after pruning the layer's kernel is 16x32x3x3"):
+        apply_policy(small, too_big, input_shape=(1, 1, 8, 8))  # ... but not after pruning to 16 filters
+
+
+def test_tiny_rates_on_blocked_layers_remove_nothing_and_pass() -> None:
+    resnet = build_model("resnet20").eval()
+    new = apply_policy(resnet, Policy({"layer1.0.conv2": LayerPolicy(prune_rate=0.05)}))  # floor(0.05*16) = 0
+    assert new.layer1[0].conv2.out_channels == 16
+    assert count_cost(new) == count_cost(resnet)
+
+
+def test_identity_policy_returns_an_equal_independent_copy() -> None:
+    model = randomize_bn(build_model("smallcnn"))
+    new = apply_policy(model, Policy(), input_shape=(1, 1, 8, 8))
+    assert new is not model
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(new(x), model(x))
+    with torch.no_grad():
+        new.features[0].weight.add_(1.0)
+    assert not torch.equal(new.features[0].weight, model.features[0].weight)
