@@ -59,7 +59,9 @@ def _to_pt2(model: nn.Module, x: torch.Tensor, path: Path) -> None:
     torch.export.save(program, str(path))
 
 
-def _check(name: str, run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, atol: float) -> None:
+def _check(
+    name: str, run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, atol: float
+) -> None:
     with torch.no_grad():
         got = run(x)
     if not torch.allclose(got, y, atol=atol, rtol=0):
@@ -178,8 +180,10 @@ def load_state(
         if not (d / f).is_file():
             raise SlimError(f"export directory {d} has no {f}")
     policy = Policy.from_json((d / "policy.json").read_text(), where=str(d / "policy.json"))
-    model = apply_policy(base_model, policy, example_input=example_input if isinstance(example_input, torch.Tensor) else None,
-                         input_shape=None if isinstance(example_input, torch.Tensor) else example_input)  # fmt: skip
+    if isinstance(example_input, torch.Tensor):
+        model = apply_policy(base_model, policy, example_input=example_input)
+    else:
+        model = apply_policy(base_model, policy, input_shape=example_input)
     state = torch.load(d / FILES["state"], map_location="cpu", weights_only=True)
     try:
         model.load_state_dict(state)

@@ -60,7 +60,6 @@ _TRUSTED = {
     ops.OPTYPE.PRELU,
     ops.OPTYPE.ELEMENTWISE,
     ops.OPTYPE.CONCAT,
-    ops.OPTYPE.SPLIT,
     ops.OPTYPE.RESHAPE,
     ops.OPTYPE.SLICE,
     ops.OPTYPE.GN,
@@ -110,7 +109,8 @@ class ModelGraph:
         self.output_shape = tuple(out.shape) if isinstance(out, torch.Tensor) else None
         self.template = template
         self._names = {m: n for n, m in template.named_modules()}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._maps: dict[str, dict[RemovalKey, dict[int, tuple[int, ...]]] | None] = {}
         self.convs: dict[str, nn.Conv2d] = {n: m for n, m in template.named_modules() if isinstance(m, nn.Conv2d)}
         has_option_a = any(type(m).__name__ == "OptionAShortcut" for m in template.modules())
         self.layers, self.groups = self._analyse(has_option_a)
@@ -170,6 +170,12 @@ class ModelGraph:
                     if has_option_a
                     else "channel padding (F.pad) in its channel group"
                 )
+            elif kind in (ops.OPTYPE.SPLIT, ops.OPTYPE.UNBIND):
+                # split sizes are written in forward code, and Torch-Pruning 1.6 maps split indices wrongly
+                why = "its channels are split (torch.split/chunk/unbind); split sizes are fixed in forward code"
+            elif kind == ops.OPTYPE.SLICE and int(getattr(module, "dim", 1)) in (1, -1, -2, -3, -4):
+                # dim 1 is NCHW's channel axis; negative dims are ambiguous without the tensor rank
+                why = "its channels are sliced in forward code (x[:, a:b])"
             elif kind == ops.OPTYPE.OUTPUT:
                 why = "its channels are model outputs"
             elif kind == ops.OPTYPE.PARAMETER:
@@ -181,12 +187,58 @@ class ModelGraph:
             reason = reason or why
         return outs, reason
 
-    def removal_ops(self, plan: Mapping[str, Sequence[int]]) -> dict[RemovalKey, list[int]]:
-        """Handler calls (module name, handler, dim) -> removed indices for a plan of kept indices.
+    def _index_map(self, leader: str) -> dict[RemovalKey, dict[int, tuple[int, ...]]] | None:
+        """For each handler call in ``leader``'s group: leader filter index -> the indices it removes there.
 
-        ``plan`` keys must be group leaders or ungrouped prunable convs (``core.prune`` resolves groups).
-        Indices are in the original, unpruned indexing, so the ops commute and each runs once.
+        Torch-Pruning maps indices through the graph in order (identity, concat offsets, flatten blocks of
+        H·W per channel), so the group of ALL N filters, split into N equal consecutive blocks, gives each
+        filter's share. The map is verified against direct group walks for two index subsets; when it does
+        not hold (e.g. a split), returns None and ``removal_ops`` walks the graph per plan instead.
         """
+        with self._lock:
+            if leader in self._maps:
+                return self._maps[leader]
+        n = self.convs[leader].out_channels
+        full = self._direct({leader: []})  # keep nothing = remove all
+        maps: dict[RemovalKey, dict[int, tuple[int, ...]]] | None = {}
+        for key, idxs in self._direct_ordered(leader).items():
+            if len(idxs) % n:
+                maps = None
+                break
+            m = len(idxs) // n
+            maps[key] = {r: tuple(idxs[r * m : (r + 1) * m]) for r in range(n)}  # type: ignore[index]
+        if maps is not None and n > 1:
+            for kept in ([i for i in range(n) if i % 2], list(range(n // 2))):
+                if self._from_map(maps, n, kept) != self._direct({leader: kept}):
+                    maps = None
+                    break
+        if maps is not None and self._from_map(maps, n, []) != full:
+            maps = None
+        with self._lock:
+            self._maps[leader] = maps
+        return maps
+
+    def _direct_ordered(self, leader: str) -> dict[RemovalKey, list[int]]:
+        """Per handler call, the indices (in Torch-Pruning's order, not sorted) of removing every filter."""
+        conv = self.convs[leader]
+        out: dict[RemovalKey, list[int]] = {}
+        for dep, idxs in self._group(conv, range(conv.out_channels)):
+            mod_name = self._names.get(dep.target.module)
+            if mod_name is not None:
+                out.setdefault((mod_name, dep.handler, dep.target.pruning_dim), []).extend(
+                    int(i) for i in tp._helpers.to_plain_idxs(list(idxs))
+                )
+        return out
+
+    @staticmethod
+    def _from_map(maps: dict[RemovalKey, dict[int, tuple[int, ...]]], n: int, kept: Sequence[int]) -> dict:
+        keep = set(kept)
+        removed = [r for r in range(n) if r not in keep]
+        out = {k: sorted({i for r in removed for i in per_root[r]}) for k, per_root in maps.items()}
+        return {k: v for k, v in out.items() if v}
+
+    def _direct(self, plan: Mapping[str, Sequence[int]]) -> dict[RemovalKey, list[int]]:
+        """Removal ops by one Torch-Pruning group walk per plan entry (the reference)."""
         merged: dict[RemovalKey, set[int]] = {}
         for name, kept in plan.items():
             conv = self.convs[name]
@@ -199,6 +251,25 @@ class ModelGraph:
                     continue
                 key = (mod_name, dep.handler, dep.target.pruning_dim)
                 merged.setdefault(key, set()).update(int(i) for i in tp._helpers.to_plain_idxs(list(idxs)))
+        return {k: sorted(v) for k, v in merged.items() if v}
+
+    def removal_ops(self, plan: Mapping[str, Sequence[int]], *, direct: bool = False) -> dict[RemovalKey, list[int]]:
+        """Handler calls (module name, handler, dim) -> removed indices for a plan of kept indices.
+
+        ``plan`` keys must be group leaders or ungrouped prunable convs (``core.prune`` resolves groups).
+        Indices are in the original, unpruned indexing, so the ops commute and each runs once.
+        ``direct=True`` skips the per-leader index maps and walks the graph (the slower reference).
+        """
+        merged: dict[RemovalKey, set[int]] = {}
+        for name, kept in plan.items():
+            maps = None if direct else self._index_map(name)
+            ops = (
+                self._direct({name: kept})
+                if maps is None
+                else self._from_map(maps, self.convs[name].out_channels, kept)
+            )
+            for key, idxs in ops.items():
+                merged.setdefault(key, set()).update(idxs)
         return {k: sorted(v) for k, v in merged.items()}
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from core.errors import SlimError
 from core.graph import InputSpec, ModelGraph, fingerprint, model_graph
 
-__all__ = ["masked_model_inplace", "prune_layers", "resolve_plan"]
+__all__ = ["cut", "masked_model_inplace", "prune_layers", "resolve_plan"]
 
 Plan = Mapping[str, Sequence[int] | torch.Tensor]
 
@@ -75,7 +75,11 @@ def prune_layers(
     Pass a copy if the original must survive (``core.apply.apply_policy`` does). ``example_input`` is
     only needed when the graph is not cached yet and 1×C×32×32 does not fit the model.
     """
-    graph = _graph_for(model, example_input, graph)
+    return cut(model, plan, _graph_for(model, example_input, graph))
+
+
+def cut(model: nn.Module, plan: Plan, graph: ModelGraph) -> nn.Module:
+    """``prune_layers`` with a graph known to match ``model`` (no fingerprint check)."""
     ops = graph.removal_ops(resolve_plan(graph, plan))
     modules = dict(model.named_modules())
     with graph._lock:  # handlers are shared pruner objects whose pruning_dim is set per call

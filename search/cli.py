@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--workers", type=_positive_int, help="worker processes (default: [evaluator] workers)")
     r.add_argument("--n-trials", type=_positive_int, help="override [study] n_trials (grow a finished study)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar (one line per trial only)")
+    r.add_argument(
+        "--threads", type=_positive_int, help="torch threads per evaluating process (default: cores / workers)"
+    )
     r.add_argument("--ray-address", help="Ray cluster address (backend ray)")
 
     w = sub.add_parser("worker", help="join a running study (another process or machine on the same storage)")
@@ -78,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--config-pickle", type=Path, help=argparse.SUPPRESS)
     w.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     w.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
-    w.add_argument("--threads", type=int, help=argparse.SUPPRESS)
+    w.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's choice)")
 
     s = sub.add_parser("status", help="trial counts by state, best so far")
     s.add_argument("study", type=Path)
@@ -133,23 +136,25 @@ def cmd_run(a: argparse.Namespace) -> int:
     if a.n_trials:
         cfg = cfg.with_n_trials(a.n_trials)
     if cfg.study.backend == "ray" or a.ray_address:
-        return _run_ray(cfg, a.ray_address)
+        return _run_ray(cfg, a.ray_address, progress=not a.no_progress)
     from search.runner import run_study
 
-    summary = run_study(cfg, workers=a.workers, progress=not a.no_progress)
+    run_study(cfg, workers=a.workers, progress=not a.no_progress, threads=a.threads)
     print(f"next: slimsearch report {a.study}   |   slimsearch export {a.study} --trial best   |   "
           f"optuna-dashboard {mask_url(cfg.study.storage)}")  # fmt: skip
     return 0
 
 
-def _run_ray(cfg: Any, address: str | None) -> int:
+def _run_ray(cfg: Any, address: str | None, progress: bool = True) -> int:
     try:
         from search.ray_runner import run_ray
     except ModuleNotFoundError as e:
         if e.name and e.name.startswith("search"):
-            raise SlimError("backend ray is not available in this installation (search/ray_runner.py is missing)") from None
+            raise SlimError(
+                "backend ray is not available in this installation (search/ray_runner.py is missing)"
+            ) from None
         raise
-    run_ray(cfg, address=address)
+    run_ray(cfg, address=address, progress=progress)
     return 0
 
 

@@ -172,4 +172,6 @@ def check_forward(model: nn.Module, shape: tuple[int, ...], cfg: StudyConfig) ->
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise SlimError(f"{cfg.path}: [model] {cfg.model.factory} fails on input {list(shape)}: {first}") from None
     if out.ndim != 2:
-        raise SlimError(f"{cfg.path}: [model] {cfg.model.factory} returns shape {list(out.shape)}, expected [batch, classes]")
+        raise SlimError(
+            f"{cfg.path}: [model] {cfg.model.factory} returns shape {list(out.shape)}, expected [batch, classes]"
+        )

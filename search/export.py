@@ -51,7 +51,7 @@ def parse_formats(formats: Sequence[str] | str) -> tuple[str, ...]:
 
 
 def parse_trial(spec: str | int) -> str | int:
-    """"best" or a trial number."""
+    """ "best" or a trial number."""
     if isinstance(spec, int) and not isinstance(spec, bool):
         if spec < 0:
             raise SlimError(f"--trial: trial numbers start at 0, got {spec}")

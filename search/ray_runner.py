@@ -4,7 +4,7 @@ One Ray Tune experiment per study, stored under ``<workdir>/ray/<study name>`` (
 = ``<workdir>/ray``; an absolute path, so every node of a cluster on a shared filesystem writes the same
 place). Running again continues it with ``Tuner.restore``: finished trials are kept, unfinished and
 errored ones are restarted (there are no checkpoints: a trial is a short evaluation), and a larger
-``n_trials`` adds trials to the same experiment (see ``_SlotGenerator``).
+``n_trials`` adds trials to the same experiment (see ``SlotGenerator`` in ``_search_classes``).
 
 What each trial reports to Tune (``tune.report``): intermediate ``{"val_acc", "step", "status":
 "partial"}`` from the fine-tune's periodic evaluations (ASHA stops the weak ones), then one final result
@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import time
 from collections.abc import Callable, Mapping
@@ -46,6 +47,7 @@ TABLE_COLUMNS = ("number", "trial_id", "ray_status", "status", "feasible", "val_
                  "macs_ratio", "params_ratio", "flops", "latency_ms", "wall_s", "seed", "reason", "node_id",
                  "policy_hash", "policy")  # fmt: skip
 CONNECT_TIMEOUT_S = 5.0
+COUNTED = ("ok", "infeasible", "fail", "pruned")  # statuses of evaluated trials (they count toward n_trials)
 
 # (study file, study name) -> StudyContext, per Ray worker process: trials reusing the actor reuse it.
 _CONTEXTS: dict[tuple[str, str], Any] = {}
@@ -110,8 +112,12 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
 
 
 def _first_line(e: BaseException) -> str:
-    lines = [s for s in str(e).strip().splitlines() if s.strip()]
-    return (lines[0] if lines else type(e).__name__)[:300]
+    """The most telling line of an exception: Ray nests tracebacks in messages, so prefer the last
+    "SomethingError: ..." line, else the first line."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    named = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception|Timeout): ", ln)]
+    text = named[-1] if named else (lines[0] if lines else type(e).__name__)
+    return text[:300]
 
 
 def _runtime_env() -> dict[str, Any]:
@@ -146,8 +152,11 @@ def connect(address: str | None, num_cpus: int) -> bool:
     except (ConnectionError, RuntimeError, ValueError) as e:
         cause = e.__cause__ or e
         hint = ""
-        if "auth" in str(cause).lower() or "token" in str(cause).lower():
-            hint = " (the cluster uses token authentication: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH)"
+        if "InvalidAuthToken" in str(cause) or "AuthenticationError" in str(cause):
+            hint = (
+                " (the cluster uses token authentication: start slimsearch with RAY_AUTH_MODE=token and the "
+                "cluster's token in ~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN)"
+            )
         raise SlimError(f"cannot connect to Ray at {address}: {_first_line(cause)}{hint}") from None
     return True
 
@@ -401,7 +410,9 @@ def _trial_status(ray_status: str, last: Mapping[str, Any]) -> str:
         return "pruned" if ray_status == "TERMINATED" else "running"
     if s in ("ok", "infeasible", "fail", "pruned"):
         return s
-    return {"ERROR": "error", "TERMINATED": "error"}.get(ray_status, "running" if ray_status == "RUNNING" else "pending")
+    return {"ERROR": "error", "TERMINATED": "error"}.get(
+        ray_status, "running" if ray_status == "RUNNING" else "pending"
+    )
 
 
 def trials_table(trials: list[Any]) -> Any:
@@ -433,9 +444,17 @@ def trials_table(trials: list[Any]) -> Any:
 
 
 def _load_trials(exp_dir: Path) -> list[Any]:
+    """The experiment's trials from its state file (no Ray runtime needed)."""
     from ray.tune import ExperimentAnalysis
 
-    return list(ExperimentAnalysis(str(exp_dir)).trials)
+    # Trials that never reported (a crash right after they started) make it warn once per load: not news.
+    lg = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    old = lg.level
+    lg.setLevel(logging.ERROR)
+    try:
+        return list(ExperimentAnalysis(str(exp_dir)).trials)
+    finally:
+        lg.setLevel(old)
 
 
 def ray_trials(cfg: StudyConfig) -> Any:
@@ -454,7 +473,11 @@ def ray_trials(cfg: StudyConfig) -> Any:
             pass
     csv = ray_results_csv(cfg)
     if csv.is_file():
-        return pd.read_csv(csv)
+        df = pd.read_csv(csv)
+        for c in TABLE_COLUMNS:
+            if c not in df.columns:
+                df[c] = None
+        return df
     raise SlimError(f"no Ray results for study {cfg.name!r} under {ray_storage_path(cfg)}; "
                     f"start it with `slimsearch run {cfg.path}`")  # fmt: skip
 
@@ -503,6 +526,68 @@ def ray_best_policy(cfg: StudyConfig, trial: str | int = "best") -> tuple[Any, d
     if not isinstance(pol, str) or not pol:
         raise SlimError(f"--trial {trial}: Ray trial {row.get('trial_id')} has no stored policy")
     return Policy.from_json(pol, where=f"Ray trial {row.get('trial_id')} policy"), _row_metrics(row)
+
+
+_STATE = {"ok": "COMPLETE", "infeasible": "COMPLETE", "pruned": "PRUNED", "fail": "FAIL", "error": "FAIL",
+          "running": "RUNNING", "pending": "WAITING"}  # fmt: skip
+
+
+def ray_study_info(cfg: StudyConfig) -> dict[str, Any]:
+    """What ``search.runner.study_info`` records for Optuna studies (baseline cost, MACs bound, layers),
+    plus n_trials and objectives, from ``<name>-meta.json``; {} before the first run."""
+    return _read_meta(ray_meta_path(cfg))
+
+
+def ray_report_frame(cfg: StudyConfig) -> Any:
+    """The trial table in ``search.report.trials_frame``'s columns (trial, state as Optuna names it,
+    status, metrics, seed, policy summary, duration_s, reason), so Pareto front and charts work unchanged."""
+    import pandas as pd
+
+    from core.policy import Policy
+
+    df = ray_trials(cfg)
+
+    def summary(p: Any) -> str:
+        return Policy.from_json(p).summary() if isinstance(p, str) and p else ""
+
+    out = pd.DataFrame({
+        "trial": df["number"].astype(int), "state": df["status"].map(_STATE).fillna("FAIL"), "status": df["status"],
+        "val_acc": df["val_acc"], "macs": df["macs"], "macs_ratio": df["macs_ratio"], "flops": df["flops"],
+        "params": df["params"], "params_ratio": df["params_ratio"], "latency_ms": df["latency_ms"],
+        "seed": df["seed"].fillna(""), "policy": df["policy"].map(summary), "duration_s": df["wall_s"],
+        "reason": df["reason"].fillna(""),
+    })  # fmt: skip
+    for c in ("val_acc", "macs", "macs_ratio", "flops", "params", "params_ratio", "latency_ms", "duration_s"):
+        out[c] = pd.to_numeric(out[c], errors="coerce")
+    # Infeasible and failed trials report val_acc 0.0 to Tune; in a report it is "not measured".
+    out.loc[~out["status"].isin(["ok", "pruned"]), "val_acc"] = math.nan
+    return out
+
+
+def ray_status(cfg: StudyConfig) -> dict[str, Any]:
+    """Keyword arguments for ``search.report.StudyStatus`` of a Ray study (read-only; Ray need not run)."""
+    df = ray_trials(cfg)
+    meta = ray_study_info(cfg)
+    by = {str(k): int(v) for k, v in df["status"].value_counts().items()}
+    row = best_row(df) if len(df) else None
+    best = None
+    if row is not None:
+        m = _row_metrics(row)
+        best = {
+            "trial": int(row["number"]),
+            **{k: float(m.get(k, math.nan)) for k in ("val_acc", "macs", "macs_ratio", "params")},
+        }
+    seeds = sorted({str(s) for s in df["seed"].dropna() if str(s)}) if "seed" in df else []
+    return {
+        "name": cfg.name,
+        "storage": f"ray: {ray_experiment_dir(cfg)}",
+        "n_trials": int(meta.get("n_trials", cfg.study.n_trials)),
+        "counted": sum(by.get(s, 0) for s in COUNTED),
+        "by_state": by,
+        "best": best,
+        "objectives": list(meta.get("objectives", [o.spec for o in cfg.study.objectives])),
+        "seeds": seeds,
+    }
 
 
 # ----------------------------------------------------------------------------- progress lines
@@ -564,9 +649,6 @@ class RayRunSummary:
     table: Any = field(default=None, repr=False)  # pandas DataFrame, one row per trial
 
 
-COUNTED = ("ok", "infeasible", "fail", "pruned")
-
-
 def run_ray(
     cfg: StudyConfig,
     *,
@@ -582,8 +664,6 @@ def run_ray(
     Concurrency is [evaluator] workers trials, one CPU each. Every node must see the study's files
     (data, checkpoint / ``<workdir>/baseline.pt``, ``<workdir>/ray``) at the same absolute paths.
     """
-    from ray import tune
-
     from search.context import build_study_context
     from search.runner import seed_policies, study_info
 
@@ -598,20 +678,23 @@ def run_ray(
         check_reachable(address)  # before building anything
     sctx = build_study_context(cfg, log=log)  # validates input; pre-trains and caches the baseline if asked
     exp_dir = ray_experiment_dir(cfg)
-    meta = _read_meta(ray_meta_path(cfg))
+    resumable = (exp_dir / "tuner.pkl").is_file()  # what Tuner.can_restore checks, without importing Ray yet
+    meta = _read_meta(ray_meta_path(cfg)) if resumable else {}
     info = study_info(sctx)
     if meta.get("baseline_sha") not in (None, info["baseline_sha"]):
         raise SlimError(f"Ray study {cfg.name!r} was searched on a baseline with weights {meta['baseline_sha']}, this "
                         f"one has {info['baseline_sha']}; use a new [study] name")  # fmt: skip
-    _write_meta(cfg, max(target, int(meta.get("n_trials") or 0)), info)  # a restored run never shrinks
+    # A restored experiment keeps its trials: the target can grow, never shrink.
+    _write_meta(cfg, max(target, int(meta.get("n_trials") or 0)), info)
 
     import ray
+    from ray import tune
 
     started = connect(address, workers)
     _search_classes()
     try:
         trainable = tune.with_parameters(_trainable, study=cfg)
-        resumed = tune.Tuner.can_restore(str(exp_dir))
+        resumed = resumable and tune.Tuner.can_restore(str(exp_dir))
         if resumed:
             done_before = sum(1 for t in _load_trials(exp_dir) if t.status in ("TERMINATED", "ERROR"))
             log(f"resuming Ray experiment {exp_dir}: {done_before} trials finished, target {_target(cfg, target)}")

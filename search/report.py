@@ -30,7 +30,11 @@ def trials_frame(trials: list[FrozenTrial]) -> pd.DataFrame:
     rows = []
     for t in trials:
         ua = t.user_attrs
-        dur = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
+        dur = (
+            (t.datetime_complete - t.datetime_start).total_seconds()
+            if t.datetime_complete and t.datetime_start
+            else None
+        )
         rows.append({
             "trial": t.number, "state": t.state.name, "status": ua.get("status", ""),
             "val_acc": ua.get("val_acc"), "macs": ua.get("macs"), "macs_ratio": ua.get("macs_ratio"),
@@ -187,7 +191,7 @@ def plot_policy(trial: FrozenTrial, info: dict[str, Any], path: Path, title: str
         ax.text(xi, r + 0.01, lab, ha="center", va="bottom", fontsize=6, rotation=90 if len(names) > 24 else 0)
     ax.set_xticks(x, names, rotation=90, fontsize=7)
     ax.set_ylim(0, 1.15)
-    ax.set_ylabel("fraction of filters removed")
+    ax.set_ylabel("fraction of filters removed\n(bar labels: kept / total filters)")
     ua = trial.user_attrs
     sub = f"val_acc {ua.get('val_acc', float('nan')):.4f}, MACs {fmt_count(ua.get('macs', 0))} ({ua.get('macs_ratio', float('nan')):.1%})"
     ax.set_title(f"{title}\n{sub}", fontsize=10)
@@ -251,7 +255,12 @@ def write_report(cfg: StudyConfig, trial: int | None = None, out_dir: str | Path
     plot_pareto(df, front, info, files["pareto_png"], f"{cfg.name}: {counted} trials, {len(front)} on the Pareto front")
     if chosen is not None:
         files["policy_png"] = out / f"policy_trial{chosen.number}.png"
-        plot_policy(chosen, info, files["policy_png"], f"{cfg.name} trial {chosen.number}: {chosen.user_attrs.get('policy_summary', '')}")
+        plot_policy(
+            chosen,
+            info,
+            files["policy_png"],
+            f"{cfg.name} trial {chosen.number}: {chosen.user_attrs.get('policy_summary', '')}",
+        )
     (out / "study.json").write_text(json.dumps({"name": cfg.name, "storage": mask_url(cfg.study.storage),
                                                 "info": info, "n_trials": target_trials(study, cfg.study.n_trials),
                                                 "counted": counted}, indent=2, default=str) + "\n")  # fmt: skip

@@ -62,11 +62,31 @@ FLAT_METRICS = ("val_acc", "macs", "flops", "params", "macs_ratio", "params_rati
 Log = Callable[[str], None]
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+# tensorly clips an over-large SVD rank itself and says so once per layer: noise in a trial log.
+warnings.filterwarnings("ignore", message="Trying to compute SVD with n_eigenvecs", category=UserWarning)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-class Interrupted(Exception):
-    """SIGTERM / a vanished parent: stop after marking the current trial for retry."""
+def _quiet() -> contextlib.AbstractContextManager[None]:
+    """Silence Optuna's ExperimentalWarnings (heartbeat, retry callback, group) wherever we touch them."""
+    ctx = warnings.catch_warnings()
+
+    class _Q(contextlib.AbstractContextManager):
+        def __enter__(self) -> None:
+            ctx.__enter__()
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+
+        def __exit__(self, *exc: object) -> None:
+            ctx.__exit__(*exc)
+
+    return _Q()
+
+
+class Interrupted(BaseException):
+    """SIGTERM / a vanished parent: stop after marking the current trial for retry.
+
+    A BaseException (like KeyboardInterrupt), so the evaluator's catch-all does not turn it into a failed trial.
+    """
 
 
 # ----------------------------------------------------------------------------- storage and study
@@ -74,7 +94,8 @@ class Interrupted(Exception):
 
 def _retry_callback(cfg: StudyConfig) -> Any:
     cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
-    return cls(max_retry=cfg.study.max_retry)
+    with _quiet():
+        return cls(max_retry=cfg.study.max_retry)
 
 
 def storage_exists(cfg: StudyConfig) -> bool:
@@ -119,13 +140,14 @@ def open_storage(cfg: StudyConfig, *, create: bool = True) -> optuna.storages.RD
     if "heartbeat_stale_trial_callback" not in optuna.storages.RDBStorage.__init__.__code__.co_varnames:
         key = "failed_trial_callback"  # optuna < 4.9
     try:
-        return optuna.storages.RDBStorage(
-            url,
-            engine_kwargs=kwargs,
-            heartbeat_interval=s.heartbeat_interval,
-            grace_period=s.grace_period,
-            **{key: _retry_callback(cfg)},
-        )
+        with _quiet():
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=kwargs,
+                heartbeat_interval=s.heartbeat_interval,
+                grace_period=s.grace_period,
+                **{key: _retry_callback(cfg)},
+            )
     except ImportError as e:
         extra = " (pip install 'slimsearch[postgres]')" if url.startswith("postgres") else ""
         raise SlimError(f"storage {shown}: database driver missing: {e}{extra}") from None
@@ -140,17 +162,20 @@ def make_sampler(cfg: StudyConfig, seed: int) -> optuna.samplers.BaseSampler:
     # Optuna >= 5 reads constraints that the trial sets itself (Trial.set_constraint, see _record).
     cons = constraints_func if _bounded(cfg) and not HAS_SET_CONSTRAINT else None
     if s.sampler == "tpe":
-        return optuna.samplers.TPESampler(
-            seed=seed, n_startup_trials=s.n_startup_trials, multivariate=True, group=True,
-            constant_liar=True, constraints_func=cons,
-        )  # fmt: skip
+        with _quiet():
+            return optuna.samplers.TPESampler(
+                seed=seed, n_startup_trials=s.n_startup_trials, multivariate=True, group=True,
+                constant_liar=True, constraints_func=cons,
+            )  # fmt: skip
     if s.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=s.population_size, constraints_func=cons)
     if s.sampler == "cmaes":
         try:
             import cmaes  # noqa: F401
         except ImportError:
-            raise SlimError(f"{cfg.path}: [study] sampler cmaes needs the 'cmaes' package (pip install cmaes)") from None
+            raise SlimError(
+                f"{cfg.path}: [study] sampler cmaes needs the 'cmaes' package (pip install cmaes)"
+            ) from None
         return optuna.samplers.CmaEsSampler(
             seed=seed, n_startup_trials=s.n_startup_trials, warn_independent_sampling=False,
             independent_sampler=optuna.samplers.RandomSampler(seed=seed),
@@ -253,7 +278,8 @@ def _pid_alive(pid: int) -> bool:
 
 def reap_dead(study: optuna.Study, cfg: StudyConfig) -> int:
     """Fail (and retry) RUNNING trials whose heartbeat is stale or whose process on this host is gone."""
-    optuna.storages.fail_stale_trials(study)
+    with _quiet():
+        optuna.storages.fail_stale_trials(study)
     host = socket.gethostname()
     storage = study._storage
     n = 0
@@ -265,8 +291,8 @@ def reap_dead(study: optuna.Study, cfg: StudyConfig) -> int:
         if _pid_alive(int(w.get("pid", -1))):
             continue
         with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            storage.set_trial_user_attr(t._trial_id, "reason", f"process {w.get('pid')} died")
             if storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
-                storage.set_trial_user_attr(t._trial_id, "reason", f"process {w.get('pid')} died")
                 _retry_callback(cfg)(study, storage.get_trial(t._trial_id))
                 n += 1
     return n
@@ -424,11 +450,15 @@ def trial_loop(
     out = LoopResult()
     while not should_stop() and (deadline is None or time.time() < deadline):
         target = target_trials(study, cfg.study.n_trials)
+        tid = None
         with storage_lock(cfg):
             reap_dead(study, cfg)
-            tid = claim(study)
-            if tid is None and top_up(study, target):
+            busy = tally(study.get_trials(deepcopy=False))
+            # Slots left over from a larger earlier n_trials are not claimed once the target is covered.
+            if busy.counted + busy.running < target:
                 tid = claim(study)
+                if tid is None and top_up(study, target):
+                    tid = claim(study)
         if tid is not None:
             ft = run_trial(study, tid, sctx, cfg)
             out.ran += 1
@@ -450,12 +480,20 @@ def study_info(sctx: Any) -> dict[str, Any]:
     """What status/report need without rebuilding the model: baseline cost, bound, layer shapes."""
     e = sctx.eval_ctx
     return {
-        "base": {"macs": int(e.base.macs), "params": int(e.base.params), "val_acc": e.base_val_acc,
-                 "input_shape": list(sctx.input_shape)},  # fmt: skip
+        "base": {
+            "macs": int(e.base.macs),
+            "params": int(e.base.params),
+            "val_acc": e.base_val_acc,
+            "input_shape": list(sctx.input_shape),
+        },  # fmt: skip
         "max_macs": e.max_macs,
         "layers": [
-            {"name": i.name, "out_channels": int(i.out_channels), "prunable": bool(i.prunable),
-             "decomposable": bool(i.decomposable)}  # fmt: skip
+            {
+                "name": i.name,
+                "out_channels": int(i.out_channels),
+                "prunable": bool(i.prunable),
+                "decomposable": bool(i.decomposable),
+            }  # fmt: skip
             for i in sctx.space.all_layers
         ],
         "model": sctx.cfg.model.factory,
@@ -551,8 +589,14 @@ class _Display:
 
     def __init__(self, total: int, done: int, progress: bool) -> None:
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-        from rich.progress import TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.console = Console(highlight=False, soft_wrap=True)
         self.seen: set[int] = set()
@@ -632,18 +676,25 @@ def _sigterm_interrupts() -> Iterator[None]:
 
 
 def run_study(
-    cfg: StudyConfig, *, workers: int | None = None, progress: bool = True, log: Log | None = None
+    cfg: StudyConfig,
+    *,
+    workers: int | None = None,
+    progress: bool = True,
+    log: Log | None = None,
+    threads: int | None = None,
 ) -> RunSummary:
     """Create or resume ``cfg``'s study and run it to n_trials counted trials.
 
     ``workers`` (default [evaluator] workers): 1 evaluates in this process; N > 1 starts N
-    ``slimsearch worker`` processes on the same storage and shows their progress. Backend "ray"
-    dispatches to ``search.ray_runner.run_ray``.
+    ``slimsearch worker`` processes on the same storage and shows their progress. ``threads``: torch
+    threads per evaluating process (default: the cores divided among the workers; small models run
+    faster on one thread, and oversubscribed cores slow everything down). Backend "ray" dispatches
+    to ``search.ray_runner.run_ray``.
     """
     if cfg.study.backend == "ray":
         from search.ray_runner import run_ray  # another module's job; imported only when asked for
 
-        return run_ray(cfg)
+        return run_ray(cfg, progress=progress, log=log)  # type: ignore[return-value]
     from search.context import build_study_context
 
     workers = int(workers or getattr(cfg.evaluator, "workers", 1) or 1)
@@ -676,6 +727,10 @@ def run_study(
     with _Display(target_trials(study, cfg.study.n_trials), tl.counted, progress) as disp:
         disp.seen.update(t.number for t in trials if t.state.is_finished())
         if workers == 1:
+            import torch
+
+            if threads:
+                torch.set_num_threads(threads)
             _with_sampler(study, cfg, 0)
             with _sigterm_interrupts():
                 res = trial_loop(
@@ -684,7 +739,7 @@ def run_study(
                 )  # fmt: skip
             done = res.done
         else:
-            done = _drive_workers(cfg, study, workers, deadline, disp)
+            done = _drive_workers(cfg, study, workers, deadline, disp, threads)
         disp.update(study.get_trials(deepcopy=False), target_trials(study, cfg.study.n_trials))
     summary = _summary(study, cfg, t0, done)
     best = summary.best
@@ -705,14 +760,15 @@ def _worker_cmd(cfg_file: Path, cfg: StudyConfig, index: int, threads: int) -> l
             "--parent-pid", str(os.getpid()), "--worker-index", str(index), "--threads", str(threads)]  # fmt: skip
 
 
-def _drive_workers(cfg: StudyConfig, study: optuna.Study, workers: int, deadline: float | None, disp: _Display) -> bool:
+def _drive_workers(cfg: StudyConfig, study: optuna.Study, workers: int, deadline: float | None, disp: _Display,
+                   threads: int | None = None) -> bool:  # fmt: skip
     """Start ``workers`` worker processes, show progress until the study is done, restart crashed ones."""
     cfg.study.workdir.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=".worker-config-", suffix=".pkl", dir=cfg.study.workdir)
     cfg_file = Path(name)
     with os.fdopen(fd, "wb") as fh:
         pickle.dump(cfg, fh)
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = threads or max(1, (os.cpu_count() or 1) // workers)
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
@@ -738,7 +794,9 @@ def _drive_workers(cfg: StudyConfig, study: optuna.Study, workers: int, deadline
                 if rc != 0 and not done:
                     restarts += 1
                     if restarts > max_restarts:
-                        raise RuntimeError(f"worker processes keep failing (last exit code {rc}); see their errors above")
+                        raise RuntimeError(
+                            f"worker processes keep failing (last exit code {rc}); see their errors above"
+                        )
                     disp.console.print(f"worker {i + 1} exited with code {rc}; restarting it", markup=False)
                     procs[i] = subprocess.Popen(_worker_cmd(cfg_file, cfg, i + 1, threads), env=env)
             if not procs:
@@ -806,6 +864,8 @@ def run_worker(
     with _sigterm_interrupts():
         try:
             res = trial_loop(study, sctx, cfg, deadline=deadline)
-        except Interrupted:
-            return 0
+        except (Interrupted, KeyboardInterrupt):
+            if parent_pid or isinstance(sys.exc_info()[1], Interrupted):
+                return 0  # the driver (or whoever sent SIGTERM) reports; the trial is queued for retry
+            raise
     return res.ran

@@ -23,7 +23,11 @@ def _check_uniform(params: Mapping[str, Any], where: str) -> None:
         if key not in allowed:
             raise SlimError(f"{where} uniform_{key}: unknown parameter; allowed: uniform_rates, uniform_criterion")
     rates = params.get("rates", [0.3, 0.5])
-    ok = isinstance(rates, list) and rates and all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in rates)
+    ok = (
+        isinstance(rates, list)
+        and rates
+        and all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in rates)
+    )
     if not ok or not all(0 <= r < 1 for r in rates):
         raise SlimError(f"{where} uniform_rates: expected a non-empty list of rates in [0, 1), got {rates!r}")
     crit = params.get("criterion", "l1")

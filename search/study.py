@@ -12,11 +12,12 @@ import difflib
 import math
 import os
 import re
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from core.errors import SlimError
 
@@ -183,7 +184,9 @@ def expand_vars(text: str, where: str) -> str:
         val = os.environ.get(var)
         if val is None or (val == "" and default is not None):
             if default is None:
-                raise SlimError(f"{where}: environment variable {var} is not set (write ${{{var}:-default}} for a fallback)")
+                raise SlimError(
+                    f"{where}: environment variable {var} is not set (write ${{{var}:-default}} for a fallback)"
+                )
             return default
         return val
 
@@ -229,7 +232,9 @@ def validate_storage_url(url: str, where: str) -> str:
             p = Path.cwd() / p
         return f"{u.drivername}:///{p}"
     if not u.host or not u.database:
-        raise SlimError(f"{where}: storage {shown!r} needs a host and a database name, as {scheme}://user:password@host/db")
+        raise SlimError(
+            f"{where}: storage {shown!r} needs a host and a database name, as {scheme}://user:password@host/db"
+        )
     return url
 
 
@@ -337,7 +342,7 @@ def _at_least(n: int) -> Callable[[Any], str | None]:
 
 
 def _objectives(t: _Table) -> tuple[Objective, ...]:
-    specs = t.get("objectives", "a list of strings like \"val_acc:max\"", ("val_acc:max",))
+    specs = t.get("objectives", 'a list of strings like "val_acc:max"', ("val_acc:max",))
     allowed = ", ".join(f"{m}:max|min" for m in OBJECTIVE_METRICS)
     if not specs:
         t.fail("objectives", f"needs at least one objective; allowed: {allowed}")
@@ -389,7 +394,7 @@ def _study(t: _Table) -> StudySection:
 
 def _model(t: _Table) -> ModelSection:
     sec = ModelSection(
-        factory=t.get("factory", "a model name (e.g. resnet56) or \"pkg.module:fn\"", required=True),
+        factory=t.get("factory", 'a model name (e.g. resnet56) or "pkg.module:fn"', required=True),
         checkpoint=t.path("checkpoint"),
         num_classes=t.get("num_classes", "an integer", None, check=_at_least(2)),
         in_channels=t.get("in_channels", "an integer", None, check=_at_least(1)),
@@ -516,7 +521,9 @@ def parse_toml(path: str | Path) -> dict[str, Any]:
         # tomllib puts "(at line L, column C)" at the end; lead with the location.
         m = re.search(r"\(at line (\d+), column (\d+)\)", msg)
         loc = f"line {m.group(1)}, column {m.group(2)}" if m else "?"
-        raise SlimError(f"{p}:{m.group(1) if m else '?'}: TOML syntax error at {loc}: {msg.split(' (at ')[0]}") from None
+        raise SlimError(
+            f"{p}:{m.group(1) if m else '?'}: TOML syntax error at {loc}: {msg.split(' (at ')[0]}"
+        ) from None
 
 
 def study_from_dict(raw: Mapping[str, Any], path: str | Path = "<study>") -> StudyConfig:

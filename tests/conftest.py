@@ -7,11 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from threadpoolctl import threadpool_limits
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SLIMSEARCH_SHARED", REPO.parent / "shared"))
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+# OpenBLAS threads make tensorly's small SVDs far slower on a busy 2-core box than one thread.
+threadpool_limits(1)
 
 
 def shared_path(*parts: str) -> Path:

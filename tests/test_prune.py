@@ -154,3 +154,41 @@ def test_keeping_everything_is_a_no_op() -> None:
     before = {k: v.clone() for k, v in model.state_dict().items()}
     prune_layers(model, {"0": list(range(8))}, example_input=(1, 3, 8, 8))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class _Split(nn.Module):
+    """A conv whose channels are split between two consumers: index maps must fall back to graph walks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(4, 4, 3, padding=1)
+        self.c = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        left, right = torch.split(F.relu(self.a(x)), 4, dim=1)
+        return self.fc(torch.cat([self.b(left), self.c(right)], 1).mean((2, 3)))
+
+
+@pytest.mark.parametrize(("make", "shape"), [(_Coupled, (1, 3, 8, 8)), (lambda: build_model("alexnet"), None)])
+def test_cached_index_maps_agree_with_direct_graph_walks(make, shape) -> None:  # noqa: ANN001
+    model = make().eval()
+    graph = model_graph(model, shape)
+    prunable = [n for n, li in graph.layers.items() if li.prunable and (li.group is None or li.group == n)]
+    for seed in range(4):
+        plan = random_plan(model, prunable, seed)
+        assert graph.removal_ops(plan) == graph.removal_ops(plan, direct=True)
+    assert all(m is not None for m in graph._maps.values())
+
+
+def test_split_channels_are_not_prunable() -> None:
+    # Torch-Pruning 1.6 maps [1, 3, 4] of a 4+4 split to b:[0], c:[1, 3] (wrong), and the forward's
+    # torch.split(x, 4) would break anyway: such convs must be refused, not half-pruned.
+    model = _Split().eval()
+    graph = model_graph(model, (1, 3, 8, 8))
+    assert not graph.layers["a"].prunable and "split" in graph.layers["a"].reason
+    assert graph.layers["b"].prunable and graph.layers["c"].prunable
+    with pytest.raises(SlimError, match="'a' cannot be pruned: its channels are split"):
+        prune_layers(model, {"a": [0, 2, 5, 6, 7]})
+    assert model.a.out_channels == 8

@@ -25,7 +25,9 @@ dataset = "digits"
 """
 
 
-def write(tmp_path: Path, text: str = "", *, study: str = "", model: str = "", data: str = "", name: str = "s.toml") -> Path:
+def write(
+    tmp_path: Path, text: str = "", *, study: str = "", model: str = "", data: str = "", name: str = "s.toml"
+) -> Path:
     p = tmp_path / name
     base = BASE.replace('name = "t"\n', "") if study.startswith("name =") else BASE
     base = base.replace('dataset = "digits"\n', "") if data.startswith("dataset =") else base
@@ -59,7 +61,10 @@ def test_defaults(tmp_path: Path) -> None:
 
 
 def test_full_file(tmp_path: Path) -> None:
-    cfg = load_study(write(tmp_path, """
+    cfg = load_study(
+        write(
+            tmp_path,
+            """
 [constraint]
 max_macs_ratio = 0.5
 [space]
@@ -74,7 +79,10 @@ steps = 20
 [export]
 formats = ["torchscript", "pt2"]
 finetune_epochs = 2
-""", study='sampler = "nsga2"\nobjectives = ["val_acc:max", "macs:min"]\nn_trials = 7\nseed = 3'))
+""",
+            study='sampler = "nsga2"\nobjectives = ["val_acc:max", "macs:min"]\nn_trials = 7\nseed = 3',
+        )
+    )
     assert cfg.study.sampler == "nsga2" and cfg.multi_objective and cfg.study.n_trials == 7 and cfg.study.seed == 3
     assert [(o.metric, o.direction) for o in cfg.study.objectives] == [("val_acc", "maximize"), ("macs", "minimize")]
     assert cfg.constraint.max_macs_ratio == 0.5 and cfg.constraint.max_macs is None
@@ -181,7 +189,7 @@ def test_model_and_data_errors(tmp_path: Path) -> None:
     assert "[model] pretrain_lr: expected a number, got string '3'" in err(write(tmp_path, model='pretrain_lr = "3"'))
     msg = err(write(tmp_path, data='root = "nowhere"'))
     assert "[data] root" in msg and "does not exist" in msg
-    msg = err(write(tmp_path, data='val_size = 1.5'))
+    msg = err(write(tmp_path, data="val_size = 1.5"))
     assert "[data] val_size" in msg and "fraction" in msg
     msg = err(write(tmp_path, data='dataset = "mnist"'))
     assert "[data] dataset: unknown value 'mnist'" in msg and "cifar10" in msg
@@ -203,14 +211,14 @@ def test_seed_errors(tmp_path: Path) -> None:
     assert "unknown seed strategy 'magic'" in msg and "uniform" in msg
     msg = err(write(tmp_path, '[seeds]\nstrategies = ["uniform"]\nuniform_rates = [1.5]\n'))
     assert "uniform_rates" in msg and "[0, 1)" in msg
-    msg = err(write(tmp_path, '[seeds]\nstrategies = []\nuniform_rates = [0.5]\n'))
+    msg = err(write(tmp_path, "[seeds]\nstrategies = []\nuniform_rates = [0.5]\n"))
     assert "not in strategies" in msg
     msg = err(write(tmp_path, '[seeds]\nstrategies = ["uniform"]\nbogus = 1\n'))
     assert "unknown key 'bogus'" in msg
 
 
 def test_delegated_sections_are_prefixed_with_the_file(tmp_path: Path) -> None:
-    p = write(tmp_path, '[space]\nprune_rate = [0.5, 0.2]\n')
+    p = write(tmp_path, "[space]\nprune_rate = [0.5, 0.2]\n")
     msg = err(p)
     assert msg.startswith(str(p)) and "[space] prune_rate" in msg
     msg = err(write(tmp_path, '[evaluator]\nkind = "magic"\n'))
@@ -220,8 +228,10 @@ def test_delegated_sections_are_prefixed_with_the_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", ["quickstart", "resnet20_cifar10", "resnet56_cifar10", "vgg16_cifar10"])
-def test_shipped_studies_load(name: str) -> None:
+def test_shipped_studies_load(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from tests.conftest import SHARED
+
+    monkeypatch.setenv("SLIMSEARCH_SHARED", str(SHARED))
 
     repo = Path(__file__).resolve().parents[1]
     if name != "quickstart" and not (SHARED / "data").is_dir():

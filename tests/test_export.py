@@ -1,0 +1,161 @@
+"""core.export: self-contained TorchScript / pt2 files reload in a fresh interpreter without slimsearch,
+state dicts rebuild through the policy, and exports are atomic."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import core.export as export
+from core.apply import apply_policy
+from core.errors import SlimError
+from core.export import export_model, load_exported, load_state
+from core.models import build_model
+from core.policy import LayerPolicy, Policy
+from tests.test_prune import randomize_bn
+
+SHAPE = (1, 1, 8, 8)
+HALF = Policy(
+    {
+        "features.0": LayerPolicy(prune_rate=0.5),
+        "features.3": LayerPolicy(prune_rate=0.5, decomposition="tucker", rank_ratio=0.5),
+        "features.7": LayerPolicy(prune_rate=0.5, criterion="fpgm"),
+        "features.10": LayerPolicy(prune_rate=0.5, decomposition="cp", rank=4),
+    }
+)
+
+FRESH = """
+import sys, torch
+x, y = torch.load("io.pt")
+if sys.argv[1].endswith(".pt2"):
+    m = torch.export.load(sys.argv[1]).module()
+else:
+    m = torch.jit.load(sys.argv[1])
+with torch.no_grad():
+    ok = torch.allclose(m(x), y, atol=1e-5)
+    ok5 = m(torch.cat([x] * 5)).shape == (5 * x.shape[0], 10)
+bad = [k for k in sys.modules if k.split(".")[0] in ("core", "spaces", "evaluators", "search", "slimsearch")]
+print("OK" if ok and ok5 and not bad else f"FAIL ok={ok} ok5={ok5} imported={bad}")
+"""
+
+
+@pytest.fixture(scope="module")
+def base() -> torch.nn.Module:
+    return randomize_bn(build_model("smallcnn"))
+
+
+@pytest.fixture(scope="module")
+def compressed(base: torch.nn.Module) -> torch.nn.Module:
+    return apply_policy(base, HALF, input_shape=SHAPE)
+
+
+@pytest.fixture(scope="module")
+def exported(compressed: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("exp") / "best"
+    return export_model(compressed, HALF, out, example_input=SHAPE, metrics={"val_acc": 0.5, "macs": torch.tensor(7)})
+
+
+def run_fresh(tmp_path: Path, model_file: Path, x: torch.Tensor, y: torch.Tensor) -> str:
+    torch.save((x, y), tmp_path / "io.pt")
+    (tmp_path / "check.py").write_text(FRESH)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    repo = str(Path(__file__).resolve().parents[1])
+    proc = subprocess.run(
+        [sys.executable, "check.py", str(model_file)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert repo not in env.get("PYTHONPATH", "") and proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "pt2"])
+def test_self_contained_formats_reload_in_a_fresh_interpreter(
+    fmt: str, compressed: torch.nn.Module, exported: dict[str, Path], tmp_path: Path
+) -> None:
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        y = compressed(x)
+    assert run_fresh(tmp_path, exported[fmt], x, y) == "OK"
+    with torch.no_grad():
+        torch.testing.assert_close(load_exported(exported[fmt])(x), y, atol=1e-5, rtol=0)
+
+
+def test_export_directory_contents(exported: dict[str, Path]) -> None:
+    d = exported["state"].parent
+    assert sorted(p.name for p in d.iterdir()) == sorted(
+        ["model.torchscript.pt", "model.pt2", "model.pt", "policy.json", "metrics.json", "manifest.json", "check.pt"]
+    )
+    assert Policy.from_json((d / "policy.json").read_text()) == HALF
+    assert json.loads((d / "metrics.json").read_text()) == {"val_acc": 0.5, "macs": 7}
+    manifest = json.loads((d / "manifest.json").read_text())
+    assert manifest["input_shape"] == list(SHAPE) and manifest["policy_hash"] == HALF.hash
+    assert manifest["self_contained"] == ["torchscript", "pt2"]
+    assert not [p for p in d.parent.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+    check = torch.load(d / "check.pt", weights_only=True)
+    with torch.no_grad():
+        torch.testing.assert_close(load_exported(d)(check["input"]), check["output"], atol=1e-5, rtol=0)
+
+
+def test_pruned_torchscript_is_smaller(base: torch.nn.Module, exported: dict[str, Path], tmp_path: Path) -> None:
+    original = export_model(base, None, tmp_path / "orig", formats=("torchscript",), example_input=SHAPE)
+    small, big = exported["torchscript"].stat().st_size, original["torchscript"].stat().st_size
+    assert small < 0.5 * big, (small, big)  # half the filters of every layer: about a quarter of the weights
+
+
+def test_state_dict_rebuilds_through_the_policy(base: torch.nn.Module, tmp_path: Path) -> None:
+    model = apply_policy(base, HALF, input_shape=SHAPE)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)  # "fine-tuned": weights that re-applying the policy alone would not give
+    paths = export_model(model, HALF, tmp_path / "e", formats=("state",), example_input=SHAPE)
+    assert list(paths) == ["state"]
+    rebuilt = load_state(base, tmp_path / "e", example_input=SHAPE)
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), model(x))
+    with pytest.raises(SlimError, match="not a TorchScript model"):
+        load_exported(paths["state"])
+    with pytest.raises(SlimError, match="does not fit the rebuilt model"):
+        load_state(build_model("smallcnn", num_classes=3), tmp_path / "e", example_input=SHAPE)
+
+
+def test_failed_export_leaves_previous_export_intact(
+    compressed: torch.nn.Module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "best"
+    export_model(compressed, HALF, out, formats=("state",), example_input=SHAPE, metrics={"v": 1})
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def boom(*_: object) -> None:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(export, "_to_torchscript", boom)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        export_model(compressed, HALF, out, formats=("state", "torchscript"), example_input=SHAPE, metrics={"v": 2})
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["best"]
+    with pytest.raises(RuntimeError):
+        export_model(compressed, HALF, tmp_path / "new", formats=("torchscript",), example_input=SHAPE)
+    assert not (tmp_path / "new").exists()
+    monkeypatch.undo()
+    export_model(compressed, HALF, out, formats=("state",), example_input=SHAPE, metrics={"v": 3})  # replaces
+    assert json.loads((out / "metrics.json").read_text()) == {"v": 3}
+    assert [p.name for p in tmp_path.iterdir()] == ["best"]
+
+
+def test_bad_requests(compressed: torch.nn.Module, tmp_path: Path) -> None:
+    with pytest.raises(SlimError, match="unknown format 'onnx'"):
+        export_model(compressed, HALF, tmp_path / "x", formats=("onnx",), example_input=SHAPE)
+    with pytest.raises(SlimError, match="not found"):
+        load_exported(tmp_path / "missing.pt")
+    assert not (tmp_path / "x").exists()

@@ -1,0 +1,347 @@
+"""The Optuna runner on a real tiny study: smallcnn on digits, proxy evaluator, SQLite storage.
+
+Counts, seeds, infeasible and failed trials, resume, crash recovery (stale heartbeats, dead
+processes, SIGKILL) and several worker processes reaching exactly n_trials.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from core.policy import Policy
+from search.runner import (
+    WORKER_ATTR,
+    claim,
+    is_counted,
+    load_optuna_study,
+    make_sampler,
+    open_storage,
+    reap_dead,
+    run_study,
+    tally,
+)
+from search.study import load_study
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def baseline_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A smallcnn trained briefly on digits (deterministic), shared by every study test."""
+    return make_baseline(tmp_path_factory)
+
+
+def make_baseline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Train (once per session) and save the smallcnn digits baseline; return its path."""
+    from core.data import load_splits
+    from core.models import build_model
+    from core.train import FinetuneConfig, finetune, recalibrate_bn
+
+    path = tmp_path_factory.getbasetemp() / "baseline" / "smallcnn_digits.pt"
+    if path.is_file():  # made by another test module in this session
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    splits = load_splits("digits", None, 200, 0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = build_model("smallcnn", num_classes=10, in_channels=1)
+        finetune(model, splits.train, FinetuneConfig(epochs=3, lr=0.05, batch_size=128, seed=0))
+    recalibrate_bn(model, splits.train, num_batches=10, batch_size=128)
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def write_study(
+    tmp: Path, ckpt: Path, *, name: str = "tiny", n_trials: int = 4, study: str = "", seeds: str = "",
+    constraint: str = "max_macs_ratio = 0.7", evaluator: str = "", space: str = "",
+) -> Path:  # fmt: skip
+    """A small study file in ``tmp`` (storage and workdir under tmp/runs)."""
+    p = tmp / f"{name}.toml"
+    p.write_text(f"""
+[study]
+name = "{name}"
+n_trials = {n_trials}
+heartbeat_interval = 1
+grace_period = 2
+{study}
+
+[model]
+factory = "smallcnn"
+checkpoint = "{ckpt}"
+
+[data]
+dataset = "digits"
+val_size = 200
+
+[constraint]
+{constraint}
+
+[space]
+prune_rate = [0.0, 0.7]
+rate_step = 0.05
+{space}
+
+[seeds]
+{seeds}
+
+[evaluator]
+{"" if "kind =" in evaluator else 'kind = "proxy"'}
+bn_batches = 2
+batch_size = 64
+{evaluator}
+""")
+    return p
+
+
+@pytest.fixture(autouse=True)
+def _cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    torch.set_num_threads(1)
+
+
+def trials_of(cfg) -> list[optuna.trial.FrozenTrial]:  # noqa: ANN001
+    return load_optuna_study(cfg, open_storage(cfg, create=False)).get_trials()
+
+
+def test_tiny_study_runs_exactly_n_trials_with_seeds_first(tmp_path: Path, baseline_ckpt: Path) -> None:
+    cfg = load_study(write_study(tmp_path, baseline_ckpt, n_trials=5,
+                                 seeds='strategies = ["uniform"]\nuniform_rates = [0.3, 0.5]'))  # fmt: skip
+    summary = run_study(cfg, progress=False, log=lambda s: None)
+    assert summary.done and summary.counted == 5 and summary.n_trials == 5
+    trials = trials_of(cfg)
+    assert [t.number for t in trials] == [0, 1, 2, 3, 4]
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    # the seeds are the first two trials, with every searched rate at the seed's value
+    assert [t.user_attrs.get("seed") for t in trials[:2]] == ["uniform#0", "uniform#1"]
+    assert set(trials[0].params.values()) == {0.3} and set(trials[1].params.values()) == {0.5}
+    assert "seed" not in trials[2].user_attrs and len(trials[2].params) == 4
+    base = json.loads(json.dumps(load_optuna_study(cfg, open_storage(cfg)).user_attrs["slimsearch"]))["base"]
+    assert base["macs"] == 1_493_632 and base["params"] == 65_834 and 0.5 < base["val_acc"] <= 1.0
+    for t in trials:
+        ua = t.user_attrs
+        pol = Policy.from_json(ua["policy"])
+        assert len(pol) == 4 and ua["policy_hash"] == pol.hash
+        assert ua["status"] in ("ok", "infeasible")
+        assert 0 < ua["macs"] <= base["macs"] and ua["metrics"]["macs"] == ua["macs"]
+        assert ua["constraint"] == [pytest.approx(ua["macs"] - 0.7 * base["macs"])]
+        if ua["status"] == "ok":
+            assert 0.0 <= ua["val_acc"] <= 1.0 and t.value == ua["val_acc"]
+            assert ua["macs"] <= 0.7 * base["macs"]
+    # a uniform 50 % rate removes half the filters of every layer: MACs ~ 1/4 (first layer 1/2)
+    assert trials[1].user_attrs["macs_ratio"] < 0.3
+
+
+def test_infeasible_trial_recorded_without_training(tmp_path: Path, baseline_ckpt: Path) -> None:
+    cfg = load_study(write_study(tmp_path, baseline_ckpt, n_trials=2, constraint="max_macs_ratio = 0.3",
+                                 seeds='strategies = ["uniform"]\nuniform_rates = [0.0, 0.6]'))  # fmt: skip
+    run_study(cfg, progress=False, log=lambda s: None)
+    t0, t1 = trials_of(cfg)
+    assert t0.state == TrialState.COMPLETE and t0.value == 0.0
+    assert t0.user_attrs["status"] == "infeasible" and "exceed the bound" in t0.user_attrs["reason"]
+    assert t0.user_attrs["macs"] == 1_493_632 and "val_acc" not in t0.user_attrs
+    assert t0.user_attrs["constraint"][0] == pytest.approx(1_493_632 * 0.7)
+    assert t0.user_attrs["metrics"]["train_s"] == 0.0
+    assert t0.constraints and max(t0.constraints.values()) > 0  # what Optuna's samplers read
+    assert t1.user_attrs["status"] == "ok" and t1.value > 0 and max(t1.constraints.values()) <= 0
+
+
+def test_failed_trials_do_not_stop_the_study(tmp_path: Path, baseline_ckpt: Path) -> None:
+    # An absurd learning rate makes every fine-tune diverge: each trial FAILs with the reason, the study goes on.
+    cfg = load_study(write_study(tmp_path, baseline_ckpt, n_trials=3, constraint="",
+                                 evaluator='kind = "finetune"\nsteps = 3\nlr = 1e30'))  # fmt: skip
+    summary = run_study(cfg, progress=False, log=lambda s: None)
+    trials = trials_of(cfg)
+    assert summary.done and len(trials) == 3 and summary.best is None
+    for t in trials:
+        assert t.state == TrialState.FAIL and is_counted(t)
+        assert t.user_attrs["status"] == "fail" and "loss" in t.user_attrs["reason"]
+        assert "policy" in t.user_attrs and t.user_attrs["macs"] > 0
+
+
+def test_resume_continues_the_same_study(tmp_path: Path, baseline_ckpt: Path) -> None:
+    path = write_study(tmp_path, baseline_ckpt, n_trials=3, seeds='strategies = ["uniform"]\nuniform_rates = [0.4]')
+    cfg = load_study(path)
+    run_study(cfg, progress=False, log=lambda s: None)
+    first = {t.number: (t.params, t.values) for t in trials_of(cfg)}
+    assert len(first) == 3
+    summary = run_study(cfg.with_n_trials(5), progress=False, log=lambda s: None)
+    trials = trials_of(cfg)
+    assert summary.counted == 5 and [t.number for t in trials] == [0, 1, 2, 3, 4]
+    assert {n: (t.params, t.values) for n, t in enumerate(trials[:3])} == first
+    assert sum("seed" in t.user_attrs for t in trials) == 1  # seeds are not enqueued again
+    # running a finished study again does nothing
+    again = run_study(cfg.with_n_trials(5), progress=False, log=lambda s: None)
+    assert again.counted == 5 and len(trials_of(cfg)) == 5
+
+
+def test_multi_objective_nsga2(tmp_path: Path, baseline_ckpt: Path) -> None:
+    cfg = load_study(write_study(tmp_path, baseline_ckpt, n_trials=3, constraint="",
+                                 study='sampler = "nsga2"\nobjectives = ["val_acc:max", "macs:min"]'))  # fmt: skip
+    run_study(cfg, progress=False, log=lambda s: None)
+    trials = trials_of(cfg)
+    assert len(trials) == 3
+    for t in trials:
+        assert t.state == TrialState.COMPLETE and len(t.values) == 2
+        assert t.values == [t.user_attrs["val_acc"], t.user_attrs["macs"]]
+
+
+def test_directions_must_match_an_existing_study(tmp_path: Path, baseline_ckpt: Path) -> None:
+    from core.errors import SlimError
+
+    cfg = load_study(write_study(tmp_path, baseline_ckpt, n_trials=1))
+    run_study(cfg, progress=False, log=lambda s: None)
+    cfg2 = load_study(
+        write_study(tmp_path, baseline_ckpt, n_trials=1, study='objectives = ["val_acc:max", "macs:min"]')
+    )
+    with pytest.raises(SlimError, match="created with directions"):
+        run_study(cfg2, progress=False, log=lambda s: None)
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "nsga2", "cmaes", "random"])
+def test_samplers_are_seeded(sampler: str, tmp_path: Path, baseline_ckpt: Path) -> None:
+    cfg = load_study(write_study(tmp_path, baseline_ckpt, study=f'sampler = "{sampler}"'))
+    if sampler == "cmaes":
+        pytest.importorskip("cmaes")
+    draws = []
+    for _ in range(2):
+        study = optuna.create_study(sampler=make_sampler(cfg, seed=7))
+        study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
+        draws.append([t.params["x"] for t in study.trials])
+    assert draws[0] == draws[1]
+
+
+def test_pruned_trial_is_recorded(tmp_path: Path, baseline_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import evaluators.evaluate as ev
+
+    real = ev.evaluate
+
+    def pruning(ctx, cfg, policy, *, report=None, **kw):  # noqa: ANN001, ANN202
+        res = real(ctx, cfg, policy, **kw)
+        res.status, res.reason, res.intermediate = "pruned", "stopped by the pruner at step 5", [(5, 0.1)]
+        return res
+
+    monkeypatch.setattr(ev, "evaluate", pruning)
+    cfg = load_study(write_study(tmp_path, baseline_ckpt, n_trials=2))
+    summary = run_study(cfg, progress=False, log=lambda s: None)
+    trials = trials_of(cfg)
+    assert summary.counted == 2 and all(t.state == TrialState.PRUNED and is_counted(t) for t in trials)
+    assert trials[0].user_attrs["intermediate"] == [[5, 0.1]]
+
+
+def test_dead_process_and_stale_heartbeat_trials_are_retried(tmp_path: Path, baseline_ckpt: Path) -> None:
+    cfg = load_study(write_study(tmp_path, baseline_ckpt, n_trials=3))
+    storage = open_storage(cfg)
+    study = load_optuna_study(cfg, storage, create=True)
+    study.enqueue_trial({"features.0.rate": 0.25})
+    study.enqueue_trial({"features.0.rate": 0.5})
+    # trial 0: claimed by a process that has died since
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    tid = claim(study)
+    study._storage.set_trial_system_attr(tid, WORKER_ATTR, {"host": os.uname().nodename, "pid": dead.pid, "trial": 0})
+    assert reap_dead(study, cfg) == 1
+    t = study.get_trials()
+    assert t[0].state == TrialState.FAIL and not is_counted(t[0]) and "died" in t[0].user_attrs["reason"]
+    retry = [x for x in t if x.system_attrs.get("failed_trial") == 0]
+    assert len(retry) == 1 and retry[0].state == TrialState.WAITING
+    assert retry[0].system_attrs["fixed_params"] == {"features.0.rate": 0.25}
+    # trial 1: claimed by this (live) process, but its heartbeat stops: failed after grace_period (2 s)
+    tid = claim(study)
+    assert tid is not None
+    assert reap_dead(study, cfg) == 0
+    time.sleep(3.2)
+    reap_dead(study, cfg)
+    t = study.get_trials()
+    assert t[1].state == TrialState.FAIL
+    assert any(x.system_attrs.get("failed_trial") == 1 and x.state == TrialState.WAITING for x in t)
+
+
+def test_claim_is_exclusive(tmp_path: Path, baseline_ckpt: Path) -> None:
+    cfg = load_study(write_study(tmp_path, baseline_ckpt))
+    study = load_optuna_study(cfg, open_storage(cfg), create=True)
+    study.enqueue_trial({})
+    study.enqueue_trial({})
+    ids = [claim(study), claim(study), claim(study)]
+    assert ids[0] != ids[1] and None not in ids[:2] and ids[2] is None
+    assert tally(study.get_trials()).running == 2
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-m", "search.cli", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_two_worker_processes_reach_exactly_n_trials(tmp_path: Path, baseline_ckpt: Path) -> None:
+    cfg = load_study(write_study(tmp_path, baseline_ckpt, n_trials=8))
+    summary = run_study(cfg, workers=2, progress=False, log=lambda s: None, threads=1)
+    trials = trials_of(cfg)
+    assert summary.done and summary.counted == 8
+    assert sorted(t.number for t in trials) == list(range(len(trials)))
+    assert len(trials) == 8 and all(t.state == TrialState.COMPLETE for t in trials)
+    pids = {t.system_attrs[WORKER_ATTR]["pid"] for t in trials}
+    assert len(pids) == 2 and os.getpid() not in pids  # both workers evaluated, the driver only watched
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_keeps_finished_trials(tmp_path: Path, baseline_ckpt: Path) -> None:
+    # Slow trials (a short fine-tune) so the kill lands while one is running.
+    path = write_study(tmp_path, baseline_ckpt, n_trials=6, constraint="",
+                       evaluator='kind = "finetune"\nsteps = 40')  # fmt: skip
+    cfg = load_study(path)
+    proc = _cli("run", str(path), "--no-progress", "--threads", "1", cwd=tmp_path)
+    db = tmp_path / "runs" / "tiny.db"
+    deadline = time.time() + 240
+    done: list = []
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.3)
+        if db.exists():
+            try:
+                done = [t for t in trials_of(cfg) if t.state == TrialState.COMPLETE]
+            except Exception:  # the study may not exist yet
+                continue
+            if len(done) >= 2:
+                break
+    assert proc.poll() is None, proc.communicate()[0]
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    before = {t.number: (t.params, t.values, t.user_attrs["policy_hash"]) for t in trials_of(cfg)
+              if t.state == TrialState.COMPLETE}  # fmt: skip
+    assert len(before) >= 2
+    rerun = _cli("run", str(path), "--no-progress", "--threads", "1", cwd=tmp_path)
+    out = rerun.communicate(timeout=300)[0]
+    assert rerun.returncode == 0, out
+    trials = trials_of(cfg)
+    after = {t.number: (t.params, t.values, t.user_attrs["policy_hash"]) for t in trials
+             if t.state == TrialState.COMPLETE}  # fmt: skip
+    assert all(after[n] == v for n, v in before.items())
+    assert sum(is_counted(t) for t in trials) == 6
+    assert tally(trials).running == 0 and tally(trials).waiting == 0
+    for t in trials:  # a trial killed mid-run is failed (not counted) and retried with the same parameters
+        if t.state == TrialState.FAIL:
+            assert not is_counted(t)
+            retry = [x for x in trials if x.system_attrs.get("failed_trial") == t.number]
+            assert len(retry) == 1 and retry[0].params == t.params and retry[0].state == TrialState.COMPLETE
+
+
+def test_lower_n_trials_leaves_extra_slots_alone(tmp_path: Path, baseline_ckpt: Path) -> None:
+    cfg = load_study(write_study(tmp_path, baseline_ckpt, n_trials=2))
+    study = load_optuna_study(cfg, open_storage(cfg), create=True)
+    for _ in range(4):  # slots left by an earlier, larger n_trials
+        study.enqueue_trial({})
+    summary = run_study(cfg, progress=False, log=lambda s: None)
+    trials = trials_of(cfg)
+    assert summary.counted == 2 and sum(t.state == TrialState.COMPLETE for t in trials) == 2
+    assert tally(trials).waiting == 2  # prepare_study's top-up saw 4 waiting >= 2 and added none
