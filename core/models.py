@@ -100,7 +100,11 @@ class VGG(nn.Module):
             if v == "M":
                 layers.append(nn.MaxPool2d(2, 2))
             else:
-                layers += [nn.Conv2d(c, int(v), 3, padding=1, bias=False), nn.BatchNorm2d(int(v)), nn.ReLU(inplace=True)]
+                layers += [
+                    nn.Conv2d(c, int(v), 3, padding=1, bias=False),
+                    nn.BatchNorm2d(int(v)),
+                    nn.ReLU(inplace=True),
+                ]
                 c = int(v)
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(c, num_classes)
@@ -229,7 +233,9 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     # Checkpoints from older torch lack BN's num_batches_tracked counters; they are not weights.
     missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in sd if k not in own]
-    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in sd and sd[k].shape != v.shape]
+    shapes = [
+        f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in sd and sd[k].shape != v.shape
+    ]
     if missing or unexpected or shapes:
         parts = []
         if missing:

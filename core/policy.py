@@ -201,7 +201,9 @@ class Policy:
             if lp.decomposition == "none":
                 continue
             if conv.groups != 1:
-                raise SlimError(f"{where}: {lp.decomposition} decomposition of a grouped conv (groups={conv.groups}) is not supported")
+                raise SlimError(
+                    f"{where}: {lp.decomposition} decomposition of a grouped conv (groups={conv.groups}) is not supported"
+                )
             if lp.decomposition == "cp" and kh * kw == 1:
                 raise SlimError(f"{where}: CP decomposition of a 1x1 conv saves nothing; use 'tucker' or 'none'")
             if isinstance(lp.rank, int) and lp.decomposition == "cp":
