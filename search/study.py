@@ -98,6 +98,8 @@ class ConstraintSection:
 class SeedsSection:
     strategies: tuple[str, ...] = ()
     params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # strategy -> its parameters
+    # Max evaluator calls of the method strategies (abshpc, mtd, ga, distfit) together; None = unlimited.
+    budget: int | None = None
 
 
 @dataclass(frozen=True)
@@ -467,12 +469,13 @@ def _seeds(t: _Table) -> SeedsSection:
             t.fail(key, f"is a parameter of seed strategy {owner!r}, which is not in strategies {list(names)}")
         params[owner][key[len(owner) + 1 :]] = val
         extra.append(key)
+    budget = t.get("budget", "an integer (evaluator calls)", None, check=_at_least(1))
     t.finish(tuple(extra))
     for n in names:
         check = SEED_PARAM_CHECKS.get(n)
         if check is not None:
             check(params[n], t.where(None))
-    return SeedsSection(strategies=tuple(names), params=params)
+    return SeedsSection(strategies=tuple(names), params=params, budget=budget)
 
 
 def _export(t: _Table) -> ExportSection:
@@ -508,6 +511,8 @@ def _delegate(builder: Callable[..., Any], data: Any, section: str, file: Path) 
 def parse_toml(path: str | Path) -> dict[str, Any]:
     """Read a TOML file; syntax errors become ``SlimError`` with file and line."""
     p = Path(path)
+    if p.is_dir():
+        raise SlimError(f"{p} is a directory, not a study file (give the .toml file)")
     if not p.is_file():
         raise SlimError(f"study file not found: {p}")
     try:
