@@ -370,13 +370,13 @@ def cp_layers(
                     return_errors=True,
                 )
             except (np.linalg.LinAlgError, ValueError, FloatingPointError) as e:
-                raise DecompositionError(f"{_where(layer_name)}CP rank {rank} failed: {e}") from None
+                raise DecompositionError(f"{_where(layer_name)}CP decomposition at rank {rank} failed: {e}") from None
         lam, (a, b, c, d) = cp.weights, cp.factors
         a = a * lam[None, :]
         rel = float(errors[-1]) if errors else 0.0
         if not all(np.isfinite(f).all() for f in (a, b, c, d)) or not math.isfinite(rel) or rel > 1.0 + 1e-6:
             raise DecompositionError(
-                f"{_where(layer_name)}CP rank {rank} did not converge (relative error {rel:.3g}, "
+                f"{_where(layer_name)}CP decomposition at rank {rank} did not converge (relative error {rel:.3g}, "
                 "non-finite or worse than zero); try another rank or Tucker"
             )
     seq = _cp_structure(conv, rank)
@@ -414,9 +414,9 @@ def tucker2_layers(
                 random_state=seed,
             )
         except (np.linalg.LinAlgError, ValueError, FloatingPointError) as e:
-            raise DecompositionError(f"{_where(layer_name)}Tucker ranks ({r_in}, {r_out}) failed: {e}") from None
+            raise DecompositionError(f"{_where(layer_name)}Tucker-2 decomposition at ranks ({r_in}, {r_out}) failed: {e}") from None
     if not all(np.isfinite(f).all() for f in (core, u_out, u_in)):
-        raise DecompositionError(f"{_where(layer_name)}Tucker ranks ({r_in}, {r_out}) gave non-finite factors")
+        raise DecompositionError(f"{_where(layer_name)}Tucker-2 decomposition at ranks ({r_in}, {r_out}) gave non-finite factors")
     seq = _tucker_structure(conv, (r_in, r_out))
     # Layer weights: 1×1 (R_in,S) = U_in^T, core (R_out,R_in,kh,kw), 1×1 (T,R_out) = U_out.
     return _fill(seq, [u_in.T, core, u_out], conv.bias)

@@ -198,9 +198,13 @@ def _call_factory(spec: str, kwargs: dict[str, Any]) -> nn.Module:
     if not callable(fn):
         raise SlimError(f"model factory {spec!r}: {mod_name!r} has no callable {fn_name!r}")
     try:
-        model = fn(**kwargs)
-    except TypeError:
-        model = fn()
+        try:
+            model = fn(**kwargs)
+        except TypeError:
+            model = fn()
+    except Exception as e:  # the user's code: report it as their input, in one line
+        msg = " ".join(str(e).split())[:200]
+        raise SlimError(f"model factory {spec!r} raised {type(e).__name__}: {msg}") from None
     if not isinstance(model, nn.Module):
         raise SlimError(f"model factory {spec!r} returned {type(model).__name__}, not an nn.Module")
     return model

@@ -19,11 +19,12 @@ import json
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from core.errors import SlimError
+
+if TYPE_CHECKING:  # torch is imported on use: reading a study file (and reporting its errors) stays fast
+    from torch import nn
 
 CRITERIA = ("l1", "l2", "fpgm", "hpc", "distfit", "random", "mask")
 DECOMPOSITIONS = ("none", "cp", "tucker")
@@ -57,12 +58,15 @@ class LayerPolicy:
         return int(self.prune_rate > 0 or self.clusters is not None or self.keep is not None)
 
     def keep_count(self, n_filters: int) -> int:
-        """Number of filters kept out of ``n_filters`` (never 0)."""
+        """Number of filters kept out of ``n_filters``: always in [1, n_filters], whatever the values
+        (a layer never loses every filter; ``check``/``validate`` reject the values that would ask for it)."""
         if self.keep is not None:
-            return len(self.keep)
-        if self.clusters is not None:
-            return min(self.clusters, n_filters)
-        return max(1, n_filters - math.floor(self.prune_rate * n_filters))
+            k = len(self.keep)
+        elif self.clusters is not None:
+            k = int(self.clusters)
+        else:
+            k = n_filters - math.floor(float(self.prune_rate) * n_filters)
+        return max(1, min(k, n_filters))
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"prune_rate": round(float(self.prune_rate), 6), "criterion": self.criterion}
@@ -184,6 +188,8 @@ class Policy:
 
     def validate(self, model: nn.Module) -> Policy:
         """Check every layer against ``model``; return self so it chains. Raises ``SlimError``."""
+        from torch import nn
+
         convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
         for name, lp in self.layers.items():
             where = f"policy: layer {name!r}"

@@ -1,4 +1,7 @@
-"""``slimsearch`` command line: run / worker / status / report / export / train / cost.
+"""``slimsearch`` command line: run / worker / status / report / export / method / train / cost.
+
+Studies with ``[study] backend = "ray"`` (or run with ``--ray-address``) run on Ray Tune; status, report
+and export then read the Ray results (``search.runner.uses_ray``).
 
 Exit codes: 0 ok; 2 bad input (one line ``slimsearch: error: ...`` on stderr, nothing created);
 1 internal error (traceback); 130 interrupted (rerun the same command to resume).
@@ -100,6 +103,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-macs", type=_macs, help="'best' among trials with at most these MACs (e.g. 60M)")
     e.add_argument("--out", type=Path, help="output folder (default: <export out>/trial-<N>)")
 
+    m = sub.add_parser("method", help="run one paper method alone on the study's baseline; export its policy")
+    m.add_argument("name", choices=("abshpc", "mtd", "ga", "distfit"), metavar="METHOD",
+                   help="abshpc | mtd | ga | distfit")  # fmt: skip
+    m.add_argument("study", type=Path)
+    m.add_argument("--out", type=Path, help="output folder (default: <workdir>/method-<METHOD>)")
+    m.add_argument("--epsilon", type=_nonneg_float, help="abshpc: tolerated accuracy loss, a fraction (0.005 = 0.5 pt)")
+    m.add_argument("--tol", type=_nonneg_float, help="mtd, ga, distfit: tolerated accuracy loss, a fraction")
+    m.add_argument("--rates", help="ga, distfit: prune rate(s) instead of the sensitivity scan: R or LAYER=R,LAYER=R")
+    m.add_argument("--budget", type=_positive_int, help="at most this many evaluator calls (then steps are rejected)")
+    m.add_argument("--set", action="append", dest="options", default=[], metavar="KEY=VALUE",
+                   help="any other option of the method (TOML value), e.g. --set generations=20; repeatable")  # fmt: skip
+    m.add_argument("--format", action="append", dest="formats", metavar="FMT",
+                   help="torchscript | pt2 | state; repeat or comma-separate (default: torchscript,state)")  # fmt: skip
+
     t = sub.add_parser("train", help="train a baseline checkpoint (for models without public weights)")
     t.add_argument("model", help="zoo name (resnet20, vgg16, smallcnn...) or pkg.module:fn")
     t.add_argument("--data", default="digits", help="dataset: digits | cifar10 | cifar100 | imagefolder | synthetic")
@@ -146,6 +163,7 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 
 def _run_ray(cfg: Any, address: str | None, progress: bool = True) -> int:
+    """``run`` on Ray Tune (backend ray or --ray-address): ``search.ray_runner.run_ray``."""
     try:
         from search.ray_runner import run_ray
     except ModuleNotFoundError as e:
@@ -155,6 +173,8 @@ def _run_ray(cfg: Any, address: str | None, progress: bool = True) -> int:
             ) from None
         raise
     run_ray(cfg, address=address, progress=progress)
+    print(f"next: slimsearch status {cfg.path}   |   slimsearch report {cfg.path}   |   "
+          f"slimsearch export {cfg.path} --trial best")  # fmt: skip
     return 0
 
 
@@ -168,6 +188,9 @@ def cmd_worker(a: argparse.Namespace) -> int:
             cfg = pickle.load(fh)
     else:
         cfg = _load(a.study)
+        if cfg.study.backend == "ray":
+            raise SlimError(f"{a.study}: backend ray has no `slimsearch worker`; add machines to the Ray cluster "
+                            "(`ray start --address HEAD:PORT`) and run with --ray-address")  # fmt: skip
     ran = run_worker(cfg, parent_pid=a.parent_pid, worker_index=a.worker_index, threads=a.threads)
     if a.parent_pid is None:
         print(f"worker done: {ran} trials evaluated")
@@ -190,7 +213,10 @@ def cmd_report(a: argparse.Namespace) -> int:
     print(rep.table)
     for key, path in rep.files.items():
         print(f"{key:<12} {path}")
-    print(f"dashboard:   optuna-dashboard {mask_url(cfg.study.storage)}")
+    from search.runner import uses_ray
+
+    if not uses_ray(cfg):
+        print(f"dashboard:   optuna-dashboard {mask_url(cfg.study.storage)}")
     return 0
 
 
@@ -208,6 +234,85 @@ def cmd_export(a: argparse.Namespace) -> int:
     for fmt, path in res.files.items():
         print(f"{fmt:<12} {path}")
     print(f"{'metrics':<12} {res.out_dir / 'metrics.json'}")
+    return 0
+
+
+def _method_overrides(a: argparse.Namespace) -> dict[str, Any]:
+    """--epsilon/--tol/--rates/--set KEY=VALUE as method options (values of --set are TOML)."""
+    import tomllib
+
+    out: dict[str, Any] = {}
+    for item in a.options:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise SlimError(f"--set {item!r}: expected KEY=VALUE, e.g. --set generations=20")
+        try:
+            out[key] = tomllib.loads(f"v = {text.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = text.strip()  # a bare word: a string (e.g. --set fallback=l2)
+    for flag, key, only in (("epsilon", "epsilon", ("abshpc",)), ("tol", "tol", ("mtd", "ga", "distfit"))):
+        v = getattr(a, flag)
+        if v is None:
+            continue
+        if a.name not in only:
+            raise SlimError(f"--{flag} applies to {' and '.join(only)}, not to {a.name}")
+        out[key] = v
+    if a.rates is not None:
+        if a.name not in ("ga", "distfit"):
+            raise SlimError(f"--rates applies to ga and distfit, not to {a.name}")
+        out["rates"] = _parse_rates(a.rates)
+    return out
+
+
+def _parse_rates(text: str) -> float | dict[str, float]:
+    """ "0.3" -> 0.3; "features.0=0.2,features.3=0.5" -> per-layer rates in [0, 1)."""
+
+    def rate(v: str, where: str) -> float:
+        try:
+            r = float(v)
+        except ValueError:
+            raise SlimError(f"--rates: {where} expected a rate in [0, 1), got {v!r}") from None
+        if not 0 <= r < 1:
+            raise SlimError(f"--rates: {where} expected a rate in [0, 1), got {v!r}")
+        return r
+
+    if "=" not in text:
+        return rate(text.strip(), "")
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        layer, sep, v = part.partition("=")
+        if not sep or not layer.strip():
+            raise SlimError(f"--rates: expected LAYER=RATE pairs separated by commas, got {part!r}")
+        out[layer.strip()] = rate(v.strip(), f"{layer.strip()}:")
+    return out
+
+
+def cmd_method(a: argparse.Namespace) -> int:
+    from search.export import parse_formats
+    from search.runner import fmt_count
+    from search.seeding import run_method_on_study
+
+    overrides = _method_overrides(a)
+    formats = parse_formats(a.formats) if a.formats else ("torchscript", "state")
+    cfg = _load(a.study)
+    run = run_method_on_study(cfg, a.name, overrides, budget=a.budget, out_dir=a.out, formats=formats, log=print)
+    r = run.report
+    base_acc = r.get("base_val_acc")
+    base = f"baseline {base_acc:.4f}, loss {100 * (base_acc - r['val_acc']):.2f} pt" if base_acc is not None else ""
+    print(run.table)
+    print(f"{a.name} on {cfg.name}: val_acc {r['val_acc']:.4f} ({base})  "
+          f"MACs {fmt_count(r['macs'])} ({r['macs_ratio']:.1%}, {r['macs_reduction_x']:.2f}x fewer)  "
+          f"params {fmt_count(r['params'])} ({r['params_compression_x']:.2f}x smaller)")  # fmt: skip
+    budget = f" of a budget of {r['budget']}" if r["budget"] else ""
+    spent = f"; budget spent, {r['rejected_unevaluated']} steps rejected unevaluated" if r["budget_exhausted"] else ""
+    print(f"evaluator calls {r['evaluator_calls']}{budget} ({r['evaluator']}){spent}; method {r['method_s']:.1f}s, "
+          f"total {r['wall_s']:.1f}s")  # fmt: skip
+    if r["max_macs"] is not None:
+        verdict = "within" if r["feasible"] else "EXCEEDS"
+        print(f"study MACs bound {fmt_count(r['max_macs'])}: the method's policy {verdict} it")
+    for key, path in run.files.items():
+        print(f"{key:<12} {path}")
     return 0
 
 
@@ -300,7 +405,7 @@ def cmd_cost(a: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "worker": cmd_worker, "status": cmd_status, "report": cmd_report, "export": cmd_export,
-            "train": cmd_train, "cost": cmd_cost}  # fmt: skip
+            "method": cmd_method, "train": cmd_train, "cost": cmd_cost}  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -145,6 +145,10 @@ def build_study_context(cfg: StudyConfig, *, log: Log | None = None, allow_pretr
             _load(model, source, cfg, f"pretrained baseline (delete {source} to retrain it)")
         elif allow_pretrain:
             check_forward(model, shape, cfg)
+            try:  # the space depends on the structure only: a bad [space] must fail before training writes
+                SearchSpace.build(model, cfg.space, shape)
+            except SlimError as e:
+                raise SlimError(f"{cfg.path}: {e}") from None
             pretrain_baseline(cfg, model, splits, log)
         else:
             raise SlimError(f"{cfg.path}: no baseline at {source}; start the study with `slimsearch run` first")

@@ -3,7 +3,8 @@ evaluator's recalibration / short fine-tune, optionally fine-tune longer, then w
 torch.export / state dict with policy and metrics JSON (``core.export.export_model``).
 
 "best" = the highest val_acc among COMPLETE trials within the MACs bound (and within ``max_macs``
-when given). Test accuracy is measured now, on the test split, when the dataset has one: it never
+when given). Ray Tune studies (``search.runner.uses_ray``) pick the trial from their results
+(``search.ray_runner.ray_best_policy``) and then take the same rebuild/export path. Test accuracy is measured now, on the test split, when the dataset has one: it never
 took part in the search.
 """
 
@@ -125,14 +126,9 @@ def export_trial(
     Defaults come from [export]: formats, out (``<workdir>/export``; the model goes to
     ``<out>/trial-<n>``), finetune_epochs (a final fine-tune on the train split before export).
     """
-    from core.cost import count_cost, measure_latency
-    from core.export import export_model
     from core.policy import Policy
-    from core.train import FinetuneConfig, evaluate, finetune, recalibrate_bn
-    from search.context import build_study_context
-    from search.runner import load_optuna_study, open_storage
+    from search.runner import load_optuna_study, open_storage, uses_ray
 
-    log = log or (lambda s: None)
     fmts = parse_formats(formats if formats is not None else list(cfg.export.formats))
     spec = parse_trial(trial)
     epochs = cfg.export.finetune_epochs if finetune_epochs is None else float(finetune_epochs)
@@ -140,27 +136,75 @@ def export_trial(
         raise SlimError(f"--finetune-epochs must be >= 0, got {epochs}")
     if max_macs is not None and not max_macs > 0:
         raise SlimError(f"--max-macs must be > 0, got {max_macs}")
-    study = load_optuna_study(cfg, open_storage(cfg, create=False))
-    ft = select_trial(study.get_trials(deepcopy=False), spec, max_macs)
-    policy = Policy.from_json(ft.user_attrs["policy"], where=f"trial {ft.number} policy")
-    out = Path(out_dir) if out_dir is not None else cfg.export_dir / f"trial-{ft.number}"
+    if uses_ray(cfg):
+        number, policy, found = select_ray_trial(cfg, spec, max_macs)
+        want = found.pop("baseline_sha", None)
+    else:
+        study = load_optuna_study(cfg, open_storage(cfg, create=False))
+        ft = select_trial(study.get_trials(deepcopy=False), spec, max_macs)
+        number = ft.number
+        policy = Policy.from_json(ft.user_attrs["policy"], where=f"trial {ft.number} policy")
+        found = {k: ft.user_attrs.get(k) for k in ("status", "val_acc", "reason")}
+        want = study.user_attrs.get("slimsearch", {}).get("baseline_sha")
+    out = Path(out_dir) if out_dir is not None else cfg.export_dir / f"trial-{number}"
+    return export_policy(cfg, policy, number, found, fmts, out, epochs, want, log=log)
+
+
+def select_ray_trial(cfg: StudyConfig, spec: str | int, max_macs: float | None = None) -> tuple[int, Any, dict]:
+    """(number, Policy, search metrics + the study's baseline_sha) of a Ray study's trial ("best" or a number)."""
+    from search.ray_runner import best_row, ray_best_policy, ray_study_info, ray_trials
+
+    if spec == "best" and max_macs is not None:
+        df = ray_trials(cfg)
+        row = best_row(df[df["macs"].astype(float) <= max_macs])
+        if row is None:
+            raise SlimError(f"no feasible finished trial with MACs <= {max_macs:,.0f} to export yet")
+        spec = int(row["number"])
+    policy, m = ray_best_policy(cfg, spec)
+    if max_macs is not None and float(m.get("macs", float("inf"))) > max_macs:
+        raise SlimError(f"--trial {spec}: MACs {float(m['macs']):,.0f} exceed --max-macs {max_macs:,.0f}")
+    m["baseline_sha"] = ray_study_info(cfg).get("baseline_sha")
+    return int(m["number"]), policy, m
+
+
+def export_policy(
+    cfg: StudyConfig,
+    policy: Any,
+    number: int,
+    found: dict[str, Any],
+    fmts: Sequence[str],
+    out: Path,
+    epochs: float,
+    baseline_sha: str | None,
+    *,
+    log: Log | None = None,
+) -> ExportResult:
+    """Rebuild trial ``number``'s model from ``policy`` (as the evaluator scored it), optionally fine-tune,
+    measure and export it to ``out``. ``found``: the search's status / val_acc / reason of the trial."""
+    from core.cost import count_cost, measure_latency
+    from core.export import export_model
+    from core.train import FinetuneConfig, evaluate, finetune, recalibrate_bn
+    from search.context import build_study_context
+
+    log = log or (lambda s: None)
     if out.exists() and not out.is_dir():
         raise SlimError(f"--out: {out} exists and is not a directory")
     sctx = build_study_context(cfg, allow_pretrain=False)
-    want = study.user_attrs.get("slimsearch", {}).get("baseline_sha")
-    if want is not None and want != sctx.baseline_sha:
+    if baseline_sha is not None and baseline_sha != sctx.baseline_sha:
         raise SlimError(f"the baseline weights ({sctx.baseline_path}) differ from the ones the study searched on")
 
-    if ft.user_attrs.get("status") == "infeasible":
-        log(f"note: trial {ft.number} exceeds the study's MACs bound ({ft.user_attrs.get('reason', '')})")
-    log(f"trial {ft.number}: {policy.summary()}; search val_acc {ft.user_attrs.get('val_acc', float('nan')):.4f}")
+    if found.get("status") == "infeasible":
+        log(f"note: trial {number} exceeds the study's MACs bound ({found.get('reason') or ''})")
+    search_acc = None if found.get("status") == "infeasible" else found.get("val_acc")  # Ray reports 0.0 there
+    shown = float("nan") if search_acc is None else float(search_acc)
+    log(f"trial {number}: {policy.summary()}; search val_acc {shown:.4f}")
     t0 = time.perf_counter()
     model = rebuild_candidate(sctx, cfg, policy)
     val_rebuilt = evaluate(model, sctx.splits.val)
     metrics: dict[str, Any] = {
         "study": cfg.name,
-        "trial": ft.number,
-        "search_val_acc": ft.user_attrs.get("val_acc"),
+        "trial": number,
+        "search_val_acc": search_acc,
         "rebuilt_val_acc": val_rebuilt,
         "evaluator": cfg.evaluator.kind,
     }
@@ -190,4 +234,4 @@ def export_trial(
         metrics["base_test_acc"] = evaluate(sctx.model, sctx.splits.test)
     metrics["export_s"] = time.perf_counter() - t0
     files = export_model(model, policy, out, fmts, example_input=sctx.input_shape, metrics=metrics)
-    return ExportResult(ft.number, out, files, metrics)
+    return ExportResult(number, out, files, metrics)

@@ -3,7 +3,8 @@ objective) as text and CSV, and PNG charts (matplotlib, Agg): Pareto scatter and
 
 Everything is read from the Optuna storage (trial user_attrs and the study's "slimsearch" attr), so a
 report never rebuilds the model. Studies are ordinary Optuna RDB studies: ``optuna-dashboard <storage URL>``
-opens them too.
+opens them too. Ray Tune studies (``search.runner.uses_ray``) are read from their experiment folder /
+results CSV and meta file instead (``search.ray_runner``; Ray need not be running), into the same tables.
 """
 
 from __future__ import annotations
@@ -18,7 +19,16 @@ import pandas as pd
 from optuna.trial import FrozenTrial
 
 from core.errors import SlimError
-from search.runner import best_feasible, fmt_count, is_counted, load_optuna_study, open_storage, tally, target_trials
+from search.runner import (
+    best_feasible,
+    fmt_count,
+    is_counted,
+    load_optuna_study,
+    open_storage,
+    tally,
+    target_trials,
+    uses_ray,
+)
 from search.study import StudyConfig, mask_url
 
 COLUMNS = ["trial", "state", "status", "val_acc", "macs", "macs_ratio", "flops", "params", "params_ratio",
@@ -94,6 +104,10 @@ class StudyStatus:
 
 def study_status(cfg: StudyConfig) -> StudyStatus:
     """Counts by state, progress toward n_trials and the best feasible trial (read-only)."""
+    if uses_ray(cfg):
+        from search.ray_runner import ray_status
+
+        return StudyStatus(**ray_status(cfg))
     study = load_optuna_study(cfg, open_storage(cfg, create=False))
     trials = study.get_trials(deepcopy=False)
     tl = tally(trials)
@@ -165,8 +179,13 @@ def plot_policy(trial: FrozenTrial, info: dict[str, Any], path: Path, title: str
     """Prune rate per conv layer (depth order) with kept/total filters; decomposed layers hatched and labelled."""
     from core.policy import Policy
 
-    plt = _plt()
     policy = Policy.from_json(trial.user_attrs["policy"], where=f"trial {trial.number} policy")
+    return plot_policy_values(policy, trial.user_attrs, info, path, title)
+
+
+def plot_policy_values(policy: Any, ua: dict[str, Any], info: dict[str, Any], path: Path, title: str) -> Path:
+    """``plot_policy`` for a Policy and its metrics (val_acc, macs, macs_ratio) from any backend."""
+    plt = _plt()
     layers = info.get("layers") or [{"name": n, "out_channels": None} for n in policy.layers]
     names = [layer["name"] for layer in layers]
     rates, labels, colors, hatches = [], [], [], []
@@ -192,7 +211,6 @@ def plot_policy(trial: FrozenTrial, info: dict[str, Any], path: Path, title: str
     ax.set_xticks(x, names, rotation=90, fontsize=7)
     ax.set_ylim(0, 1.15)
     ax.set_ylabel("fraction of filters removed\n(bar labels: kept / total filters)")
-    ua = trial.user_attrs
     sub = f"val_acc {ua.get('val_acc', float('nan')):.4f}, MACs {fmt_count(ua.get('macs', 0))} ({ua.get('macs_ratio', float('nan')):.1%})"
     ax.set_title(f"{title}\n{sub}", fontsize=10)
     from matplotlib.patches import Patch
@@ -231,6 +249,8 @@ def _front_table(front: pd.DataFrame) -> pd.DataFrame:
 def write_report(cfg: StudyConfig, trial: int | None = None, out_dir: str | Path | None = None) -> Report:
     """Write trials.csv, pareto.csv, pareto.png and policy_trial<N>.png (N: ``trial`` or the best) to
     ``out_dir`` (default ``<workdir>/report``); return them with the printed Pareto table."""
+    if uses_ray(cfg):
+        return write_ray_report(cfg, trial, out_dir)
     study = load_optuna_study(cfg, open_storage(cfg, create=False))
     trials = study.get_trials(deepcopy=False)
     info = study.user_attrs.get("slimsearch", {})
@@ -264,6 +284,43 @@ def write_report(cfg: StudyConfig, trial: int | None = None, out_dir: str | Path
     (out / "study.json").write_text(json.dumps({"name": cfg.name, "storage": mask_url(cfg.study.storage),
                                                 "info": info, "n_trials": target_trials(study, cfg.study.n_trials),
                                                 "counted": counted}, indent=2, default=str) + "\n")  # fmt: skip
+    files["study_json"] = out / "study.json"
+    table = "(no feasible completed trial yet)" if front.empty else _front_table(front).to_string(index=False)
+    return Report(out, files, front, table)
+
+
+def write_ray_report(cfg: StudyConfig, trial: int | None = None, out_dir: str | Path | None = None) -> Report:
+    """``write_report`` for a Ray Tune study: the same files from its results (``ray_report_frame``)."""
+    from search.ray_runner import ray_best_policy, ray_report_frame, ray_status, ray_study_info
+
+    df = ray_report_frame(cfg)  # SlimError when the study never ran
+    info = ray_study_info(cfg)
+    chosen = None
+    if trial is not None:
+        if trial not in set(df["trial"]):
+            raise SlimError(f"--trial {trial}: no such trial (the study has trials 0..{len(df) - 1})")
+        chosen = (trial, *ray_best_policy(cfg, trial))
+    elif (df["status"] == "ok").any():
+        pol, m = ray_best_policy(cfg, "best")
+        chosen = (int(m["number"]), pol, m)
+    out = Path(out_dir) if out_dir is not None else cfg.study.workdir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    with_lat = any(o.metric == "latency_ms" for o in cfg.study.objectives)
+    front = pareto_front(df, with_latency=with_lat)
+    files = {"trials_csv": out / "trials.csv", "pareto_csv": out / "pareto.csv", "pareto_png": out / "pareto.png"}
+    df.to_csv(files["trials_csv"], index=False)
+    front.to_csv(files["pareto_csv"], index=False)
+    st = ray_status(cfg)
+    plot_pareto(
+        df, front, info, files["pareto_png"], f"{cfg.name}: {st['counted']} trials, {len(front)} on the Pareto front"
+    )
+    if chosen is not None:
+        number, pol, m = chosen
+        files["policy_png"] = out / f"policy_trial{number}.png"
+        plot_policy_values(pol, m, info, files["policy_png"], f"{cfg.name} trial {number}: {pol.summary()}")
+    (out / "study.json").write_text(json.dumps({"name": cfg.name, "storage": st["storage"], "info": info,
+                                                "n_trials": st["n_trials"], "counted": st["counted"]},
+                                               indent=2, default=str) + "\n")  # fmt: skip
     files["study_json"] = out / "study.json"
     table = "(no feasible completed trial yet)" if front.empty else _front_table(front).to_string(index=False)
     return Report(out, files, front, table)

@@ -17,6 +17,10 @@ transition atomic between processes, so for SQLite claims also take a file lock 
 PostgreSQL and MySQL use ``SELECT ... FOR UPDATE``. When a slot is lost (an internal error, a
 trial whose retries are exhausted), the next idle process tops the queue up again.
 
+Seeds: each seed policy is enqueued with its parameters (projected onto the search space: what the
+sampler sees) and its exact policy JSON in ``user_attrs["seed_policy"]``, which is what the trial
+evaluates and records (GA keep indices, MTD's explicit ranks and ABSHPC's cluster counts survive).
+
 Crash safety: every running trial has a heartbeat (``[study] heartbeat_interval``); a trial whose
 heartbeat is older than ``grace_period`` is failed and retried by whichever process looks next.
 A trial whose process is known dead (same host, pid gone) is failed and retried at once, so
@@ -55,6 +59,7 @@ from core.errors import SlimError
 from search.study import StudyConfig, mask_url, sqlite_path
 
 WORKER_ATTR = "slimsearch:worker"
+SEED_POLICY_ATTR = "seed_policy"  # user attr of an enqueued seed trial: the exact policy JSON to evaluate
 HAS_SET_CONSTRAINT = hasattr(optuna.trial.Trial, "set_constraint")
 POLL_S = 1.0
 FLAT_METRICS = ("val_acc", "macs", "flops", "params", "macs_ratio", "params_ratio", "latency_ms")
@@ -98,6 +103,16 @@ def _retry_callback(cfg: StudyConfig) -> Any:
         return cls(max_retry=cfg.study.max_retry)
 
 
+def uses_ray(cfg: StudyConfig) -> bool:
+    """Whether status/report/export read the study's Ray Tune results: backend "ray", or an Optuna-backend
+    study that was only ever run on Ray (``run --ray-address``: Ray results exist, its SQLite file does not)."""
+    if cfg.study.backend == "ray":
+        return True
+    from search.ray_runner import ray_meta_path
+
+    return not storage_exists(cfg) and ray_meta_path(cfg).is_file()
+
+
 def storage_exists(cfg: StudyConfig) -> bool:
     """False when the study's SQLite file does not exist yet (other backends: assume it does)."""
     p = sqlite_path(cfg.study.storage)
@@ -120,6 +135,31 @@ def check_sqlite_target(cfg: StudyConfig) -> None:
         raise SlimError(f"storage {p}: cannot create it ({parent} is not a writable folder)")
 
 
+def engine_url(url: str) -> str:
+    """``url`` with an installed DBAPI driver: SQLAlchemy >= 2.1 maps a bare ``postgresql://`` to psycopg
+    (3), older versions to psycopg2; use whichever is importable (psycopg first). Other URLs unchanged."""
+    import importlib.util
+
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme != "postgresql":
+        return url
+    for module, driver in (("psycopg", "psycopg"), ("psycopg2", "psycopg2")):
+        if importlib.util.find_spec(module) is not None:
+            return f"postgresql+{driver}://{rest}"
+    return url  # the ImportError below names the missing driver
+
+
+def default_pg_driver(url: str) -> str:
+    """``postgresql://`` without a driver means psycopg (v3) to SQLAlchemy >= 2.1; use psycopg2 (our
+    ``[postgres]`` extra) when only that one is installed."""
+    import importlib.util
+
+    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None:
+        if importlib.util.find_spec("psycopg2") is not None:
+            return "postgresql+psycopg2://" + url[len("postgresql://") :]
+    return url
+
+
 def open_storage(cfg: StudyConfig, *, create: bool = True) -> optuna.storages.RDBStorage:
     """The study's RDBStorage with heartbeat and retry of stale trials. ``create=False``: a missing
     SQLite file is a ``SlimError`` (status/report/export must not create one)."""
@@ -131,10 +171,15 @@ def open_storage(cfg: StudyConfig, *, create: bool = True) -> optuna.storages.RD
         if not p.is_file():
             if not create:
                 raise SlimError(f"no study storage at {p}; start the study with `slimsearch run {cfg.path}`")
-            p.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                p.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise SlimError(f"storage {p}: cannot create its folder ({e.strerror or e})") from None
         kwargs = {"connect_args": {"timeout": 120}}  # seconds to wait for another process's write lock
     else:
-        kwargs = {"pool_pre_ping": True}
+        # An unreachable server must fail within seconds, not after the OS's TCP timeout (minutes).
+        kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
+        url = default_pg_driver(url)
     s = cfg.study
     key = "heartbeat_stale_trial_callback"
     if "heartbeat_stale_trial_callback" not in optuna.storages.RDBStorage.__init__.__code__.co_varnames:
@@ -142,7 +187,7 @@ def open_storage(cfg: StudyConfig, *, create: bool = True) -> optuna.storages.RD
     try:
         with _quiet():
             return optuna.storages.RDBStorage(
-                url,
+                engine_url(url),
                 engine_kwargs=kwargs,
                 heartbeat_interval=s.heartbeat_interval,
                 grace_period=s.grace_period,
@@ -384,6 +429,18 @@ def _record(trial: optuna.Trial, cfg: StudyConfig, policy: Any, res: Any) -> Non
     trial.set_user_attr("status", res.status)  # last: marks the trial as evaluated
 
 
+def trial_policy(trial: optuna.Trial, sctx: Any) -> Any:
+    """The policy a trial evaluates: the space's suggestion (always asked, so the sampler records the
+    parameters), replaced by the exact seed policy when the trial was enqueued with one."""
+    from core.policy import Policy
+
+    policy = sctx.space.suggest(trial)
+    exact = trial.user_attrs.get(SEED_POLICY_ATTR)
+    if isinstance(exact, str) and exact:
+        policy = Policy.from_json(exact, where=f"trial {trial.number} {SEED_POLICY_ATTR}")
+    return policy
+
+
 def run_trial(study: optuna.Study, trial_id: int, sctx: Any, cfg: StudyConfig) -> FrozenTrial:
     """Evaluate one claimed (RUNNING) trial and tell Optuna the outcome.
 
@@ -396,7 +453,7 @@ def run_trial(study: optuna.Study, trial_id: int, sctx: Any, cfg: StudyConfig) -
     trial = optuna.trial.Trial(study, trial_id)
     hb = _Heartbeat(storage, trial_id, cfg.study.heartbeat_interval)
     try:
-        policy = sctx.space.suggest(trial)
+        policy = trial_policy(trial, sctx)
         report = None
         if not cfg.multi_objective and not isinstance(study.pruner, optuna.pruners.NopPruner):
 
@@ -502,16 +559,11 @@ def study_info(sctx: Any) -> dict[str, Any]:
     }
 
 
-def seed_policies(sctx: Any) -> list[tuple[str, Any]]:
-    """(label, Policy) for every [seeds] strategy, in order."""
-    from search.study import known_seed_strategies
+def seed_policies(sctx: Any, log: Log | None = None) -> list[tuple[str, Any]]:
+    """(label, Policy) for every [seeds] strategy, in order (methods within [seeds] budget evaluator calls)."""
+    from search.seeding import generate_seeds
 
-    reg = known_seed_strategies()
-    out: list[tuple[str, Any]] = []
-    for name in sctx.cfg.seeds.strategies:
-        pols = reg[name](sctx, sctx.cfg.seeds.params.get(name, {}))
-        out += [(f"{name}#{i}", p) for i, p in enumerate(pols)]
-    return out
+    return generate_seeds(sctx, log=log)
 
 
 def prepare_study(cfg: StudyConfig, sctx: Any, storage: Any, *, log: Log = print) -> optuna.Study:
@@ -529,14 +581,16 @@ def prepare_study(cfg: StudyConfig, sctx: Any, storage: Any, *, log: Log = print
         study.set_user_attr("n_trials", cfg.study.n_trials)
         study.set_user_attr("objectives", [o.spec for o in cfg.study.objectives])
         if "seeds_enqueued" not in study.user_attrs:
-            seeds = seed_policies(sctx)
+            seeds = seed_policies(sctx, log=log)
             if len(seeds) > cfg.study.n_trials:
                 log(f"warning: {len(seeds)} seed policies but n_trials = {cfg.study.n_trials}; "
                     f"enqueuing the first {cfg.study.n_trials}")  # fmt: skip
                 seeds = seeds[: cfg.study.n_trials]
             for label, pol in seeds:
+                # The params (projected onto the space) are what the sampler sees; the trial evaluates the
+                # exact policy (GA keep indices, MTD's explicit ranks, ABSHPC cluster counts...).
                 params = sctx.space.params_from_policy(pol, strict=False)
-                study.enqueue_trial(params, user_attrs={"seed": label})
+                study.enqueue_trial(params, user_attrs={"seed": label, SEED_POLICY_ATTR: pol.to_json()})
             study.set_user_attr("seeds_enqueued", [label for label, _ in seeds])
             if seeds:
                 log(f"enqueued {len(seeds)} seed trials: {', '.join(label for label, _ in seeds)}")

@@ -20,7 +20,10 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from core.errors import SlimError
@@ -142,6 +145,20 @@ def method_inputs(ctx: Any, name: str, params: Mapping[str, Any]) -> Any:
     return x
 
 
+def _layer_rates(name: str, opts: dict[str, Any], layers: Sequence[str]) -> dict[str, Any]:
+    """GA takes per-layer rates only: one rate becomes a mapping; rates of layers the method does not work on
+    are a ``SlimError``."""
+    r = opts.get("rates")
+    if name == "ga" and isinstance(r, (int, float)) and not isinstance(r, bool):
+        opts["rates"] = dict.fromkeys(layers, float(r))
+    elif isinstance(r, Mapping):
+        unknown = [n for n in r if n not in layers]
+        if unknown:
+            raise SlimError(f"{name} rates: {unknown[0]!r} is not a layer the method works on; "
+                            f"layers: {', '.join(layers)}")  # fmt: skip
+    return opts
+
+
 def run_study_method(ctx: Any, name: str, params: Mapping[str, Any], acc: MethodAcc) -> Any:
     """Run method ``name`` with ``params`` on the study context's baseline; returns its ``MethodResult``."""
     from search.methods import run_method
@@ -150,7 +167,7 @@ def run_study_method(ctx: Any, name: str, params: Mapping[str, Any], acc: Method
     if not layers:
         kind = "decomposable" if name == "mtd" else "uncoupled prunable"
         raise SlimError(f"method {name}: the study's search space has no {kind} layers to work on")
-    opts = dict(params)
+    opts = _layer_rates(name, dict(params), layers)
     if name == "distfit" and isinstance(opts.get("rates"), (list, tuple)):
         raise SlimError(f"method distfit: rates {list(opts['rates'])} gives several policies; give one rate")
     return run_method(name, model=ctx.model, acc=acc, layers=layers, inputs=method_inputs(ctx, name, opts), **opts)
@@ -166,7 +183,7 @@ def method_seed_policies(ctx: Any, name: str, params: Mapping[str, Any], acc: Me
     layers = method_layers(ctx, name)
     if not layers:
         return []
-    opts = dict(params)
+    opts = _layer_rates(name, dict(params), layers)
     if name != "abshpc":
         opts.setdefault("final_eval", False)
     return seed_policies(name, model=ctx.model, acc=acc, layers=layers, inputs=method_inputs(ctx, name, opts), **opts)
@@ -183,10 +200,14 @@ def generate_seeds(ctx: Any, log: Callable[[str], None] | None = None) -> list[t
         if name in METHOD_STRATEGIES:
             acc = acc or MethodAcc(ctx.eval_ctx, cfg.evaluator, cfg.seeds.budget)
             before, refused = acc.calls, acc.refused
-            pols = method_seed_policies(ctx, name, params, acc)
+            pols = method_seed_policies(ctx, name, typed_params(name, params, f"[seeds] {name}_"), acc)
             if log is not None:
                 left = "" if acc.budget is None else f" ({acc.left} of the budget of {acc.budget} left)"
-                note = f"; budget spent, {acc.refused - refused} steps rejected unevaluated" if acc.refused > refused else ""
+                note = (
+                    f"; budget spent, {acc.refused - refused} steps rejected unevaluated"
+                    if acc.refused > refused
+                    else ""
+                )
                 log(f"seed strategy {name}: {len(pols)} policies, {acc.calls - before} evaluator calls{left}{note}")
         else:
             pols = reg[name](ctx, params)
@@ -194,14 +215,269 @@ def generate_seeds(ctx: Any, log: Callable[[str], None] | None = None) -> list[t
     return out
 
 
+# ----------------------------------------------------------------------------- `slimsearch method`
+
+_METHOD_OUT_MARKERS = ("report.json", "manifest.json")
+
+
+def _method_fn(name: str) -> Callable[..., Any]:
+    from search.methods import abshpc_search, distfit_search, ga_select, mtd_search
+
+    return {"abshpc": abshpc_search, "mtd": mtd_search, "ga": ga_select, "distfit": distfit_search}[name]
+
+
+def _check_value(name: str, key: str, value: Any, default: Any, where: str) -> Any:
+    """A method option's value checked against the type of the method's default (TOML has no None)."""
+    num = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = num
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+    elif isinstance(default, (tuple, list)):
+        ok = isinstance(value, (tuple, list))
+    else:  # default None: the method checks the value itself
+        ok = True
+    if not ok:
+        want = type(default).__name__ if not isinstance(default, (tuple, list)) else "list"
+        raise SlimError(f"{where}{key}: expected {want} (like the default {default!r}), got {value!r}")
+    if isinstance(value, list) and key in ("cp_rank", "tucker_ranks", "scan_rates", "compare"):
+        return tuple(value)
+    return float(value) if isinstance(default, float) else value
+
+
+def method_options(
+    cfg: Any, name: str, overrides: Mapping[str, Any], *, where: str = "option --set "
+) -> dict[str, Any]:
+    """Options of method ``name``: the study's [seeds] parameters for it (when it is a seed strategy there),
+    updated by ``overrides``; unknown names and values of the wrong type are a ``SlimError``."""
+
+    if name not in METHOD_STRATEGIES:
+        raise SlimError(f"unknown method {name!r}; allowed: {', '.join(METHOD_STRATEGIES)}")
+    out = typed_params(name, cfg.seeds.params.get(name, {}), f"{cfg.path}: [seeds] {name}_")
+    out.update(typed_params(name, overrides, where))
+    return out
+
+
+def typed_params(name: str, params: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """``params`` of method ``name`` checked: known names, values of the type of the method's defaults."""
+    import inspect
+
+    from search.methods.seeds import allowed_params
+
+    allowed = allowed_params(name)
+    sig = inspect.signature(_method_fn(name)).parameters
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        if key not in allowed:
+            raise SlimError(f"{prefix}{key}: unknown option of method {name}; allowed: {', '.join(allowed)}")
+        out[key] = _check_value(name, key, value, sig[key].default, prefix)
+    return out
+
+
+def _strict_check(name: str) -> Callable[[Mapping[str, Any], str], None]:
+    def check(params: Mapping[str, Any], where: str) -> None:
+        typed_params(name, params, f"{where} {name}_")
+
+    return check
+
+
+def _register_strict_checks() -> None:
+    """[seeds] parameters of the method strategies are checked at load time for names AND value types."""
+    for name in METHOD_STRATEGIES:
+        if name in SEED_STRATEGIES:
+            register_seed_strategy(name, check=_strict_check(name))(SEED_STRATEGIES[name])
+
+
+_register_strict_checks()
+
+
+def check_method_out(out: Path) -> None:
+    """The output folder must be new, empty, or an earlier method output (it is replaced as a whole)."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise SlimError(f"--out: {out} exists and is not a directory")
+    if any(out.iterdir()) and not any((out / m).is_file() for m in _METHOD_OUT_MARKERS):
+        raise SlimError(f"--out: {out} is a non-empty folder that is not a method output (it would be "
+                        "replaced); give a new or empty folder")  # fmt: skip
+
+
+@dataclass
+class MethodRun:
+    """What ``run_method_on_study`` wrote: the output folder, its files, the report dict and a printable table."""
+
+    name: str
+    out_dir: Path
+    files: dict[str, Path]
+    report: dict[str, Any]
+    table: str
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe: tuples -> lists, non-finite floats -> None, tensors/numpy scalars -> numbers."""
+    if isinstance(obj, Mapping):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 0) == 0:
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def layer_rows(model: Any, policy: Policy, layers: Sequence[str], decisions: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Per-layer decisions of a method's policy: filters, kept, rate, criterion, keep, decomposition, rank,
+    plus the method's own per-layer record (``decisions``)."""
+    from torch import nn
+
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    names = list(layers) + [n for n in policy.layers if n not in layers]
+    rows = []
+    for n in names:
+        conv, lp = convs[n], policy.get(n)
+        kept = lp.keep_count(conv.out_channels)
+        row: dict[str, Any] = {
+            "layer": n, "filters": conv.out_channels, "kept": kept, "rate": 1 - kept / conv.out_channels,
+            "criterion": lp.criterion if kept < conv.out_channels else "-",
+            "keep": list(lp.keep) if lp.keep is not None else None, "clusters": lp.clusters,
+            "decomposition": lp.decomposition, "rank": list(lp.rank) if isinstance(lp.rank, tuple) else lp.rank,
+            "rank_ratio": lp.rank_ratio, "method": dict(decisions.get(n, {})),
+        }  # fmt: skip
+        rows.append(row)
+    return rows
+
+
+def _table(rows: Sequence[Mapping[str, Any]]) -> str:
+    head = f"{'layer':<28} {'filters':>7} {'kept':>5} {'rate':>6}  {'criterion':<9} {'decomp':<7} rank"
+    lines = [head]
+    for r in rows:
+        rank = (
+            ""
+            if r["rank"] is None
+            else ("x".join(map(str, r["rank"])) if isinstance(r["rank"], list) else str(r["rank"]))
+        )
+        lines.append(f"{r['layer']:<28} {r['filters']:>7} {r['kept']:>5} {r['rate']:>6.3f}  {r['criterion']:<9} "
+                     f"{r['decomposition']:<7} {rank}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def run_method_on_study(
+    cfg: Any,
+    name: str,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    budget: int | None = None,
+    out_dir: str | Path | None = None,
+    formats: Sequence[str] = ("torchscript", "state"),
+    log: Callable[[str], None] | None = None,
+) -> MethodRun:
+    """``slimsearch method``: run paper method ``name`` alone on the study's baseline and export its result.
+
+    acc() is the study's evaluator without the MACs gate (``MethodAcc``, at most ``budget`` evaluator calls);
+    the MACs bound is only reported (``feasible``). Writes to ``out_dir`` (default
+    ``<workdir>/method-<name>``): policy.json and the compressed model (``core.export.export_model``: the
+    evaluator's recalibration / short fine-tune redone, as ``slimsearch export`` does), metrics.json and
+    report.json (per-layer decisions, evaluator calls, val_acc, MACs, params, compression ratios, times).
+    """
+    import json
+    import os
+    import time
+
+    from core.cost import count_cost
+    from core.export import export_model
+    from core.train import evaluate as accuracy
+    from evaluators.cache import ResultCache
+    from search.context import build_study_context
+    from search.export import parse_formats, rebuild_candidate
+
+    log = log or (lambda s: None)
+    t0 = time.perf_counter()
+    opts = method_options(cfg, name, overrides or {})
+    fmts = parse_formats(list(formats))
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+        raise SlimError(f"--budget must be a positive integer, got {budget!r}")
+    out = Path(out_dir) if out_dir is not None else cfg.study.workdir / f"method-{name}"
+    check_method_out(out)
+    sctx = build_study_context(cfg, log=log)
+    layers = method_layers(sctx, name)
+    opts = _layer_rates(name, opts, layers)  # bad layer names are reported before any evaluation
+    sctx.eval_ctx.cache = ResultCache(cfg.study.workdir / "cache")  # shared with the study's trials
+    acc = MethodAcc(sctx.eval_ctx, cfg.evaluator, budget)
+    base = sctx.eval_ctx.base
+    log(f"method {name} on {cfg.name}: {cfg.model.factory}, {len(layers)} layers, evaluator {cfg.evaluator.kind} "
+        f"without the MACs bound" + (f", budget {budget} evaluator calls" if budget else ""))  # fmt: skip
+    t1 = time.perf_counter()
+    mres = run_study_method(sctx, name, opts, acc)
+    method_s = time.perf_counter() - t1
+    policy = mres.policy
+    calls = acc.calls
+    final = acc.result(policy)
+    if final.status != "ok":
+        raise RuntimeError(f"method {name}: evaluating its policy failed: {final.reason}")
+    base_acc = acc.result(Policy())
+    model = rebuild_candidate(sctx, cfg, policy)
+    cost = count_cost(model, sctx.input_shape)
+    m = final.metrics
+    max_macs = sctx.eval_ctx.max_macs
+    metrics: dict[str, Any] = {
+        "method": name, "study": cfg.name, "val_acc": m["val_acc"], "base_val_acc": base_acc.metrics.get("val_acc"),
+        "rebuilt_val_acc": accuracy(model, sctx.splits.val),
+        "macs": int(m["macs"]), "flops": int(m["flops"]), "params": int(m["params"]),
+        "base_macs": int(base.macs), "base_params": int(base.params),
+        "macs_ratio": m["macs"] / base.macs, "params_ratio": m["params"] / base.params,
+        "macs_reduction_x": base.macs / m["macs"], "params_compression_x": base.params / m["params"],
+        "exported_macs": int(cost.macs), "exported_params": int(cost.params),
+        "max_macs": max_macs, "feasible": max_macs is None or m["macs"] <= max_macs,
+        "evaluator": cfg.evaluator.kind, "input_shape": list(sctx.input_shape), "policy_hash": policy.hash,
+    }  # fmt: skip
+    if sctx.splits.test is not None:
+        metrics["test_acc"] = accuracy(model, sctx.splits.test)
+        metrics["base_test_acc"] = accuracy(sctx.model, sctx.splits.test)
+    files = export_model(model, policy, out, fmts, example_input=sctx.input_shape, metrics=_clean(metrics))
+    rows = layer_rows(sctx.model, policy, layers, mres.report.get("layers", {}))
+    report = {
+        **metrics,
+        "options": opts,
+        "budget": budget,
+        "evaluator_calls": calls,  # evaluations made by the method (the final report's one is not counted)
+        "budget_exhausted": acc.refused > 0,
+        "rejected_unevaluated": acc.refused,
+        "layers": rows,
+        "method_report": mres.report,
+        "history": mres.history,
+        "policy": policy.to_dict(),
+        "method_s": method_s,
+        "wall_s": time.perf_counter() - t0,
+        "files": {k: str(v) for k, v in files.items()},
+    }
+    path = out / "report.json"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(_clean(report), indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    files = {**files, "policy": out / "policy.json", "metrics": out / "metrics.json", "report": path}
+    return MethodRun(name, out, files, report, _table(rows))
+
+
 __all__ = [
     "METHOD_STRATEGIES",
     "REJECTED",
     "SEED_STRATEGIES",
     "MethodAcc",
+    "MethodRun",
+    "check_method_out",
     "generate_seeds",
+    "layer_rows",
+    "method_options",
     "method_layers",
     "method_seed_policies",
+    "run_method_on_study",
     "run_study_method",
     "uniform_seeds",
 ]

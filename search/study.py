@@ -29,6 +29,9 @@ OBJECTIVE_METRICS = ("val_acc", "macs", "flops", "params", "macs_ratio", "params
 DIRECTIONS = {"max": "maximize", "min": "minimize"}
 EXPORT_FORMATS = ("torchscript", "pt2", "state")
 STORAGE_SCHEMES = ("sqlite", "postgresql", "mysql")
+# = core.data.DATASETS (a test checks it); not imported from there, so that reading a study file does
+# not import torch (status/report/errors answer in a fraction of the time).
+DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "synthetic")
 SECTIONS = ("study", "model", "data", "constraint", "space", "seeds", "evaluator", "export")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -207,7 +210,8 @@ def _expand_all(obj: Any, where: str) -> Any:
 
 def mask_url(url: str) -> str:
     """The URL with any password replaced by ``***`` (for every printed or logged line)."""
-    return re.sub(r"(://[^/:@\s]*:)[^@/\s]*@", r"\1***@", str(url))
+    # Up to the LAST '@' of the token: a raw '/', ':' or '@' inside a password must not leak its tail.
+    return re.sub(r"(://[^/:@\s'\"]*:)[^\s'\"]*@", r"\1***@", str(url))
 
 
 def validate_storage_url(url: str, where: str) -> str:
@@ -413,8 +417,6 @@ def _model(t: _Table) -> ModelSection:
 
 
 def _data(t: _Table) -> DataSection:
-    from core.data import DATASETS
-
     def val_check(v: Any) -> str | None:
         if isinstance(v, int) and v >= 1:
             return None
@@ -446,6 +448,8 @@ def _constraint(t: _Table) -> ConstraintSection:
 
 
 def _seeds(t: _Table) -> SeedsSection:
+    if not t.data:  # no seeds: skip importing the strategies (and torch with them)
+        return SeedsSection()
     registry = known_seed_strategies()
     names = t.get("strategies", "a list of strings", ())
     for n in names:

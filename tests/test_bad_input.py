@@ -69,8 +69,9 @@ class Pointwise(nn.Module):
         self.pw = nn.Conv2d(8, 8, 1)
         self.fc = nn.Linear(8, num_classes)
 
-    def forward(self, x):
-        return self.fc(self.pw(self.stem(x)).mean((2, 3)))
+    def forward(self, x):  # residual: pw's filters are coupled with stem's, so pw alone cannot be pruned
+        h = self.stem(x)
+        return self.fc((h + self.pw(h)).mean((2, 3)))
 
 
 def pointwise(num_classes=10, in_channels=1):
@@ -176,7 +177,7 @@ CASES: list = [
     ("toml-syntax", edit("n_trials = 3", "n_trials = = 3"), RUN, ["study.toml:3", "TOML syntax error"], False),
     ("empty-file", write(S, ""), RUN, ["study.toml", "missing section [study]"], False),
     ("wrong-type", edit("n_trials = 3", 'n_trials = "three"'), RUN, ["[study] n_trials", "expected an integer"], False),
-    ("section-not-table", edit("[constraint]\nmax_macs_ratio = 0.7", "constraint = 3"), RUN,
+    ("section-not-table", write(S, "constraint = 3\n" + BASE_STUDY.replace("[constraint]\nmax_macs_ratio = 0.7", "")), RUN,
      ["[constraint]", "must be a table"], False),
     ("unknown-key", edit("n_trials = 3", "n_trial = 3"), RUN, ["[study]", "unknown key 'n_trial'", "n_trials"], False),
     ("unknown-section", edit("[constraint]", "[constraints]"), RUN, ["unknown section [constraints]", "constraint"],
@@ -295,6 +296,21 @@ CASES: list = [
 ]
 
 
+# Cases that start torch and build data/model/storage cost seconds each; these repeat a path a fast case
+# already covers and run with the slow tests only (``-m slow``).
+SLOW_CASES = {
+    "factory-does-not-import", "factory-missing-function", "factory-returns-non-module", "checkpoint-not-state-dict",
+    "val-size-too-large", "cp-on-1x1-conv-only", "unknown-seed-strategy", "seed-rate-1", "sqlite-unwritable",
+    "unreachable-ray-address", "worker-never-ran", "train-epochs-0", "cost-corrupt-checkpoint", "empty-class-folder",
+    "export-unknown-format", "export-trial-not-a-number", "export-out-is-a-file", "report-missing-trial",
+    "changed-objectives", "changed-baseline", "unknown-model", "status-never-ran",
+}  # fmt: skip
+
+
+def _params() -> list:
+    return [pytest.param(*c[1:], id=c[0], marks=[pytest.mark.slow] if c[0] in SLOW_CASES else []) for c in CASES]
+
+
 @pytest.fixture(scope="session")
 def base_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An (untrained, seeded) smallcnn state dict: bad-input cases never get as far as training."""
@@ -349,7 +365,7 @@ def _env(d: Path) -> dict[str, str]:
     return env
 
 
-@pytest.mark.parametrize(("setup", "argv", "needles", "prepared"), [pytest.param(*c[1:], id=c[0]) for c in CASES])
+@pytest.mark.parametrize(("setup", "argv", "needles", "prepared"), _params())
 def test_bad_input_exits_2_one_line_nothing_written(
     setup: Callable[[Path], None] | None,
     argv: list[str],
@@ -384,4 +400,12 @@ def test_bad_input_exits_2_one_line_nothing_written(
 
 def test_case_table_is_big_and_unique() -> None:
     ids = [c[0] for c in CASES]
-    assert len(ids) == len(set(ids)) and len(ids) >= 25
+    assert len(ids) == len(set(ids)) and SLOW_CASES <= set(ids)
+    assert len(ids) - len(SLOW_CASES) >= 25  # the fast run alone has at least 25 cases
+
+
+def test_study_dataset_names_match_core_data() -> None:
+    from core.data import DATASETS
+    from search.study import DATASETS as STUDY_DATASETS
+
+    assert STUDY_DATASETS == DATASETS
