@@ -14,8 +14,9 @@ until counted + running + waiting == n_trials. Every process (the driver, ``--wo
 WAITING -> RUNNING transition and evaluates them; it never creates trials beyond the slots, so the
 study ends with exactly n_trials counted trials. SQLite's transactions do not make that
 transition atomic between processes, so for SQLite claims also take a file lock (``<db>.lock``);
-PostgreSQL and MySQL use ``SELECT ... FOR UPDATE``. When a slot is lost (an internal error, a
-trial whose retries are exhausted), the next idle process tops the queue up again.
+PostgreSQL and MySQL claim with ``SELECT ... FOR UPDATE``, and on PostgreSQL claim + top-up also hold
+an advisory lock (``storage_lock``), so concurrent top-ups never enqueue a slot twice. When a slot is
+lost (an internal error, a trial whose retries are exhausted), the next idle process tops the queue up again.
 
 Seeds: each seed policy is enqueued with its parameters (projected onto the search space: what the
 sampler sees) and its exact policy JSON in ``user_attrs["seed_policy"]``, which is what the trial
@@ -149,17 +150,6 @@ def engine_url(url: str) -> str:
     return url  # the ImportError below names the missing driver
 
 
-def default_pg_driver(url: str) -> str:
-    """``postgresql://`` without a driver means psycopg (v3) to SQLAlchemy >= 2.1; use psycopg2 (our
-    ``[postgres]`` extra) when only that one is installed."""
-    import importlib.util
-
-    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None:
-        if importlib.util.find_spec("psycopg2") is not None:
-            return "postgresql+psycopg2://" + url[len("postgresql://") :]
-    return url
-
-
 def open_storage(cfg: StudyConfig, *, create: bool = True) -> optuna.storages.RDBStorage:
     """The study's RDBStorage with heartbeat and retry of stale trials. ``create=False``: a missing
     SQLite file is a ``SlimError`` (status/report/export must not create one)."""
@@ -179,7 +169,6 @@ def open_storage(cfg: StudyConfig, *, create: bool = True) -> optuna.storages.RD
     else:
         # An unreachable server must fail within seconds, not after the OS's TCP timeout (minutes).
         kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
-        url = default_pg_driver(url)
     s = cfg.study
     key = "heartbeat_stale_trial_callback"
     if "heartbeat_stale_trial_callback" not in optuna.storages.RDBStorage.__init__.__code__.co_varnames:
@@ -269,9 +258,14 @@ def load_optuna_study(cfg: StudyConfig, storage: Any, *, seed: int | None = None
 
 @contextlib.contextmanager
 def storage_lock(cfg: StudyConfig) -> Iterator[None]:
-    """Exclusive lock for claim/enqueue on SQLite (a file lock beside the database); no-op elsewhere."""
+    """Exclusive lock for claim/enqueue: a file lock beside a SQLite database, a session advisory lock
+    on PostgreSQL (released by the server if the holder dies); no-op elsewhere."""
     p = sqlite_path(cfg.study.storage)
     if p is None:
+        if cfg.study.storage.startswith("postgresql"):
+            with _pg_advisory_lock(cfg):
+                yield
+            return
         yield
         return
     with open(f"{p}.lock", "a+") as fh:
@@ -280,6 +274,31 @@ def storage_lock(cfg: StudyConfig) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _pg_advisory_lock(cfg: StudyConfig) -> Iterator[None]:
+    """``pg_advisory_lock`` keyed by the study name, on a connection of its own (NullPool: closing it
+    really closes it, so the lock can never outlive this block). Without it, workers topping up the
+    queue at the same moment enqueue the missing slots several times over (Optuna row-locks a claim,
+    but nothing serialises "count, then enqueue")."""
+    import hashlib
+
+    import sqlalchemy as sa
+
+    key = int.from_bytes(hashlib.sha256(f"slimsearch:{cfg.name}".encode()).digest()[:8], "big", signed=True)
+    eng = sa.create_engine(engine_url(cfg.study.storage), poolclass=sa.pool.NullPool,
+                           connect_args={"connect_timeout": 10})  # fmt: skip
+    try:
+        with eng.connect() as conn:
+            conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            try:
+                yield
+            finally:
+                with contextlib.suppress(Exception):  # a dead connection has released the lock already
+                    conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+    finally:
+        eng.dispose()
 
 
 # ----------------------------------------------------------------------------- trial bookkeeping

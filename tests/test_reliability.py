@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -344,10 +345,10 @@ def pg_url_or_skip() -> str:
 def _connects(url: str) -> bool:
     import sqlalchemy as sa
 
-    from search.runner import default_pg_driver
+    from search.runner import engine_url
 
     try:
-        eng = sa.create_engine(default_pg_driver(url), connect_args={"connect_timeout": 5})
+        eng = sa.create_engine(engine_url(url), connect_args={"connect_timeout": 5})
         with eng.connect():
             return True
     except Exception:
@@ -355,10 +356,10 @@ def _connects(url: str) -> bool:
 
 
 def _drop_study(url: str, name: str) -> None:
-    from search.runner import default_pg_driver
+    from search.runner import engine_url
 
     try:
-        optuna.delete_study(study_name=name, storage=default_pg_driver(url))
+        optuna.delete_study(study_name=name, storage=engine_url(url))
     except Exception:  # noqa: S110 - best-effort cleanup of a shared database
         pass
 
@@ -399,5 +400,56 @@ def test_four_workers_on_postgresql_reach_exactly_n_trials(tmp_path: Path, basel
             assert t.user_attrs["status"] == "infeasible" or 0 < t.user_attrs["val_acc"] <= 1
         ran = [int(m) for o in outs for m in re.findall(r"worker done: (\d+) trials evaluated", o)]
         assert sum(ran) == 38 and sum(r > 0 for r in ran) >= 2, outs
+    finally:
+        _drop_study(url, name)
+
+
+RACE = """\
+import sys, time
+import optuna
+from types import SimpleNamespace
+from optuna.trial import TrialState
+from search.runner import claim, engine_url, storage_lock, tally, top_up
+
+url, name, start = engine_url(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+optuna.logging.set_verbosity(optuna.logging.ERROR)
+study = optuna.load_study(study_name=name, storage=url)
+cfg = SimpleNamespace(name=name, study=SimpleNamespace(storage=url))
+mine = []
+while time.time() < start:  # every process starts topping up and claiming at the same instant
+    time.sleep(0.001)
+while True:  # trial_loop's claim step, with the evaluation replaced by an instant result
+    with storage_lock(cfg):
+        busy = tally(study.get_trials(deepcopy=False))
+        if busy.counted + busy.running >= 40:
+            break
+        tid = claim(study)
+        if tid is None and top_up(study, 40):
+            tid = claim(study)
+    if tid is not None:
+        study._storage.set_trial_state_values(tid, TrialState.COMPLETE, [1.0])
+        mine.append(tid)
+print(len(mine))
+"""
+
+
+@pytest.mark.slow
+def test_concurrent_top_up_and_claim_on_postgresql_never_overshoot(tmp_path: Path) -> None:
+    from search.runner import engine_url
+
+    url = pg_url_or_skip()
+    name = f"pgrace_{uuid.uuid4().hex[:8]}"
+    optuna.create_study(study_name=name, storage=engine_url(url))
+    try:
+        start = str(time.time() + 6)  # after every interpreter has started
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        procs = [subprocess.Popen([sys.executable, "-c", RACE, url, name, start], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(4)]  # fmt: skip
+        outs = [p.communicate(timeout=300) for p in procs]
+        assert all(p.returncode == 0 for p in procs), outs
+        trials = optuna.load_study(study_name=name, storage=engine_url(url)).get_trials()
+        assert len(trials) == 40 and all(t.state == TrialState.COMPLETE for t in trials)
+        assert sorted(t.number for t in trials) == list(range(40))
+        assert sum(int(o.strip()) for o, _ in outs) == 40
     finally:
         _drop_study(url, name)

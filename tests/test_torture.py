@@ -1,0 +1,159 @@
+"""Crash torture: SIGKILL the driver or one of its workers at random moments, ten times, restarting the
+driver whenever it was the one killed; the study must still end with exactly n_trials counted trials,
+every trial that was COMPLETE at any point unchanged, nothing left RUNNING, a best trial that exports to
+TorchScript loadable by plain torch, and no process left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from core.errors import SlimError
+from search.runner import is_counted, load_optuna_study, open_storage, tally
+from search.study import load_study
+from tests.test_runner import make_baseline, write_study
+
+REPO = Path(__file__).resolve().parents[1]
+N_TRIALS = 20
+KILLS = 10
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (Linux /proc; no psutil needed)."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return out
+
+
+def alive_in_group(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def complete_trials(cfg) -> dict[int, tuple]:  # noqa: ANN001
+    try:
+        study = load_optuna_study(cfg, open_storage(cfg, create=False))
+    except SlimError:  # killed before it created the study
+        return {}
+    return {t.number: (t.params, t.values, t.user_attrs.get("policy_hash")) for t in study.get_trials()
+            if t.state == TrialState.COMPLETE}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_random_sigkills_of_driver_and_workers(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    ckpt = make_baseline(tmp_path_factory)
+    path = write_study(
+        tmp_path, ckpt, name="torture", n_trials=N_TRIALS, constraint="max_macs_ratio = 0.8",
+        study="n_startup_trials = 6\nmax_retry = 5",
+        seeds='strategies = ["uniform"]\nuniform_rates = [0.3, 0.5]',
+        evaluator='kind = "finetune"\nsteps = 25\nlr = 0.02\nkd = true',
+    )  # fmt: skip
+    cfg = load_study(path)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    cmd = [sys.executable, "-m", "search.cli", "run", str(path), "--workers", "2", "--threads", "1", "--no-progress"]
+    log = open(tmp_path / "driver.log", "w")  # noqa: SIM115 - closed in finally
+    rng = random.Random(20240607)
+    groups: list[int] = []
+    seen: dict[int, tuple] = {}  # every trial ever seen COMPLETE -> (params, values, policy hash)
+    kills: list[str] = []
+
+    def start() -> subprocess.Popen:
+        p = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        groups.append(p.pid)  # own session: its process group id is its pid, and its workers share it
+        return p
+
+    def record() -> None:
+        now = complete_trials(cfg)
+        for n, v in seen.items():  # a COMPLETE trial never changes or disappears
+            assert now.get(n) == v, f"trial {n} changed after a kill: {v} -> {now.get(n)}"
+        seen.update(now)
+
+    driver = start()
+    worker_kills_since_start = 0
+    try:
+        while len(kills) < KILLS:
+            # Kill moments: mostly while the workers run trials, sometimes while the driver still starts up.
+            spawned = time.time() + 60
+            while rng.random() < 0.8 and not children(driver.pid) and driver.poll() is None and time.time() < spawned:
+                time.sleep(0.2)
+            time.sleep(rng.uniform(0.5, 7.0))
+            if driver.poll() is not None:
+                break  # the study finished before all kills happened (asserted below)
+            workers = children(driver.pid)
+            # The driver restarts a crashed worker at most 3 x workers times per run: kill it instead then.
+            hit_worker = workers and rng.random() < 0.5 and worker_kills_since_start < 5
+            if hit_worker:
+                victim = rng.choice(workers)
+                os.kill(victim, signal.SIGKILL)
+                worker_kills_since_start += 1
+                kills.append(f"worker {victim}")
+                time.sleep(0.3)
+                record()
+            else:
+                os.kill(driver.pid, signal.SIGKILL)
+                driver.wait()
+                kills.append(f"driver {driver.pid}")
+                record()
+                driver = start()  # its orphaned workers notice within a second and stop (trial -> retry)
+                worker_kills_since_start = 0
+        rc = driver.wait(timeout=240)
+        assert rc == 0, (tmp_path / "driver.log").read_text()[-3000:]
+        record()
+    finally:
+        for g in groups:
+            if alive_in_group(g):
+                os.killpg(g, signal.SIGKILL)
+        log.close()
+
+    assert len(kills) == KILLS, f"the study finished after only {kills}"
+    assert any(k.startswith("worker") for k in kills) and any(k.startswith("driver") for k in kills)
+    assert "restarting it" in (tmp_path / "driver.log").read_text()  # a killed worker is replaced
+    study = load_optuna_study(cfg, open_storage(cfg, create=False))
+    trials = study.get_trials()
+    tl = tally(trials)
+    assert tl.counted == N_TRIALS and tl.running == 0, tl
+    assert sorted(t.number for t in trials) == list(range(len(trials)))
+    # Each trial that never finished evaluating (killed) was re-enqueued with the same parameters.
+    for t in trials:
+        if t.state == TrialState.FAIL and not is_counted(t):
+            retry = [x for x in trials if x.system_attrs.get("failed_trial") == t.number]
+            assert len(retry) <= 1 and (not retry or retry[0].params == t.params or not t.params)
+
+    # Export the best trial; the TorchScript file loads and runs with plain torch in a fresh process.
+    out = tmp_path / "export"
+    res = subprocess.run([*cmd[:3], "export", str(path), "--trial", "best", "--format", "torchscript",
+                          "--out", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=240)  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    script = (
+        "import sys, torch\n"
+        "m = torch.jit.load(sys.argv[1])\n"
+        "y = m(torch.zeros(2, 1, 8, 8))\n"
+        "print(tuple(y.shape))\n"
+    )
+    plain = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run([sys.executable, "-c", script, str(out / "model.torchscript.pt")], cwd="/", env=plain,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert res.returncode == 0 and res.stdout.strip() == "(2, 10)", res.stderr
+    assert not any(alive_in_group(g) for g in groups)
+    assert torch.jit.load(str(out / "model.torchscript.pt")) is not None
