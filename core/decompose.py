@@ -414,9 +414,13 @@ def tucker2_layers(
                 random_state=seed,
             )
         except (np.linalg.LinAlgError, ValueError, FloatingPointError) as e:
-            raise DecompositionError(f"{_where(layer_name)}Tucker-2 decomposition at ranks ({r_in}, {r_out}) failed: {e}") from None
+            raise DecompositionError(
+                f"{_where(layer_name)}Tucker-2 decomposition at ranks ({r_in}, {r_out}) failed: {e}"
+            ) from None
     if not all(np.isfinite(f).all() for f in (core, u_out, u_in)):
-        raise DecompositionError(f"{_where(layer_name)}Tucker-2 decomposition at ranks ({r_in}, {r_out}) gave non-finite factors")
+        raise DecompositionError(
+            f"{_where(layer_name)}Tucker-2 decomposition at ranks ({r_in}, {r_out}) gave non-finite factors"
+        )
     seq = _tucker_structure(conv, (r_in, r_out))
     # Layer weights: 1×1 (R_in,S) = U_in^T, core (R_out,R_in,kh,kw), 1×1 (T,R_out) = U_out.
     return _fill(seq, [u_in.T, core, u_out], conv.bias)

@@ -186,7 +186,9 @@ class SearchSpace:
         in_space = set(unit_of) | {d.layer for d in decs}
         if not in_space:
             why = "; ".join(f"{n}: {r}" for n, r in list(skipped.items())[:3]) or "no prunable or decomposable layer"
-            pw = [i.name for i in infos if i.name in selected and "cp" in cfg.decomposition and _kernel_is_1x1(i.kernel)]
+            pw = [
+                i.name for i in infos if i.name in selected and "cp" in cfg.decomposition and _kernel_is_1x1(i.kernel)
+            ]
             if pw:
                 why += f"; CP decomposition does not apply to 1x1 convs ({', '.join(pw[:3])})"
             raise SlimError(f"[space]: nothing to search in the selected layers ({why})")

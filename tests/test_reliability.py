@@ -250,8 +250,11 @@ def test_only_an_explicit_factory_is_ever_imported(
     assert res.returncode == 0 and "trials 1/1 done" in res.stdout, res.stdout + res.stderr
     rejected = [
         ('dataset = "digits"', 'dataset = "slim_marker:load"', "[data] dataset"),
-        ('[study]\nname = "slim_marker"', '[study]\nname = "slim_marker"\nsampler = "slim_marker:Sampler"',
-         "[study] sampler"),
+        (
+            '[study]\nname = "slim_marker"',
+            '[study]\nname = "slim_marker"\nsampler = "slim_marker:Sampler"',
+            "[study] sampler",
+        ),
         ('kind = "proxy"', 'kind = "slim_marker:Evaluator"', "[evaluator] kind"),
         ("rate_step = 0.05", 'rate_step = 0.05\ncriteria = ["slim_marker:crit"]', "[space] criteria"),
         ("[seeds]", '[seeds]\nstrategies = ["slim_marker:make"]', "[seeds] strategies"),
@@ -262,7 +265,9 @@ def test_only_an_explicit_factory_is_ever_imported(
         bad = tmp_path / "bad.toml"
         bad.write_text(text.replace(old, new, 1))
         assert_one_line_error(main(capsys, "run", str(bad), "--no-progress"), needle)
-    assert not marker.exists() and "slim_marker" not in sys.modules, "a study string other than the factory was imported"
+    assert not marker.exists() and "slim_marker" not in sys.modules, (
+        "a study string other than the factory was imported"
+    )
 
     # Control: the explicit factory is imported (so the marker would have shown any other import).
     res = main(capsys, "cost", "slim_marker:make", "--input-shape", "1,8,8")

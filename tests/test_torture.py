@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from optuna.trial import TrialState
 
 from core.errors import SlimError
@@ -94,7 +93,8 @@ def test_random_sigkills_of_driver_and_workers(
         while len(kills) < KILLS:
             # Kill moments: mostly while the workers run trials, sometimes while the driver still starts up.
             spawned = time.time() + 60
-            while rng.random() < 0.8 and not children(driver.pid) and driver.poll() is None and time.time() < spawned:
+            wait_for_workers = rng.random() < 0.8
+            while wait_for_workers and not children(driver.pid) and driver.poll() is None and time.time() < spawned:
                 time.sleep(0.2)
             time.sleep(rng.uniform(0.5, 7.0))
             if driver.poll() is not None:
@@ -133,6 +133,9 @@ def test_random_sigkills_of_driver_and_workers(
     tl = tally(trials)
     assert tl.counted == N_TRIALS and tl.running == 0, tl
     assert sorted(t.number for t in trials) == list(range(len(trials)))
+    killed = [t for t in trials if t.state == TrialState.FAIL and not is_counted(t)]
+    assert killed, f"no kill landed during a trial: {kills}"  # else this test tortured nothing
+    print(f"kills: {kills}; trials {len(trials)} ({tl.by_state}); interrupted: {[t.number for t in killed]}")
     # Each trial that never finished evaluating (killed) was re-enqueued with the same parameters.
     for t in trials:
         if t.state == TrialState.FAIL and not is_counted(t):
@@ -146,14 +149,10 @@ def test_random_sigkills_of_driver_and_workers(
                          timeout=240)  # fmt: skip
     assert res.returncode == 0, res.stdout + res.stderr
     script = (
-        "import sys, torch\n"
-        "m = torch.jit.load(sys.argv[1])\n"
-        "y = m(torch.zeros(2, 1, 8, 8))\n"
-        "print(tuple(y.shape))\n"
+        "import sys, torch\nm = torch.jit.load(sys.argv[1])\ny = m(torch.zeros(2, 1, 8, 8))\nprint(tuple(y.shape))\n"
     )
     plain = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     res = subprocess.run([sys.executable, "-c", script, str(out / "model.torchscript.pt")], cwd="/", env=plain,
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert res.returncode == 0 and res.stdout.strip() == "(2, 10)", res.stderr
     assert not any(alive_in_group(g) for g in groups)
-    assert torch.jit.load(str(out / "model.torchscript.pt")) is not None
