@@ -173,15 +173,26 @@ def open_storage(cfg: StudyConfig, *, create: bool = True) -> optuna.storages.RD
     key = "heartbeat_stale_trial_callback"
     if "heartbeat_stale_trial_callback" not in optuna.storages.RDBStorage.__init__.__code__.co_varnames:
         key = "failed_trial_callback"  # optuna < 4.9
+    # Processes initialising a fresh database at once race in Optuna's schema set-up ("table ... already
+    # exists", UNIQUE alembic_version): SQLite creators (``run``) take the study's file lock; any other
+    # opener that loses the race retries (the schema is complete by then). Readers never wait for the lock.
     try:
-        with _quiet():
-            return optuna.storages.RDBStorage(
-                engine_url(url),
-                engine_kwargs=kwargs,
-                heartbeat_interval=s.heartbeat_interval,
-                grace_period=s.grace_period,
-                **{key: _retry_callback(cfg)},
-            )
+        with storage_lock(cfg) if p is not None and create else contextlib.nullcontext():
+            for attempt in range(3):
+                try:
+                    with _quiet():
+                        return optuna.storages.RDBStorage(
+                            engine_url(url),
+                            engine_kwargs=kwargs,
+                            heartbeat_interval=s.heartbeat_interval,
+                            grace_period=s.grace_period,
+                            **{key: _retry_callback(cfg)},
+                        )
+                except Exception as e:
+                    racing = type(e).__name__ == "IntegrityError" or "already exists" in str(e)
+                    if attempt == 2 or not racing:
+                        raise
+                    time.sleep(0.5)
     except ImportError as e:
         extra = " (pip install 'slimsearch[postgres]')" if url.startswith("postgres") else ""
         raise SlimError(f"storage {shown}: database driver missing: {e}{extra}") from None
