@@ -23,7 +23,7 @@ from search.study import load_study
 from tests.test_runner import make_baseline, write_study
 
 REPO = Path(__file__).resolve().parents[1]
-N_TRIALS = 20
+N_TRIALS = 24
 KILLS = 10
 
 
@@ -55,6 +55,14 @@ def complete_trials(cfg) -> dict[int, tuple]:  # noqa: ANN001
             if t.state == TrialState.COMPLETE}  # fmt: skip
 
 
+def running_now(cfg) -> bool:  # noqa: ANN001
+    try:
+        study = load_optuna_study(cfg, open_storage(cfg, create=False))
+    except SlimError:
+        return False
+    return tally(study.get_trials(deepcopy=False)).running > 0
+
+
 @pytest.mark.slow
 def test_random_sigkills_of_driver_and_workers(
     tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
@@ -65,7 +73,7 @@ def test_random_sigkills_of_driver_and_workers(
         tmp_path, ckpt, name="torture", n_trials=N_TRIALS, constraint="max_macs_ratio = 0.8",
         study="n_startup_trials = 6\nmax_retry = 5",
         seeds='strategies = ["uniform"]\nuniform_rates = [0.3, 0.5]',
-        evaluator='kind = "finetune"\nsteps = 25\nlr = 0.02\nkd = true',
+        evaluator='kind = "finetune"\nsteps = 40\nlr = 0.02\nkd = true',
     )  # fmt: skip
     cfg = load_study(path)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
@@ -91,12 +99,12 @@ def test_random_sigkills_of_driver_and_workers(
     worker_kills_since_start = 0
     try:
         while len(kills) < KILLS:
-            # Kill moments: mostly while the workers run trials, sometimes while the driver still starts up.
-            spawned = time.time() + 60
-            wait_for_workers = rng.random() < 0.8
-            while wait_for_workers and not children(driver.pid) and driver.poll() is None and time.time() < spawned:
+            # Kill moments: mostly while trials are running, sometimes while the driver still starts up.
+            wait_for_trials = rng.random() < 0.8
+            until = time.time() + 90
+            while wait_for_trials and not running_now(cfg) and driver.poll() is None and time.time() < until:
                 time.sleep(0.2)
-            time.sleep(rng.uniform(0.5, 7.0))
+            time.sleep(rng.uniform(0.2, 4.0))
             if driver.poll() is not None:
                 break  # the study finished before all kills happened (asserted below)
             workers = children(driver.pid)
