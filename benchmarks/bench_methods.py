@@ -8,7 +8,10 @@ applied, BN recalibrated and the model fine-tuned for ``--finetune-steps`` SGD s
 for the "baseline+ft" row; KD from the baseline with ``--kd``), then scored on the val subset and on the first
 ``--test-images`` test images. The baseline is scored on the same splits, raw and after the same fine-tune: the
 public weights lose ~10 points on the JPEG pixels until fine-tuned (SOURCE.md), so the fine-tuned baseline is the
-fair reference for the fine-tuned rows. ``--adapt-steps`` first fine-tunes the baseline itself (default 0).
+fair reference for the fine-tuned rows. ``--start adapted`` (default) starts from the JPEG-adapted checkpoint that
+benchmarks/adapt_baselines.py writes (outside the repo); ``--start raw`` from the public weights, which
+``--adapt-steps`` can fine-tune first. VGG-16 has no public CIFAR checkpoint here: train one with
+``slimsearch train vgg16 --data cifar10 --root <archive> --epochs 30 --out <file> --device cuda`` (hours on CPU).
 
 Run from the repo root (CPU only):
   python benchmarks/bench_methods.py --models resnet20 --val-images 500 --bn-batches 4 --finetune-steps 50 \
@@ -34,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import CHECKPOINTS, SHAPE, load_adapted, stratified_subset  # noqa: E402
 from core.apply import apply_policy  # noqa: E402
 from core.cost import count_cost  # noqa: E402
 from core.data import DataSplits, batches, load_splits  # noqa: E402
@@ -47,9 +51,6 @@ from evaluators.context import EvalContext, build_context  # noqa: E402
 from evaluators.evaluate import evaluate  # noqa: E402
 from search.methods import run_method  # noqa: E402
 from search.methods.common import as_accuracy  # noqa: E402
-
-CHECKPOINTS = {"resnet20": "resnet20-12fca82f.th", "resnet56": "resnet56-4bfd9763.th"}
-SHAPE = (1, 3, 32, 32)
 
 # What the papers report (METHODS.md / seeds/). None of them is on ResNet-20/56, so these are context, not targets.
 PAPER = {
@@ -68,12 +69,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bn-batches", type=int, default=4, help="BN recalibration batches of the proxy")
     p.add_argument("--finetune-steps", type=int, default=50, help="final fine-tune, same for every row")
     p.add_argument("--test-images", type=int, default=2000)
+    p.add_argument(
+        "--start",
+        choices=("adapted", "raw"),
+        default="adapted",
+        help="adapted: the checkpoint of benchmarks/adapt_baselines.py; raw: the public weights",
+    )
     p.add_argument("--adapt-steps", type=int, default=0, help="fine-tune the baseline on the JPEGs first")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.01, help="final fine-tune lr (cosine)")
     p.add_argument("--kd", action="store_true", help="final fine-tune with KD from the baseline")
     p.add_argument("--abshpc-epsilon", type=float, default=0.005)
     p.add_argument("--mtd-tol", type=float, default=0.01)
+    p.add_argument("--mtd-rank-ratio", type=float, default=None, help="CP/Tucker rank ratio (default: EVBMF)")
+    p.add_argument("--abshpc-resolution", type=float, default=None, help="stop a layer's bisection at this rate gap")
     p.add_argument("--ga-pop", type=int, default=10)
     p.add_argument("--ga-generations", type=int, default=5)
     p.add_argument("--ga-tol", type=float, default=0.01)
@@ -81,6 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--distfit-tol", type=float, default=0.01)
     p.add_argument("--scan-rates", default="0.2,0.4,0.6,0.8", help="sensitivity-scan rates of ga and distfit")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
     default_shared = os.environ.get("SLIMSEARCH_SHARED") or str(Path(__file__).resolve().parents[2] / "shared")
     p.add_argument("--shared", default=default_shared, help="folder with models/ and data/ ($SLIMSEARCH_SHARED)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
@@ -88,7 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def first(ds: Any, n: int) -> Any:
-    return ds.subset(torch.arange(min(n, len(ds.y))))
+    """A class-balanced ``n``-image subset (val is stored classes interleaved; test class by class)."""
+    return stratified_subset(ds, n)
 
 
 def cost_row(base: Any, model: torch.nn.Module) -> dict[str, float]:
@@ -122,9 +133,10 @@ def finish(ctx: EvalContext, model: torch.nn.Module, test: Any, args: argparse.N
 def method_options(name: str, args: argparse.Namespace) -> dict[str, Any]:
     scan = tuple(float(r) for r in args.scan_rates.split(","))
     if name == "abshpc":
-        return {"epsilon": args.abshpc_epsilon}
+        return {"epsilon": args.abshpc_epsilon, "rate_resolution": args.abshpc_resolution}
     if name == "mtd":
-        return {"tol": args.mtd_tol}
+        r = args.mtd_rank_ratio
+        return {"tol": args.mtd_tol, "cp_rank": r, "tucker_ranks": r}
     if name == "ga":
         return {"pop": args.ga_pop, "generations": args.ga_generations, "tol": args.ga_tol, "scan_rates": scan,
                 "seed": args.seed}  # fmt: skip
@@ -171,9 +183,10 @@ def run_model(name: str, args: argparse.Namespace, log: Callable[[str], None]) -
     log(f"data loaded in {time.perf_counter() - t:.0f} s")
     sub = DataSplits(splits.train, first(splits.val, args.val_images), None)
     test = first(splits.test, args.test_images)
-    base_model = load_checkpoint(build_model(name), shared / "models" / CHECKPOINTS[name]).eval()
+    raw_model = load_checkpoint(build_model(name), shared / "models" / CHECKPOINTS[name]).eval()
     rows = []
-    raw = {"val_acc": accuracy(base_model, sub.val), "test_acc": accuracy(base_model, test)}
+    raw = {"val_acc": accuracy(raw_model, sub.val), "test_acc": accuracy(raw_model, test)}
+    base_model = load_adapted(name) if args.start == "adapted" else raw_model
     if args.adapt_steps > 0:
         cfg = FinetuneConfig(steps=args.adapt_steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
         finetune(base_model, splits.train, cfg)
@@ -242,8 +255,10 @@ def markdown(results: list[dict]) -> str:
                   f"val subset {res['splits']['val_subset']} images, BN recalibration {s['bn_batches']}x"
                   f"{s['batch_size']} images (proxy acc for the searches); final fine-tune {s['finetune_steps']} "
                   f"steps x {s['batch_size']} (lr {s['lr']}, KD {s['kd']}) for every row but `baseline`; "
-                  f"test subset {res['splits']['test_subset']} images; baseline adapt steps {s['adapt_steps']}; "
-                  f"ABSHPC eps {s['abshpc_epsilon']}, MTD tol {s['mtd_tol']}, GA pop {s['ga_pop']} gens "
+                  f"test subset {res['splits']['test_subset']} images; start {s.get('start', 'raw')} checkpoint, "
+                  f"adapt steps {s['adapt_steps']}; "
+                  f"ABSHPC eps {s['abshpc_epsilon']}, MTD tol {s['mtd_tol']} ranks "
+                  f"{s.get('mtd_rank_ratio') or 'EVBMF'}, GA pop {s['ga_pop']} gens "
                   f"{s['ga_generations']} tol {s['ga_tol']}, distfit "
                   f"{'rate ' + str(s['distfit_rate']) if s['distfit_rate'] is not None else 'scan tol ' + str(s['distfit_tol'])}"
                   f", scan rates {s['scan_rates']}. Machine: {res['machine']['cpus']} CPUs, load "
@@ -270,6 +285,7 @@ def markdown(results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 

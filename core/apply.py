@@ -3,8 +3,8 @@
 Order: validate -> choose the kept filters of every pruned layer on the ORIGINAL weights
 (``core.criteria.select_filters``) -> prune a deep copy (``core.prune``) -> decompose the layers
 whose policy says cp/tucker, using the POST-pruning conv (its filters, and input channels cut by
-pruned predecessors, are gone; ranks are checked against that shape) -> eval mode -> one forward
-pass checking the output shape is unchanged.
+pruned predecessors, are gone; ranks are checked against that shape) -> eval mode -> one batch-1
+forward pass, without convolution arithmetic (``_shape_forward``), checking the output shape is unchanged.
 
 Coupled groups (``core.graph``): a policy entry on any member prunes the whole group with one kept set,
 chosen on the group leader's weights; members given in the policy must agree on their pruning settings.
@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import copy
 import zlib
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from functools import partial
 
 import torch
 from torch import nn
 
+from core.cost import conv_zeros
 from core.criteria import select_filters
 from core.decompose import DecompositionCache, choose_rank, decompose_conv, default_cache
 from core.errors import SlimError
@@ -33,11 +36,28 @@ from core.prune import cut, masked_model_inplace
 __all__ = ["apply_policy", "clone_model", "kept_indices", "layer_seed", "masked_model"]
 
 
-_PLAIN = (int, float, str, bool, type(None), torch.dtype, torch.device)
+_ATOMS = frozenset({int, float, str, bool, type(None), torch.dtype, torch.device})
+_STANDARD_KEYS = frozenset(nn.Module().__dict__)
+_HOOK_KEYS = tuple(
+    k
+    for k, v in nn.Module().__dict__.items()
+    if type(v) in (dict, OrderedDict) and k not in ("_parameters", "_buffers", "_modules")
+)
+_CLASS_COPYABLE: dict[type, bool] = {}
 
 
 def _plain(v: object) -> bool:
-    return isinstance(v, _PLAIN) or (isinstance(v, tuple) and all(_plain(x) for x in v))
+    tv = type(v)
+    return tv in _ATOMS or (tv is tuple and all(_plain(x) for x in v))  # type: ignore[union-attr]
+
+
+def _copyable(cls: type) -> bool:
+    """The class neither customises copying nor pickling (torch.nn's own ``__setstate__`` shims are fine)."""
+    ok = _CLASS_COPYABLE.get(cls)
+    if ok is None:
+        setstate_home = getattr(getattr(cls, "__setstate__", None), "__module__", "") or ""
+        ok = _CLASS_COPYABLE[cls] = not hasattr(cls, "__deepcopy__") and setstate_home.startswith("torch.nn")
+    return ok
 
 
 class _NotPlain(Exception):
@@ -57,36 +77,40 @@ def clone_model(model: nn.Module) -> nn.Module:
     def tensor(x: torch.Tensor | None) -> torch.Tensor | None:
         if x is None:
             return None
-        if id(x) not in memo:
+        y = memo.get(id(x))
+        if y is None:
             if type(x) is nn.Parameter:
-                memo[id(x)] = nn.Parameter(x.detach().clone(), requires_grad=x.requires_grad)
+                y = nn.Parameter(x.detach().clone(), requires_grad=x.requires_grad)
             elif type(x) is torch.Tensor:
-                memo[id(x)] = x.detach().clone()
+                y = x.detach().clone()
             else:
                 raise _NotPlain
-        return memo[id(x)]  # type: ignore[return-value]
+            memo[id(x)] = y
+        return y  # type: ignore[return-value]
 
     def module(m: nn.Module) -> nn.Module:
         if id(m) in memo:
             return memo[id(m)]  # type: ignore[return-value]
-        setstate_home = getattr(getattr(type(m), "__setstate__", None), "__module__", "") or ""
-        if hasattr(type(m), "__deepcopy__") or not setstate_home.startswith("torch.nn"):
-            raise _NotPlain  # the class customises copying (torch.nn's own __setstate__ shims are fine)
-        d: dict[str, object] = {}
-        for k, v in m.__dict__.items():
-            if k in ("_parameters", "_buffers"):
-                d[k] = {n: tensor(t) for n, t in v.items()}
-            elif k == "_modules":
-                d[k] = {n: None if c is None else module(c) for n, c in v.items()}
-            elif isinstance(v, (dict, set)) and not v:
-                d[k] = type(v)()  # empty hook dicts / buffer sets: fresh, never shared
-            elif isinstance(v, set) and all(isinstance(x, str) for x in v):
-                d[k] = set(v)
-            elif _plain(v):
-                d[k] = v
-            else:
-                raise _NotPlain
-        new = m.__class__.__new__(m.__class__)
+        cls = type(m)
+        if not _copyable(cls):
+            raise _NotPlain
+        src = m.__dict__
+        d = dict(src)  # standard flags (training, ...) and plain attributes as they are; the rest replaced below
+        for k in _HOOK_KEYS:
+            hooks = src.get(k)
+            if hooks:
+                raise _NotPlain  # registered hooks: deepcopy decides what copying them means
+            if hooks is not None:
+                d[k] = type(hooks)()  # fresh, never shared
+        if any(type(x) is not str for x in src.get("_non_persistent_buffers_set", ())):
+            raise _NotPlain
+        d["_non_persistent_buffers_set"] = set(src.get("_non_persistent_buffers_set", ()))
+        d["_parameters"] = {n: tensor(t) for n, t in src["_parameters"].items()}
+        d["_buffers"] = {n: tensor(t) for n, t in src["_buffers"].items()}
+        d["_modules"] = {n: None if c is None else module(c) for n, c in src["_modules"].items()}
+        if not all(_plain(src[k]) for k in src.keys() - _STANDARD_KEYS):
+            raise _NotPlain
+        new = cls.__new__(cls)
         new.__dict__ = d
         memo[id(m)] = new
         return new
@@ -193,7 +217,8 @@ def apply_policy(
     ``example_input`` / ``input_shape`` (batch first) tell how to trace the model; default 1×C×32×32.
     ``cache`` holds decompositions (default: ``core.decompose.default_cache()``). ``seed`` drives the
     random criterion (per layer via ``layer_seed``) and the CP initialisation. ``check`` runs one forward
-    pass and raises ``RuntimeError`` if the output shape changed (a bug, never expected). Bad policies
+    pass (shapes only, see ``_shape_forward``) and raises ``RuntimeError`` if a layer no longer fits its input
+    or the output shape changed (a bug, never expected). Bad policies
     (unknown layer, out-of-range values, pruning a non-prunable layer, ranks above the post-pruning full
     rank) raise ``SlimError``.
     """
@@ -208,17 +233,61 @@ def apply_policy(
         cut(new, kept, graph)
     if any(lp.decomposition != "none" for lp in policy.layers.values()):
         _decompose(new, policy, default_cache() if cache is None else cache, seed, graph)
-    new.eval()
+    if any(m.training for m in new.modules()):
+        new.eval()
     if check and graph.output_shape is not None:
         x = torch.zeros(graph.input_shape, dtype=graph.template_dtype, device=graph.template_device)
-        with torch.no_grad():
-            out = new(x)
+        out = _shape_forward(new, x, model)
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != graph.output_shape:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise RuntimeError(
                 f"apply_policy produced output {got}, expected {graph.output_shape}: policy {policy.hash}"
             )
     return new
+
+
+def _shape_forward(new: nn.Module, x: torch.Tensor, original: nn.Module) -> object:
+    """``new(x)`` under ``no_grad`` for the output-shape check, without convolution arithmetic.
+
+    The check guards against surgery bugs, which show as shapes: a layer that no longer fits its input, or a
+    changed output shape. Every op but the convolutions runs for real (BN, linear, adds, concat raise on a
+    channel mismatch); each plain ``nn.Conv2d`` returns ``core.cost.conv_zeros`` (zeros of its exact output
+    shape, given only once ATen's own shape rules for that call hold) or else runs for real. So the output
+    shape is the real forward's and the check fails where the real one would, at half the cost of a real
+    forward on a ResNet-56. If anything raises, the real forward runs, so the check never fails where a
+    real forward succeeds.
+
+    The convs' ``forward`` is overridden on the instance for the duration (cheaper than a TorchFunctionMode):
+    ``new`` is private to ``apply_policy`` until it returns, and a module shared with ``original`` (none
+    are, by construction) would be left alone.
+    """
+    shared = {id(m) for m in original.modules()}
+    convs = [
+        m
+        for m in new.modules()
+        if type(m) is nn.Conv2d and id(m) not in shared and "forward" not in m.__dict__ and m.padding_mode == "zeros"
+    ]
+    patched: list[nn.Conv2d] = []
+    try:
+        for m in convs:
+            m.forward = partial(_conv_shape_only, m)
+            patched.append(m)
+        with torch.no_grad():
+            return new(x)
+    except Exception:
+        pass  # the real forward below raises if the model is really broken
+    finally:
+        for m in patched:
+            del m.forward
+    with torch.no_grad():
+        return new(x)
+
+
+def _conv_shape_only(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    out = None
+    if not isinstance(conv.padding, str):
+        out = conv_zeros(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return nn.Conv2d.forward(conv, x) if out is None else out
 
 
 def masked_model(

@@ -645,7 +645,8 @@ def load_train_test(root: str | Path) -> tuple[Dataset, Dataset | None]:
 def split_train_val(ds: Dataset, val_size: int | float, seed: int = 0) -> tuple[Dataset, Dataset]:
     """Deterministic, class-stratified split into (train, val); ``val_size`` is a count or a fraction in (0, 1).
 
-    Each class gives up its share of val images (within one image), chosen by a seeded permutation.
+    Each class gives up its share of val images (within one image), chosen by a seeded permutation. val comes
+    classes interleaved (every prefix is stratified too); train keeps the input order.
     """
     n = len(ds)
     if isinstance(val_size, bool) or not isinstance(val_size, (int, float)):
@@ -671,7 +672,8 @@ def split_train_val(ds: Dataset, val_size: int | float, seed: int = 0) -> tuple[
     chosen = perm[np.lexsort((np.arange(n), key))[:k]]
     is_val = np.zeros(n, dtype=bool)
     is_val[chosen] = True
-    return ds.subset(torch.from_numpy(np.flatnonzero(~is_val))), ds.subset(torch.from_numpy(np.flatnonzero(is_val)))
+    # val keeps the interleaved order, so any prefix of it (a search's val subset) is class-balanced too.
+    return ds.subset(torch.from_numpy(np.flatnonzero(~is_val))), ds.subset(torch.from_numpy(chosen))
 
 
 def load_splits(

@@ -19,6 +19,7 @@ channels must go with its filters (BN entries, consumers' input channels, residu
 Building the dependency graph traces the model and is slow (seconds for ResNet-56 on a busy CPU), so
 the analysis is cached per architecture fingerprint (module names, types, hyper-parameters, tensor
 shapes) and example-input shape; it is built on a private eval-mode copy, never on the caller's model.
+The fingerprint itself is cached per model object, reused while a cheap identity/shape check holds.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -283,22 +285,82 @@ def _pads_channels(grad_fn: object) -> bool:
     return "Pad" in name and "Pad1d" not in name and "Pad2d" not in name
 
 
+_FP_PLAIN = (int, float, str, bool, tuple, type(None))
+_FP_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[list, list, str]] = weakref.WeakKeyDictionary()
+_FP_LOCK = threading.Lock()
+
+
 def fingerprint(model: nn.Module) -> str:
     """Digest of the architecture: module names, classes, plain public attributes (hyper-parameters such as
     a padding width a ``forward`` may read), tensor shapes and dtypes (not values). Forward code itself is
-    identified by the class name only."""
-    h = hashlib.sha256()
+    identified by the class name only.
+
+    Cached per model object. The digest is reused only while everything it is computed from is unchanged:
+    the same objects (submodules, their classes, public attribute values, parameters, buffers, children),
+    checked by identity against weak references (or, for immutable values, the values themselves), the same
+    attribute / parameter / buffer / child names, and the same tensor shapes and dtypes. Any change (a
+    replaced layer, ``conv.stride = (2, 2)``, ``p.data = other``) recomputes it; new weight values in place
+    do not. The entry holds no strong reference to the model's modules or tensors, so it dies with the model.
+    The check costs a third of computing the digest. (Tuples are taken as immutable, and a custom
+    ``extra_repr`` as describing the attributes above.)
+    """
+    objects, plain = _fingerprint_state(model)
+    try:
+        with _FP_LOCK:
+            hit = _FP_CACHE.get(model)
+    except TypeError:  # not weak-referenceable
+        return _fingerprint(model)
+    if hit is not None and hit[1] == plain and len(hit[0]) == len(objects):
+        if all((r() if type(r) is weakref.ReferenceType else r) is o for r, o in zip(hit[0], objects, strict=True)):
+            return hit[2]
+    digest = _fingerprint(model)
+    with _FP_LOCK:
+        _FP_CACHE[model] = ([_weak(o) for o in objects], plain, digest)
+    return digest
+
+
+def _weak(o: object) -> object:
+    try:
+        return weakref.ref(o)
+    except TypeError:  # ints, strings, tuples, None, dtypes: immutable values, held as they are
+        return o
+
+
+def _fingerprint_state(model: nn.Module) -> tuple[list, list]:
+    """Every object ``_fingerprint`` reads (the model itself aside: it is the cache key), and the tensor
+    shapes/dtypes and attribute / parameter / buffer / child names (compared by value)."""
+    objects: list = []
+    plain: list = []
+    for m in model.modules():
+        d, params, buffers, children = m.__dict__, m._parameters, m._buffers, m._modules
+        if m is not model:
+            objects.append(m)
+        objects.append(type(m))
+        objects += (v for k, v in d.items() if k[0] != "_")  # public attributes: what the digest reads
+        objects += params.values()
+        objects += buffers.values()
+        objects += children.values()
+        plain.append((tuple(d), tuple(params), tuple(buffers), tuple(children)))
+        plain += [(t.shape, t.dtype) for t in params.values() if t is not None]
+        plain += [(t.shape, t.dtype) for t in buffers.values() if t is not None]
+    return objects, plain
+
+
+def _fingerprint(model: nn.Module) -> str:
+    """The digest itself, uncached. ``extra_repr`` is included only where a class outside ``torch.nn``
+    defines it: torch.nn's own only formats public attributes, which are hashed directly (and formatting
+    them was half the cost)."""
+    parts = []
     for name, m in model.named_modules():
+        cls = type(m)
+        extra = "" if (cls.extra_repr.__module__ or "").startswith("torch.nn.") else m.extra_repr()
         attrs = sorted(
-            (k, repr(v))
-            for k, v in vars(m).items()
-            if not k.startswith("_") and k != "training" and isinstance(v, (int, float, str, bool, tuple, type(None)))
+            (k, v) for k, v in vars(m).items() if k[0] != "_" and k != "training" and isinstance(v, _FP_PLAIN)
         )
-        h.update(f"{name}|{type(m).__module__}.{type(m).__qualname__}|{m.extra_repr()}|{attrs}".encode())
-        for pname, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
-            h.update(f"|{pname}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(b"\n")
-    return h.hexdigest()[:24]
+        tensors = [(k, tuple(t.shape), str(t.dtype)) for k, t in m._parameters.items() if t is not None]
+        tensors += [(k, tuple(t.shape), str(t.dtype)) for k, t in m._buffers.items() if t is not None]
+        parts.append((name, cls.__module__, cls.__qualname__, extra, attrs, tensors))
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:24]
 
 
 def example_input_for(model: nn.Module, example_input: InputSpec = None) -> torch.Tensor:

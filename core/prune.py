@@ -6,6 +6,15 @@ handlers, exactly what ``group.prune()`` does. Difference, for speed: the group 
 cached ``core.graph.ModelGraph`` template (all plans in the ORIGINAL channel indexing, merged per module
 and dimension) and the handlers are replayed on the model given here, so no dependency graph has to be
 traced per call. Indices stay valid because every (module, dimension) is cut exactly once.
+
+The three handlers a CNN plan consists of (``ConvPruner.prune_out/in_channels`` on ungrouped ``nn.Conv2d``,
+``BatchnormPruner`` on ``nn.BatchNorm*d``, ``LinearPruner`` on ``nn.Linear``) are replayed by ``_fast_cut``,
+which performs exactly their edits (same attribute updates, ``index_select`` of the same tensors, fresh
+``nn.Parameter``s with the gradient cut alike) but builds each index tensor once: Torch-Pruning's versions
+rebuild it from a Python list per tensor and index BN statistics with a list (~0.3 ms per BN call; the
+replay of a ResNet-56 plan takes ~9 ms CPU instead of ~15). The graph, the groups and the removed indices
+stay Torch-Pruning's. ``tests/test_prune.py`` checks the two replays agree bit for bit; every other
+handler or module type runs Torch-Pruning's own code (``reference=True`` runs it for all).
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
+from torch_pruning.pruner import function as tpf
 
 from core.errors import SlimError
 from core.graph import InputSpec, ModelGraph, fingerprint, model_graph
@@ -78,15 +88,86 @@ def prune_layers(
     return cut(model, plan, _graph_for(model, example_input, graph))
 
 
-def cut(model: nn.Module, plan: Plan, graph: ModelGraph) -> nn.Module:
-    """``prune_layers`` with a graph known to match ``model`` (no fingerprint check)."""
+def cut(model: nn.Module, plan: Plan, graph: ModelGraph, *, reference: bool = False) -> nn.Module:
+    """``prune_layers`` with a graph known to match ``model`` (no fingerprint check).
+
+    ``reference=True`` runs every op through Torch-Pruning's handler (see the module docstring)."""
     ops = graph.removal_ops(resolve_plan(graph, plan))
     modules = dict(model.named_modules())
+    keeps: dict[tuple, torch.Tensor] = {}  # a group's producer, BN and consumers share one kept-index tensor
     with graph._lock:  # handlers are shared pruner objects whose pruning_dim is set per call
         for (name, handler, dim), idxs in ops.items():
-            handler.__self__.pruning_dim = dim  # as torch_pruning's Dependency.__call__ does
-            handler(modules[name], idxs)
+            if reference or not _fast_cut(modules[name], handler, idxs, keeps):
+                handler.__self__.pruning_dim = dim  # as torch_pruning's Dependency.__call__ does
+                handler(modules[name], idxs)
     return model
+
+
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _fast_cut(module: nn.Module, handler: object, idxs: Sequence[int], keeps: dict[tuple, torch.Tensor]) -> bool:
+    """Do what Torch-Pruning's ``handler(module, idxs)`` does, for the handlers and exact module types listed
+    in the module docstring; False (nothing done) for anything else."""
+    fn, kind = getattr(handler, "__func__", None), type(module)
+    if kind is nn.Conv2d and module.groups == 1 and not module.transposed:
+        if fn is tpf.ConvPruner.prune_out_channels:
+            keep = _keep_index(module.out_channels, idxs, module.weight.device, keeps)
+            module.out_channels -= len(idxs)
+            _cut_param(module, "weight", keep, 0)
+            if module.bias is not None:
+                _cut_param(module, "bias", keep, 0)
+            return True
+        if fn is tpf.ConvPruner.prune_in_channels:
+            keep = _keep_index(module.in_channels, idxs, module.weight.device, keeps)
+            module.in_channels -= len(idxs)
+            _cut_param(module, "weight", keep, 1)
+            return True
+    elif kind in _BATCHNORMS and fn is tpf.BatchnormPruner.prune_out_channels:  # its prune_in_channels too
+        device = next((t.device for t in (module.weight, module.running_mean) if t is not None), None)
+        if device is None:
+            return False
+        keep = _keep_index(module.num_features, idxs, device, keeps)
+        module.num_features -= len(idxs)
+        if module.track_running_stats:
+            module.running_mean = module.running_mean.detach().index_select(0, keep)
+            module.running_var = module.running_var.detach().index_select(0, keep)
+        if module.affine:
+            _cut_param(module, "weight", keep, 0)
+            _cut_param(module, "bias", keep, 0)
+        return True
+    elif kind is nn.Linear and fn in (tpf.LinearPruner.prune_out_channels, tpf.LinearPruner.prune_in_channels):
+        out = fn is tpf.LinearPruner.prune_out_channels
+        keep = _keep_index(module.out_features if out else module.in_features, idxs, module.weight.device, keeps)
+        if out:
+            module.out_features -= len(idxs)
+            _cut_param(module, "weight", keep, 0)
+            if module.bias is not None:
+                _cut_param(module, "bias", keep, 0)
+        else:
+            module.in_features -= len(idxs)
+            _cut_param(module, "weight", keep, 1)
+        return True
+    return False
+
+
+def _keep_index(n: int, removed: Sequence[int], device: torch.device, keeps: dict[tuple, torch.Tensor]) -> torch.Tensor:
+    key = (n, tuple(removed), device)
+    keep = keeps.get(key)
+    if keep is None:
+        gone = set(removed)
+        keep = keeps[key] = torch.tensor([i for i in range(n) if i not in gone], dtype=torch.long, device=device)
+    return keep
+
+
+def _cut_param(module: nn.Module, name: str, keep: torch.Tensor, dim: int) -> None:
+    """Torch-Pruning's ``_prune_parameter_and_grad``: a new Parameter (requires_grad=True, as there) of the
+    kept slices, with the gradient cut alike."""
+    old = getattr(module, name)
+    new = nn.Parameter(old.detach().index_select(dim, keep))
+    if old.grad is not None:
+        new.grad = old.grad.index_select(dim, keep)
+    setattr(module, name, new)
 
 
 @torch.no_grad()

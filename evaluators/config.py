@@ -6,10 +6,11 @@ import hashlib
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from core.errors import SlimError
+from core.tables import build_checked, known_keys
 
 KINDS = ("proxy", "finetune")
 # Fields that do not change a result (where and how fast it is computed), left out of the cache key.
@@ -61,20 +62,11 @@ class EvaluatorConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "[evaluator]") -> EvaluatorConfig:
         """Build from a TOML table; unknown keys and bad values raise ``SlimError`` naming them."""
-        if not isinstance(d, Mapping):
-            raise SlimError(f"{where}: expected a table, got {type(d).__name__}")
-        known = [f.name for f in fields(cls)]
-        for key in d:
-            if key not in known:
-                raise SlimError(f"{where}: unknown key {key!r}; allowed: {', '.join(known)}")
+        known_keys(d, cls, where)
         kw = dict(d)
         if isinstance(kw.get("lr"), int) and not isinstance(kw.get("lr"), bool):
             kw["lr"] = float(kw["lr"])
-        cfg = cls.__new__(cls)
-        for f in fields(cls):
-            object.__setattr__(cfg, f.name, kw.get(f.name, f.default))
-        cfg.check(where)
-        return cfg
+        return build_checked(cls, kw, where)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}

@@ -9,6 +9,7 @@ from typing import Any
 
 from core.errors import SlimError
 from core.policy import CRITERIA, DECOMPOSITIONS
+from core.tables import build_checked, known_keys
 
 # "mask" needs explicit keep indices (the GA's output), which a sampler cannot propose.
 SEARCHABLE_CRITERIA = tuple(c for c in CRITERIA if c != "mask")
@@ -60,12 +61,7 @@ class SpaceConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "[space]") -> SpaceConfig:
         """Build from a TOML table: lists become tuples, a single string counts as a one-item list."""
-        if not isinstance(d, Mapping):
-            raise SlimError(f"{where}: expected a table, got {type(d).__name__}")
-        known = [f.name for f in fields(cls)]
-        for key in d:
-            if key not in known:
-                raise SlimError(f"{where}: unknown key {key!r}; allowed: {', '.join(known)}")
+        known_keys(d, cls, where)
         kw: dict[str, Any] = {}
         for key, val in d.items():
             if key in ("prune_rate", "rank_ratio"):
@@ -74,11 +70,7 @@ class SpaceConfig:
                 kw[key] = (val,) if isinstance(val, str) else tuple(val) if isinstance(val, (list, tuple)) else val
             else:
                 kw[key] = val
-        cfg = cls.__new__(cls)
-        for f in fields(cls):
-            object.__setattr__(cfg, f.name, kw.get(f.name, f.default))
-        cfg.check(where)
-        return cfg
+        return build_checked(cls, kw, where)
 
     def to_dict(self) -> dict[str, Any]:
         """TOML/JSON-friendly form (tuples as lists, ``rate_step`` omitted when unset)."""

@@ -259,3 +259,38 @@ def test_policy_on_a_group_member_prunes_the_whole_group() -> None:
             Policy({"a": LayerPolicy(prune_rate=0.5), "b": LayerPolicy(prune_rate=0.25)}),
             input_shape=(1, 3, 8, 8),
         )
+
+
+def test_output_check_skips_conv_arithmetic_but_catches_broken_surgery(monkeypatch: pytest.MonkeyPatch) -> None:
+    import core.apply as apply_mod
+
+    model = build_model("resnet20").eval()
+    policy = Policy({"layer1.0.conv1": LayerPolicy(prune_rate=0.5)})
+    convs_run = []
+    monkeypatch.setattr(nn.Conv2d, "_conv_forward", lambda self, *a: convs_run.append(self) or None)
+    new = apply_policy(model, policy)  # the check forward computes no convolution at all ...
+    assert convs_run == []
+    assert all("forward" not in m.__dict__ for m in new.modules())  # ... and leaves no override behind
+    monkeypatch.undo()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert new(x).shape == (2, 10)
+    real_cut = apply_mod.cut
+
+    def cut_and_break(what: str) -> object:
+        def broken(new: nn.Module, kept: object, graph: object) -> nn.Module:
+            real_cut(new, kept, graph)
+            if what == "channels":  # a consumer left with one input channel too many
+                new.layer1[0].conv2 = nn.Conv2d(9, 16, 3, padding=1, bias=False)
+            else:  # a changed output
+                new.linear = nn.Linear(64, 7)
+            return new
+
+        return broken
+
+    monkeypatch.setattr(apply_mod, "cut", cut_and_break("channels"))
+    with pytest.raises(RuntimeError, match="channels"):
+        apply_policy(model, policy)
+    monkeypatch.setattr(apply_mod, "cut", cut_and_break("output"))
+    with pytest.raises(RuntimeError, match=r"apply_policy produced output \(1, 7\), expected \(1, 10\)"):
+        apply_policy(model, policy)

@@ -3,6 +3,7 @@ augmentation and batches."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import pickle
@@ -344,6 +345,14 @@ def test_split_deterministic_disjoint_sizes() -> None:
     # Stratified: every class gives up its share (within one image).
     counts, vcounts = torch.bincount(ds.y, minlength=5), torch.bincount(va.y, minlength=5)
     assert (vcounts.double() - counts.double() * 100 / 500).abs().max().item() <= 1.0
+
+
+def test_split_val_prefix_is_stratified_even_for_class_sorted_input() -> None:
+    ds = _indexed(500, 5)
+    ds = dataclasses.replace(ds, y=torch.arange(500) // 100)  # stored class by class, like an image-folder archive
+    _, va = split_train_val(ds, 100, seed=0)
+    for k in (10, 25, 50):  # searches and benchmarks score on the first k val images
+        assert torch.bincount(va.y[:k], minlength=5).tolist() == [k // 5] * 5
 
 
 @pytest.mark.parametrize("bad", [0.0, 1.0, 1.5, -1, 500, 501, True, "10"])

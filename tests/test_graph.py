@@ -103,3 +103,49 @@ def test_graph_building_leaves_the_model_untouched() -> None:
     compressible_layers(m, (1, 1, 8, 8))
     assert m.training and not any(p.requires_grad for p in m.parameters())
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+def test_fingerprint_cache_notices_changes_and_the_graph_is_rebuilt() -> None:
+    from core.graph import _fingerprint, model_graph
+
+    m = build_model("smallcnn").eval()
+    shape = (1, 1, 8, 8)
+    fp, graph = fingerprint(m), model_graph(m, shape)
+    assert fp == _fingerprint(m) and fingerprint(m) == fp
+    with torch.no_grad():
+        m.features[0].weight.mul_(2.0)  # new values, same architecture: cache hit, same graph
+    assert fingerprint(m) == fp and model_graph(m, shape) is graph
+
+    m.features[0] = nn.Conv2d(1, 32, 3, padding=1, bias=False)  # a new but identical layer: same digest
+    assert fingerprint(m) == fp == _fingerprint(m)
+
+    changed = []
+    m.features[3].stride = (2, 2)  # a hyper-parameter, set in place on the same module
+    changed.append(fingerprint(m))
+    m.features[3].stride = (1, 1)
+    assert fingerprint(m) == fp
+    m.features[0].weight.data = torch.zeros(16, 1, 3, 3)  # a tensor reshaped behind the module's back
+    changed.append(fingerprint(m))
+    m.features[0] = nn.Conv2d(1, 16, 3, padding=1, bias=False)  # a replaced layer
+    m.features[1] = nn.BatchNorm2d(16)
+    m.features[3] = nn.Conv2d(16, 32, 3, padding=1, bias=False)
+    changed.append(fingerprint(m))
+    assert changed[-1] == _fingerprint(m) and len({fp, *changed}) == 4
+    rebuilt = model_graph(m, shape)
+    assert rebuilt is not graph and rebuilt.fingerprint == changed[-1]
+    assert rebuilt.layers["features.0"].out_channels == 16 and rebuilt.layers["features.3"].in_channels == 16
+    with torch.no_grad():
+        assert m(torch.zeros(shape)).shape == (1, 10)
+
+
+def test_fingerprint_cache_does_not_keep_models_alive() -> None:
+    import gc
+    import weakref
+
+    m = build_model("smallcnn")
+    m.features[0].register_forward_hook(lambda mod, args, out, owner=m: None)  # a hook referring to the model
+    fingerprint(m)
+    ref = weakref.ref(m)
+    del m
+    gc.collect()
+    assert ref() is None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -192,3 +194,45 @@ def test_split_channels_are_not_prunable() -> None:
     with pytest.raises(SlimError, match="'a' cannot be pruned: its channels are split"):
         prune_layers(model, {"a": [0, 2, 5, 6, 7]})
     assert model.a.out_channels == 8
+
+
+@pytest.mark.parametrize(
+    ("make", "shape"),
+    [
+        (lambda: build_model("vgg11"), None),
+        (lambda: build_model("resnet20"), None),
+        (lambda: build_model("alexnet"), None),  # last conv -> flatten -> linear: LinearPruner.prune_in_channels
+        (_Coupled, (1, 3, 8, 8)),  # depthwise conv and a linear after a mean: Torch-Pruning's own handlers
+    ],
+)
+def test_fast_replay_equals_torch_pruning_handlers(make, shape, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    import core.prune as prune
+
+    fast_ops = []
+    original = prune._fast_cut
+    monkeypatch.setattr(prune, "_fast_cut", lambda *a: fast_ops.append(done := original(*a)) or done)
+    model = randomize_bn(make(), seed=3)
+    model.train()
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    next(iter(model.parameters())).requires_grad_(False)  # Torch-Pruning's new Parameters require grad anyway
+    graph = model_graph(model, shape)
+    prunable = [n for n, li in graph.layers.items() if li.prunable and (li.group is None or li.group == n)]
+    for seed in range(3):
+        plan = random_plan(model, prunable, seed)
+        fast, ref = copy.deepcopy(model), copy.deepcopy(model)  # deepcopy keeps the gradients
+        prune.cut(fast, plan, graph)
+        prune.cut(ref, plan, graph, reference=True)
+        assert repr(fast) == repr(ref)
+        fs, rs = fast.state_dict(keep_vars=True), ref.state_dict(keep_vars=True)
+        assert list(fs) == list(rs)
+        for k in rs:
+            assert type(fs[k]) is type(rs[k]) and fs[k].requires_grad == rs[k].requires_grad, k
+            assert torch.equal(fs[k], rs[k]) and fs[k].is_contiguous() == rs[k].is_contiguous(), k
+            assert (fs[k].grad is None) == (rs[k].grad is None), k
+            if rs[k].grad is not None:
+                assert torch.equal(fs[k].grad, rs[k].grad), k
+        for (name, a), b in zip(fast.named_modules(), ref.modules(), strict=True):
+            public = [{k: v for k, v in vars(m).items() if not k.startswith("_")} for m in (a, b)]
+            assert public[0] == public[1], name
+    assert any(fast_ops) and (not all(fast_ops)) == (make is _Coupled)  # _Coupled's depthwise conv: Torch-Pruning
