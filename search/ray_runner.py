@@ -2,9 +2,14 @@
 
 One Ray Tune experiment per study, stored under ``<workdir>/ray/<study name>`` (``RunConfig.storage_path``
 = ``<workdir>/ray``; an absolute path, so every node of a cluster on a shared filesystem writes the same
-place). Running again continues it with ``Tuner.restore``: finished trials are kept, unfinished and
-errored ones are restarted (there are no checkpoints: a trial is a short evaluation), and a larger
-``n_trials`` adds trials to the same experiment (see ``SlotGenerator`` in ``_search_classes``).
+place). Running again continues it with ``Tuner.restore``: finished trials are kept, unfinished ones are
+restarted from scratch with their parameters (there are no checkpoints: a trial is a short evaluation), and a
+larger ``n_trials`` adds trials to the same experiment (see ``SlotGenerator`` in ``_search_classes``).
+
+A trial whose worker process dies is retried with the same parameters up to ``[study] max_retry`` times
+(``FailureConfig(max_failures)``); after that it is ERROR, does not count, and a fresh trial takes its slot
+(at most n_trials such replacements), so a run still ends with n_trials evaluated trials. ERROR trials are
+not restarted on resume: their slots were already refilled.
 
 What each trial reports to Tune (``tune.report``): intermediate ``{"val_acc", "step", "status":
 "partial"}`` from the fine-tune's periodic evaluations (ASHA stops the weak ones), then one final result
@@ -307,19 +312,40 @@ def _search_classes() -> tuple[type, type]:
             return super().on_trial_complete(trial_id, result, error)
 
     class SlotGenerator(SearchGenerator):
-        """SearchGenerator whose total can grow on restore: ``Tuner.restore`` brings back the saved
-        ``total_samples`` (the first run's num_samples); this raises it to the n_trials in the meta file
-        written by the current ``run_ray``, so a resumed experiment reaches the new target."""
+        """SearchGenerator with n_trials *evaluated* trials as its goal.
+
+        A trial that ends ERROR (its process died more than ``max_retry`` times; Tune gives up on it) gets a
+        fresh trial in its place, up to n_trials replacements in all, so that a study whose workers are killed
+        still reaches n_trials (the Optuna backend tops up the same way). On restore the total is raised to
+        the n_trials in the meta file written by the current ``run_ray`` plus the replacements so far (the
+        saved ``total_samples`` is the first run's num_samples), so a resumed experiment reaches a new target."""
 
         def __init__(self, searcher: Any, meta_path: str) -> None:
             super().__init__(searcher)
             self.meta_path = meta_path
+            self.errors = 0  # trials that ended ERROR
+
+        def _target(self) -> int | None:
+            target = _read_meta(Path(self.meta_path)).get("n_trials")
+            return target if isinstance(target, int) else None
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            super().on_trial_complete(trial_id, result, error)
+            if error:
+                self.errors += 1
+                if self.errors <= (self._target() or self._total_samples):
+                    self._total_samples += 1
+                    self._finished = False
+
+        def get_state(self) -> dict:
+            return {**super().get_state(), "errors": self.errors}
 
         def set_state(self, state: dict) -> None:
             super().set_state(state)
-            target = _read_meta(Path(self.meta_path)).get("n_trials")
-            if isinstance(target, int) and target > self._total_samples:
-                self._total_samples = target
+            self.errors = int(state.get("errors", 0))
+            target = self._target()
+            if target is not None and target + min(self.errors, target) > self._total_samples:
+                self._total_samples = target + min(self.errors, target)
                 self._finished = False
 
     class TrialLines(Callback):
@@ -330,6 +356,9 @@ def _search_classes() -> tuple[type, type]:
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             _log_trial_error(trial)
+
+        def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            _log_trial_error(trial, retry=True)
 
     classes = {"SlimOptunaSearch": SlimOptunaSearch, "SlotGenerator": SlotGenerator, "TrialLines": TrialLines}
     for name, cls in classes.items():
@@ -406,6 +435,8 @@ def _write_meta(cfg: StudyConfig, n_trials: int, info: Mapping[str, Any]) -> Non
 def _trial_status(ray_status: str, last: Mapping[str, Any]) -> str:
     """Our status from Ray's trial status and the last result: ok | infeasible | fail | pruned | error | running."""
     s = last.get("status")
+    if ray_status == "ERROR":  # Tune gave up on it (SlotGenerator replaced it): whatever it reported, not counted
+        return "error"
     if s == "partial":
         return "pruned" if ray_status == "TERMINATED" else "running"
     if s in ("ok", "infeasible", "fail", "pruned"):
@@ -413,6 +444,27 @@ def _trial_status(ray_status: str, last: Mapping[str, Any]) -> str:
     return {"ERROR": "error", "TERMINATED": "error"}.get(
         ray_status, "running" if ray_status == "RUNNING" else "pending"
     )
+
+
+def _error_line(trial: Any) -> str:
+    """The telling line of a trial's latest failure, "" when there is none. Tune keeps no message on the
+    ``Trial``: it appends "Failure # k (occurred at ...)" and the exception to an error file, in its staging
+    folder while the driver runs (``error_file`` needs Ray), then in the trial's folder of the experiment."""
+    paths = []
+    for get in (lambda: trial.error_file, lambda: Path(trial.path, trial.run_metadata.error_filename)):
+        try:
+            paths.append(get())
+        except Exception:  # no Ray session (staging path), no error file name, not a Trial
+            continue
+    for p in paths:
+        try:
+            text = Path(p).read_text(errors="replace") if p else ""
+        except OSError:
+            continue
+        latest = re.split(r"^Failure # \d+ \(occurred at [^)]*\)[ \t]*$", text, flags=re.M)[-1]
+        if latest.strip():
+            return _first_line(Exception(latest))
+    return ""
 
 
 def trials_table(trials: list[Any]) -> Any:
@@ -431,7 +483,7 @@ def trials_table(trials: list[Any]) -> Any:
         row["number"] = int(last.get("number", (t.config or {}).get("_number", -1)))
         row.setdefault("feasible", False)
         if row["status"] == "error":
-            row["reason"] = f"trial error: {_first_line(Exception(t.error_msg or 'see the trial error file'))}"
+            row["reason"] = f"trial error: {_error_line(t) or 'see the trial error file'}"
         rows.append(row)
     df = pd.DataFrame(rows)
     if df.empty:
@@ -622,10 +674,14 @@ def _log_trial_complete(trial: Any) -> None:
         _PROGRESS_LOG(_trial_line(last))
 
 
-def _log_trial_error(trial: Any) -> None:
+def _log_trial_error(trial: Any, retry: bool = False) -> None:
+    """A trial's process died (or its code raised): retried with the same parameters, or given up."""
     if _PROGRESS_LOG is not None:
-        _PROGRESS_LOG(f"trial {trial.trial_id}: error ({_first_line(Exception(trial.error_msg or '?'))}); "
-                      "Ray retries it up to [study] max_retry times")  # fmt: skip
+        n = (trial.config or {}).get("_number", "?")
+        k = trial.run_metadata.num_failures
+        why = _error_line(trial) or "?"
+        then = f"retrying it ({k} of {trial.max_failures})" if retry else "a fresh trial takes its slot"
+        _PROGRESS_LOG(f"trial {n:>4}  error       attempt {k}: {why}; {then}")
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -678,7 +734,7 @@ def run_ray(
         check_reachable(address)  # before building anything
     sctx = build_study_context(cfg, log=log)  # validates input; pre-trains and caches the baseline if asked
     exp_dir = ray_experiment_dir(cfg)
-    resumable = (exp_dir / "tuner.pkl").is_file()  # what Tuner.can_restore checks, without importing Ray yet
+    resumable = _resumable(exp_dir)
     meta = _read_meta(ray_meta_path(cfg)) if resumable else {}
     info = study_info(sctx)
     if meta.get("baseline_sha") not in (None, info["baseline_sha"]):
@@ -692,6 +748,7 @@ def run_ray(
 
     started = connect(address, workers)
     _search_classes()
+    snapshot_failed_trials()
     try:
         trainable = tune.with_parameters(_trainable, study=cfg)
         resumed = resumable and tune.Tuner.can_restore(str(exp_dir))
@@ -699,7 +756,7 @@ def run_ray(
             done_before = sum(1 for t in _load_trials(exp_dir) if t.status in ("TERMINATED", "ERROR"))
             log(f"resuming Ray experiment {exp_dir}: {done_before} trials finished, target {_target(cfg, target)}")
             tuner = tune.Tuner.restore(
-                str(exp_dir), trainable, resume_unfinished=True, restart_errored=True,
+                str(exp_dir), trainable, resume_unfinished=True, resume_errored=False, restart_errored=False,
                 param_space=sctx.space.ray_param_space(),
             )  # fmt: skip
         else:
@@ -733,6 +790,38 @@ def run_ray(
         if started:
             ray.shutdown()
     return _summarise(cfg, exp_dir, t0, resumed, log)
+
+
+def snapshot_failed_trials(controller_cls: type | None = None) -> None:
+    """Ray Tune workaround (2.60): queue every failed trial for the next experiment snapshot.
+
+    After a trial failure Tune may set the trial ERROR without re-serialising it: ``_schedule_trial_stop``
+    returns before ``_mark_trial_to_checkpoint`` when the trial has no tracked actor any more, which happens
+    when its worker process died. The snapshot then keeps the trial RUNNING, so ``status`` shows it running
+    for ever and a restore runs it again although a fresh trial already took its slot. Idempotent.
+    """
+    if controller_cls is None:
+        from ray.tune.execution.tune_controller import TuneController as controller_cls
+    original = controller_cls._process_trial_failure
+    if getattr(original, "_slim_marks", False) or not hasattr(controller_cls, "_mark_trial_to_checkpoint"):
+        return
+
+    def process_trial_failure(self: Any, trial: Any, exception: Any = None, **kw: Any) -> Any:
+        try:
+            return original(self, trial, exception=exception, **kw)
+        finally:
+            self._mark_trial_to_checkpoint(trial)
+
+    process_trial_failure._slim_marks = True  # type: ignore[attr-defined]
+    controller_cls._process_trial_failure = process_trial_failure
+
+
+def _resumable(exp_dir: Path) -> bool:
+    """Whether an earlier run left state to resume: ``tuner.pkl`` (all ``Tuner.can_restore`` checks) and an
+    experiment snapshot. Tune writes ``tuner.pkl`` before its first snapshot; a driver killed in between
+    leaves a directory ``Tuner.restore`` rejects ("No experiment snapshot file"), in which no trial finished:
+    that one starts afresh."""
+    return (exp_dir / "tuner.pkl").is_file() and any(exp_dir.glob("experiment_state-*.json"))
 
 
 def _fit_quietly(tuner: Any, log: Log | None) -> Any:

@@ -21,29 +21,11 @@ from core.errors import SlimError
 from search.runner import is_counted, load_optuna_study, open_storage, tally
 from search.study import load_study
 from tests.test_runner import make_baseline, write_study
+from tests.torture_util import alive_in_group, children, plain_torch_output_shape
 
 REPO = Path(__file__).resolve().parents[1]
 N_TRIALS = 24
 KILLS = 10
-
-
-def children(pid: int) -> list[int]:
-    """Direct children of ``pid`` (Linux /proc; no psutil needed)."""
-    out: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            out += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return out
-
-
-def alive_in_group(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def complete_trials(cfg) -> dict[int, tuple]:  # noqa: ANN001
@@ -156,11 +138,5 @@ def test_random_sigkills_of_driver_and_workers(
                           "--out", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=240)  # fmt: skip
     assert res.returncode == 0, res.stdout + res.stderr
-    script = (
-        "import sys, torch\nm = torch.jit.load(sys.argv[1])\ny = m(torch.zeros(2, 1, 8, 8))\nprint(tuple(y.shape))\n"
-    )
-    plain = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    res = subprocess.run([sys.executable, "-c", script, str(out / "model.torchscript.pt")], cwd="/", env=plain,
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert res.returncode == 0 and res.stdout.strip() == "(2, 10)", res.stderr
+    assert plain_torch_output_shape(out / "model.torchscript.pt") == "(2, 10)"
     assert not any(alive_in_group(g) for g in groups)
