@@ -320,19 +320,12 @@ def table(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from benchmarks.common import log, write_results
+
     args = parse_args(argv)
 
-    def log(msg: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
     result = run(args, log)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"proxy_{args.model}{args.tag}"
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
-    md = table(result)
-    (args.out / f"{stem}.md").write_text(md)
-    print(md)
-    log(f"wrote {args.out / stem}.json and .md")
+    write_results(args.out, f"proxy_{args.model}{args.tag}", result, table(result))
     return 0
 
 

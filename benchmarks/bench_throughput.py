@@ -272,12 +272,9 @@ def table(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.common import CHECKPOINTS, machine
+    from benchmarks.common import CHECKPOINTS, log, machine, write_results
 
     args = parse_args(argv)
-
-    def log(msg: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
     checkpoint = (Path(args.shared) / "models" / CHECKPOINTS[args.model]) if args.raw else (
         Path(args.ckpt_dir) / f"{args.model}-jpeg.th")  # fmt: skip
@@ -296,13 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                 if k not in ("out", "shared", "ckpt_dir", "keep")}  # fmt: skip
     result = {"settings": settings, "checkpoint": "raw" if args.raw else "adapted", "runs": runs,
               "wall_s": time.perf_counter() - t0, "machine": machine()}  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"throughput_{args.model}{args.tag}"
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
-    md = table(result)
-    (args.out / f"{stem}.md").write_text(md)
-    print(md)
-    log(f"wrote {args.out / stem}.json and .md")
+    write_results(args.out, f"throughput_{args.model}{args.tag}", result, table(result))
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import time
@@ -62,3 +63,17 @@ def stratified_subset(ds: Dataset, n: int, seed: int = 0) -> Dataset:
     if n >= len(ds):
         return ds
     return split_train_val(ds, n, seed)[1]
+
+
+def log(msg: str) -> None:
+    """A timestamped progress line (flushed, so a log tail shows where a run is)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def write_results(out: Path, stem: str, result: dict, md: str) -> None:
+    """``<out>/<stem>.json`` and the generated ``<stem>.md``; prints the table."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / f"{stem}.md").write_text(md)
+    print(md)
+    log(f"wrote {out / stem}.json and .md")
