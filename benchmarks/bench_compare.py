@@ -1,0 +1,831 @@
+"""Compression comparison at equal MACs: Torch-Pruning baselines, the paper strategies and a slimsearch search.
+
+For each model (default ResNet-20 and ResNet-56) and each MACs budget (default <= 50 % and <= 30 % of the
+original), every candidate starts from the JPEG-adapted checkpoint (benchmarks/adapt_baselines.py) and gets
+the SAME final fine-tune, then is measured on the test split (top-1, MACs, params, single-thread CPU latency
+of its TorchScript export at batch 1 and 64, search wall time). Candidates:
+
+- ``tp_l1``: Torch-Pruning ``MetaPruner``, uniform ratio, ``MagnitudeImportance(p=1, group_reduction="first",
+  normalizer=None)`` (the filter L1 norm of Li et al.: TP's docstring names this variant "standard L1").
+- ``tp_global``: Torch-Pruning global pruning, ``GroupMagnitudeImportance(p=2)`` (TP 1.6's group-norm
+  importance; later TP versions call it GroupNormImportance). Both TP rows: ``max_pruning_ratio`` ``--tp-max-ratio``.
+- ``fpgm``: uniform FPGM, our ``apply_policy`` with criterion "fpgm" at one rate everywhere.
+- one row per paper strategy (search/methods, the evaluators' proxy as acc); a policy above the budget is
+  PROJECTED onto it: every prunable layer's kept-filter count is scaled by one factor (1 - t), bisected, so
+  its per-layer allocation, criteria, masks (GA: the GA's own kept filters, strongest L1 first) and
+  decompositions stay; a policy under the budget is kept as it is.
+- ``slimsearch``: ``search.runner``'s ``prepare_study`` + ``trial_loop`` (what ``slimsearch run`` does with one
+  worker) on a StudyConfig built from ``studies/<model>_cifar10.toml``'s [space] with ``max_macs`` = the
+  budget, the proxy evaluator on the val subset, ``--n-trials`` trials, TPE, seeded with the uniform L1/FPGM
+  policies at the budget and the (projected) paper policies; the best feasible trial goes to the final
+  fine-tune. Its search time includes the paper methods' time when they seed it.
+- references: ``baseline`` (the adapted checkpoint, no further training) and ``baseline+ft`` (the same final
+  fine-tune), so "within 0.5 pt of the unpruned baseline" compares like with like.
+
+The Torch-Pruning baselines prune exactly what slimsearch may prune: ``ignored_layers`` = every conv that
+core.graph marks unprunable (the option-A shortcut's zero padding, which Torch-Pruning cannot trace, ties
+every residual-stage channel) plus the classifier, so both prune the block-inner convs. Their ratio is
+bisected on ``core.cost.count_cost`` until MACs <= budget (as close to it as the channel grid allows).
+
+Final fine-tune (every row but ``baseline``): BN recalibration on ``--bn-batches`` train batches (then the
+proxy accuracy on the val subset is recorded), ``--epochs`` of SGD (lr ``--lr`` cosine, batch 128, KD from the
+adapted baseline with ``--kd``), then top-1 on the first ``--test-images`` test images. Export speed-up =
+(latency speed-up) / (MACs reduction), both as factors over the baseline, on the TorchScript file that
+``core.export.export_model`` writes and ``load_exported`` reads back (what ``slimsearch export`` gives a user).
+
+CPU (2 shared cores here; 1 thread, nice), one model per invocation:
+  nice -n 5 python benchmarks/bench_compare.py --models resnet20 --threads 1 > /work/runs/compare20.log 2>&1
+  nice -n 5 python benchmarks/bench_compare.py --models resnet56 --threads 1 > /work/runs/compare56.log 2>&1
+GPU scale (searches and fine-tunes on the GPU; latency is still measured on the CPU, 1 thread):
+  python benchmarks/bench_compare.py --device cuda --epochs 5 --n-trials 100 --val-images 5000 --bn-batches 16 \
+      --scan-rates 0.2,0.4,0.6,0.8 --ga-pop 20 --ga-generations 10
+Smoke test: --models resnet20 --budgets 0.5 --n-trials 2 --steps 5 --test-images 500 --val-images 200
+Writes benchmarks/results/compare_<model>.json and regenerates benchmarks/results/compare.md from every
+compare_*.json there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import tomllib
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import CHECKPOINTS, SHAPE, adapted_dir, load_adapted, load_cifar, machine, shared_root  # noqa: E402
+from core.apply import apply_policy  # noqa: E402
+from core.cost import count_cost, measure_latency  # noqa: E402
+from core.data import DataSplits, batches  # noqa: E402
+from core.errors import SlimError  # noqa: E402
+from core.export import export_model, load_exported  # noqa: E402
+from core.graph import model_graph  # noqa: E402
+from core.policy import LayerPolicy, Policy, cp_max_rank, replace_layer  # noqa: E402
+from core.train import FinetuneConfig, finetune, recalibrate_bn  # noqa: E402
+from core.train import evaluate as accuracy  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+BASELINES = ("tp_l1", "tp_global", "fpgm")
+# Criterion a projection gives the layers a method left unpruned: the method's own (GA's masks need a search,
+# so its fallback l1; MTD only decomposes).
+METHOD_CRITERION = {"abshpc": "hpc", "distfit": "distfit", "ga": "l1", "mtd": "l1"}
+LABELS = {"tp_l1": "TP uniform L1", "tp_global": "TP global (group norm)", "fpgm": "uniform FPGM",
+          "abshpc": "ABSHPC", "mtd": "MTD", "ga": "GA", "distfit": "distfit", "slimsearch": "slimsearch",
+          "baseline": "baseline", "baseline+ft": "baseline+ft"}  # fmt: skip
+Log = Callable[[str], None]
+
+
+# ----------------------------------------------------------------------------- pure pieces (unit-tested)
+
+
+def bisect_budget(
+    macs_at: Callable[[float], float], budget: float, lo: float = 0.0, hi: float = 0.95, iters: int = 12
+) -> tuple[float, float]:
+    """Smallest x in (lo, hi] (within (hi - lo) / 2**iters) with ``macs_at(x) <= budget``, and those MACs.
+
+    ``macs_at`` must be non-increasing in x and ``macs_at(lo)`` above the budget (lo is never evaluated);
+    a budget even ``hi`` cannot meet is a ``SlimError``.
+    """
+    m_hi = macs_at(hi)
+    if m_hi > budget:
+        raise SlimError(f"budget {budget:,.0f} MACs is out of reach: {m_hi:,.0f} MACs at the largest setting {hi}")
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        m = macs_at(mid)
+        if m <= budget:
+            hi, m_hi = mid, m
+        else:
+            lo = mid
+    return hi, m_hi
+
+
+def prunable_leaders(model: nn.Module, shape: Sequence[int] = SHAPE) -> list[str]:
+    """Convs a policy prunes directly: prunable and alone or leading their coupled group (module order)."""
+    g = model_graph(model, tuple(shape))
+    return [n for n, i in g.layers.items() if i.prunable and i.group in (None, n)]
+
+
+def unprunable_modules(model: nn.Module, shape: Sequence[int] = SHAPE) -> list[nn.Module]:
+    """Torch-Pruning ``ignored_layers``: every conv core.graph marks unprunable, plus every Linear (the head)."""
+    g = model_graph(model, tuple(shape))
+    mods = dict(model.named_modules())
+    return [mods[n] for n, i in g.layers.items() if not i.prunable] + [
+        m for m in model.modules() if isinstance(m, nn.Linear)
+    ]
+
+
+def tp_prune(
+    model: nn.Module, kind: str, ratio: float, shape: Sequence[int] = SHAPE, max_ratio: float = 0.9
+) -> nn.Module:
+    """A pruned copy of ``model`` (eval mode) from Torch-Pruning's ``MetaPruner``: ``kind`` tp_l1 (uniform
+    ``ratio``, filter L1) or tp_global (global ``ratio`` of the prunable channels, group L2 norm), at most
+    ``max_ratio`` of any layer (``ratio`` above it makes Torch-Pruning skip layers). Layers core.graph cannot prune are ignored; checked: they keep their channels
+    and the output shape is unchanged."""
+    import torch_pruning as tp
+
+    if kind not in ("tp_l1", "tp_global"):
+        raise SlimError(f"unknown Torch-Pruning baseline {kind!r}; allowed: tp_l1, tp_global")
+    m = copy.deepcopy(model).eval()
+    ignored = unprunable_modules(m, shape)
+    before = {id(c): c.out_channels for c in ignored if isinstance(c, nn.Conv2d)}
+    dev = next(m.parameters()).device
+    x = torch.zeros(tuple(shape), device=dev)
+    with torch.no_grad():
+        out_shape = tuple(m(x).shape)
+    grads = [p.requires_grad for p in m.parameters()]
+    for p in m.parameters():
+        p.requires_grad_(True)  # TP traces grad_fn
+    if kind == "tp_l1":
+        imp, glob = tp.importance.MagnitudeImportance(p=1, group_reduction="first", normalizer=None), False
+    else:
+        imp, glob = tp.importance.GroupMagnitudeImportance(p=2), True
+    with torch.enable_grad():
+        pruner = tp.pruner.MetaPruner(m, x, importance=imp, pruning_ratio=float(ratio), global_pruning=glob,
+                                      ignored_layers=ignored, max_pruning_ratio=max_ratio)  # fmt: skip
+        pruner.step()
+    for p, g in zip(m.parameters(), grads, strict=True):
+        p.requires_grad_(g)
+    m.eval()
+    changed = [c for c in ignored if isinstance(c, nn.Conv2d) and c.out_channels != before[id(c)]]
+    with torch.no_grad():
+        got = tuple(m(x).shape)
+    if changed or got != out_shape:
+        raise RuntimeError(f"Torch-Pruning {kind} at {ratio}: ignored convs changed ({len(changed)}) or output "
+                           f"{got} != {out_shape}")  # fmt: skip
+    return m
+
+
+def uniform_policy(model: nn.Module, rate: float, criterion: str, shape: Sequence[int] = SHAPE) -> Policy:
+    """Every prunable leader at ``rate`` (6 decimals, as JSON keeps it) with ``criterion``."""
+    r = round(float(rate), 6)
+    return Policy({n: LayerPolicy(prune_rate=r, criterion=criterion) for n in prunable_leaders(model, shape)})
+
+
+def _rate(removed: int, n: int) -> float:
+    from search.methods.common import rate_for_removed
+
+    return rate_for_removed(removed, n)
+
+
+def project_policy(
+    model: nn.Module, policy: Policy, t: float, shape: Sequence[int] = SHAPE, criterion: str = "l1"
+) -> Policy:
+    """``policy`` with every prunable leader's kept-filter count scaled by ``1 - t`` (floor, at least 1).
+
+    Keeps each layer's criterion; ``clusters`` (hpc, distfit) becomes the new count; a ``mask`` layer keeps the
+    strongest (L1) of the filters its mask kept; layers the policy leaves alone are pruned with ``criterion``
+    (the method's own). Explicit decomposition ranks are clamped to the post-pruning kernel. ``t = 0`` returns
+    the policy unchanged.
+    """
+    if not 0.0 <= t < 1.0:
+        raise SlimError(f"projection factor must be in [0, 1), got {t}")
+    g = model_graph(model, tuple(shape))
+    mods = dict(model.named_modules())
+    layers = dict(policy.layers)
+    for name in prunable_leaders(model, shape):
+        lp = layers.get(name, LayerPolicy(criterion=criterion))
+        n = g.layers[name].out_channels
+        k0 = lp.keep_count(n)
+        k = max(1, math.floor(k0 * (1.0 - t) + 1e-9))
+        if k >= k0:
+            continue
+        rate = _rate(n - k, n)
+        if lp.keep is not None:
+            w = mods[name].weight.detach().flatten(1).abs().sum(1)
+            strongest = sorted(lp.keep, key=lambda i: (-float(w[i]), i))[:k]
+            layers[name] = replace_layer(lp, prune_rate=rate, keep=tuple(sorted(strongest)))
+        elif lp.clusters is not None:
+            layers[name] = replace_layer(lp, prune_rate=rate, clusters=k)
+        else:
+            layers[name] = replace_layer(lp, prune_rate=rate)
+    return _clamp_ranks(model, Policy(layers), shape)
+
+
+def _clamp_ranks(model: nn.Module, policy: Policy, shape: Sequence[int]) -> Policy:
+    """Explicit CP/Tucker ranks no larger than the full rank of the layer after pruning."""
+    fixed = {n: lp for n, lp in policy.layers.items() if lp.decomposition != "none" and lp.rank is not None}
+    if not fixed:
+        return policy
+    pruned_only = Policy({n: replace_layer(lp, decomposition="none", rank=None, rank_ratio=None)
+                          for n, lp in policy.layers.items()})  # fmt: skip
+    shell = apply_policy(model, pruned_only, input_shape=shape, check=False)
+    mods = dict(shell.named_modules())
+    layers = dict(policy.layers)
+    for n, lp in fixed.items():
+        out_c, in_c, kh, kw = mods[n].weight.shape
+        if isinstance(lp.rank, tuple):
+            rank: Any = (min(lp.rank[0], in_c), min(lp.rank[1], out_c))
+        else:
+            rank = min(int(lp.rank), cp_max_rank(out_c, in_c, kh, kw))
+        layers[n] = replace_layer(lp, rank=rank)
+    return Policy(layers)
+
+
+def policy_macs(model: nn.Module, policy: Policy, shape: Sequence[int] = SHAPE) -> int:
+    """MACs of ``policy`` applied to ``model``."""
+    return count_cost(apply_policy(model, policy, input_shape=shape), tuple(shape)).macs
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="resnet20,resnet56")
+    p.add_argument("--budgets", default="0.5,0.3", help="MACs budgets as fractions of the original")
+    p.add_argument("--candidates", default="tp_l1,tp_global,fpgm,abshpc,mtd,ga,distfit,slimsearch")
+    p.add_argument("--epochs", type=float, default=0.05, help="final fine-tune epochs (45k images), every row")
+    p.add_argument("--steps", type=int, default=None, help="final fine-tune steps instead of --epochs")
+    p.add_argument("--lr", type=float, default=0.01, help="final fine-tune lr (cosine)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--kd", action="store_true", help="final fine-tune with KD from the adapted baseline")
+    p.add_argument("--test-images", type=int, default=10000, help="first N test images (10000 = all)")
+    p.add_argument("--val-images", type=int, default=500, help="val subset of the proxy evaluator")
+    p.add_argument("--bn-batches", type=int, default=4, help="BN recalibration batches (proxy and final)")
+    p.add_argument("--n-trials", type=int, default=40, help="slimsearch trials per budget (seeds included)")
+    p.add_argument("--n-startup-trials", type=int, default=10, help="TPE random startup trials")
+    p.add_argument("--sampler", default="tpe", choices=("tpe", "random", "nsga2", "cmaes"))
+    p.add_argument("--study-seeds", default="uniform,methods",
+                   help="slimsearch seeds: uniform (L1 and FPGM at the budget), methods (projected paper policies)")  # fmt: skip
+    p.add_argument("--bisect-iters", type=int, default=12)
+    p.add_argument("--tp-max-ratio", type=float, default=0.9, help="TP max_pruning_ratio: most pruned of one layer")
+    # paper strategies (same flags as bench_methods.py), small CPU budgets
+    p.add_argument("--abshpc-epsilon", type=float, default=0.005)
+    p.add_argument(
+        "--abshpc-resolution",
+        type=float,
+        default=0,
+        help="stop a layer's bisection at this rate gap (0: one filter, the paper's rule)",
+    )
+    p.add_argument("--mtd-tol", type=float, default=0.01)
+    p.add_argument("--mtd-rank-ratio", type=float, default=None, help="CP/Tucker rank ratio (default: EVBMF)")
+    p.add_argument("--ga-pop", type=int, default=6)
+    p.add_argument("--ga-generations", type=int, default=3)
+    p.add_argument("--ga-tol", type=float, default=0.01)
+    p.add_argument("--distfit-rate", type=float, default=None, help="uniform rate (default: sensitivity scan)")
+    p.add_argument("--distfit-tol", type=float, default=0.01)
+    p.add_argument("--scan-rates", default="0.3,0.6", help="sensitivity-scan rates of ga and distfit")
+    p.add_argument("--lat-repeats-b1", type=int, default=20)
+    p.add_argument("--lat-repeats-b64", type=int, default=3)
+    p.add_argument("--lat-rounds", type=int, default=2, help="paired baseline/candidate latency rounds (best kept)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--device", default="cpu", help="cpu | cuda (searches and fine-tunes; latency stays on CPU)")
+    p.add_argument("--shared", default=shared_root(), help="folder with models/ and data/ ($SLIMSEARCH_SHARED)")
+    p.add_argument("--adapted-dir", default=str(adapted_dir()), help="adapted checkpoints ($SLIMSEARCH_ADAPTED)")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    p.add_argument("--markdown-only", action="store_true", help="only regenerate compare.md from compare_*.json")
+    return p.parse_args(argv)
+
+
+def _list(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclasses.dataclass
+class Bench:
+    """What every candidate of one model shares."""
+
+    name: str
+    args: argparse.Namespace
+    base: nn.Module
+    splits: DataSplits  # train, val subset (proxy), test subset
+    base_macs: int
+    base_params: int
+    base_ts: Any  # the baseline's TorchScript export, reloaded
+    log: Log
+    tmp: Path
+    done: dict[str, dict] = dataclasses.field(default_factory=dict)  # final results by model identity
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.base.parameters()).device
+
+
+def latency(model: nn.Module | Any, args: argparse.Namespace) -> dict[str, float]:
+    """Median single-thread CPU latency (ms) at batch 1 and 64."""
+    b1 = measure_latency(model, SHAPE, 1, threads=1, repeats=args.lat_repeats_b1, warmup=3)
+    b64 = measure_latency(model, SHAPE, 64, threads=1, repeats=args.lat_repeats_b64, warmup=1)
+    return {"b1_ms": b1.median_ms, "b64_ms": b64.median_ms}
+
+
+def export_reload(model: nn.Module, policy: Policy | None, where: Path) -> Any:
+    """The TorchScript export of a CPU copy of ``model``, reloaded as a user would."""
+    cpu = copy.deepcopy(model).cpu().eval()
+    export_model(cpu, policy, where, formats=("torchscript",), example_input=SHAPE)
+    return load_exported(where)
+
+
+def paired_latency(base: Any, cand: Any, args: argparse.Namespace) -> dict[str, float]:
+    """Baseline and candidate measured alternately, ``--lat-rounds`` times; the best median of each.
+
+    Other jobs share the CPU, so a baseline measured once at the start would make every speed-up depend on
+    the load of the moment; pairing and taking the least disturbed round keeps the ratio meaningful.
+    """
+    out = dict.fromkeys(("b1_ms", "b64_ms", "base_b1_ms", "base_b64_ms"), math.inf)
+    for _ in range(args.lat_rounds):
+        for prefix, m in (("base_", base), ("", cand)):
+            for k, v in latency(m, args).items():
+                out[prefix + k] = min(out[prefix + k], v)
+    return out
+
+
+def finish(b: Bench, model: nn.Module, policy: Policy | None, key: str) -> dict[str, Any]:
+    """The final fine-tune (in place) and every measurement of one candidate; memoised by ``key``."""
+    if key in b.done:
+        return dict(b.done[key], reused=True)
+    a = b.args
+    t = time.perf_counter()
+    model.to(b.device)
+    recalibrate_bn(model, b.splits.train, num_batches=a.bn_batches, batch_size=a.batch_size, seed=a.seed)
+    proxy = accuracy(model, b.splits.val)
+    cfg = FinetuneConfig(epochs=a.epochs, steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed)
+    res = finetune(model, b.splits.train, cfg, teacher=b.base if a.kd else None)
+    ft_s = time.perf_counter() - t
+    model.eval()
+    t = time.perf_counter()
+    test = accuracy(model, b.splits.test)
+    test_s = time.perf_counter() - t
+    cost = count_cost(model, SHAPE)
+    lat = paired_latency(b.base_ts, export_reload(model, policy, b.tmp / f"export-{len(b.done)}"), a)
+    macs_x = b.base_macs / cost.macs
+    row = {"test_acc": test, "proxy_val_acc": proxy, "finetune_steps": res.steps, "finetune_s": ft_s,
+           "test_s": test_s, "macs": cost.macs, "params": cost.params, "macs_pct": 100.0 * cost.macs / b.base_macs,
+           "params_pct": 100.0 * cost.params / b.base_params, "latency": lat}  # fmt: skip
+    for bs in ("b1", "b64"):
+        sp = lat[f"base_{bs}_ms"] / lat[f"{bs}_ms"]
+        row[f"speedup_{bs}"] = sp
+        row[f"export_speedup_{bs}"] = sp / macs_x
+    b.done[key] = row
+    b.log(f"    test {100 * test:.2f} % (proxy {100 * proxy:.2f}), {cost.macs / 1e6:.2f} M MACs "
+          f"({row['macs_pct']:.1f} %), lat b1 {lat['b1_ms']:.2f} ms b64 {lat['b64_ms']:.1f} ms; ft {ft_s:.0f} s "
+          f"test {test_s:.0f} s")  # fmt: skip
+    return dict(row)
+
+
+def policy_key(policy: Policy) -> str:
+    return f"policy:{policy.hash}"
+
+
+def run_baseline(b: Bench, kind: str, max_macs: float) -> tuple[dict, nn.Module, Policy | None]:
+    """tp_l1 / tp_global / fpgm at the budget: bisect the ratio on count_cost."""
+    t = time.perf_counter()
+    if kind == "fpgm":
+
+        def macs_fpgm(r: float) -> float:
+            return policy_macs(b.base, uniform_policy(b.base, r, "fpgm"))
+
+        r, macs = bisect_budget(macs_fpgm, max_macs, iters=b.args.bisect_iters)
+        policy: Policy | None = uniform_policy(b.base, r, "fpgm")
+        model = apply_policy(b.base, policy, input_shape=SHAPE)
+        setting = f"rate {r:.4f} everywhere"
+    else:
+
+        def macs_tp(r: float) -> float:
+            return count_cost(tp_prune(b.base, kind, r, max_ratio=b.args.tp_max_ratio), SHAPE).macs
+
+        # Above max_pruning_ratio Torch-Pruning skips a group instead of capping it (MACs go back up), so the
+        # bisection stays at or below the cap, where MACs fall monotonically with the ratio.
+        r, macs = bisect_budget(macs_tp, max_macs, hi=b.args.tp_max_ratio, iters=b.args.bisect_iters)
+        policy, model = None, tp_prune(b.base, kind, r, max_ratio=b.args.tp_max_ratio)
+        setting = f"TP pruning_ratio {r:.4f}" + (" (global)" if kind == "tp_global" else " (uniform)")
+    row = {"method": kind, "kind": "baseline", "setting": setting, "ratio": r, "search_s": time.perf_counter() - t,
+           "evaluator_calls": 0, "projected": False}  # fmt: skip
+    return row, model, policy
+
+
+def run_methods(b: Bench, names: list[str]) -> dict[str, dict]:
+    """Each paper strategy once per model (the proxy as acc; no MACs target): policy, MACs, time, calls."""
+    from benchmarks.bench_methods import PAPER, method_options
+    from evaluators.cache import ResultCache
+    from evaluators.config import EvaluatorConfig
+    from evaluators.context import build_context
+    from evaluators.evaluate import evaluate
+    from search.methods import run_method
+    from search.methods.common import as_accuracy
+
+    a = b.args
+    cfg = EvaluatorConfig(kind="proxy", bn_batches=a.bn_batches, batch_size=a.batch_size, seed=a.seed)
+    ctx = build_context(b.base, b.splits, SHAPE, score_baseline=False, cache=ResultCache())
+    out = {}
+    for name in names:
+        calls = 0
+
+        def acc(policy: Policy) -> float:
+            nonlocal calls
+            res = evaluate(ctx, cfg, policy)
+            calls += not res.cached
+            return as_accuracy(res)
+
+        inputs = next(iter(batches(b.splits.train, 256, shuffle=True, seed=a.seed)))[0] if name == "ga" else None
+        ma = argparse.Namespace(**vars(a))
+        if ma.abshpc_resolution is not None and ma.abshpc_resolution <= 0:
+            ma.abshpc_resolution = None  # 0: bisect every layer down to one filter (the paper's rule)
+        opts = method_options(name, ma)
+        t = time.perf_counter()
+        res = run_method(name, model=b.base, acc=acc, inputs=inputs if inputs is not None else torch.zeros(SHAPE),
+                         **opts)  # fmt: skip
+        s = time.perf_counter() - t
+        macs = policy_macs(b.base, res.policy)
+        b.log(
+            f"  {name}: {s:.0f} s, {calls} evaluator calls (shared cache), native MACs {100 * macs / b.base_macs:.1f} %"
+        )
+        out[name] = {"method": name, "policy": res.policy, "search_s": s, "evaluator_calls": calls, "macs": macs, "options": opts,
+                     "paper": PAPER[name], "a0": res.report.get("a0"), "summary": res.policy.summary()}  # fmt: skip
+    return out
+
+
+def project(b: Bench, native: dict, max_macs: float) -> tuple[Policy, bool, float, float]:
+    """The method's policy if within budget, else its projection; (policy, projected, t, seconds)."""
+    t0 = time.perf_counter()
+    if native["macs"] <= max_macs:
+        return native["policy"], False, 0.0, 0.0
+    pol, crit = native["policy"], METHOD_CRITERION[native["method"]]
+    t, _ = bisect_budget(lambda x: policy_macs(b.base, project_policy(b.base, pol, x, criterion=crit)), max_macs,
+                         hi=0.98, iters=b.args.bisect_iters)  # fmt: skip
+    return project_policy(b.base, pol, t, criterion=crit), True, t, time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------- slimsearch
+
+
+_GIVEN: dict[str, list[Policy]] = {}
+
+
+def _register_given() -> None:
+    """Seed strategy ``bench_given``: the exact policies this script computed (search.study's registry)."""
+    from search.study import SEED_STRATEGIES, register_seed_strategy
+
+    if "bench_given" in SEED_STRATEGIES:
+        return
+
+    @register_seed_strategy("bench_given")
+    def given(ctx: Any, params: Any) -> list[Policy]:
+        return list(_GIVEN.get(str(params.get("key")), []))
+
+
+def study_config(b: Bench, max_macs: float, tag: str, seeds: list[tuple[str, Policy]]) -> Any:
+    """A StudyConfig like studies/<model>_cifar10.toml, with the budget, the proxy and a temp storage."""
+    from search.study import study_from_dict
+
+    a = b.args
+    toml = tomllib.loads((REPO / "studies" / f"{b.name}_cifar10.toml").read_text())
+    work = b.tmp / f"study-{tag}"
+    raw: dict[str, Any] = {
+        "study": {"name": f"compare_{b.name}_{tag}", "storage": f"sqlite:///{work}/study.db", "workdir": str(work),
+                  "sampler": a.sampler, "n_trials": a.n_trials, "n_startup_trials": min(a.n_startup_trials, a.n_trials),
+                  "seed": a.seed, "pruner": "none"},
+        "model": {"factory": b.name, "checkpoint": str(Path(a.adapted_dir) / f"{b.name}-jpeg.th")},
+        "data": {"dataset": "cifar10", "root": str(Path(a.shared) / "data" / "cifar10-jpeg.tar.gz"), "val_size": 5000},
+        "constraint": {"max_macs": float(max_macs)},
+        "space": toml["space"],
+        "evaluator": {"kind": "proxy", "bn_batches": a.bn_batches, "batch_size": a.batch_size, "seed": a.seed},
+    }  # fmt: skip
+    if seeds:
+        _register_given()
+        _GIVEN[tag] = [p for _, p in seeds]
+        raw["seeds"] = {"strategies": ["bench_given"], "bench_given_key": tag}
+    return study_from_dict(raw, REPO / "studies" / f"{b.name}_cifar10.toml")
+
+
+def run_slimsearch(b: Bench, max_macs: float, tag: str, seeds: list[tuple[str, Policy]]) -> tuple[dict, Policy]:
+    """The search machinery of ``slimsearch run`` (one worker) on the val subset; the best feasible policy."""
+    from evaluators.cache import ResultCache
+    from evaluators.context import build_context
+    from search.context import StudyContext
+    from search.runner import best_feasible, open_storage, prepare_study, trial_line, trial_loop
+    from spaces.space import SearchSpace
+
+    cfg = study_config(b, max_macs, tag, seeds)
+    t = time.perf_counter()
+    ectx = build_context(b.base, b.splits, SHAPE, max_macs=max_macs, score_baseline=False, cache=ResultCache())
+    space = SearchSpace.build(b.base, cfg.space, SHAPE)
+    sha = hashlib.sha256(b"".join(v.detach().cpu().numpy().tobytes() for v in b.base.state_dict().values()))
+    sctx = StudyContext(cfg, b.base, b.splits, SHAPE, ectx, space, cfg.model.checkpoint, sha.hexdigest()[:16])
+    study = prepare_study(cfg, sctx, open_storage(cfg), log=lambda s: b.log(f"    {s}"))
+    trial_loop(study, sctx, cfg, on_trial=lambda ft: b.log(f"    {trial_line(ft)}"))
+    trials = study.get_trials(deepcopy=False)
+    best = best_feasible(trials)
+    if best is None:
+        raise RuntimeError(f"slimsearch {b.name} {tag}: no feasible trial in {len(trials)}")
+    policy = Policy.from_json(best.user_attrs["policy"])
+    states: dict[str, int] = {}
+    for tr in trials:
+        st = tr.user_attrs.get("status", tr.state.name.lower())
+        states[st] = states.get(st, 0) + 1
+    labels = [lab for lab, _ in seeds]
+    seed_of = best.user_attrs.get("seed")
+    row = {"method": "slimsearch", "kind": "slimsearch", "search_s": time.perf_counter() - t,
+           "evaluator_calls": sum(1 for tr in trials if not tr.user_attrs.get("cached", False)),
+           "n_trials": len(trials), "trial_states": states, "best_trial": best.number,
+           "best_proxy_val_acc": best.user_attrs.get("val_acc"),
+           "best_from_seed": labels[int(seed_of.split("#")[1])] if seed_of else None,
+           "seeds": labels, "space": dict(cfg.space.to_dict()), "evaluator": cfg.evaluator.to_dict(),
+           "sampler": cfg.study.sampler, "n_startup_trials": cfg.study.n_startup_trials,
+           "setting": f"{len(trials)} trials, {cfg.study.sampler}, proxy", "projected": False}  # fmt: skip
+    return row, policy
+
+
+# ----------------------------------------------------------------------------- one model
+
+
+def baseline_test_acc(b: Bench, log: Log) -> tuple[float, str]:
+    """The adapted checkpoint's test accuracy: from adapt_baselines.json when it scored this very file on the
+    same full test split, else measured here."""
+    ckpt = Path(b.args.adapted_dir) / f"{b.name}-jpeg.th"
+    js = Path(b.args.out) / "adapt_baselines.json"
+    if b.args.test_images >= 10000 and js.is_file() and js.stat().st_mtime >= ckpt.stat().st_mtime:
+        for r in json.loads(js.read_text()).get("rows", []):
+            if r.get("model") == b.name and Path(r.get("adapted_path", "")) == ckpt:
+                return float(r["adapted"]["test_acc"]), "adapt_baselines.json"
+    log("  scoring the adapted baseline on the test images")
+    return accuracy(b.base, b.splits.test), "measured"
+
+
+def run_model(name: str, args: argparse.Namespace, splits: DataSplits, log: Log) -> dict:
+    t_model = time.perf_counter()
+    cands = _list(args.candidates)
+    methods = [c for c in cands if c in ("abshpc", "mtd", "ga", "distfit")]
+    base = load_adapted(name, args.adapted_dir).to(args.device)
+    n_val, n_test = min(args.val_images, len(splits.val)), min(args.test_images, len(splits.test))
+    sub = DataSplits(splits.train, splits.val.subset(torch.arange(n_val)), splits.test.subset(torch.arange(n_test)))
+    c0 = count_cost(base, SHAPE)
+    with tempfile.TemporaryDirectory(prefix=f"compare-{name}-") as tmp:
+        b = Bench(name, args, base, sub, c0.macs, c0.params, None, log, Path(tmp))
+        b.base_ts = export_reload(base, Policy(), b.tmp / "export-base")
+        lats = [latency(b.base_ts, args) for _ in range(args.lat_rounds)]
+        base_lat = {k: min(x[k] for x in lats) for k in ("b1_ms", "b64_ms")}
+        log(f"{name}: {c0.macs / 1e6:.2f} M MACs, {c0.params / 1e6:.3f} M params, TorchScript latency "
+            f"b1 {base_lat['b1_ms']:.2f} ms b64 {base_lat['b64_ms']:.1f} ms")  # fmt: skip
+        refs = [{"method": "baseline", "kind": "reference",
+                 "macs": c0.macs, "params": c0.params, "macs_pct": 100.0, "params_pct": 100.0, "latency": base_lat,
+                 "speedup_b1": 1.0, "speedup_b64": 1.0, "export_speedup_b1": 1.0, "export_speedup_b64": 1.0,
+                 "search_s": 0.0, "evaluator_calls": 0, "setting": "adapted checkpoint, no fine-tune"}]  # fmt: skip
+        log("  baseline+ft")
+        ft = {"method": "baseline+ft", "kind": "reference", "search_s": 0.0, "evaluator_calls": 0,
+              "setting": "adapted checkpoint + the final fine-tune"}  # fmt: skip
+        ft.update(finish(b, apply_policy(base, Policy(), input_shape=SHAPE), Policy(), "policy:identity"))
+        refs.append(ft)
+        log(f"  paper strategies: {', '.join(methods) or '-'}")
+        natives = run_methods(b, methods)
+        budgets = []
+        for frac in [float(x) for x in _list(args.budgets)]:
+            budgets.append(run_budget(b, frac, natives, cands))
+        settings = {k: v for k, v in vars(args).items() if k not in ("out", "shared", "models", "adapted_dir")}
+        methods_info = {m: {k: v for k, v in d.items() if k != "policy"} | {"policy": d["policy"].to_dict()}
+                        for m, d in natives.items()}  # fmt: skip
+        res = {
+            "model": name,
+            "checkpoint": f"{name}-jpeg.th (benchmarks/adapt_baselines.py, JPEG-adapted {CHECKPOINTS[name]})",
+            "data": "cifar10-jpeg.tar.gz (JPEG pixels; numbers not comparable with published CIFAR-10 tables)",
+            "splits": {"train": len(sub.train.y), "val_subset": n_val, "test": n_test},
+            "settings": settings,
+            "latency_artefact": "TorchScript export (core.export.export_model) reloaded with core.export.load_exported;"
+                                " single thread; median of repeats, best of --lat-rounds rounds measured alternately"
+                                " with the baseline's export (speed-ups use that paired baseline figure)",
+            "machine": machine(),
+            "base": {"macs": c0.macs, "params": c0.params, "latency": base_lat},
+            "references": refs,
+            "methods": methods_info,
+            "budgets": budgets,
+            "total_s": time.perf_counter() - t_model,
+        }  # fmt: skip
+        # last: adapt_baselines.json may score this checkpoint meanwhile (saves a full test pass)
+        refs[0]["test_acc"], refs[0]["test_acc_source"] = baseline_test_acc(b, log)
+        refs[0]["latency"] = reference_latency(res)
+        refs[0]["latency_note"] = "best of the baseline measurements paired with the candidates"
+        return res
+
+
+def run_budget(b: Bench, frac: float, natives: dict[str, dict], cands: list[str]) -> dict:
+    a, log = b.args, b.log
+    max_macs = frac * b.base_macs
+    tag = f"{round(100 * frac)}"
+    log(f"{b.name} budget {tag} % ({max_macs / 1e6:.2f} M MACs)")
+    rows: list[dict] = []
+    for kind in [c for c in cands if c in BASELINES]:
+        log(f"  {kind}")
+        row, model, policy = run_baseline(b, kind, max_macs)
+        key = policy_key(policy) if policy is not None else f"{kind}:{row['ratio']}"
+        row.update(finish(b, model, policy, key))
+        if policy is not None:
+            row["policy"] = policy.to_dict()
+        rows.append(row)
+    seeds: list[tuple[str, Policy]] = []
+    if "uniform" in _list(a.study_seeds):
+        for crit in ("l1", "fpgm"):
+            r, _ = bisect_budget(lambda x, c=crit: policy_macs(b.base, uniform_policy(b.base, x, c)), max_macs,
+                                 iters=a.bisect_iters)  # fmt: skip
+            seeds.append((f"uniform {crit} {r:.3f}", uniform_policy(b.base, r, crit)))
+    for name, native in natives.items():
+        log(f"  {name}")
+        try:
+            policy, projected, t, proj_s = project(b, native, max_macs)
+        except SlimError as e:
+            log(f"    cannot project {name}: {e}")
+            rows.append({"method": name, "kind": "paper", "error": str(e), "search_s": native["search_s"]})
+            continue
+        row = {"method": name, "kind": "paper", "projected": projected, "projection_t": t,
+               "search_s": native["search_s"] + proj_s, "evaluator_calls": native["evaluator_calls"],
+               "native_macs_pct": 100.0 * native["macs"] / b.base_macs, "policy": policy.to_dict(),
+               "setting": (f"projected: kept filters x{1 - t:.3f}" if projected else "native policy (under budget)")}  # fmt: skip
+        model = apply_policy(b.base, policy, input_shape=SHAPE, seed=a.seed)
+        row.update(finish(b, model, policy, policy_key(policy)))
+        rows.append(row)
+        if "methods" in _list(a.study_seeds):
+            seeds.append((f"{name}{' (projected)' if projected else ''}", policy))
+    if "slimsearch" in cands:
+        log(f"  slimsearch: {a.n_trials} trials, {len(seeds)} seeds")
+        row, policy = run_slimsearch(b, max_macs, tag, seeds)
+        if "methods" in _list(a.study_seeds):
+            row["seed_methods_s"] = sum(n["search_s"] for n in natives.values())
+            row["search_s"] += row["seed_methods_s"]
+        row["policy"] = policy.to_dict()
+        model = apply_policy(b.base, policy, input_shape=SHAPE, seed=a.seed)
+        row.update(finish(b, model, policy, policy_key(policy)))
+        rows.append(row)
+    return {"budget": frac, "max_macs": max_macs, "rows": rows}
+
+
+# ----------------------------------------------------------------------------- verdicts and tables
+
+
+def reference_latency(res: dict) -> dict[str, float]:
+    """The baseline's latency: the best of its measurements paired with every candidate (and its own at the start),
+    so the reference row is not hostage to the load of one moment."""
+    rows = [r for bud in res["budgets"] for r in bud["rows"] if "latency" in r] + res["references"][1:]
+    out = dict(res["base"]["latency"])
+    for bs in ("b1_ms", "b64_ms"):
+        paired = [r["latency"][f"base_{bs}"] for r in rows if f"base_{bs}" in r["latency"]]
+        out[bs] = min([out[bs], *paired])
+    return out
+
+
+def verdict(res: dict, bud: dict) -> dict[str, Any]:
+    """slimsearch minus the best baseline (target >= +1.0 pt); at 50 %: baseline+ft minus slimsearch (<= 0.5 pt);
+    slimsearch's export speed-up (>= 0.8)."""
+    rows = {r["method"]: r for r in bud["rows"] if "test_acc" in r}
+    out: dict[str, Any] = {}
+    s = rows.get("slimsearch")
+    base = [r for m, r in rows.items() if m in BASELINES]
+    if s is None:
+        return out
+    if base:
+        best = max(base, key=lambda r: r["test_acc"])
+        gap = 100 * (s["test_acc"] - best["test_acc"])
+        out["vs_best_baseline"] = {"best": best["method"], "gap_pt": gap, "target_pt": 1.0, "met": gap >= 1.0}
+        tp = [r for r in base if r["method"].startswith("tp_")]
+        if tp:
+            best_tp = max(tp, key=lambda r: r["test_acc"])
+            g = 100 * (s["test_acc"] - best_tp["test_acc"])
+            out["vs_best_tp"] = {"best": best_tp["method"], "gap_pt": g, "target_pt": 1.0, "met": g >= 1.0}
+    if abs(bud["budget"] - 0.5) < 1e-9:
+        ft = next(r for r in res["references"] if r["method"] == "baseline+ft")
+        gap = 100 * (ft["test_acc"] - s["test_acc"])
+        out["vs_baseline_ft"] = {"gap_pt": gap, "target_pt": 0.5, "met": gap <= 0.5}
+    out["export_speedup"] = {"b1": s["export_speedup_b1"], "b64": s["export_speedup_b64"], "target": 0.8,
+                             "met_b1": s["export_speedup_b1"] >= 0.8, "met_b64": s["export_speedup_b64"] >= 0.8}  # fmt: skip
+    return out
+
+
+def _met(ok: bool) -> str:
+    return "MET" if ok else "NOT MET"
+
+
+def markdown(results: list[dict]) -> str:
+    lines = ["# Compression comparison at equal MACs", "",
+             "Generated by `benchmarks/bench_compare.py` from `compare_*.json`; do not edit by hand.", "",
+             "Every row starts from the JPEG-adapted checkpoint and gets the same final fine-tune (except `baseline`). "
+             "Data: the CIFAR-10 JPEG archive, so accuracies compare with each other, not with published tables. "
+             "Latency: single-thread CPU, TorchScript export reloaded, median; speed-up x = baseline latency / "
+             "latency, each row against the baseline measured alternately with it (the `baseline` row shows the best "
+             "of those measurements); export speed-up = speed-up x / MACs reduction x (target >= 0.8). `proxy %` = "
+             "BN-recalibrated "
+             "val-subset accuracy before the fine-tune (what the searches optimise).", ""]  # fmt: skip
+    for res in results:
+        s, m = res["settings"], res["machine"]
+        ft = f"{s['steps']} steps" if s.get("steps") else f"{s['epochs']} epoch"
+        lines += [f"## {res['model']} ({m['date']})", "",
+                  f"Final fine-tune {ft} x batch {s['batch_size']} (lr {s['lr']} cosine, KD {s['kd']}); test "
+                  f"{res['splits']['test']} images; proxy: BN recalibration {s['bn_batches']}x{s['batch_size']} "
+                  f"train images, first {res['splits']['val_subset']} val images. slimsearch: {s['n_trials']} trials "
+                  f"({s['sampler']}, {s['n_startup_trials']} startup), seeds {s['study_seeds']}, space of "
+                  f"studies/{res['model']}_cifar10.toml. Paper strategies: ABSHPC eps {s['abshpc_epsilon']} resolution "
+                  f"{s['abshpc_resolution'] or 'one filter'}, MTD tol {s['mtd_tol']} ranks {s.get('mtd_rank_ratio') or 'EVBMF'}, GA pop "
+                  f"{s['ga_pop']} gens {s['ga_generations']}, scan rates {s['scan_rates']}; run once per model, "
+                  f"projected per budget when above it. Machine: {m['cpus']} CPUs, {s['threads']} thread, load "
+                  f"{m['loadavg'][0]:.1f}; whole run {res['total_s'] / 60:.1f} min.", ""]  # fmt: skip
+        for bud in res["budgets"]:
+            lines += [f"### {res['model']}, MACs <= {100 * bud['budget']:.0f} % ({bud['max_macs'] / 1e6:.2f} M)", "",
+                      "| candidate | test top-1 % | vs baseline+ft pt | proxy % | MACs (M) | MACs % | params (M) | "
+                      "lat b1 ms | lat b64 ms | speed-up b1 / b64 | export speed-up b1 / b64 | search s | "
+                      "evaluator calls | how |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+            ft_acc = next(r["test_acc"] for r in res["references"] if r["method"] == "baseline+ft")
+            rows = [r for r in res["references"] + bud["rows"] if "test_acc" in r]
+            rows = [dict(r, latency=reference_latency(res)) if r["method"] == "baseline" else r for r in rows]
+            for r in sorted(rows, key=lambda r: -r["test_acc"]):
+                proxy = f"{100 * r['proxy_val_acc']:.2f}" if "proxy_val_acc" in r else "-"
+                how = r.get("setting", "")
+                if r.get("reused"):
+                    how += " (same policy as another row: result reused)"
+                lines.append(
+                    f"| {LABELS.get(r['method'], r['method'])} | {100 * r['test_acc']:.2f} | "
+                    f"{100 * (r['test_acc'] - ft_acc):+.2f} | {proxy} | {r['macs'] / 1e6:.2f} | {r['macs_pct']:.1f} | "
+                    f"{r['params'] / 1e6:.3f} | {r['latency']['b1_ms']:.2f} | {r['latency']['b64_ms']:.1f} | "
+                    f"{r['speedup_b1']:.2f} / {r['speedup_b64']:.2f} | {r['export_speedup_b1']:.2f} / "
+                    f"{r['export_speedup_b64']:.2f} | {r['search_s']:.0f} | {r.get('evaluator_calls', 0)} | {how} |"
+                )
+            for r in bud["rows"]:
+                if "error" in r:
+                    lines.append(f"| {LABELS.get(r['method'], r['method'])} | failed: {r['error']} |")
+            v = bud.get("verdict", {})
+            lines.append("")
+            if "vs_best_baseline" in v:
+                x = v["vs_best_baseline"]
+                lines.append(f"- slimsearch minus the best baseline ({LABELS[x['best']]}): {x['gap_pt']:+.2f} pt "
+                             f"(target >= +1.0): **{_met(x['met'])}**")  # fmt: skip
+            if "vs_best_tp" in v and v["vs_best_tp"]["best"] != v.get("vs_best_baseline", {}).get("best"):
+                x = v["vs_best_tp"]
+                lines.append(f"- slimsearch minus the best Torch-Pruning baseline ({LABELS[x['best']]}): "
+                             f"{x['gap_pt']:+.2f} pt (target >= +1.0): **{_met(x['met'])}**")  # fmt: skip
+            if "vs_baseline_ft" in v:
+                x = v["vs_baseline_ft"]
+                lines.append(f"- baseline+ft minus slimsearch: {x['gap_pt']:+.2f} pt (target <= 0.5): "
+                             f"**{_met(x['met'])}**")  # fmt: skip
+            if "export_speedup" in v:
+                x = v["export_speedup"]
+                lines.append(f"- slimsearch export speed-up b1 {x['b1']:.2f}, b64 {x['b64']:.2f} (target >= 0.8): "
+                             f"**b1 {_met(x['met_b1'])}, b64 {_met(x['met_b64'])}**")  # fmt: skip
+            lines.append("")
+    return "\n".join(lines)
+
+
+def print_table(res: dict) -> None:
+    import pandas as pd
+
+    for bud in res["budgets"]:
+        rows = [r for r in res["references"] + bud["rows"] if "test_acc" in r]
+        df = pd.DataFrame([{"candidate": r["method"], "test%": 100 * r["test_acc"], "MACs%": r["macs_pct"],
+                            "params%": r["params_pct"], "b1_ms": r["latency"]["b1_ms"], "b64_ms": r["latency"]["b64_ms"],
+                            "exp_sp_b1": r["export_speedup_b1"], "exp_sp_b64": r["export_speedup_b64"],
+                            "search_s": r["search_s"]} for r in rows]).sort_values("test%", ascending=False)  # fmt: skip
+        print(f"\n{res['model']} MACs <= {100 * bud['budget']:.0f} %")
+        with pd.option_context("display.width", 160, "display.max_columns", 20):
+            print(df.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+        for k, v in bud.get("verdict", {}).items():
+            print(f"  {k}: {v}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    warnings.filterwarnings("ignore", message="Trying to compute SVD with n_eigenvecs", category=UserWarning)
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.markdown_only:
+        (out / "compare.md").write_text(
+            markdown([json.loads(p.read_text()) for p in sorted(out.glob("compare_*.json"))])
+        )
+        return 0
+
+    def log(msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    models = _list(args.models)
+    for name in models:
+        if name not in CHECKPOINTS:
+            raise SystemExit(f"--models: no checkpoint for {name!r}; known: {', '.join(CHECKPOINTS)}")
+        load_adapted(name, args.adapted_dir)  # fail before any work when a checkpoint is missing
+    splits = load_cifar(args.shared, log)
+    for name in models:
+        res = run_model(name, args, splits, log)
+        for bud in res["budgets"]:
+            bud["verdict"] = verdict(res, bud)
+        (out / f"compare_{name}.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
+        print_table(res)
+        log(f"{name}: total {res['total_s'] / 60:.1f} min")
+    results = [json.loads(p.read_text()) for p in sorted(out.glob("compare_*.json"))]
+    (out / "compare.md").write_text(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
