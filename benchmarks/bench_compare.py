@@ -29,7 +29,7 @@ bisected on ``core.cost.count_cost`` until MACs <= budget (as close to it as the
 
 Final fine-tune (every row but ``baseline``): BN recalibration on ``--bn-batches`` train batches (then the
 proxy accuracy on the val subset is recorded), ``--epochs`` of SGD (lr ``--lr`` cosine, batch 128, KD from the
-adapted baseline with ``--kd``), then top-1 on the first ``--test-images`` test images. Export speed-up =
+adapted baseline with ``--kd``), then top-1 on ``--test-images`` test images (stratified; all 10k by default). Export speed-up =
 (latency speed-up) / (MACs reduction), both as factors over the baseline, on the TorchScript file that
 ``core.export.export_model`` writes and ``load_exported`` reads back (what ``slimsearch export`` gives a user).
 
@@ -65,7 +65,16 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import CHECKPOINTS, SHAPE, adapted_dir, load_adapted, load_cifar, machine, shared_root  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    CHECKPOINTS,
+    SHAPE,
+    adapted_dir,
+    load_adapted,
+    load_cifar,
+    machine,
+    shared_root,
+    stratified_subset,
+)
 from core.apply import apply_policy  # noqa: E402
 from core.cost import count_cost, measure_latency  # noqa: E402
 from core.data import DataSplits, batches  # noqa: E402
@@ -251,7 +260,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=0.01, help="final fine-tune lr (cosine)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--kd", action="store_true", help="final fine-tune with KD from the adapted baseline")
-    p.add_argument("--test-images", type=int, default=10000, help="first N test images (10000 = all)")
+    p.add_argument("--test-images", type=int, default=10000, help="test images, class-stratified (10000 = all)")
     p.add_argument("--val-images", type=int, default=500, help="val subset of the proxy evaluator")
     p.add_argument("--bn-batches", type=int, default=4, help="BN recalibration batches (proxy and final)")
     p.add_argument("--n-trials", type=int, default=40, help="slimsearch trials per budget (seeds included)")
@@ -563,7 +572,8 @@ def run_model(name: str, args: argparse.Namespace, splits: DataSplits, log: Log)
     methods = [c for c in cands if c in ("abshpc", "mtd", "ga", "distfit")]
     base = load_adapted(name, args.adapted_dir).to(args.device)
     n_val, n_test = min(args.val_images, len(splits.val)), min(args.test_images, len(splits.test))
-    sub = DataSplits(splits.train, splits.val.subset(torch.arange(n_val)), splits.test.subset(torch.arange(n_test)))
+    # val is stored classes interleaved (its first n are balanced); test class by class, hence stratified.
+    sub = DataSplits(splits.train, splits.val.subset(torch.arange(n_val)), stratified_subset(splits.test, n_test))
     c0 = count_cost(base, SHAPE)
     with tempfile.TemporaryDirectory(prefix=f"compare-{name}-") as tmp:
         b = Bench(name, args, base, sub, c0.macs, c0.params, None, log, Path(tmp))
