@@ -25,7 +25,7 @@ from tests.test_runner import make_baseline, write_study
 from tests.torture_util import kill_session, plain_torch_output_shape, session_processes
 
 REPO = Path(__file__).resolve().parents[1]
-N_TRIALS = 12
+N_TRIALS = 24  # long enough that 10 kills land before the study ends on an idle machine
 KILLS = 10  # 2 of the driver (the first one right after Tune wrote tuner.pkl), 8 of trial workers
 TRIAL_ACTOR = "ray::ImplicitFunc"  # process title of a function trainable's actor; ".train" while it runs a trial
 
@@ -199,7 +199,7 @@ def kill_plan(seed: int) -> list[tuple[str, float, float]]:
     tuner.pkl (before its first snapshot) and once mid-run, after a trial finished. Workers die while they
     run a trial: building their study context or evaluating."""
     rng = random.Random(seed)
-    plan = [("worker", rng.uniform(0.5, 6.0), rng.random()) for _ in range(KILLS - 2)]
+    plan = [("worker", rng.uniform(0.3, 3.0), rng.random()) for _ in range(KILLS - 2)]
     plan.insert(rng.randint(2, len(plan) - 2), ("driver", rng.uniform(0.3, 4.0), 0.0))
     return [("driver-early", 0.0, 0.0), *plan]
 
