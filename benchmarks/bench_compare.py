@@ -16,7 +16,7 @@ of its TorchScript export at batch 1 and 64, search wall time). Candidates:
   decompositions stay; a policy under the budget is kept as it is.
 - ``slimsearch``: ``search.runner``'s ``prepare_study`` + ``trial_loop`` (what ``slimsearch run`` does with one
   worker) on a StudyConfig built from ``studies/<model>_cifar10.toml``'s [space] with ``max_macs`` = the
-  budget, the proxy evaluator on the val subset, ``--n-trials`` trials, TPE, seeded with the uniform L1/FPGM
+  budget (``fit = "scale"``: a sample over it is scaled onto it, as the paper policies are), the proxy evaluator on the val subset, ``--n-trials`` trials, TPE, seeded with the uniform L1/FPGM
   policies at the budget and the (projected) paper policies; the best feasible trial goes to the final
   fine-tune. Its search time includes the paper methods' time when they seed it.
 - references: ``baseline`` (the adapted checkpoint, no further training) and ``baseline+ft`` (the same final
@@ -76,12 +76,13 @@ from benchmarks.common import (  # noqa: E402
     stratified_subset,
 )
 from core.apply import apply_policy  # noqa: E402
+from core.budget import bisect_budget, fit_macs, policy_macs, prunable_leaders  # noqa: E402
 from core.cost import count_cost, measure_latency  # noqa: E402
 from core.data import DataSplits, batches  # noqa: E402
 from core.errors import SlimError  # noqa: E402
 from core.export import export_model, load_exported  # noqa: E402
 from core.graph import model_graph  # noqa: E402
-from core.policy import LayerPolicy, Policy, cp_max_rank, replace_layer  # noqa: E402
+from core.policy import LayerPolicy, Policy  # noqa: E402
 from core.train import FinetuneConfig, finetune, recalibrate_bn  # noqa: E402
 from core.train import evaluate as accuracy  # noqa: E402
 
@@ -97,33 +98,6 @@ Log = Callable[[str], None]
 
 
 # ----------------------------------------------------------------------------- pure pieces (unit-tested)
-
-
-def bisect_budget(
-    macs_at: Callable[[float], float], budget: float, lo: float = 0.0, hi: float = 0.95, iters: int = 12
-) -> tuple[float, float]:
-    """Smallest x in (lo, hi] (within (hi - lo) / 2**iters) with ``macs_at(x) <= budget``, and those MACs.
-
-    ``macs_at`` must be non-increasing in x and ``macs_at(lo)`` above the budget (lo is never evaluated);
-    a budget even ``hi`` cannot meet is a ``SlimError``.
-    """
-    m_hi = macs_at(hi)
-    if m_hi > budget:
-        raise SlimError(f"budget {budget:,.0f} MACs is out of reach: {m_hi:,.0f} MACs at the largest setting {hi}")
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        m = macs_at(mid)
-        if m <= budget:
-            hi, m_hi = mid, m
-        else:
-            lo = mid
-    return hi, m_hi
-
-
-def prunable_leaders(model: nn.Module, shape: Sequence[int] = SHAPE) -> list[str]:
-    """Convs a policy prunes directly: prunable and alone or leading their coupled group (module order)."""
-    g = model_graph(model, tuple(shape))
-    return [n for n, i in g.layers.items() if i.prunable and i.group in (None, n)]
 
 
 def unprunable_modules(model: nn.Module, shape: Sequence[int] = SHAPE) -> list[nn.Module]:
@@ -180,71 +154,6 @@ def uniform_policy(model: nn.Module, rate: float, criterion: str, shape: Sequenc
     """Every prunable leader at ``rate`` (6 decimals, as JSON keeps it) with ``criterion``."""
     r = round(float(rate), 6)
     return Policy({n: LayerPolicy(prune_rate=r, criterion=criterion) for n in prunable_leaders(model, shape)})
-
-
-def _rate(removed: int, n: int) -> float:
-    from search.methods.common import rate_for_removed
-
-    return rate_for_removed(removed, n)
-
-
-def project_policy(
-    model: nn.Module, policy: Policy, t: float, shape: Sequence[int] = SHAPE, criterion: str = "l1"
-) -> Policy:
-    """``policy`` with every prunable leader's kept-filter count scaled by ``1 - t`` (floor, at least 1).
-
-    Keeps each layer's criterion; ``clusters`` (hpc, distfit) becomes the new count; a ``mask`` layer keeps the
-    strongest (L1) of the filters its mask kept; layers the policy leaves alone are pruned with ``criterion``
-    (the method's own). Explicit decomposition ranks are clamped to the post-pruning kernel. ``t = 0`` returns
-    the policy unchanged.
-    """
-    if not 0.0 <= t < 1.0:
-        raise SlimError(f"projection factor must be in [0, 1), got {t}")
-    g = model_graph(model, tuple(shape))
-    mods = dict(model.named_modules())
-    layers = dict(policy.layers)
-    for name in prunable_leaders(model, shape):
-        lp = layers.get(name, LayerPolicy(criterion=criterion))
-        n = g.layers[name].out_channels
-        k0 = lp.keep_count(n)
-        k = max(1, math.floor(k0 * (1.0 - t) + 1e-9))
-        if k >= k0:
-            continue
-        rate = _rate(n - k, n)
-        if lp.keep is not None:
-            w = mods[name].weight.detach().flatten(1).abs().sum(1)
-            strongest = sorted(lp.keep, key=lambda i: (-float(w[i]), i))[:k]
-            layers[name] = replace_layer(lp, prune_rate=rate, keep=tuple(sorted(strongest)))
-        elif lp.clusters is not None:
-            layers[name] = replace_layer(lp, prune_rate=rate, clusters=k)
-        else:
-            layers[name] = replace_layer(lp, prune_rate=rate)
-    return _clamp_ranks(model, Policy(layers), shape)
-
-
-def _clamp_ranks(model: nn.Module, policy: Policy, shape: Sequence[int]) -> Policy:
-    """Explicit CP/Tucker ranks no larger than the full rank of the layer after pruning."""
-    fixed = {n: lp for n, lp in policy.layers.items() if lp.decomposition != "none" and lp.rank is not None}
-    if not fixed:
-        return policy
-    pruned_only = Policy({n: replace_layer(lp, decomposition="none", rank=None, rank_ratio=None)
-                          for n, lp in policy.layers.items()})  # fmt: skip
-    shell = apply_policy(model, pruned_only, input_shape=shape, check=False)
-    mods = dict(shell.named_modules())
-    layers = dict(policy.layers)
-    for n, lp in fixed.items():
-        out_c, in_c, kh, kw = mods[n].weight.shape
-        if isinstance(lp.rank, tuple):
-            rank: Any = (min(lp.rank[0], in_c), min(lp.rank[1], out_c))
-        else:
-            rank = min(int(lp.rank), cp_max_rank(out_c, in_c, kh, kw))
-        layers[n] = replace_layer(lp, rank=rank)
-    return Policy(layers)
-
-
-def policy_macs(model: nn.Module, policy: Policy, shape: Sequence[int] = SHAPE) -> int:
-    """MACs of ``policy`` applied to ``model``."""
-    return count_cost(apply_policy(model, policy, input_shape=shape), tuple(shape)).macs
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -397,7 +306,7 @@ def run_baseline(b: Bench, kind: str, max_macs: float) -> tuple[dict, nn.Module,
     if kind == "fpgm":
 
         def macs_fpgm(r: float) -> float:
-            return policy_macs(b.base, uniform_policy(b.base, r, "fpgm"))
+            return policy_macs(b.base, uniform_policy(b.base, r, "fpgm"), SHAPE)
 
         r, macs = bisect_budget(macs_fpgm, max_macs, iters=b.args.bisect_iters)
         policy: Policy | None = uniform_policy(b.base, r, "fpgm")
@@ -450,7 +359,7 @@ def run_methods(b: Bench, names: list[str]) -> dict[str, dict]:
         res = run_method(name, model=b.base, acc=acc, inputs=inputs if inputs is not None else torch.zeros(SHAPE),
                          **opts)  # fmt: skip
         s = time.perf_counter() - t
-        macs = policy_macs(b.base, res.policy)
+        macs = policy_macs(b.base, res.policy, SHAPE)
         b.log(
             f"  {name}: {s:.0f} s, {calls} evaluator calls (shared cache), native MACs {100 * macs / b.base_macs:.1f} %"
         )
@@ -464,10 +373,11 @@ def project(b: Bench, native: dict, max_macs: float) -> tuple[Policy, bool, floa
     t0 = time.perf_counter()
     if native["macs"] <= max_macs:
         return native["policy"], False, 0.0, 0.0
-    pol, crit = native["policy"], METHOD_CRITERION[native["method"]]
-    t, _ = bisect_budget(lambda x: policy_macs(b.base, project_policy(b.base, pol, x, criterion=crit)), max_macs,
-                         hi=0.98, iters=b.args.bisect_iters)  # fmt: skip
-    return project_policy(b.base, pol, t, criterion=crit), True, t, time.perf_counter() - t0
+    crit = METHOD_CRITERION[native["method"]]
+    pol, t = fit_macs(b.base, native["policy"], max_macs, SHAPE, criterion=crit, t_max=0.98, iters=b.args.bisect_iters)
+    if t is None:
+        raise SlimError(f"{native['method']}: {max_macs:,.0f} MACs is out of reach by scaling its policy")
+    return pol, True, t, time.perf_counter() - t0
 
 
 # ----------------------------------------------------------------------------- slimsearch
@@ -639,7 +549,7 @@ def run_budget(b: Bench, frac: float, natives: dict[str, dict], cands: list[str]
     seeds: list[tuple[str, Policy]] = []
     if "uniform" in _list(a.study_seeds):
         for crit in ("l1", "fpgm"):
-            r, _ = bisect_budget(lambda x, c=crit: policy_macs(b.base, uniform_policy(b.base, x, c)), max_macs,
+            r, _ = bisect_budget(lambda x, c=crit: policy_macs(b.base, uniform_policy(b.base, x, c), SHAPE), max_macs,
                                  iters=a.bisect_iters)  # fmt: skip
             seeds.append((f"uniform {crit} {r:.3f}", uniform_policy(b.base, r, crit)))
     for name, native in natives.items():

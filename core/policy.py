@@ -236,6 +236,24 @@ class Policy:
         return ", ".join(parts)
 
 
+def rate_for_removed(removed: int, n: int) -> float:
+    """The smallest 6-decimal prune rate r with floor(r·n) == removed.
+
+    Policies serialise rates to 6 decimals; removed/n itself (e.g. 1/3 -> 0.333333) could floor to one
+    filter fewer after a JSON round trip, so the rate is rounded UP onto the 6-decimal grid and checked.
+    """
+    if not 0 <= removed < n:
+        raise SlimError(f"cannot remove {removed} of {n} filters (must keep at least one)")
+    if removed == 0:
+        return 0.0
+    r = math.ceil(removed * 1_000_000 / n) / 1_000_000
+    while math.floor(r * n) < removed:
+        r = round(r + 1e-6, 6)
+    while math.floor(r * n) > removed:  # defensive: float noise in the product
+        r = round(r - 1e-6, 6)
+    return r
+
+
 def replace_layer(lp: LayerPolicy, **changes: Any) -> LayerPolicy:
     """``dataclasses.replace`` re-exported so callers need not import dataclasses."""
     return replace(lp, **changes)

@@ -42,6 +42,19 @@ class StudyContext:
     def base_macs(self) -> int:
         return int(self.eval_ctx.base.macs)
 
+    def fit(self, policy: Any) -> Any:
+        """The policy a search trial evaluates: with ``[constraint] fit = "scale"`` and a MACs bound, one above
+        the bound gets every layer it prunes scaled harder by one factor until it fits (within the space's
+        largest rate; layers outside the space stay as they are). Deterministic, so a resumed or retried
+        trial evaluates the same policy."""
+        from core.budget import fit_macs
+
+        bound = self.eval_ctx.max_macs
+        if self.cfg.constraint.fit != "scale" or bound is None:
+            return policy
+        fitted, _ = fit_macs(self.model, policy, bound, self.input_shape, max_rate=self.space.cfg.prune_rate[1])
+        return fitted
+
 
 def baseline_cache_path(cfg: StudyConfig) -> Path:
     return cfg.study.workdir / "baseline.pt"

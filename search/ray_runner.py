@@ -232,7 +232,7 @@ def _trainable(config: dict[str, Any], study: StudyConfig) -> None:
     policy = None
     try:
         sctx = _worker_context(study)
-        policy = sctx.space.policy_from_params(config)
+        policy = sctx.fit(sctx.space.policy_from_params(config))
     except Exception as e:  # e.g. a worker that cannot see the data or the baseline: a failed trial
         res = EvalResult("fail", {}, f"worker: {one_line(e)}")
         tune.report(final_result(study, res, policy, extra))

@@ -32,6 +32,7 @@ STORAGE_SCHEMES = ("sqlite", "postgresql", "mysql")
 # = core.data.DATASETS (a test checks it); not imported from there, so that reading a study file does
 # not import torch (status/report/errors answer in a fraction of the time).
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "synthetic")
+FIT_MODES = ("scale", "none")
 SECTIONS = ("study", "model", "data", "constraint", "space", "seeds", "evaluator", "export")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -95,6 +96,9 @@ class DataSection:
 class ConstraintSection:
     max_macs_ratio: float | None = None
     max_macs: float | None = None
+    # "scale": a searched policy above the bound is pruned harder, every layer by one factor, until it fits
+    # (core.budget.fit_macs); "none": it is evaluated as sampled and rejected as infeasible.
+    fit: str = "scale"
 
 
 @dataclass(frozen=True)
@@ -443,8 +447,9 @@ def _constraint(t: _Table) -> ConstraintSection:
     macs = t.get("max_macs", "a number (MACs per image)", None, check=_positive)
     if ratio is not None and macs is not None:
         t.fail(None, "give max_macs_ratio or max_macs, not both")
+    fit = t.choice("fit", FIT_MODES, "scale")
     t.finish()
-    return ConstraintSection(max_macs_ratio=ratio, max_macs=macs)
+    return ConstraintSection(max_macs_ratio=ratio, max_macs=macs, fit=fit)
 
 
 def _seeds(t: _Table) -> SeedsSection:

@@ -13,9 +13,8 @@ from torch import nn
 
 from core.errors import SlimError
 from core.models import build_model
-from core.policy import Policy
+from core.policy import Policy, rate_for_removed
 from search.methods import abshpc_search, call_bound
-from search.methods.common import rate_for_removed
 
 SIZES = [8, 16, 32, 12, 64, 5]
 

@@ -62,7 +62,8 @@ def test_ray_run_status_report_export(tmp_path: Path, capsys: pytest.CaptureFixt
     trials = pd.read_csv(rep / "trials.csv")
     front = pd.read_csv(rep / "pareto.csv")
     assert sorted(trials["trial"]) == [0, 1, 2] and set(trials["status"]) <= {"ok", "infeasible"}
-    assert trials.loc[trials["trial"] == 0, "status"].item() == "infeasible"  # the uniform 0.0 seed: 100 % MACs
+    seed0 = trials[trials["trial"] == 0].iloc[0]  # the uniform 0.0 seed (100 % MACs), fitted onto the 50 % bound
+    assert seed0["status"] == "ok" and 0.4 < seed0["macs_ratio"] <= 0.5
     assert 1 <= len(front) and set(front["trial"]) <= set(trials[trials["status"] == "ok"]["trial"])
     pngs = sorted(rep.glob("*.png"))
     assert len(pngs) == 2 and all(f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in pngs)

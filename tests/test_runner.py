@@ -19,7 +19,10 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
+from core.apply import apply_policy
+from core.cost import count_cost
 from core.policy import Policy
+from search.context import build_study_context
 from search.runner import (
     WORKER_ATTR,
     claim,
@@ -143,7 +146,7 @@ def test_tiny_study_runs_exactly_n_trials_with_seeds_first(tmp_path: Path, basel
 
 
 def test_infeasible_trial_recorded_without_training(tmp_path: Path, baseline_ckpt: Path) -> None:
-    cfg = load_study(write_study(tmp_path, baseline_ckpt, n_trials=2, constraint="max_macs_ratio = 0.3",
+    cfg = load_study(write_study(tmp_path, baseline_ckpt, n_trials=2, constraint='max_macs_ratio = 0.3\nfit = "none"',
                                  seeds='strategies = ["uniform"]\nuniform_rates = [0.0, 0.6]'))  # fmt: skip
     run_study(cfg, progress=False, log=lambda s: None)
     t0, t1 = trials_of(cfg)
@@ -154,6 +157,43 @@ def test_infeasible_trial_recorded_without_training(tmp_path: Path, baseline_ckp
     assert t0.user_attrs["metrics"]["train_s"] == 0.0
     assert t0.constraints and max(t0.constraints.values()) > 0  # what Optuna's samplers read
     assert t1.user_attrs["status"] == "ok" and t1.value > 0 and max(t1.constraints.values()) <= 0
+
+
+def test_fit_scales_an_over_budget_policy_onto_the_bound(tmp_path: Path, baseline_ckpt: Path) -> None:
+    # fit = "scale" (the default): the unpruned seed is pruned harder, every layer by one factor, until it fits;
+    # the trial records and scores that fitted policy, and export rebuilds exactly it.
+    cfg = load_study(write_study(tmp_path, baseline_ckpt, n_trials=2, constraint="max_macs_ratio = 0.3",
+                                 seeds='strategies = ["uniform"]\nuniform_rates = [0.0, 0.6]'))  # fmt: skip
+    assert cfg.constraint.fit == "scale"
+    run_study(cfg, progress=False, log=lambda s: None)
+    t0, t1 = trials_of(cfg)
+    base = 1_493_632
+    assert t0.user_attrs["status"] == "ok" and 0.25 * base < t0.user_attrs["macs"] <= 0.3 * base
+    assert max(t0.constraints.values()) <= 0 and t0.value > 0
+    pol = Policy.from_json(t0.user_attrs["policy"])
+    rates = {lp.prune_rate for lp in pol.layers.values()}
+    assert min(rates) > 0.3 and max(rates) <= 0.7  # every layer pruned, none past the space's largest rate
+    sctx = build_study_context(cfg)
+    assert (
+        count_cost(apply_policy(sctx.model, pol, input_shape=sctx.input_shape), sctx.input_shape).macs
+        == (t0.user_attrs["macs"])
+    )
+    assert sctx.fit(pol) == pol  # a fitted policy is its own fit: retries evaluate the same thing
+    assert {lp.prune_rate for lp in Policy.from_json(t1.user_attrs["policy"]).layers.values()} == {0.6}  # untouched
+
+
+def test_sqlite_storage_uses_write_ahead_log(tmp_path: Path, baseline_ckpt: Path) -> None:
+    # Optuna commits every parameter separately: WAL + synchronous=NORMAL halves the storage time per trial.
+    cfg = load_study(write_study(tmp_path, baseline_ckpt, n_trials=1, constraint=""))
+    storage = open_storage(cfg)
+    with storage.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+    storage.engine.dispose()
+    reader = open_storage(cfg, create=False)  # status/report open the same file the same way
+    with reader.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    reader.engine.dispose()
 
 
 def test_failed_trials_do_not_stop_the_study(tmp_path: Path, baseline_ckpt: Path) -> None:

@@ -85,7 +85,7 @@ finetune_epochs = 2
     )
     assert cfg.study.sampler == "nsga2" and cfg.multi_objective and cfg.study.n_trials == 7 and cfg.study.seed == 3
     assert [(o.metric, o.direction) for o in cfg.study.objectives] == [("val_acc", "maximize"), ("macs", "minimize")]
-    assert cfg.constraint.max_macs_ratio == 0.5 and cfg.constraint.max_macs is None
+    assert cfg.constraint.max_macs_ratio == 0.5 and cfg.constraint.max_macs is None and cfg.constraint.fit == "scale"
     assert cfg.space.criteria == ("l1", "fpgm") and cfg.space.prune_rate == (0.1, 0.6)
     assert cfg.seeds.strategies == ("uniform",) and cfg.seeds.params["uniform"] == {"rates": [0.2, 0.4, 0.6]}
     assert cfg.evaluator.kind == "finetune" and cfg.evaluator.steps == 20
@@ -204,6 +204,8 @@ def test_missing_sections(tmp_path: Path) -> None:
 def test_constraint_errors(tmp_path: Path) -> None:
     assert "not both" in err(write(tmp_path, "[constraint]\nmax_macs_ratio = 0.5\nmax_macs = 1e6\n"))
     assert "max_macs_ratio: must be in (0, 1]" in err(write(tmp_path, "[constraint]\nmax_macs_ratio = 1.5\n"))
+    msg = err(write(tmp_path, '[constraint]\nmax_macs_ratio = 0.5\nfit = "squeeze"\n'))
+    assert "[constraint] fit" in msg and "'squeeze'" in msg and "scale, none" in msg
 
 
 def test_seed_errors(tmp_path: Path) -> None:

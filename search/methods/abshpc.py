@@ -32,8 +32,8 @@ from typing import Any
 from torch import nn
 
 from core.errors import SlimError
-from core.policy import LayerPolicy, Policy
-from search.methods.common import CountingAcc, MethodResult, conv_modules, cost_report, rate_for_removed
+from core.policy import LayerPolicy, Policy, rate_for_removed
+from search.methods.common import CountingAcc, MethodResult, conv_modules, cost_report
 
 
 def call_bound(sizes: Sequence[int]) -> int:

@@ -18,7 +18,7 @@ from torch import nn
 
 from core.criteria import norm_wasserstein, select_filters
 from core.errors import SlimError
-from core.policy import LayerPolicy, Policy
+from core.policy import LayerPolicy, Policy, rate_for_removed
 from search.methods.common import (
     DEFAULT_SCAN_RATES,
     CountingAcc,
@@ -26,7 +26,6 @@ from search.methods.common import (
     admissible_rate,
     conv_modules,
     cost_report,
-    rate_for_removed,
     sensitivity_scan,
 )
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.errors import SlimError
-from core.policy import LayerPolicy, Policy
+from core.policy import LayerPolicy, Policy, rate_for_removed
 from search.methods.common import (
     DEFAULT_SCAN_RATES,
     CountingAcc,
@@ -35,7 +35,6 @@ from search.methods.common import (
     admissible_rate,
     conv_modules,
     cost_report,
-    rate_for_removed,
     sensitivity_order,
     sensitivity_scan,
 )

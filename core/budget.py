@@ -1,0 +1,154 @@
+"""Fitting a policy under a MACs bound: every pruned layer keeps ``1 - t`` of its kept filters, ``t`` bisected.
+
+A sampled or published policy says *where* to prune (its per-layer allocation, criteria, GA masks,
+decompositions); the bound says *how much*. Scaling every layer's kept-filter count by one factor keeps the
+allocation and moves the policy onto the bound, so a search (or a comparison at equal MACs) spends its
+evaluations on feasible candidates instead of rejecting most of them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+from torch import nn
+
+from core.apply import apply_policy
+from core.cost import count_cost
+from core.errors import SlimError
+from core.graph import model_graph
+from core.policy import LayerPolicy, Policy, cp_max_rank, rate_for_removed, replace_layer
+
+
+def prunable_leaders(model: nn.Module, input_shape: Sequence[int]) -> list[str]:
+    """Convs a policy prunes directly: prunable and alone or leading their coupled group (module order)."""
+    g = model_graph(model, tuple(input_shape))
+    return [n for n, i in g.layers.items() if i.prunable and i.group in (None, n)]
+
+
+def policy_macs(model: nn.Module, policy: Policy, input_shape: Sequence[int]) -> int:
+    """MACs per input of ``policy`` applied to ``model``."""
+    shape = tuple(input_shape)
+    return count_cost(apply_policy(model, policy, input_shape=shape, check=False), shape).macs
+
+
+def scale_kept(
+    model: nn.Module,
+    policy: Policy,
+    t: float,
+    input_shape: Sequence[int],
+    *,
+    criterion: str | None = "l1",
+    max_rate: float = 1.0,
+) -> Policy:
+    """``policy`` with the kept-filter count of every prunable group it lists scaled by ``1 - t`` (floor, >= 1).
+
+    Each layer keeps its criterion; ``clusters`` (hpc, distfit) becomes the new count; a ``keep`` mask keeps the
+    strongest (L1) of the filters it kept. Coupled groups stay consistent (every listed member gets the new
+    entry). Prunable leaders the policy does not list are pruned with ``criterion``, or left alone when it is
+    None (a search space that excludes them). No layer is pushed past ``max_rate`` (a space's largest rate);
+    one already past it stays as it is. Explicit decomposition ranks are clamped to the pruned kernel.
+    ``t = 0`` returns the policy unchanged.
+    """
+    if not 0.0 <= t < 1.0:
+        raise SlimError(f"scale factor t must be in [0, 1), got {t}")
+    shape = tuple(input_shape)
+    g = model_graph(model, shape)
+    mods = dict(model.named_modules())
+    layers = dict(policy.layers)
+    for leader in prunable_leaders(model, shape):
+        members = g.groups.get(leader, [leader])
+        listed = [m for m in members if m in layers]
+        if not listed and criterion is None:
+            continue
+        lp = layers[listed[0]] if listed else LayerPolicy(criterion=criterion or "l1")
+        n = g.layers[leader].out_channels
+        k0 = lp.keep_count(n)
+        k = max(1, math.floor(k0 * (1.0 - t) + 1e-9), n - math.floor(max_rate * n + 1e-9))
+        if k >= k0:
+            continue
+        rate = rate_for_removed(n - k, n)
+        if lp.keep is not None:
+            w = mods[leader].weight.detach().flatten(1).abs().sum(1)
+            strongest = sorted(lp.keep, key=lambda i: (-float(w[i]), i))[:k]
+            new = replace_layer(lp, prune_rate=rate, keep=tuple(sorted(strongest)))
+        elif lp.clusters is not None:
+            new = replace_layer(lp, prune_rate=rate, clusters=k)
+        else:
+            new = replace_layer(lp, prune_rate=rate)
+        for m in listed:  # members must agree on pruning; each keeps its own decomposition
+            layers[m] = replace_layer(layers[m], prune_rate=new.prune_rate, keep=new.keep, clusters=new.clusters)
+        if not listed:
+            layers[leader] = new
+    return _clamp_ranks(model, Policy(layers), shape)
+
+
+def _clamp_ranks(model: nn.Module, policy: Policy, shape: tuple[int, ...]) -> Policy:
+    """Explicit CP/Tucker ranks no larger than the full rank of the layer after pruning."""
+    fixed = {n: lp for n, lp in policy.layers.items() if lp.decomposition != "none" and lp.rank is not None}
+    if not fixed:
+        return policy
+    pruned_only = Policy({n: replace_layer(lp, decomposition="none", rank=None, rank_ratio=None)
+                          for n, lp in policy.layers.items()})  # fmt: skip
+    shell = apply_policy(model, pruned_only, input_shape=shape, check=False)
+    mods = dict(shell.named_modules())
+    layers = dict(policy.layers)
+    for n, lp in fixed.items():
+        out_c, in_c, kh, kw = mods[n].weight.shape
+        if isinstance(lp.rank, tuple):
+            rank: int | tuple[int, int] = (min(lp.rank[0], in_c), min(lp.rank[1], out_c))
+        else:
+            rank = min(int(lp.rank), cp_max_rank(out_c, in_c, kh, kw))
+        layers[n] = replace_layer(lp, rank=rank)
+    return Policy(layers)
+
+
+def bisect_budget(
+    macs_at: Callable[[float], float], budget: float, lo: float = 0.0, hi: float = 0.95, iters: int = 12
+) -> tuple[float, float]:
+    """Smallest x in (lo, hi] (within (hi - lo) / 2**iters) with ``macs_at(x) <= budget``, and those MACs.
+
+    ``macs_at`` must be non-increasing in x and ``macs_at(lo)`` above the budget (lo is never evaluated);
+    a budget even ``hi`` cannot meet is a ``SlimError``.
+    """
+    m_hi = macs_at(hi)
+    if m_hi > budget:
+        raise SlimError(f"budget {budget:,.0f} MACs is out of reach: {m_hi:,.0f} MACs at the largest setting {hi}")
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        m = macs_at(mid)
+        if m <= budget:
+            hi, m_hi = mid, m
+        else:
+            lo = mid
+    return hi, m_hi
+
+
+def fit_macs(
+    model: nn.Module,
+    policy: Policy,
+    max_macs: float,
+    input_shape: Sequence[int],
+    *,
+    criterion: str | None = None,
+    max_rate: float = 1.0,
+    t_max: float = 0.95,
+    iters: int = 8,
+) -> tuple[Policy, float | None]:
+    """``(policy, 0.0)`` when it is within ``max_macs``; else ``(scale_kept(policy, t), t)`` with the smallest
+    bisected ``t <= t_max`` that fits; ``(policy, None)`` when even ``t_max`` does not (the caller's MACs gate
+    rejects it). ``criterion``, ``max_rate``: as in ``scale_kept`` (None: unlisted layers stay unpruned)."""
+    if policy_macs(model, policy, input_shape) <= max_macs:
+        return policy, 0.0
+
+    def macs_at(t: float) -> float:
+        return policy_macs(model, scale(t), input_shape)
+
+    def scale(t: float) -> Policy:
+        return scale_kept(model, policy, t, input_shape, criterion=criterion, max_rate=max_rate)
+
+    try:
+        t, _ = bisect_budget(macs_at, max_macs, hi=t_max, iters=iters)
+    except SlimError:
+        return policy, None
+    return scale(t), t

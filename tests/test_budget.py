@@ -1,0 +1,116 @@
+"""core/budget.py: scaling a policy's kept filters onto a MACs bound. Random weights, no data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.apply import apply_policy
+from core.budget import bisect_budget, fit_macs, policy_macs, prunable_leaders, scale_kept
+from core.cost import count_cost
+from core.errors import SlimError
+from core.models import build_model
+from core.policy import LayerPolicy, Policy
+
+SHAPE = (1, 3, 32, 32)
+
+
+@pytest.fixture(scope="module")
+def resnet20() -> nn.Module:
+    torch.manual_seed(0)
+    return build_model("resnet20").eval()
+
+
+class _Coupled(nn.Module):
+    """``a`` and ``short`` are added, so they form one prunable group led by ``a``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.a = nn.Conv2d(16, 16, 3, padding=1)
+        self.short = nn.Conv2d(3, 16, 1)
+        self.b = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.a(F.relu(self.stem(x))) + self.short(x))
+        return self.fc(F.relu(self.b(y)).mean((2, 3)))
+
+
+def test_bisect_finds_smallest_setting_within_budget() -> None:
+    def macs(x: float) -> float:  # a non-increasing step function, steps of 1/16
+        return 1000.0 * (1 - int(x * 16) / 16)
+
+    x, m = bisect_budget(macs, 600.0, hi=0.95, iters=14)
+    assert m <= 600.0 and m == macs(x)
+    assert macs(x - 1e-3) > 600.0  # just below the returned setting the budget is broken
+    assert abs(x - 7 / 16) < 1e-3  # 1 - 7/16 = 0.5625 is the first step under 0.6
+    with pytest.raises(SlimError, match="out of reach"):
+        bisect_budget(macs, 10.0, hi=0.5)
+
+
+def test_scale_keeps_allocation_masks_and_criteria(resnet20: nn.Module) -> None:
+    names = prunable_leaders(resnet20, SHAPE)
+    first, second = names[0], names[1]
+    mask = tuple(range(0, 16, 2))  # GA-style explicit kept filters
+    policy = Policy({first: LayerPolicy(prune_rate=0.5, criterion="mask", keep=mask),
+                     second: LayerPolicy(prune_rate=0.5, criterion="hpc", clusters=8)})  # fmt: skip
+    assert scale_kept(resnet20, policy, 0.0, SHAPE) == policy
+    p = scale_kept(resnet20, policy, 0.5, SHAPE)
+    assert set(p[first].keep) <= set(mask) and len(p[first].keep) == 4 and p[first].criterion == "mask"
+    w = resnet20.get_submodule(first).weight.detach().flatten(1).abs().sum(1)
+    assert min(float(w[i]) for i in p[first].keep) >= max(float(w[i]) for i in set(mask) - set(p[first].keep))
+    assert p[second].clusters == 4 and p[second].criterion == "hpc"
+    assert p[names[2]].keep_count(16) == 8 and p[names[2]].criterion == "l1"  # unlisted layers pruned too
+    assert set(scale_kept(resnet20, policy, 0.5, SHAPE, criterion=None).layers) == {first, second}
+    empty = scale_kept(resnet20, Policy(), 0.25, SHAPE, criterion="hpc")  # e.g. ABSHPC that pruned nothing
+    assert set(empty.layers) == set(names) and {lp.criterion for lp in empty.layers.values()} == {"hpc"}
+    assert all(lp.keep_count(16) == 12 for n, lp in empty.layers.items() if n.startswith("layer1"))
+    with pytest.raises(SlimError, match="scale factor"):
+        scale_kept(resnet20, policy, 1.0, SHAPE)
+
+
+def test_scale_clamps_explicit_ranks_to_the_pruned_kernel(resnet20: nn.Module) -> None:
+    name = prunable_leaders(resnet20, SHAPE)[0]  # 16 -> 16 channels, 3x3
+    policy = Policy({name: LayerPolicy(decomposition="tucker", rank=(16, 16))})
+    p = scale_kept(resnet20, policy, 0.5, SHAPE, criterion=None)
+    assert p[name].keep_count(16) == 8 and p[name].rank == (16, 8)  # out rank <= 8 kept filters
+    apply_policy(resnet20, p, input_shape=SHAPE)  # a rank above the kernel would raise
+
+
+def test_scale_keeps_coupled_members_consistent() -> None:
+    torch.manual_seed(0)
+    net = _Coupled().eval()
+    assert prunable_leaders(net, SHAPE) == ["stem", "a", "b"]
+    policy = Policy({"a": LayerPolicy(prune_rate=0.25), "short": LayerPolicy(prune_rate=0.25, decomposition="none")})
+    p = scale_kept(net, policy, 0.5, SHAPE, criterion=None)
+    assert set(p.layers) == {"a", "short"}  # stem and b are not in the policy: left alone
+    assert p["a"].keep_count(16) == p["short"].keep_count(16) == 6  # floor(12 * 0.5)
+    out = apply_policy(net, p, input_shape=SHAPE)
+    assert out.a.out_channels == out.short.out_channels == out.b.in_channels == 6 and out.stem.out_channels == 16
+
+
+def test_fit_macs_meets_the_bound_tightly(resnet20: nn.Module) -> None:
+    names = prunable_leaders(resnet20, SHAPE)
+    base = count_cost(resnet20, SHAPE).macs
+    # a deep-heavy allocation: the first stage untouched, later stages pruned
+    policy = Policy({n: LayerPolicy(prune_rate=0.0 if n.startswith("layer1") else 0.5) for n in names})
+    assert fit_macs(resnet20, policy, base, SHAPE) == (policy, 0.0)  # within the bound: unchanged
+    bound = 0.5 * base
+    assert policy_macs(resnet20, policy, SHAPE) > bound
+    fitted, t = fit_macs(resnet20, policy, bound, SHAPE, iters=10)
+    assert t is not None and 0 < t < 1
+    macs = policy_macs(resnet20, fitted, SHAPE)
+    assert 0.45 * base < macs <= bound
+    assert policy_macs(resnet20, scale_kept(resnet20, policy, t - 0.02, SHAPE, criterion=None), SHAPE) > bound
+    # the allocation survives: every layer keeps ~(1 - t) of what it kept, so layer1 keeps twice the share
+    kept = {n: fitted[n].keep_count(resnet20.get_submodule(n).out_channels) for n in names}
+    share = {n: kept[n] / resnet20.get_submodule(n).out_channels for n in names}
+    assert all(abs(share[n] - (1 - t)) <= 1 / 16 for n in names if n.startswith("layer1"))
+    assert all(abs(share[n] - 0.5 * (1 - t)) <= 1 / 32 for n in names if not n.startswith("layer1"))
+    # only listed layers can shrink: a bound below what the unlisted layers cost is out of reach
+    alone = Policy({names[-1]: LayerPolicy(prune_rate=0.5)})
+    assert fit_macs(resnet20, alone, 0.3 * base, SHAPE) == (alone, None)
+    assert fit_macs(resnet20, alone, 0.6 * base, SHAPE, criterion="l1")[1] is not None
