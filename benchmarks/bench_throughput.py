@@ -12,8 +12,9 @@ torch threads each when N > 1). Then it reads the trials back from the storage:
   train_s (BN recalibration, plus the fine-tune for "finetune"), eval_s);
 - other: the evaluator's wall_s minus those four (first use of lazily imported modules in a fresh
   process, RNG forking);
+- fit: scaling an over-budget sample onto the MACs bound (``[constraint] fit = "scale"``; ``fit_s`` metric);
 - storage: the trial's wall time in Optuna (datetime_start, set when the runner claims the WAITING trial,
-  to datetime_complete, set by ``study.tell``) minus the evaluator's wall_s: claim bookkeeping, the
+  to datetime_complete, set by ``study.tell``) minus the evaluator's wall_s and fit: claim bookkeeping, the
   sampler's suggestion (one storage write per parameter), the result-cache lookup (its key hashes the
   training data once per process), recording the result (user attrs) and ``tell``;
 - loop: per worker, the gaps between one trial's completion and its next trial's start (the claim loop:
@@ -21,7 +22,7 @@ torch threads each when N > 1). Then it reads the trials back from the storage:
 - startup: from launching the command to the first trial's start (data, baseline, workers' start-up).
 
 Trials per hour: steady (counted trials / (last completion - first start)) and end to end (counted
-trials / the command's wall time). Overhead % = (apply + cost + other + storage + loop) / (all of those +
+trials / the command's wall time). Overhead % = (fit + apply + cost + other + storage + loop) / (all of those +
 train + eval), over the feasible trials and over all trials (infeasible ones stop after the MACs gate, so they
 are all "overhead" but cheap). Run from the repo root:
 
@@ -53,8 +54,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
-PHASES = ("apply", "cost", "train", "eval", "other", "storage", "loop")
-OVERHEAD = ("apply", "cost", "other", "storage", "loop")
+PHASES = ("fit", "apply", "cost", "train", "eval", "other", "storage", "loop")
+OVERHEAD = ("fit", "apply", "cost", "other", "storage", "loop")
 
 
 # ----------------------------------------------------------------------------- pure logic
@@ -109,7 +110,8 @@ def time_split(trials: Sequence[dict[str, Any]], t_launch: float, t_end: float) 
                 "apply": m.get("apply_s", 0.0), "cost": m.get("cost_s", 0.0),
                 "train": m.get("train_s", 0.0), "eval": m.get("eval_s", 0.0),
                 "other": max(0.0, m.get("wall_s", 0.0) - sum(m.get(f"{p}_s", 0.0) for p in ("apply", "cost", "train", "eval"))),
-                "storage": max(0.0, (t["end"] - t["start"]) - m.get("wall_s", 0.0)),
+                "fit": m.get("fit_s", 0.0),
+                "storage": max(0.0, (t["end"] - t["start"]) - m.get("wall_s", 0.0) - m.get("fit_s", 0.0)),
                 "loop": 0.0 if prev_end is None else max(0.0, t["start"] - prev_end),
             })  # fmt: skip
             prev_end = t["end"]
@@ -250,9 +252,9 @@ def table(result: dict[str, Any]) -> str:
         f"sampler, {s['trials']} trials per run, {s['val_size']} val images, MACs bound {s['bound']:.0%}, "
         f"{s['threads']} torch thread(s) per worker, {result['machine']['cpus']} cores.",
         "",
-        "| evaluator | workers | trials (feasible) | trials/h steady | trials/h end-to-end | apply s | cost s | "
+        "| evaluator | workers | trials (feasible) | trials/h steady | trials/h end-to-end | fit s | apply s | cost s | "
         "train s | eval s | other s | storage s | loop s | overhead % feasible | overhead % all | < 10 % | loadavg |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|---:|",
     ]
     for r in result["runs"]:
         f = r["feasible"]
@@ -264,7 +266,8 @@ def table(result: dict[str, Any]) -> str:
             + f" | {f.get('overhead_pct', float('nan')):.1f} | {r['all']['overhead_pct']:.1f} | "
             f"{'yes' if f.get('overhead_pct', 100) < 10 else 'no'} | {r['loadavg_after'][0]:.1f} |"
         )
-    lines += ["", "Phase columns: mean seconds per feasible trial (train includes the BN recalibration). other = "
+    lines += ["", "Phase columns: mean seconds per feasible trial (train includes the BN recalibration). fit = scaling "
+              "an over-budget sample onto the MACs bound ([constraint] fit). other = "
               "evaluator wall time outside its four phases; storage = Optuna trial wall (claim to tell) minus the "
               "evaluator's wall time; loop = gap between a worker's consecutive trials. "
               f"Run took {result['wall_s'] / 60:.1f} min."]  # fmt: skip

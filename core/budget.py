@@ -133,22 +133,43 @@ def fit_macs(
     criterion: str | None = None,
     max_rate: float = 1.0,
     t_max: float = 0.95,
-    iters: int = 8,
+    rel_tol: float = 0.02,
+    max_evals: int = 10,
 ) -> tuple[Policy, float | None]:
-    """``(policy, 0.0)`` when it is within ``max_macs``; else ``(scale_kept(policy, t), t)`` with the smallest
-    bisected ``t <= t_max`` that fits; ``(policy, None)`` when even ``t_max`` does not (the caller's MACs gate
-    rejects it). ``criterion``, ``max_rate``: as in ``scale_kept`` (None: unlisted layers stay unpruned)."""
-    if policy_macs(model, policy, input_shape) <= max_macs:
-        return policy, 0.0
+    """``(policy, 0.0)`` when it is within ``max_macs``; else ``(scale_kept(policy, t), t)`` for a ``t <= t_max``
+    whose MACs are within the bound and no more than ``rel_tol`` below it (or the smallest such ``t`` found in
+    ``max_evals`` MACs counts); ``(policy, None)`` when even ``t_max`` does not fit (the caller's MACs gate
+    rejects it). ``criterion``, ``max_rate``: as in ``scale_kept`` (None: unlisted layers stay unpruned).
 
-    def macs_at(t: float) -> float:
-        return policy_macs(model, scale(t), input_shape)
+    A search fits every sample, so this runs once per trial: the root is found by regula falsi with the
+    Illinois step (3-5 counts of ~20-60 ms on the CIFAR ResNets) rather than bisection (10+).
+    """
+    f_lo = policy_macs(model, policy, input_shape) - max_macs
+    if f_lo <= 0:
+        return policy, 0.0
 
     def scale(t: float) -> Policy:
         return scale_kept(model, policy, t, input_shape, criterion=criterion, max_rate=max_rate)
 
-    try:
-        t, _ = bisect_budget(macs_at, max_macs, hi=t_max, iters=iters)
-    except SlimError:
+    lo, hi = 0.0, t_max
+    best = scale(hi)
+    f_hi = policy_macs(model, best, input_shape) - max_macs
+    if f_hi > 0:
         return policy, None
-    return scale(t), t
+    w_lo, w_hi, side = f_lo, f_hi, 0  # Illinois: the weight of an end that stays put is halved
+    for _ in range(max_evals - 2):
+        if -f_hi <= rel_tol * max_macs or hi - lo < 4e-3:
+            break
+        x = (lo * w_hi - hi * w_lo) / (w_hi - w_lo)
+        x = min(max(x, lo + 1e-3 * (hi - lo)), hi - 1e-3 * (hi - lo))
+        cand = scale(x)
+        f = policy_macs(model, cand, input_shape) - max_macs
+        if f <= 0:
+            hi, f_hi, w_hi, best = x, f, f, cand
+            w_lo = w_lo / 2 if side == -1 else w_lo
+            side = -1
+        else:
+            lo, f_lo, w_lo = x, f, f
+            w_hi = w_hi / 2 if side == 1 else w_hi
+            side = 1
+    return best, hi

@@ -232,7 +232,10 @@ def _trainable(config: dict[str, Any], study: StudyConfig) -> None:
     policy = None
     try:
         sctx = _worker_context(study)
-        policy = sctx.fit(sctx.space.policy_from_params(config))
+        sampled = sctx.space.policy_from_params(config)
+        t_fit = time.perf_counter()
+        policy = sctx.fit(sampled)
+        extra["fit_s"] = time.perf_counter() - t_fit
     except Exception as e:  # e.g. a worker that cannot see the data or the baseline: a failed trial
         res = EvalResult("fail", {}, f"worker: {one_line(e)}")
         tune.report(final_result(study, res, policy, extra))

@@ -467,12 +467,12 @@ def objective_values(cfg: StudyConfig, metrics: dict[str, float]) -> list[float]
     return out
 
 
-def _record(trial: optuna.Trial, cfg: StudyConfig, policy: Any, res: Any) -> None:
+def _record(trial: optuna.Trial, cfg: StudyConfig, policy: Any, res: Any, fit_s: float = 0.0) -> None:
     attrs: dict[str, Any] = {
         "policy": policy.to_json(),
         "policy_hash": policy.hash,
         "policy_summary": policy.summary(),
-        "metrics": {k: float(v) for k, v in res.metrics.items()},
+        "metrics": {**{k: float(v) for k, v in res.metrics.items()}, "fit_s": fit_s},
         "reason": res.reason,
         "cached": bool(res.cached),
     }
@@ -491,15 +491,15 @@ def _record(trial: optuna.Trial, cfg: StudyConfig, policy: Any, res: Any) -> Non
 
 def trial_policy(trial: optuna.Trial, sctx: Any) -> Any:
     """The policy a trial evaluates: the space's suggestion (always asked, so the sampler records the
-    parameters), replaced by the exact seed policy when the trial was enqueued with one, then fitted under
-    the MACs bound (``StudyContext.fit``)."""
+    parameters), replaced by the exact seed policy when the trial was enqueued with one. ``run_trial``
+    then fits it under the MACs bound (``StudyContext.fit``)."""
     from core.policy import Policy
 
     policy = sctx.space.suggest(trial)
     exact = trial.user_attrs.get(SEED_POLICY_ATTR)
     if isinstance(exact, str) and exact:
         policy = Policy.from_json(exact, where=f"trial {trial.number} {SEED_POLICY_ATTR}")
-    return sctx.fit(policy)
+    return policy
 
 
 def run_trial(study: optuna.Study, trial_id: int, sctx: Any, cfg: StudyConfig) -> FrozenTrial:
@@ -515,6 +515,9 @@ def run_trial(study: optuna.Study, trial_id: int, sctx: Any, cfg: StudyConfig) -
     hb = _Heartbeat(storage, trial_id, cfg.study.heartbeat_interval)
     try:
         policy = trial_policy(trial, sctx)
+        t_fit = time.perf_counter()
+        policy = sctx.fit(policy)
+        fit_s = time.perf_counter() - t_fit
         report = None
         if not cfg.multi_objective and not isinstance(study.pruner, optuna.pruners.NopPruner):
 
@@ -523,7 +526,7 @@ def run_trial(study: optuna.Study, trial_id: int, sctx: Any, cfg: StudyConfig) -
                 return trial.should_prune()
 
         res = evaluate(sctx.eval_ctx, cfg.evaluator, policy, report=report)
-        _record(trial, cfg, policy, res)
+        _record(trial, cfg, policy, res, fit_s)
         if res.status == "pruned":
             return study.tell(trial, state=TrialState.PRUNED)
         if res.status == "fail":

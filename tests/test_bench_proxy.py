@@ -102,3 +102,9 @@ def test_time_split_storage_loop_and_overhead() -> None:
     slow = rec(1, 100.0, 110.0, wall=9.5)
     g = time_split([slow], t_launch=100.0, t_end=110.0)["feasible"]["mean_s"]
     assert g["other"] == pytest.approx(0.5) and g["storage"] == pytest.approx(0.5)
+    # fitting a sample onto the MACs bound happens before the evaluator: its own phase, not storage
+    fitted = rec(1, 100.0, 110.0)
+    fitted["metrics"]["fit_s"] = 0.25
+    h = time_split([fitted], t_launch=100.0, t_end=110.0)["feasible"]
+    assert h["mean_s"]["fit"] == pytest.approx(0.25) and h["mean_s"]["storage"] == pytest.approx(0.75)
+    assert h["overhead_pct"] == pytest.approx(100 * (0.25 + 0.5 + 0.5 + 0.75) / 10)

@@ -100,11 +100,17 @@ def test_fit_macs_meets_the_bound_tightly(resnet20: nn.Module) -> None:
     assert fit_macs(resnet20, policy, base, SHAPE) == (policy, 0.0)  # within the bound: unchanged
     bound = 0.5 * base
     assert policy_macs(resnet20, policy, SHAPE) > bound
-    fitted, t = fit_macs(resnet20, policy, bound, SHAPE, iters=10)
-    assert t is not None and 0 < t < 1
+    fitted, t = fit_macs(resnet20, policy, bound, SHAPE)
+    assert t is not None and 0 < t < 1 and fitted == scale_kept(resnet20, policy, t, SHAPE, criterion=None)
     macs = policy_macs(resnet20, fitted, SHAPE)
-    assert 0.45 * base < macs <= bound
-    assert policy_macs(resnet20, scale_kept(resnet20, policy, t - 0.02, SHAPE, criterion=None), SHAPE) > bound
+    assert 0.9 * bound < macs <= bound
+
+    def macs_at(x: float) -> float:
+        return policy_macs(resnet20, scale_kept(resnet20, policy, x, SHAPE, criterion=None), SHAPE)
+
+    _, tightest = bisect_budget(macs_at, bound, iters=14)
+    assert macs == tightest  # as close to the bound as the channel grid allows (16-filter layers: 5 % steps)
+    assert macs_at(0.9 * t) > bound
     # the allocation survives: every layer keeps ~(1 - t) of what it kept, so layer1 keeps twice the share
     kept = {n: fitted[n].keep_count(resnet20.get_submodule(n).out_channels) for n in names}
     share = {n: kept[n] / resnet20.get_submodule(n).out_channels for n in names}

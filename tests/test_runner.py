@@ -169,7 +169,7 @@ def test_fit_scales_an_over_budget_policy_onto_the_bound(tmp_path: Path, baselin
     t0, t1 = trials_of(cfg)
     base = 1_493_632
     assert t0.user_attrs["status"] == "ok" and 0.25 * base < t0.user_attrs["macs"] <= 0.3 * base
-    assert max(t0.constraints.values()) <= 0 and t0.value > 0
+    assert max(t0.constraints.values()) <= 0 and t0.value > 0 and t0.user_attrs["metrics"]["fit_s"] > 0
     pol = Policy.from_json(t0.user_attrs["policy"])
     rates = {lp.prune_rate for lp in pol.layers.values()}
     assert min(rates) > 0.3 and max(rates) <= 0.7  # every layer pruned, none past the space's largest rate
