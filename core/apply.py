@@ -27,10 +27,10 @@ from torch import nn
 
 from core.cost import conv_zeros
 from core.criteria import select_filters
-from core.decompose import DecompositionCache, choose_rank, decompose_conv, default_cache
+from core.decompose import DecompositionCache, choose_rank, decompose_conv, default_cache, layer_structure
 from core.errors import SlimError
 from core.graph import InputSpec, ModelGraph, model_graph
-from core.policy import LayerPolicy, Policy
+from core.policy import LayerPolicy, Policy, replace_layer
 from core.prune import cut, masked_model_inplace
 
 __all__ = ["apply_policy", "clone_model", "kept_indices", "layer_seed", "masked_model"]
@@ -244,6 +244,25 @@ def apply_policy(
                 f"apply_policy produced output {got}, expected {graph.output_shape}: policy {policy.hash}"
             )
     return new
+
+
+def structure_only(model: nn.Module, policy: Policy, *, input_shape: Sequence[int] | None = None,
+                   seed: int = 0) -> nn.Module:  # fmt: skip
+    """``apply_policy``'s model with each decomposed layer replaced by UNTRAINED factor layers of its ranks.
+
+    Same layers, shapes, MACs and params as the real result without factorising (CP-ALS can take seconds a
+    layer): what gating on the MACs bound and fitting a policy onto it need. Not for inference.
+    """
+    pruned = Policy({n: replace_layer(lp, decomposition="none", rank=None, rank_ratio=None)
+                     for n, lp in policy.layers.items()})  # fmt: skip
+    policy.validate(model)
+    new = apply_policy(model, pruned, input_shape=input_shape, seed=seed, check=False)
+    for name, lp in policy.layers.items():
+        if lp.decomposition != "none":
+            conv = new.get_submodule(name)
+            rank = choose_rank(conv, lp.decomposition, lp.rank, lp.rank_ratio, layer_name=name)
+            new.set_submodule(name, layer_structure(conv, lp.decomposition, rank))
+    return new.eval()
 
 
 def _shape_forward(new: nn.Module, x: torch.Tensor, original: nn.Module) -> object:

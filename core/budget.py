@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-from core.apply import apply_policy
+from core.apply import apply_policy, structure_only
 from core.cost import count_cost
 from core.errors import SlimError
 from core.graph import model_graph
@@ -27,9 +27,9 @@ def prunable_leaders(model: nn.Module, input_shape: Sequence[int]) -> list[str]:
 
 
 def policy_macs(model: nn.Module, policy: Policy, input_shape: Sequence[int]) -> int:
-    """MACs per input of ``policy`` applied to ``model``."""
+    """MACs per input of ``policy`` applied to ``model`` (counted on its structure: nothing is factorised)."""
     shape = tuple(input_shape)
-    return count_cost(apply_policy(model, policy, input_shape=shape, check=False), shape).macs
+    return count_cost(structure_only(model, policy, input_shape=shape), shape).macs
 
 
 def scale_kept(

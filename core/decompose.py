@@ -251,9 +251,6 @@ def layer_structure(conv: nn.Conv2d, method: str, rank: Rank) -> nn.Sequential:
     return _cp_structure(conv, rank) if method == "cp" else _tucker_structure(conv, rank)  # type: ignore[arg-type]
 
 
-_structure = layer_structure  # older private name, used by evaluators.evaluate
-
-
 def _fill(seq: nn.Sequential, weights: list[np.ndarray], bias: torch.Tensor | None) -> nn.Sequential:
     with torch.no_grad():
         for layer, w in zip(seq, weights, strict=True):
@@ -518,7 +515,7 @@ class DecompositionCache:
                 self._memory.popitem(last=False)
 
     def _build(self, conv: nn.Conv2d, method: str, rank: Rank, state: dict[str, torch.Tensor]) -> nn.Sequential:
-        seq = _structure(conv, method, rank)
+        seq = layer_structure(conv, method, rank)
         seq.load_state_dict(state, strict=True)  # copies into conv's device/dtype
         return seq
 

@@ -13,10 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 
 from core.errors import SlimError
-from core.policy import Policy, replace_layer
+from core.policy import Policy
 from evaluators.cache import ResultCache
 from evaluators.config import EvaluatorConfig
 from evaluators.context import EvalContext
@@ -125,7 +124,7 @@ def _run(
     metrics: dict[str, float],
     intermediate: list[tuple[int, float]],
 ) -> tuple[str, str]:
-    from core.apply import apply_policy
+    from core.apply import apply_policy, structure_only
     from core.cost import count_cost, measure_latency
     from core.train import FinetuneConfig, finetune, recalibrate_bn
     from core.train import evaluate as accuracy
@@ -134,7 +133,7 @@ def _run(
         # Factorising (CP above all) can take seconds, so gate on the structure first: the pruned model
         # with untrained decomposition layers has exactly the MACs of the real result.
         t = time.perf_counter()
-        shell = _structure_only(ctx, policy, cfg.seed)
+        shell = structure_only(ctx.model, policy, input_shape=ctx.input_shape, seed=cfg.seed)
         metrics["apply_s"] += time.perf_counter() - t
         t = time.perf_counter()
         verdict = _gate(ctx, count_cost(shell, ctx.input_shape), metrics)
@@ -211,20 +210,3 @@ def _gate(ctx: EvalContext, cost: Any, metrics: dict[str, float]) -> str:
         f"MACs {cost.macs:,} exceed the bound {ctx.max_macs:,.0f} "
         f"({metrics['macs_ratio']:.1%} of the baseline's {ctx.base.macs:,})"
     )
-
-
-def _structure_only(ctx: EvalContext, policy: Policy, seed: int) -> nn.Module:
-    """The pruned model with each decomposed layer replaced by its (untrained) factor layers."""
-    from core.apply import apply_policy
-    from core.decompose import _structure, choose_rank  # _structure: the layer stack without factorising
-
-    pruned = Policy({n: replace_layer(lp, decomposition="none", rank=None, rank_ratio=None)
-                     for n, lp in policy.layers.items()})  # fmt: skip
-    policy.validate(ctx.model)
-    model = apply_policy(ctx.model, pruned, input_shape=ctx.input_shape, seed=seed, check=False)
-    for name, lp in policy.layers.items():
-        if lp.decomposition != "none":
-            conv = model.get_submodule(name)
-            rank = choose_rank(conv, lp.decomposition, lp.rank, lp.rank_ratio, layer_name=name)
-            model.set_submodule(name, _structure(conv, lp.decomposition, rank))
-    return model.eval()
