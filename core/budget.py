@@ -1,4 +1,4 @@
-"""Fitting a policy under a MACs bound: every pruned layer keeps ``1 - t`` of its kept filters, ``t`` bisected.
+"""Fitting a policy under a MACs bound: every pruned layer keeps ``1 - t`` of its kept filters, one ``t`` for all.
 
 A sampled or published policy says *where* to prune (its per-layer allocation, criteria, GA masks,
 decompositions); the bound says *how much*. Scaling every layer's kept-filter count by one factor keeps the
