@@ -374,7 +374,8 @@ def project(b: Bench, native: dict, max_macs: float) -> tuple[Policy, bool, floa
     if native["macs"] <= max_macs:
         return native["policy"], False, 0.0, 0.0
     crit = METHOD_CRITERION[native["method"]]
-    pol, t = fit_macs(b.base, native["policy"], max_macs, SHAPE, criterion=crit, t_max=0.98, iters=b.args.bisect_iters)
+    pol, t = fit_macs(b.base, native["policy"], max_macs, SHAPE, criterion=crit, t_max=0.98, rel_tol=0.0,
+                      max_evals=b.args.bisect_iters + 2)  # fmt: skip
     if t is None:
         raise SlimError(f"{native['method']}: {max_macs:,.0f} MACs is out of reach by scaling its policy")
     return pol, True, t, time.perf_counter() - t0

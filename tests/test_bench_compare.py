@@ -1,5 +1,6 @@
 """Pure logic of benchmarks/bench_compare.py: Torch-Pruning with our unprunable layers ignored, bisected onto a
-MACs budget, and the uniform baselines. Random-weight ResNet-20, no data (projection: tests/test_budget.py)."""
+MACs budget, the uniform baselines and the projection of a method's policy onto a budget. Random-weight
+ResNet-20, no data (the projection's core: tests/test_budget.py)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks.bench_compare import tp_prune, uniform_policy
-from core.budget import bisect_budget, prunable_leaders
+from benchmarks.bench_compare import project, tp_prune, uniform_policy
+from core.budget import bisect_budget, policy_macs, prunable_leaders
 from core.cost import count_cost
+from core.errors import SlimError
 from core.graph import model_graph
 from core.models import build_model
+from core.policy import LayerPolicy, Policy
 
 SHAPE = (1, 3, 32, 32)
 
@@ -59,3 +62,19 @@ def test_uniform_policy_covers_prunable_leaders_only(resnet20: nn.Module) -> Non
     p = uniform_policy(resnet20, 0.3333333333, "fpgm")
     assert list(p.layers) == sorted(prunable_leaders(resnet20, SHAPE))
     assert all(lp.criterion == "fpgm" and lp.prune_rate == 0.333333 for lp in p.layers.values())
+
+
+def test_project_fits_a_method_policy_onto_the_budget(resnet20: nn.Module) -> None:
+    from types import SimpleNamespace
+
+    b = SimpleNamespace(base=resnet20, args=SimpleNamespace(bisect_iters=8))
+    names = prunable_leaders(resnet20, SHAPE)
+    pol = Policy({names[0]: LayerPolicy(prune_rate=0.5, criterion="mask", keep=tuple(range(8)))})
+    native = {"method": "ga", "policy": pol, "macs": policy_macs(resnet20, pol, SHAPE)}
+    base = count_cost(resnet20, SHAPE).macs
+    assert project(b, native, base)[:3] == (pol, False, 0.0)  # within the budget: as it is
+    fitted, projected, t, _ = project(b, native, 0.5 * base)
+    assert projected and 0 < t < 0.98 and 0.45 * base < policy_macs(resnet20, fitted, SHAPE) <= 0.5 * base
+    assert set(fitted.layers) == set(names) and len(fitted[names[0]].keep) < 8  # GA's unlisted layers: l1
+    with pytest.raises(SlimError, match="out of reach"):
+        project(b, native, 0.001 * base)
