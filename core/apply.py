@@ -33,7 +33,7 @@ from core.graph import InputSpec, ModelGraph, model_graph
 from core.policy import LayerPolicy, Policy, replace_layer
 from core.prune import cut, masked_model_inplace
 
-__all__ = ["apply_policy", "clone_model", "kept_indices", "layer_seed", "masked_model"]
+__all__ = ["apply_policy", "clone_model", "kept_indices", "layer_seed", "masked_model", "structure_only"]
 
 
 _ATOMS = frozenset({int, float, str, bool, type(None), torch.dtype, torch.device})
