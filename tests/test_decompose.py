@@ -17,6 +17,7 @@ from core.decompose import (
     DecompositionCache,
     DecompositionError,
     choose_rank,
+    cp_degeneracy,
     cp_layers,
     cp_param_cap,
     decompose_conv,
@@ -113,6 +114,41 @@ def test_tucker_error_decreases_with_rank() -> None:
     errs = [kernel_err(conv, tucker2_layers(conv, (r, 2 * r))) for r in (1, 2, 3, 4, 6, 8)]
     assert all(b <= a + 1e-9 for a, b in pairwise(errs)), errs
     assert errs[-1] < 1e-9 and errs[0] > 0.3
+
+
+def cp_factors(seq: nn.Sequential) -> list[np.ndarray]:
+    r = seq[0].out_channels
+    cols = [seq[3].weight.reshape(-1, r)] + [seq[i].weight.reshape(r, -1).T for i in (0, 1, 2)]
+    return [c.detach().double().numpy() for c in cols]
+
+
+def test_cp_degeneracy_is_one_for_a_rank_one_kernel() -> None:
+    conv = set_weight(make_conv(), low_rank_kernel(16, 8, 3, 1, seed=4))
+    seq = cp_layers(conv, 1)
+    assert cp_degeneracy(cp_factors(seq), float(conv.weight.detach().norm())) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_cp_factors_of_a_noisy_kernel_are_not_degenerate() -> None:
+    """Plain ALS at half the parameter cap of a random kernel returns large cancelling components; the
+    default redoes it with the ridge term: bounded components, the same fit, and a layer SGD can train
+    (one step at the same lr moves the plain factors' output ~500x more)."""
+    conv = make_conv(16, 8, padding=1)
+    norm = float(conv.weight.detach().norm())
+    plain, default = cp_layers(conv, 19, l2_reg=0.0), cp_layers(conv, 19)
+    assert cp_degeneracy(cp_factors(plain), norm) > 30
+    assert cp_degeneracy(cp_factors(default), norm) < 10
+    assert kernel_err(conv, default) < kernel_err(conv, plain) + 0.02
+    x = torch.randn(4, 8, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    target = conv(x).detach() + 0.1 * torch.randn(conv(x).shape, dtype=torch.float64)
+    moved = []
+    for seq in (plain, default):
+        before = seq(x).detach()
+        ((seq(x) - target) ** 2).mean().backward()
+        with torch.no_grad():
+            for p in seq.parameters():
+                p -= 0.01 * p.grad
+        moved.append(rel_err(seq(x).detach(), before))
+    assert moved[0] > 20 * moved[1], moved
 
 
 def test_cp_error_decreases_with_rank() -> None:
