@@ -197,7 +197,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scan-rates", default="0.3,0.6", help="sensitivity-scan rates of ga and distfit")
     p.add_argument("--lat-repeats-b1", type=int, default=20)
     p.add_argument("--lat-repeats-b64", type=int, default=3)
-    p.add_argument("--lat-rounds", type=int, default=2, help="paired baseline/candidate latency rounds (best kept)")
+    p.add_argument("--lat-rounds", type=int, default=3, help="round-robin latency rounds over all exports (best kept)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--device", default="cpu", help="cpu | cuda (searches and fine-tunes; latency stays on CPU)")
@@ -229,6 +229,7 @@ class Bench:
     log: Log
     tmp: Path
     done: dict[str, dict] = dataclasses.field(default_factory=dict)  # final results by model identity
+    exports: dict[str, Any] = dataclasses.field(default_factory=dict)  # reloaded TorchScript exports, same keys
 
     @property
     def device(self) -> torch.device:
@@ -249,18 +250,29 @@ def export_reload(model: nn.Module, policy: Policy | None, where: Path) -> Any:
     return load_exported(where)
 
 
-def paired_latency(base: Any, cand: Any, args: argparse.Namespace) -> dict[str, float]:
-    """Baseline and candidate measured alternately, ``--lat-rounds`` times; the best median of each.
+def latency_phase(b: Bench) -> dict[str, dict[str, float]]:
+    """Every export of the model, the baseline's included, measured round-robin ``--lat-rounds`` times (the
+    order reversed every other round); the best median of each, by ``b.exports`` key and ``"baseline"``.
 
-    Other jobs share the CPU, so a baseline measured once at the start would make every speed-up depend on
-    the load of the moment; pairing and taking the least disturbed round keeps the ratio meaningful.
+    Measured after every fine-tune, so all candidates see the same conditions: measuring each right after
+    its own fine-tune (even paired with the baseline) gave two identically shaped ResNet-56s 1.39x and 1.67x.
     """
-    out = dict.fromkeys(("b1_ms", "b64_ms", "base_b1_ms", "base_b64_ms"), math.inf)
-    for _ in range(args.lat_rounds):
-        for prefix, m in (("base_", base), ("", cand)):
-            for k, v in latency(m, args).items():
-                out[prefix + k] = min(out[prefix + k], v)
-    return out
+    models = {"baseline": b.base_ts} | b.exports
+    best = {k: dict.fromkeys(("b1_ms", "b64_ms"), math.inf) for k in models}
+    for r in range(b.args.lat_rounds):
+        for k in list(models) if r % 2 == 0 else list(reversed(models)):
+            for m, v in latency(models[k], b.args).items():
+                best[k][m] = min(best[k][m], v)
+    return best
+
+
+def add_latency(row: dict[str, Any], lat: dict[str, float], base_lat: dict[str, float], base_macs: int) -> None:
+    """The row's latency, speed-ups and export speed-ups (speed-up / MACs reduction) against ``base_lat``."""
+    row["latency"] = dict(lat) | {f"base_{k}": v for k, v in base_lat.items()}
+    for bs in ("b1", "b64"):
+        sp = base_lat[f"{bs}_ms"] / lat[f"{bs}_ms"]
+        row[f"speedup_{bs}"] = sp
+        row[f"export_speedup_{bs}"] = sp / (base_macs / row["macs"])
 
 
 def finish(b: Bench, model: nn.Module, policy: Policy | None, key: str) -> dict[str, Any]:
@@ -280,19 +292,13 @@ def finish(b: Bench, model: nn.Module, policy: Policy | None, key: str) -> dict[
     test = accuracy(model, b.splits.test)
     test_s = time.perf_counter() - t
     cost = count_cost(model, SHAPE)
-    lat = paired_latency(b.base_ts, export_reload(model, policy, b.tmp / f"export-{len(b.done)}"), a)
-    macs_x = b.base_macs / cost.macs
+    b.exports[key] = export_reload(model, policy, b.tmp / f"export-{len(b.done)}")
     row = {"test_acc": test, "proxy_val_acc": proxy, "finetune_steps": res.steps, "finetune_s": ft_s,
            "test_s": test_s, "macs": cost.macs, "params": cost.params, "macs_pct": 100.0 * cost.macs / b.base_macs,
-           "params_pct": 100.0 * cost.params / b.base_params, "latency": lat}  # fmt: skip
-    for bs in ("b1", "b64"):
-        sp = lat[f"base_{bs}_ms"] / lat[f"{bs}_ms"]
-        row[f"speedup_{bs}"] = sp
-        row[f"export_speedup_{bs}"] = sp / macs_x
+           "params_pct": 100.0 * cost.params / b.base_params, "latency_key": key}  # fmt: skip
     b.done[key] = row
     b.log(f"    test {100 * test:.2f} % (proxy {100 * proxy:.2f}), {cost.macs / 1e6:.2f} M MACs "
-          f"({row['macs_pct']:.1f} %), lat b1 {lat['b1_ms']:.2f} ms b64 {lat['b64_ms']:.1f} ms; ft {ft_s:.0f} s "
-          f"test {test_s:.0f} s")  # fmt: skip
+          f"({row['macs_pct']:.1f} %); ft {ft_s:.0f} s test {test_s:.0f} s")  # fmt: skip
     return dict(row)
 
 
@@ -489,13 +495,9 @@ def run_model(name: str, args: argparse.Namespace, splits: DataSplits, log: Log)
     with tempfile.TemporaryDirectory(prefix=f"compare-{name}-") as tmp:
         b = Bench(name, args, base, sub, c0.macs, c0.params, None, log, Path(tmp))
         b.base_ts = export_reload(base, Policy(), b.tmp / "export-base")
-        lats = [latency(b.base_ts, args) for _ in range(args.lat_rounds)]
-        base_lat = {k: min(x[k] for x in lats) for k in ("b1_ms", "b64_ms")}
-        log(f"{name}: {c0.macs / 1e6:.2f} M MACs, {c0.params / 1e6:.3f} M params, TorchScript latency "
-            f"b1 {base_lat['b1_ms']:.2f} ms b64 {base_lat['b64_ms']:.1f} ms")  # fmt: skip
+        log(f"{name}: {c0.macs / 1e6:.2f} M MACs, {c0.params / 1e6:.3f} M params")
         refs = [{"method": "baseline", "kind": "reference",
-                 "macs": c0.macs, "params": c0.params, "macs_pct": 100.0, "params_pct": 100.0, "latency": base_lat,
-                 "speedup_b1": 1.0, "speedup_b64": 1.0, "export_speedup_b1": 1.0, "export_speedup_b64": 1.0,
+                 "macs": c0.macs, "params": c0.params, "macs_pct": 100.0, "params_pct": 100.0,
                  "search_s": 0.0, "evaluator_calls": 0, "setting": "adapted checkpoint, no fine-tune"}]  # fmt: skip
         log("  baseline+ft")
         ft = {"method": "baseline+ft", "kind": "reference", "search_s": 0.0, "evaluator_calls": 0,
@@ -507,6 +509,14 @@ def run_model(name: str, args: argparse.Namespace, splits: DataSplits, log: Log)
         budgets = []
         for frac in [float(x) for x in _list(args.budgets)]:
             budgets.append(run_budget(b, frac, natives, cands))
+        log(f"  latency: {len(b.exports) + 1} TorchScript exports, {args.lat_rounds} round-robin rounds")
+        lat = latency_phase(b)
+        base_lat = lat["baseline"]
+        refs[0]["latency_key"] = "baseline"
+        for row in refs + [r for bud in budgets for r in bud["rows"] if "latency_key" in r]:
+            add_latency(row, lat[row["latency_key"]], base_lat, c0.macs)
+            log(f"    {row['method']:>22}: b1 {row['latency']['b1_ms']:.2f} ms, b64 {row['latency']['b64_ms']:.1f} ms, "
+                f"export speed-up {row['export_speedup_b1']:.2f} / {row['export_speedup_b64']:.2f}")  # fmt: skip
         settings = {k: v for k, v in vars(args).items() if k not in ("out", "shared", "models", "adapted_dir")}
         methods_info = {m: {k: v for k, v in d.items() if k != "policy"} | {"policy": d["policy"].to_dict()}
                         for m, d in natives.items()}  # fmt: skip
@@ -517,8 +527,8 @@ def run_model(name: str, args: argparse.Namespace, splits: DataSplits, log: Log)
             "splits": {"train": len(sub.train.y), "val_subset": n_val, "test": n_test},
             "settings": settings,
             "latency_artefact": "TorchScript export (core.export.export_model) reloaded with core.export.load_exported;"
-                                " single thread; median of repeats, best of --lat-rounds rounds measured alternately"
-                                " with the baseline's export (speed-ups use that paired baseline figure)",
+                                " single thread; median of repeats, best of --lat-rounds round-robin rounds over every"
+                                " export of the model after all fine-tunes (bench_compare.latency_phase)",
             "machine": machine(),
             "base": {"macs": c0.macs, "params": c0.params, "latency": base_lat},
             "references": refs,
@@ -528,8 +538,6 @@ def run_model(name: str, args: argparse.Namespace, splits: DataSplits, log: Log)
         }  # fmt: skip
         # last: adapt_baselines.json may score this checkpoint meanwhile (saves a full test pass)
         refs[0]["test_acc"], refs[0]["test_acc_source"] = baseline_test_acc(b, log)
-        refs[0]["latency"] = reference_latency(res)
-        refs[0]["latency_note"] = "best of the baseline measurements paired with the candidates"
         return res
 
 
@@ -586,6 +594,12 @@ def run_budget(b: Bench, frac: float, natives: dict[str, dict], cands: list[str]
 # ----------------------------------------------------------------------------- verdicts and tables
 
 
+def latency_how(res: dict) -> str:
+    if "round-robin" in res.get("latency_artefact", ""):
+        return f"best of {res['settings']['lat_rounds']} round-robin rounds over all exports after every fine-tune"
+    return "each row paired with a baseline measurement right after its fine-tune (the `baseline` row: the best)"
+
+
 def reference_latency(res: dict) -> dict[str, float]:
     """The baseline's latency: the best of its measurements paired with every candidate (and its own at the start),
     so the reference row is not hostage to the load of one moment."""
@@ -634,8 +648,7 @@ def markdown(results: list[dict]) -> str:
              "Every row starts from the JPEG-adapted checkpoint and gets the same final fine-tune (except `baseline`). "
              "Data: the CIFAR-10 JPEG archive, so accuracies compare with each other, not with published tables. "
              "Latency: single-thread CPU, TorchScript export reloaded, median; speed-up x = baseline latency / "
-             "latency, each row against the baseline measured alternately with it (the `baseline` row shows the best "
-             "of those measurements); export speed-up = speed-up x / MACs reduction x (target >= 0.8). `proxy %` = "
+             "latency (how the baseline was paired with the rows: in each model's header); export speed-up = speed-up x / MACs reduction x (target >= 0.8). `proxy %` = "
              "BN-recalibrated "
              "val-subset accuracy before the fine-tune (what the searches optimise).", ""]  # fmt: skip
     for res in results:
@@ -650,7 +663,7 @@ def markdown(results: list[dict]) -> str:
                   f"{s['abshpc_resolution'] or 'one filter'}, MTD tol {s['mtd_tol']} ranks {s.get('mtd_rank_ratio') or 'EVBMF'}, GA pop "
                   f"{s['ga_pop']} gens {s['ga_generations']}, scan rates {s['scan_rates']}; run once per model, "
                   f"projected per budget when above it. Machine: {m['cpus']} CPUs, {s['threads']} thread, load "
-                  f"{m['loadavg'][0]:.1f}; whole run {res['total_s'] / 60:.1f} min.", ""]  # fmt: skip
+                  f"{m['loadavg'][0]:.1f}; whole run {res['total_s'] / 60:.1f} min. Latency: {latency_how(res)}.", ""]  # fmt: skip
         for bud in res["budgets"]:
             lines += [f"### {res['model']}, MACs <= {100 * bud['budget']:.0f} % ({bud['max_macs'] / 1e6:.2f} M)", "",
                       "| candidate | test top-1 % | vs baseline+ft pt | proxy % | MACs (M) | MACs % | params (M) | "
