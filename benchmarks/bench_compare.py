@@ -72,6 +72,7 @@ from benchmarks.common import (  # noqa: E402
     load_adapted,
     load_cifar,
     machine,
+    parse_evaluator,
     shared_root,
     stratified_subset,
 )
@@ -170,7 +171,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--kd", action="store_true", help="final fine-tune with KD from the adapted baseline")
     p.add_argument("--test-images", type=int, default=10000, help="test images, class-stratified (10000 = all)")
-    p.add_argument("--val-images", type=int, default=500, help="val subset of the proxy evaluator")
+    p.add_argument("--val-images", type=int, default=500, help="val subset of the search's evaluator")
+    p.add_argument("--evaluator", default="proxy", help="slimsearch's evaluator: proxy | finetune:<steps>")
     p.add_argument("--bn-batches", type=int, default=4, help="BN recalibration batches (proxy and final)")
     p.add_argument("--n-trials", type=int, default=40, help="slimsearch trials per budget (seeds included)")
     p.add_argument("--n-startup-trials", type=int, default=10, help="TPE random startup trials")
@@ -205,7 +207,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--adapted-dir", default=str(adapted_dir()), help="adapted checkpoints ($SLIMSEARCH_ADAPTED)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     p.add_argument("--markdown-only", action="store_true", help="only regenerate compare.md from compare_*.json")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    parse_evaluator(args.evaluator)  # a typo fails here, not after the baselines
+    return args
 
 
 def _list(s: str) -> list[str]:
@@ -420,7 +424,8 @@ def study_config(b: Bench, max_macs: float, tag: str, seeds: list[tuple[str, Pol
         "data": {"dataset": "cifar10", "root": str(Path(a.shared) / "data" / "cifar10-jpeg.tar.gz"), "val_size": 5000},
         "constraint": {"max_macs": float(max_macs)},
         "space": toml["space"],
-        "evaluator": {"kind": "proxy", "bn_batches": a.bn_batches, "batch_size": a.batch_size, "seed": a.seed},
+        "evaluator": {"bn_batches": a.bn_batches, "batch_size": a.batch_size, "seed": a.seed}
+        | parse_evaluator(a.evaluator)[1],
     }  # fmt: skip
     if seeds:
         _register_given()
@@ -463,7 +468,8 @@ def run_slimsearch(b: Bench, max_macs: float, tag: str, seeds: list[tuple[str, P
            "best_from_seed": labels[int(seed_of.split("#")[1])] if seed_of else None,
            "seeds": labels, "space": dict(cfg.space.to_dict()), "evaluator": cfg.evaluator.to_dict(),
            "sampler": cfg.study.sampler, "n_startup_trials": cfg.study.n_startup_trials,
-           "setting": f"{len(trials)} trials, {cfg.study.sampler}, proxy", "projected": False}  # fmt: skip
+           "setting": f"{len(trials)} trials, {cfg.study.sampler}, {parse_evaluator(b.args.evaluator)[0]}",
+           "projected": False}  # fmt: skip
     return row, policy
 
 
@@ -658,7 +664,7 @@ def markdown(results: list[dict]) -> str:
                   f"Final fine-tune {ft} x batch {s['batch_size']} (lr {s['lr']} cosine, KD {s['kd']}); test "
                   f"{res['splits']['test']} images; proxy: BN recalibration {s['bn_batches']}x{s['batch_size']} "
                   f"train images, first {res['splits']['val_subset']} val images. slimsearch: {s['n_trials']} trials "
-                  f"({s['sampler']}, {s['n_startup_trials']} startup), seeds {s['study_seeds']}, space of "
+                  f"({s['sampler']}, {s['n_startup_trials']} startup, evaluator {s.get('evaluator', 'proxy')}), seeds {s['study_seeds']}, space of "
                   f"studies/{res['model']}_cifar10.toml. Paper strategies: ABSHPC eps {s['abshpc_epsilon']} resolution "
                   f"{s['abshpc_resolution'] or 'one filter'}, MTD tol {s['mtd_tol']} ranks {s.get('mtd_rank_ratio') or 'EVBMF'}, GA pop "
                   f"{s['ga_pop']} gens {s['ga_generations']}, scan rates {s['scan_rates']}; run once per model, "

@@ -52,6 +52,8 @@ import tomllib
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import parse_evaluator  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 PHASES = ("fit", "apply", "cost", "train", "eval", "other", "storage", "loop")
@@ -59,16 +61,6 @@ OVERHEAD = ("fit", "apply", "cost", "other", "storage", "loop")
 
 
 # ----------------------------------------------------------------------------- pure logic
-
-
-def parse_evaluator(spec: str) -> tuple[str, dict[str, Any]]:
-    """ "proxy" or "finetune:<steps>" -> (label, [evaluator] keys)."""
-    kind, _, steps = spec.strip().partition(":")
-    if kind == "proxy" and not steps:
-        return "proxy", {"kind": "proxy"}
-    if kind == "finetune" and steps.isdigit() and int(steps) > 0:
-        return f"finetune-{int(steps)}", {"kind": "finetune", "steps": int(steps)}
-    raise SystemExit(f"--evaluators: expected proxy or finetune:<steps>, got {spec!r}")
 
 
 def toml_value(v: Any) -> str:
@@ -284,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     if not checkpoint.is_file():
         raise SystemExit(f"{checkpoint}: missing; run benchmarks/adapt_baselines.py --models {args.model} first")
     t0 = time.perf_counter()
-    evs = [parse_evaluator(s) for s in args.evaluators.split(",") if s.strip()]
+    evs = [parse_evaluator(s, "--evaluators") for s in args.evaluators.split(",") if s.strip()]
     counts = [int(w) for w in args.workers.split(",") if w.strip()]
     runs = []
     for k, (label, ev) in enumerate(evs):

@@ -8,6 +8,7 @@ import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -63,6 +64,16 @@ def stratified_subset(ds: Dataset, n: int, seed: int = 0) -> Dataset:
     if n >= len(ds):
         return ds
     return split_train_val(ds, n, seed)[1]
+
+
+def parse_evaluator(spec: str, flag: str = "--evaluator") -> tuple[str, dict[str, Any]]:
+    """ "proxy" or "finetune:<steps>" -> (label, [evaluator] keys of a study file)."""
+    kind, _, steps = spec.strip().partition(":")
+    if kind == "proxy" and not steps:
+        return "proxy", {"kind": "proxy"}
+    if kind == "finetune" and steps.isdigit() and int(steps) > 0:
+        return f"finetune-{int(steps)}", {"kind": "finetune", "steps": int(steps)}
+    raise SystemExit(f"{flag}: expected proxy or finetune:<steps>, got {spec!r}")
 
 
 def log(msg: str) -> None:

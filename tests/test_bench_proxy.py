@@ -9,7 +9,8 @@ import pytest
 import tomllib
 
 from benchmarks.bench_proxy import bootstrap_ci, choose_default, regret_at_1, spearman, summarise
-from benchmarks.bench_throughput import parse_evaluator, study_toml, time_split
+from benchmarks.bench_throughput import study_toml, time_split
+from benchmarks.common import parse_evaluator
 
 
 def test_spearman_monotone_reversed_and_ties() -> None:
