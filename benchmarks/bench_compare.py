@@ -16,8 +16,10 @@ of its TorchScript export at batch 1 and 64, search wall time). Candidates:
   decompositions stay; a policy under the budget is kept as it is.
 - ``slimsearch``: ``search.runner``'s ``prepare_study`` + ``trial_loop`` (what ``slimsearch run`` does with one
   worker) on a StudyConfig built from ``studies/<model>_cifar10.toml``'s [space] with ``max_macs`` = the
-  budget (``fit = "scale"``: a sample over it is scaled onto it, as the paper policies are), the proxy evaluator on the val subset, ``--n-trials`` trials, TPE, seeded with the uniform L1/FPGM
-  policies at the budget and the (projected) paper policies; the best feasible trial goes to the final
+  budget (``fit = "scale"``: a sample over it is scaled onto it, as the paper policies are), ``--evaluator``
+  on the val subset (default ``finetune:5``: BN recalibration, 5 SGD steps, then accuracy; it beat the proxy by
+  2.5 pt at 50 % and 11 pt at 30 % on ResNet-20, where the proxy's best did not survive the final fine-tune),
+  ``--n-trials`` trials, TPE, seeded with the uniform L1/FPGM policies at the budget and the (projected) paper policies; the best feasible trial goes to the final
   fine-tune. Its search time includes the paper methods' time when they seed it.
 - references: ``baseline`` (the adapted checkpoint, no further training) and ``baseline+ft`` (the same final
   fine-tune), so "within 0.5 pt of the unpruned baseline" compares like with like.
@@ -172,7 +174,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kd", action="store_true", help="final fine-tune with KD from the adapted baseline")
     p.add_argument("--test-images", type=int, default=10000, help="test images, class-stratified (10000 = all)")
     p.add_argument("--val-images", type=int, default=500, help="val subset of the search's evaluator")
-    p.add_argument("--evaluator", default="proxy", help="slimsearch's evaluator: proxy | finetune:<steps>")
+    p.add_argument("--evaluator", default="finetune:5", help="slimsearch's evaluator: proxy | finetune:<steps>")
     p.add_argument("--bn-batches", type=int, default=4, help="BN recalibration batches (proxy and final)")
     p.add_argument("--n-trials", type=int, default=40, help="slimsearch trials per budget (seeds included)")
     p.add_argument("--n-startup-trials", type=int, default=10, help="TPE random startup trials")
