@@ -19,8 +19,8 @@ of its TorchScript export at batch 1 and 64, search wall time). Candidates:
   budget (``fit = "scale"``: a sample over it is scaled onto it, as the paper policies are), ``--evaluator``
   on the val subset (default ``finetune:5``: BN recalibration, 5 SGD steps, then accuracy; it beat the proxy by
   2.5 pt at 50 % and 11 pt at 30 % on ResNet-20, where the proxy's best did not survive the final fine-tune),
-  ``--n-trials`` trials, TPE, seeded with the uniform L1/FPGM policies at the budget and the (projected) paper policies; the best feasible trial goes to the final
-  fine-tune. Its search time includes the paper methods' time when they seed it.
+  ``--n-trials`` trials, TPE, seeded with the uniform L1/FPGM policies at the budget and the (projected) paper
+  policies; the best feasible trial goes to the final fine-tune. Its search time includes the paper methods' time when they seed it.
 - references: ``baseline`` (the adapted checkpoint, no further training) and ``baseline+ft`` (the same final
   fine-tune), so "within 0.5 pt of the unpruned baseline" compares like with like.
 
@@ -610,7 +610,8 @@ def latency_how(res: dict) -> str:
 
 def reference_latency(res: dict) -> dict[str, float]:
     """The baseline's latency: the best of its measurements paired with every candidate (and its own at the start),
-    so the reference row is not hostage to the load of one moment."""
+    so the reference row is not hostage to the load of one moment. Runs before the round-robin latency phase
+    need it; in later ones every row carries the same baseline figure, which this returns."""
     rows = [r for bud in res["budgets"] for r in bud["rows"] if "latency" in r] + res["references"][1:]
     out = dict(res["base"]["latency"])
     for bs in ("b1_ms", "b64_ms"):

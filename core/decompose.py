@@ -343,8 +343,8 @@ def cp_degeneracy(factors: Sequence[np.ndarray], norm: float) -> float:
     return float(comp.sum() / norm) if norm > 0 else 0.0
 
 
-def _parafac(w: np.ndarray, rank: int, l2_reg: float, layer_name: str, **kw: object) -> tuple[list[np.ndarray], float]:
-    """``parafac`` of ``w`` scaled to unit norm: (factors with lambda and the norm folded into the first, rel. error)."""
+def _parafac(w: np.ndarray, rank: int, l2_reg: float, layer_name: str, **kw: object) -> list[np.ndarray]:
+    """``parafac`` of ``w`` scaled to unit norm: the factors, lambda and the norm folded into the first."""
     norm = float(np.linalg.norm(w))
     with _numpy_backend():
         try:
@@ -359,7 +359,7 @@ def _parafac(w: np.ndarray, rank: int, l2_reg: float, layer_name: str, **kw: obj
             f"{_where(layer_name)}CP decomposition at rank {rank} did not converge (relative error {rel:.3g}, "
             "non-finite or worse than zero); try another rank or Tucker"
         )
-    return factors, rel
+    return factors
 
 
 def cp_layers(
@@ -394,9 +394,9 @@ def cp_layers(
         b, c, d = (np.ones((n, rank)) / math.sqrt(n) for n in (s, kh, kw))
     else:
         als = {"n_iter_max": n_iter_max, "init": init, "tol": tol, "random_state": seed, "linesearch": linesearch}
-        factors, _ = _parafac(w, rank, 0.0, layer_name, **als)
+        factors = _parafac(w, rank, 0.0, layer_name, **als)
         if l2_reg > 0 and cp_degeneracy(factors, norm) > max_degeneracy:
-            factors, _ = _parafac(w, rank, l2_reg, layer_name, **als)
+            factors = _parafac(w, rank, l2_reg, layer_name, **als)
         a, b, c, d = factors
     seq = _cp_structure(conv, rank)
     # Layer weights: 1×1 (R,S), kh×1 (R,1,kh,1), 1×kw (R,1,1,kw), 1×1 (T,R).
