@@ -128,6 +128,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--policies", type=int, default=30, help="random feasible policies")
     p.add_argument("--bound", type=float, default=0.5, help="feasible: MACs <= bound x baseline MACs")
+    p.add_argument("--fit", action="store_true", help="scale samples over the bound onto it (as search trials)")
     p.add_argument("--ft-steps", default="5,15", help="comma-separated step counts of the finetune evaluators")
     p.add_argument("--batch-size", type=int, default=64, help="evaluators' batch size (BN recalibration too)")
     p.add_argument("--lr", type=float, default=0.01, help="evaluators' fine-tune peak lr (cosine)")
@@ -164,11 +165,12 @@ def evaluator_configs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def sample_policies(model: Any, space: Any, n: int, bound: float, base_macs: float, seed: int,
-                    log: Callable[[str], None]) -> list[dict[str, Any]]:  # fmt: skip
-    """``n`` distinct random policies with MACs <= bound x base_macs (rejection sampling from the space)."""
+                    log: Callable[[str], None], fit: bool = False) -> list[dict[str, Any]]:  # fmt: skip
+    """``n`` distinct random policies with MACs <= bound x base_macs: rejection sampling from the space, or with
+    ``fit`` every sample over the bound scaled onto it as a search trial's is (``[constraint] fit = "scale"``)."""
     import optuna
 
-    from core.budget import policy_macs
+    from core.budget import fit_macs, policy_macs
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
@@ -182,6 +184,8 @@ def sample_policies(model: Any, space: Any, n: int, bound: float, base_macs: flo
         policy = space.suggest(trial)
         tried += 1
         t = time.perf_counter()
+        if fit:
+            policy, _ = fit_macs(model, policy, bound * base_macs, (1, 3, 32, 32), max_rate=space.cfg.prune_rate[1])
         ratio = policy_macs(model, policy, (1, 3, 32, 32)) / base_macs  # shapes only: no factorising
         if ratio > bound or policy.hash in seen:
             continue
@@ -229,7 +233,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     space = SearchSpace.build(model, SpaceConfig.from_dict(space_table), SHAPE)
     log(f"{args.model} ({'raw' if args.raw else 'adapted'}): val subset {len(val)} acc {ctx.base_val_acc:.4f}, "
         f"final set (test) {len(final_set)} acc {final_ctx.base_val_acc:.4f}; space {space.summary()}")  # fmt: skip
-    policies = sample_policies(model, space, args.policies, args.bound, ctx.base.macs, args.seed, log)
+    policies = sample_policies(model, space, args.policies, args.bound, ctx.base.macs, args.seed, log, args.fit)
     cfgs = evaluator_configs(args)
     final_cfg = EvaluatorConfig(kind="finetune", steps=args.final_steps, batch_size=args.final_batch_size,
                                 lr=args.final_lr, kd=args.final_kd, bn_batches=args.bn_batches, seed=args.seed)  # fmt: skip

@@ -109,3 +109,25 @@ def test_time_split_storage_loop_and_overhead() -> None:
     h = time_split([fitted], t_launch=100.0, t_end=110.0)["feasible"]
     assert h["mean_s"]["fit"] == pytest.approx(0.25) and h["mean_s"]["storage"] == pytest.approx(0.75)
     assert h["overhead_pct"] == pytest.approx(100 * (0.25 + 0.5 + 0.5 + 0.75) / 10)
+
+
+def test_sample_policies_fit_scales_samples_onto_a_deep_bound() -> None:
+    """At a 30 % bound rejection sampling keeps < 1 % of the samples (27 of 6000 on ResNet-20); with ``fit`` every
+    sample is scaled onto the bound, as a search trial's is."""
+    from benchmarks.bench_proxy import sample_policies
+    from core.budget import policy_macs
+    from core.cost import count_cost
+    from core.models import build_model
+    from spaces.space import SearchSpace, SpaceConfig
+
+    model = build_model("resnet20").eval()
+    shape = (1, 3, 32, 32)
+    base = count_cost(model, shape).macs
+    space = SearchSpace.build(
+        model, SpaceConfig.from_dict({"prune_rate": [0.0, 0.9], "decomposition": ["none"]}), shape
+    )
+    out = sample_policies(model, space, 5, 0.3, base, seed=0, log=lambda _: None, fit=True)
+    assert len(out) == 5 and len({r["policy"].hash for r in out}) == 5
+    for r in out:
+        assert r["macs_ratio"] <= 0.3 and r["macs_ratio"] == pytest.approx(0.3, abs=0.02)
+        assert r["macs_ratio"] == policy_macs(model, r["policy"], shape) / base
