@@ -602,24 +602,6 @@ def run_budget(b: Bench, frac: float, natives: dict[str, dict], cands: list[str]
 # ----------------------------------------------------------------------------- verdicts and tables
 
 
-def latency_how(res: dict) -> str:
-    if "round-robin" in res.get("latency_artefact", ""):
-        return f"best of {res['settings']['lat_rounds']} round-robin rounds over all exports after every fine-tune"
-    return "each row paired with a baseline measurement right after its fine-tune (the `baseline` row: the best)"
-
-
-def reference_latency(res: dict) -> dict[str, float]:
-    """The baseline's latency: the best of its measurements paired with every candidate (and its own at the start),
-    so the reference row is not hostage to the load of one moment. Runs before the round-robin latency phase
-    need it; in later ones every row carries the same baseline figure, which this returns."""
-    rows = [r for bud in res["budgets"] for r in bud["rows"] if "latency" in r] + res["references"][1:]
-    out = dict(res["base"]["latency"])
-    for bs in ("b1_ms", "b64_ms"):
-        paired = [r["latency"][f"base_{bs}"] for r in rows if f"base_{bs}" in r["latency"]]
-        out[bs] = min([out[bs], *paired])
-    return out
-
-
 def verdict(res: dict, bud: dict) -> dict[str, Any]:
     """slimsearch minus the best baseline (target >= +1.0 pt); at 50 %: baseline+ft minus slimsearch (<= 0.5 pt);
     slimsearch's export speed-up (>= 0.8)."""
@@ -657,7 +639,7 @@ def markdown(results: list[dict]) -> str:
              "Every row starts from the JPEG-adapted checkpoint and gets the same final fine-tune (except `baseline`). "
              "Data: the CIFAR-10 JPEG archive, so accuracies compare with each other, not with published tables. "
              "Latency: single-thread CPU, TorchScript export reloaded, median; speed-up x = baseline latency / "
-             "latency (how the baseline was paired with the rows: in each model's header); export speed-up = speed-up x / MACs reduction x (target >= 0.8). `proxy %` = "
+             "latency (all of a model's exports measured round-robin after its fine-tunes); export speed-up = speed-up x / MACs reduction x (target >= 0.8). `proxy %` = "
              "BN-recalibrated "
              "val-subset accuracy before the fine-tune (what the searches optimise).", ""]  # fmt: skip
     for res in results:
@@ -672,7 +654,7 @@ def markdown(results: list[dict]) -> str:
                   f"{s['abshpc_resolution'] or 'one filter'}, MTD tol {s['mtd_tol']} ranks {s.get('mtd_rank_ratio') or 'EVBMF'}, GA pop "
                   f"{s['ga_pop']} gens {s['ga_generations']}, scan rates {s['scan_rates']}; run once per model, "
                   f"projected per budget when above it. Machine: {m['cpus']} CPUs, {s['threads']} thread, load "
-                  f"{m['loadavg'][0]:.1f}; whole run {res['total_s'] / 60:.1f} min. Latency: {latency_how(res)}.", ""]  # fmt: skip
+                  f"{m['loadavg'][0]:.1f}; whole run {res['total_s'] / 60:.1f} min. Latency: best of {s['lat_rounds']} round-robin rounds over all exports after every fine-tune.", ""]  # fmt: skip
         for bud in res["budgets"]:
             lines += [f"### {res['model']}, MACs <= {100 * bud['budget']:.0f} % ({bud['max_macs'] / 1e6:.2f} M)", "",
                       "| candidate | test top-1 % | vs baseline+ft pt | proxy % | MACs (M) | MACs % | params (M) | "
@@ -681,7 +663,6 @@ def markdown(results: list[dict]) -> str:
                       "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
             ft_acc = next(r["test_acc"] for r in res["references"] if r["method"] == "baseline+ft")
             rows = [r for r in res["references"] + bud["rows"] if "test_acc" in r]
-            rows = [dict(r, latency=reference_latency(res)) if r["method"] == "baseline" else r for r in rows]
             for r in sorted(rows, key=lambda r: -r["test_acc"]):
                 proxy = f"{100 * r['proxy_val_acc']:.2f}" if "proxy_val_acc" in r else "-"
                 how = r.get("setting", "")
