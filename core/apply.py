@@ -33,7 +33,15 @@ from core.graph import InputSpec, ModelGraph, model_graph
 from core.policy import LayerPolicy, Policy, replace_layer
 from core.prune import cut, masked_model_inplace
 
-__all__ = ["apply_policy", "clone_model", "kept_indices", "layer_seed", "masked_model", "structure_only"]
+__all__ = [
+    "apply_policy",
+    "clone_model",
+    "kept_indices",
+    "layer_seed",
+    "masked_model",
+    "pruned_leaders",
+    "structure_only",
+]
 
 
 _ATOMS = frozenset({int, float, str, bool, type(None), torch.dtype, torch.device})
@@ -131,7 +139,7 @@ def _prune_key(lp: LayerPolicy) -> tuple[object, ...]:
     return (lp.prune_rate, lp.criterion, lp.clusters, lp.keep)
 
 
-def _pruned_leaders(graph: ModelGraph, policy: Policy) -> dict[str, tuple[str, LayerPolicy]]:
+def pruned_leaders(graph: ModelGraph, policy: Policy) -> dict[str, tuple[str, LayerPolicy]]:
     """Leader (or ungrouped conv) -> (the policy entry that prunes it, that entry's layer name)."""
     out: dict[str, tuple[str, LayerPolicy]] = {}
     for name, lp in policy.layers.items():
@@ -158,7 +166,7 @@ def _kept(graph: ModelGraph, model: nn.Module, policy: Policy, seed: int) -> dic
     """Kept filter indices per pruned leader, selected on ``model``'s (original) weights."""
     convs = dict(model.named_modules())
     kept: dict[str, torch.Tensor] = {}
-    for leader, (name, lp) in _pruned_leaders(graph, policy).items():
+    for leader, (name, lp) in pruned_leaders(graph, policy).items():
         weight = convs[leader].weight
         n = weight.shape[0]
         try:

@@ -13,10 +13,10 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-from core.apply import apply_policy, structure_only
-from core.cost import count_cost
+from core.apply import apply_policy
 from core.errors import SlimError
 from core.graph import model_graph
+from core.macs import policy_macs
 from core.policy import LayerPolicy, Policy, cp_max_rank, rate_for_removed, replace_layer
 
 
@@ -24,12 +24,6 @@ def prunable_leaders(model: nn.Module, input_shape: Sequence[int]) -> list[str]:
     """Convs a policy prunes directly: prunable and alone or leading their coupled group (module order)."""
     g = model_graph(model, tuple(input_shape))
     return [n for n, i in g.layers.items() if i.prunable and i.group in (None, n)]
-
-
-def policy_macs(model: nn.Module, policy: Policy, input_shape: Sequence[int]) -> int:
-    """MACs per input of ``policy`` applied to ``model`` (counted on its structure: nothing is factorised)."""
-    shape = tuple(input_shape)
-    return count_cost(structure_only(model, policy, input_shape=shape), shape).macs
 
 
 def scale_kept(
