@@ -6,7 +6,7 @@ wall clock (time.perf_counter) and CPU time of the process (time.process_time), 
 machine the wall clock mostly measures the other jobs; os.getloadavg() before and after is recorded.
 Part 2: CPU latency (core.cost.measure_latency) at batch 1 and 64 of the original and of compressed models
 (uniform pruning 0.3/0.5/0.7 of every prunable layer, Tucker-2 on every 3x3 conv but the stem, and pruning
-0.5 + Tucker), against their MACs reduction. ``--rounds 0`` skips part 2.
+0.5 + Tucker), against their MACs reduction: the eager modules and their frozen TorchScript exports. ``--rounds 0`` skips part 2.
 
 CPU (the numbers in results/): nice -n 5 python benchmarks/bench_apply.py --threads 1
 GPU machine: the same command; both parts are CPU measurements by design (apply_policy/count_cost run on
@@ -22,6 +22,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from core.apply import apply_policy  # noqa: E402
 from core.cost import count_cost, measure_latency  # noqa: E402
 from core.decompose import default_cache  # noqa: E402
+from core.export import export_model, load_exported  # noqa: E402
 from core.graph import compressible_layers, model_graph  # noqa: E402
 from core.models import build_model  # noqa: E402
 from core.policy import LayerPolicy, Policy  # noqa: E402
@@ -108,17 +110,32 @@ def latency_rows(model: torch.nn.Module, args: argparse.Namespace) -> list[dict[
             {"policy": label, "macs": cost.macs, "params": cost.params, "apply_s": round(time.perf_counter() - t0, 2)}
         )
         log(f"built {label!r}: {cost.macs / 1e6:.2f} M MACs")
+    # The frozen TorchScript export (core.export format "torchscript-frozen": BN folded), reloaded as a user would.
+    with tempfile.TemporaryDirectory(prefix="bench-apply-") as tmp:
+        frozen = {
+            label: load_exported(
+                export_model(
+                    models[label],
+                    policies[label],
+                    Path(tmp) / str(i),
+                    formats=("torchscript-frozen",),
+                    example_input=SHAPE,
+                )["torchscript-frozen"]  # fmt: skip
+            )
+            for i, label in enumerate(models)
+        }
+    programs = {(label, "eager"): m for label, m in models.items()} | {(k, "frozen"): f for k, f in frozen.items()}
     # The machine is shared: measure round-robin so load drift hits every model alike, and report the
     # minimum over rounds of each round's median (least disturbed) next to the median over rounds.
-    b1: dict[str, list[float]] = {k: [] for k in models}
-    b64: dict[str, list[float]] = {k: [] for k in models}
+    b1: dict[tuple[str, str], list[float]] = {k: [] for k in programs}
+    b64: dict[tuple[str, str], list[float]] = {k: [] for k in programs}
     t_rounds = time.perf_counter()
     for r in range(args.rounds):
-        for label, m in models.items():
-            b1[label].append(
+        for key, m in programs.items():
+            b1[key].append(
                 measure_latency(m, SHAPE, 1, threads=args.threads, repeats=args.repeats_b1, warmup=3).median_ms
             )
-            b64[label].append(
+            b64[key].append(
                 measure_latency(m, SHAPE, 64, threads=args.threads, repeats=args.repeats_b64, warmup=1).median_ms
             )
         per_round = (time.perf_counter() - t_rounds) / (r + 1)
@@ -126,14 +143,16 @@ def latency_rows(model: torch.nn.Module, args: argparse.Namespace) -> list[dict[
     base = rows[0]
     for row in rows:
         label = row["policy"]
-        row["latency_b1_ms"] = round(min(b1[label]), 3)
-        row["latency_b1_median_of_rounds_ms"] = round(statistics.median(b1[label]), 3)
-        row["latency_b64_ms"] = round(min(b64[label]), 2)
-        row["latency_b64_median_of_rounds_ms"] = round(statistics.median(b64[label]), 2)
+        for kind, prefix in (("eager", "latency"), ("frozen", "frozen")):
+            row[f"{prefix}_b1_ms"] = round(min(b1[label, kind]), 3)
+            row[f"{prefix}_b1_median_of_rounds_ms"] = round(statistics.median(b1[label, kind]), 3)
+            row[f"{prefix}_b64_ms"] = round(min(b64[label, kind]), 2)
+            row[f"{prefix}_b64_median_of_rounds_ms"] = round(statistics.median(b64[label, kind]), 2)
         row["macs_reduction_x"] = round(base["macs"] / row["macs"], 3)
         row["params_reduction_x"] = round(base["params"] / row["params"], 3)
-        row["speedup_b1_x"] = round(base["latency_b1_ms"] / row["latency_b1_ms"], 3)
-        row["speedup_b64_x"] = round(base["latency_b64_ms"] / row["latency_b64_ms"], 3)
+        for prefix, tag in (("latency", "speedup"), ("frozen", "frozen_speedup")):
+            row[f"{tag}_b1_x"] = round(base[f"{prefix}_b1_ms"] / row[f"{prefix}_b1_ms"], 3)
+            row[f"{tag}_b64_x"] = round(base[f"{prefix}_b64_ms"] / row[f"{prefix}_b64_ms"], 3)
     return rows
 
 
@@ -162,14 +181,19 @@ def markdown(result: dict) -> str:
             "",
             f"Part 2: latency ({result['latency_method']}, {result['rounds']} rounds).",
             "",
-            "| policy | MACs M | MACs x | params K | b1 ms | b1 x | b64 ms | b64 x |",
-            "|---|---|---|---|---|---|---|---|",
+            "Eager: the `nn.Module` apply_policy returns. Frozen: its `torchscript-frozen` export (BN folded into the",
+            "convs), reloaded; x = the original's time / this row's time, each within its own column.",
+            "",
+            "| policy | MACs M | MACs x | params K | b1 ms | b1 x | b64 ms | b64 x | frozen b1 ms | b1 x | frozen b64 ms "
+            "| b64 x |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in result["latency"]:
             lines.append(
                 f"| {r['policy']} | {r['macs'] / 1e6:.2f} | {r['macs_reduction_x']:.2f} | {r['params'] / 1e3:.1f} | "
                 f"{r['latency_b1_ms']:.2f} | {r['speedup_b1_x']:.2f} | {r['latency_b64_ms']:.1f} | "
-                f"{r['speedup_b64_x']:.2f} |"
+                f"{r['speedup_b64_x']:.2f} | {r['frozen_b1_ms']:.2f} | {r['frozen_speedup_b1_x']:.2f} | "
+                f"{r['frozen_b64_ms']:.1f} | {r['frozen_speedup_b64_x']:.2f} |"
             )
     return "\n".join(lines) + "\n"
 

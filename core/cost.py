@@ -290,7 +290,7 @@ def _counted_forward_once(
 
             handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
     # Most models counted (apply_policy's) are in eval mode already; switching and restoring modes costs walks.
-    training = any(m.training for m in model.modules())
+    training = any(getattr(m, "training", False) for m in model.modules())  # frozen programs have no flag
     try:
         with preserved_modes(model) if training else nullcontext(), torch.no_grad(), counter:
             if training:
@@ -345,8 +345,11 @@ def measure_latency(
     times: list[float] = []
     try:
         torch.set_num_threads(threads)
-        with preserved_modes(model), torch.inference_mode():
-            model.eval()
+        # A frozen TorchScript program (``torch.jit.freeze``) has no train/eval flags: it is inference-only.
+        modal = hasattr(model, "training")
+        with preserved_modes(model) if modal else nullcontext(), torch.inference_mode():
+            if modal:
+                model.eval()
             for i in range(warmup + repeats):
                 sync()
                 t0 = time.perf_counter()

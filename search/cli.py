@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("study", type=Path)
     e.add_argument("--trial", default="best", help="'best' (default) or a trial number")
     e.add_argument("--format", action="append", dest="formats", metavar="FMT",
-                   help="torchscript | pt2 | state; repeat or comma-separate (default: [export] formats)")  # fmt: skip
+                   help="torchscript | torchscript-frozen | pt2 | state; repeat or comma-separate (default: [export] formats)")  # fmt: skip
     e.add_argument("--finetune-epochs", type=_nonneg_float, help="final fine-tune before export")
     e.add_argument("--max-macs", type=_macs, help="'best' among trials with at most these MACs (e.g. 60M)")
     e.add_argument("--out", type=Path, help="output folder (default: <export out>/trial-<N>)")
@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--set", action="append", dest="options", default=[], metavar="KEY=VALUE",
                    help="any other option of the method (TOML value), e.g. --set generations=20; repeatable")  # fmt: skip
     m.add_argument("--format", action="append", dest="formats", metavar="FMT",
-                   help="torchscript | pt2 | state; repeat or comma-separate (default: torchscript,state)")  # fmt: skip
+                   help="torchscript | torchscript-frozen | pt2 | state; repeat or comma-separate (default: torchscript,state)")  # fmt: skip
 
     t = sub.add_parser("train", help="train a baseline checkpoint (for models without public weights)")
     t.add_argument("model", help="zoo name (resnet20, vgg16, smallcnn...) or pkg.module:fn")

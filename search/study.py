@@ -27,7 +27,8 @@ PRUNERS = ("median", "none")
 # Metrics an objective may name (keys of evaluators' EvalResult.metrics).
 OBJECTIVE_METRICS = ("val_acc", "macs", "flops", "params", "macs_ratio", "params_ratio", "latency_ms")
 DIRECTIONS = {"max": "maximize", "min": "minimize"}
-EXPORT_FORMATS = ("torchscript", "pt2", "state")
+# = core.export.FORMATS (a test checks it), for the same reason as DATASETS below.
+EXPORT_FORMATS = ("torchscript", "torchscript-frozen", "pt2", "state")
 STORAGE_SCHEMES = ("sqlite", "postgresql", "mysql")
 # = core.data.DATASETS (a test checks it); not imported from there, so that reading a study file does
 # not import torch (status/report/errors answer in a fraction of the time).

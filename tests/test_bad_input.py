@@ -614,3 +614,10 @@ def test_study_dataset_names_match_core_data() -> None:
     from search.study import DATASETS as STUDY_DATASETS
 
     assert STUDY_DATASETS == DATASETS
+
+
+def test_study_export_formats_match_core_export() -> None:
+    from core.export import FORMATS
+    from search.study import EXPORT_FORMATS
+
+    assert EXPORT_FORMATS == FORMATS

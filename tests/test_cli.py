@@ -127,7 +127,8 @@ def test_fast_end_to_end(tmp_path: Path, baseline_ckpt: Path, capsys: pytest.Cap
     code, out, err = run_cli(capsys, "report", str(p), "--trial", "99")
     assert_one_line_error(code, err, "--trial 99", "no such trial")
 
-    code, out, err = run_cli(capsys, "export", str(p), "--trial", "best", "--format", "torchscript,state")
+    code, out, err = run_cli(capsys, "export", str(p), "--trial", "best", "--format", "torchscript,state",
+                             "--format", "torchscript-frozen")  # fmt: skip
     assert code == 0, err
     exp = next((tmp_path / "runs" / "tiny" / "export").iterdir())
     metrics = json.loads((exp / "metrics.json").read_text())
@@ -153,6 +154,11 @@ def test_fast_end_to_end(tmp_path: Path, baseline_ckpt: Path, capsys: pytest.Cap
     from core.cost import count_cost
 
     assert count_cost(torch.jit.load(str(exp / "model.torchscript.pt")), (1, 1, 8, 8)).macs == metrics["macs"]
+    frozen = torch.jit.load(str(exp / "model.frozen.torchscript.pt"))  # BN folded: same MACs, same outputs
+    assert count_cost(frozen, (1, 1, 8, 8)).macs == metrics["macs"] and not list(frozen.parameters())
+    check = torch.load(exp / "check.pt", weights_only=True)
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(check["input"]), check["output"], atol=1e-4, rtol=1e-5)
 
 
 def test_export_rejects_failed_and_missing_trials(

@@ -117,6 +117,12 @@ def test_latency_structure_and_threads_restored() -> None:
     assert torch.get_num_threads() == threads
 
 
+def test_latency_of_a_frozen_torchscript_program() -> None:
+    frozen = torch.jit.freeze(torch.jit.script(TinyNet().eval()))  # no parameters, no train/eval flags
+    res = measure_latency(frozen, (1, 3, 8, 8), batch_size=2, threads=1, repeats=3, warmup=1)
+    assert 0 < res.median_ms <= res.p90_ms and res.batch_size == 2
+
+
 def test_latency_rejects_bad_arguments() -> None:
     with pytest.raises(SlimError, match="repeats"):
         measure_latency(TinyNet(), (1, 3, 8, 8), batch_size=1, repeats=0)
