@@ -126,19 +126,23 @@ def _run(
 ) -> tuple[str, str]:
     from core.apply import apply_policy, structure_only
     from core.cost import count_cost, measure_latency
+    from core.macs import policy_macs
     from core.train import FinetuneConfig, finetune, recalibrate_bn
     from core.train import evaluate as accuracy
 
-    if any(lp.decomposition != "none" for lp in policy.layers.values()):
-        # Factorising (CP above all) can take seconds, so gate on the structure first: the pruned model
-        # with untrained decomposition layers has exactly the MACs of the real result.
+    if ctx.max_macs is not None and any(lp.decomposition != "none" for lp in policy.layers.values()):
+        # Factorising (CP above all) can take seconds, so gate on the MACs first (``core.macs``: exactly the
+        # real result's); only an infeasible policy's structure is built, for its full cost metrics.
         t = time.perf_counter()
-        shell = structure_only(ctx.model, policy, input_shape=ctx.input_shape, seed=cfg.seed)
-        metrics["apply_s"] += time.perf_counter() - t
-        t = time.perf_counter()
-        verdict = _gate(ctx, count_cost(shell, ctx.input_shape), metrics)
+        over = policy_macs(ctx.model, policy, ctx.input_shape) > ctx.max_macs
         metrics["cost_s"] += time.perf_counter() - t
-        if verdict:
+        if over:
+            t = time.perf_counter()
+            shell = structure_only(ctx.model, policy, input_shape=ctx.input_shape, seed=cfg.seed)
+            metrics["apply_s"] += time.perf_counter() - t
+            t = time.perf_counter()
+            verdict = _gate(ctx, count_cost(shell, ctx.input_shape), metrics)
+            metrics["cost_s"] += time.perf_counter() - t
             return "infeasible", verdict
 
     t = time.perf_counter()
