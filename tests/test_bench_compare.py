@@ -4,6 +4,8 @@ ResNet-20, no data (the projection's core: tests/test_budget.py)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -103,3 +105,15 @@ def test_latency_phase_measures_every_export_round_robin(monkeypatch: pytest.Mon
     assert row["speedup_b1"] == pytest.approx(2.0) and row["speedup_b64"] == pytest.approx(2.0)
     assert row["export_speedup_b1"] == pytest.approx(1.0)  # 2x faster at 2x fewer MACs
     assert row["latency"]["base_b1_ms"] == 4.0 and row["latency"]["b1_ms"] == 2.0
+
+
+@pytest.mark.parametrize(("fmt", "frozen"), [("torchscript", False), ("torchscript-frozen", True)])
+def test_export_reload_gives_the_requested_program(tmp_path: Path, fmt: str, frozen: bool) -> None:
+    import benchmarks.bench_compare as bc
+
+    model = build_model("resnet20").eval()
+    program = bc.export_reload(model, Policy(), tmp_path / "e", fmt)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(program(x), model(x), atol=1e-4, rtol=1e-4)
+    assert ("batch_norm" in str(program.inlined_graph)) != frozen and bool(list(program.parameters())) != frozen
