@@ -181,6 +181,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sampler", default="tpe", choices=("tpe", "random", "nsga2", "cmaes"))
     p.add_argument("--study-seeds", default="uniform,methods",
                    help="slimsearch seeds: uniform (L1 and FPGM at the budget), methods (projected paper policies)")  # fmt: skip
+    p.add_argument("--space", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a [space] key of the study file (TOML value), e.g. --space \"decomposition=['none']\"")  # fmt: skip
     p.add_argument("--bisect-iters", type=int, default=12)
     p.add_argument("--tp-max-ratio", type=float, default=0.9, help="TP max_pruning_ratio: most pruned of one layer")
     # paper strategies (same flags as bench_methods.py), small CPU budgets
@@ -213,6 +215,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--markdown-only", action="store_true", help="only regenerate compare.md from compare_*.json")
     args = p.parse_args(argv)
     parse_evaluator(args.evaluator)  # a typo fails here, not after the baselines
+    try:
+        space_overrides(args.space)
+    except SlimError as e:
+        p.error(str(e))
     return args
 
 
@@ -413,6 +419,20 @@ def _register_given() -> None:
         return list(_GIVEN.get(str(params.get("key")), []))
 
 
+def space_overrides(items: list[str]) -> dict[str, Any]:
+    """``["decomposition=['none']", "rank_ratio=[0.2, 0.6]"]`` -> [space] keys with TOML values."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SlimError(f"--space {item!r}: expected KEY=VALUE (a TOML value)")
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError as e:
+            raise SlimError(f"--space {item!r}: {value!r} is not a TOML value ({e})") from None
+    return out
+
+
 def study_config(b: Bench, max_macs: float, tag: str, seeds: list[tuple[str, Policy]]) -> Any:
     """A StudyConfig like studies/<model>_cifar10.toml, with the budget, the proxy and a temp storage."""
     from search.study import study_from_dict
@@ -427,7 +447,7 @@ def study_config(b: Bench, max_macs: float, tag: str, seeds: list[tuple[str, Pol
         "model": {"factory": b.name, "checkpoint": str(Path(a.adapted_dir) / f"{b.name}-jpeg.th")},
         "data": {"dataset": "cifar10", "root": str(Path(a.shared) / "data" / "cifar10-jpeg.tar.gz"), "val_size": 5000},
         "constraint": {"max_macs": float(max_macs)},
-        "space": toml["space"],
+        "space": toml["space"] | space_overrides(a.space),
         "evaluator": {"bn_batches": a.bn_batches, "batch_size": a.batch_size, "seed": a.seed}
         | parse_evaluator(a.evaluator)[1],
     }  # fmt: skip
@@ -652,7 +672,7 @@ def markdown(results: list[dict]) -> str:
                   f"{res['splits']['test']} images; proxy: BN recalibration {s['bn_batches']}x{s['batch_size']} "
                   f"train images, first {res['splits']['val_subset']} val images. slimsearch: {s['n_trials']} trials "
                   f"({s['sampler']}, {s['n_startup_trials']} startup, evaluator {s.get('evaluator', 'proxy')}), seeds {s['study_seeds']}, space of "
-                  f"studies/{res['model']}_cifar10.toml. Paper strategies: ABSHPC eps {s['abshpc_epsilon']} resolution "
+                  f"studies/{res['model']}_cifar10.toml{''.join(f' with {o}' for o in s.get('space') or [])}. Paper strategies: ABSHPC eps {s['abshpc_epsilon']} resolution "
                   f"{s['abshpc_resolution'] or 'one filter'}, MTD tol {s['mtd_tol']} ranks {s.get('mtd_rank_ratio') or 'EVBMF'}, GA pop "
                   f"{s['ga_pop']} gens {s['ga_generations']}, scan rates {s['scan_rates']}; run once per model, "
                   f"projected per budget when above it. Machine: {m['cpus']} CPUs, {s['threads']} thread, load "

@@ -117,3 +117,16 @@ def test_export_reload_gives_the_requested_program(tmp_path: Path, fmt: str, fro
     with torch.no_grad():
         torch.testing.assert_close(program(x), model(x), atol=1e-4, rtol=1e-4)
     assert ("batch_norm" in str(program.inlined_graph)) != frozen and bool(list(program.parameters())) != frozen
+
+
+def test_space_overrides_parse_toml_values() -> None:
+    from benchmarks.bench_compare import space_overrides
+
+    assert space_overrides(["decomposition=['none']", "rank_ratio = [0.2, 0.6]"]) == {
+        "decomposition": ["none"],
+        "rank_ratio": [0.2, 0.6],
+    }
+    with pytest.raises(SlimError, match="expected KEY=VALUE"):
+        space_overrides(["decomposition"])
+    with pytest.raises(SlimError, match="not a TOML value"):
+        space_overrides(["rank_ratio=[0.2,"])
