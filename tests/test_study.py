@@ -226,7 +226,7 @@ def test_delegated_sections_are_prefixed_with_the_file(tmp_path: Path) -> None:
     msg = err(write(tmp_path, '[evaluator]\nkind = "magic"\n'))
     assert "[evaluator] kind" in msg and "proxy" in msg
     msg = err(write(tmp_path, '[export]\nformats = ["onnx"]\n'))
-    assert "[export] formats: unknown format 'onnx'; allowed: torchscript, pt2, state" in msg
+    assert "[export] formats: unknown format 'onnx'; allowed: torchscript, torchscript-frozen, pt2, state" in msg
 
 
 @pytest.mark.parametrize("name", ["quickstart", "resnet20_cifar10", "resnet56_cifar10", "vgg16_cifar10"])
