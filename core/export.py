@@ -112,9 +112,9 @@ def export_model(
     *,
     atol: float = 1e-5,
 ) -> dict[str, Path]:
-    """Write ``model`` in ``formats`` (torchscript, torchscript-frozen, pt2, state; default all but the frozen) plus policy/metrics/manifest JSON to
-    ``out_dir`` atomically; return format -> file path. ``model`` is not modified (a copy is exported
-    in eval mode). ``example_input`` (tensor or shape, batch first) defaults to 1×C×32×32."""
+    """Write ``model`` in ``formats`` (torchscript, torchscript-frozen, pt2, state; by default all but the frozen
+    one) plus policy/metrics/manifest JSON to ``out_dir`` atomically; return format -> file path. ``model`` is
+    not modified (a copy is exported in eval mode). ``example_input`` (tensor or shape, batch first) defaults to 1×C×32×32."""
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
         raise SlimError(f"export: unknown format {bad[0] if bad else '(none)'!r}; allowed: {', '.join(FORMATS)}")
@@ -161,7 +161,8 @@ def export_model(
 
 def load_exported(path: str | Path) -> Callable[[torch.Tensor], torch.Tensor]:
     """Load a self-contained export: a ``.pt2`` file, a TorchScript file, or an export directory
-    (TorchScript preferred, then frozen TorchScript, then pt2). A state dict alone cannot be loaded: see ``load_state``."""
+    (TorchScript preferred, then frozen TorchScript, then pt2). A state dict alone cannot be loaded: see
+    ``load_state``."""
     p = Path(path)
     if p.is_dir():
         for fmt in ("torchscript", "torchscript-frozen", "pt2"):
