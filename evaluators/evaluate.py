@@ -107,6 +107,10 @@ def evaluate(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             status, reason = _run(ctx, cfg, policy, report, metrics, intermediate)
+    except ImportError:
+        # A broken installation (say, the package upgraded under a running study), not this candidate: failing
+        # and caching every trial would burn the study's budget in seconds. The runner stops with an error.
+        raise
     except Exception as e:  # never raise for a candidate: the search records the failure and moves on
         status, reason = "fail", one_line(e)
     metrics["wall_s"] = time.perf_counter() - t0

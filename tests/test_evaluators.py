@@ -93,6 +93,21 @@ def test_infeasible_is_rejected_before_any_training(ctx: EvalContext, monkeypatc
     assert res.status == "infeasible" and res.metrics["macs"] > bounded.max_macs
 
 
+def test_an_import_error_is_raised_not_recorded_as_the_candidates_failure(
+    ctx: EvalContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*a: object, **k: object) -> None:
+        raise ImportError("cannot import name 'x' from 'core.apply'")
+
+    monkeypatch.setattr(core.train, "recalibrate_bn", broken)
+    c = fresh(ctx)
+    with pytest.raises(ImportError, match="cannot import name"):
+        evaluate(c, PROXY, uniform(ctx, 0.2))
+    monkeypatch.undo()
+    res = evaluate(c, PROXY, uniform(ctx, 0.2))  # nothing was cached: evaluated afresh once the install is whole
+    assert res.status == "ok" and not res.cached
+
+
 def test_structure_gate_counts_the_same_macs_as_the_real_model(
     ctx: EvalContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
