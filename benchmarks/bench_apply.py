@@ -6,7 +6,8 @@ wall clock (time.perf_counter) and CPU time of the process (time.process_time), 
 machine the wall clock mostly measures the other jobs; os.getloadavg() before and after is recorded.
 Part 2: CPU latency (core.cost.measure_latency) at batch 1 and 64 of the original and of compressed models
 (uniform pruning 0.3/0.5/0.7 of every prunable layer, Tucker-2 on every 3x3 conv but the stem, and pruning
-0.5 + Tucker), against their MACs reduction: the eager modules and their frozen TorchScript exports. ``--rounds 0`` skips part 2.
+0.5 + Tucker), against their MACs reduction: the eager modules and their frozen TorchScript exports.
+``--rounds 0`` skips part 2.
 
 CPU (the numbers in results/): nice -n 5 python benchmarks/bench_apply.py --threads 1
 GPU machine: the same command; both parts are CPU measurements by design (apply_policy/count_cost run on
@@ -120,7 +121,7 @@ def latency_rows(model: torch.nn.Module, args: argparse.Namespace) -> list[dict[
                     Path(tmp) / str(i),
                     formats=("torchscript-frozen",),
                     example_input=SHAPE,
-                )["torchscript-frozen"]  # fmt: skip
+                )["torchscript-frozen"]
             )
             for i, label in enumerate(models)
         }
