@@ -183,6 +183,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="slimsearch seeds: uniform (L1 and FPGM at the budget), methods (projected paper policies)")  # fmt: skip
     p.add_argument("--space", action="append", default=[], metavar="KEY=VALUE",
                    help="override a [space] key of the study file (TOML value), e.g. --space \"decomposition=['none']\"")  # fmt: skip
+    p.add_argument("--latency-bound", type=float, default=None, metavar="RATIO",
+                   help="slimsearch also bounds its predicted latency: [constraint] max_latency_ratio")  # fmt: skip
+    p.add_argument("--latency-batch", type=int, default=64, help="batch size of --latency-bound")
     p.add_argument("--bisect-iters", type=int, default=12)
     p.add_argument("--tp-max-ratio", type=float, default=0.9, help="TP max_pruning_ratio: most pruned of one layer")
     # paper strategies (same flags as bench_methods.py), small CPU budgets
@@ -433,6 +436,13 @@ def space_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def latency_constraint(a: argparse.Namespace) -> dict[str, Any]:
+    """The [constraint] latency keys of ``--latency-bound`` / ``--latency-batch`` (none without a bound)."""
+    if a.latency_bound is None:
+        return {}
+    return {"max_latency_ratio": float(a.latency_bound), "latency_batch": int(a.latency_batch)}
+
+
 def study_config(b: Bench, max_macs: float, tag: str, seeds: list[tuple[str, Policy]]) -> Any:
     """A StudyConfig like studies/<model>_cifar10.toml, with the budget, the proxy and a temp storage."""
     from search.study import study_from_dict
@@ -446,7 +456,7 @@ def study_config(b: Bench, max_macs: float, tag: str, seeds: list[tuple[str, Pol
                   "seed": a.seed, "pruner": "none"},
         "model": {"factory": b.name, "checkpoint": str(Path(a.adapted_dir) / f"{b.name}-jpeg.th")},
         "data": {"dataset": "cifar10", "root": str(Path(a.shared) / "data" / "cifar10-jpeg.tar.gz"), "val_size": 5000},
-        "constraint": {"max_macs": float(max_macs)},
+        "constraint": {"max_macs": float(max_macs)} | latency_constraint(a),
         "space": toml["space"] | space_overrides(a.space),
         "evaluator": {"bn_batches": a.bn_batches, "batch_size": a.batch_size, "seed": a.seed}
         | parse_evaluator(a.evaluator)[1],
@@ -468,7 +478,8 @@ def run_slimsearch(b: Bench, max_macs: float, tag: str, seeds: list[tuple[str, P
 
     cfg = study_config(b, max_macs, tag, seeds)
     t = time.perf_counter()
-    ectx = build_context(b.base, b.splits, SHAPE, max_macs=max_macs, score_baseline=False, cache=ResultCache())
+    ectx = build_context(b.base, b.splits, SHAPE, max_macs=max_macs, score_baseline=False, cache=ResultCache(),
+                         **latency_constraint(b.args))  # fmt: skip
     space = SearchSpace.build(b.base, cfg.space, SHAPE)
     sha = hashlib.sha256(b"".join(v.detach().cpu().numpy().tobytes() for v in b.base.state_dict().values()))
     sctx = StudyContext(cfg, b.base, b.splits, SHAPE, ectx, space, cfg.model.checkpoint, sha.hexdigest()[:16])
@@ -492,7 +503,10 @@ def run_slimsearch(b: Bench, max_macs: float, tag: str, seeds: list[tuple[str, P
            "best_from_seed": labels[int(seed_of.split("#")[1])] if seed_of else None,
            "seeds": labels, "space": dict(cfg.space.to_dict()), "evaluator": cfg.evaluator.to_dict(),
            "sampler": cfg.study.sampler, "n_startup_trials": cfg.study.n_startup_trials,
-           "setting": f"{len(trials)} trials, {cfg.study.sampler}, {parse_evaluator(b.args.evaluator)[0]}",
+           "setting": f"{len(trials)} trials, {cfg.study.sampler}, {parse_evaluator(b.args.evaluator)[0]}"
+                      + (f", predicted latency b{b.args.latency_batch} <= {b.args.latency_bound:.3f} x"
+                         if b.args.latency_bound is not None else ""),
+           "best_latency_ratio_predicted": best.user_attrs.get("latency_ratio"),
            "projected": False}  # fmt: skip
     return row, policy
 
@@ -651,6 +665,14 @@ def verdict(res: dict, bud: dict) -> dict[str, Any]:
     return out
 
 
+def latency_note(s: dict[str, Any]) -> str:
+    """The header's words for slimsearch's latency bound (runs before --latency-bound have none)."""
+    if s.get("latency_bound") is None:
+        return ""
+    return (f", and predicted latency at batch {s['latency_batch']} <= {s['latency_bound']} x the baseline's "
+            f"([constraint] max_latency_ratio, core.latency)")  # fmt: skip
+
+
 def _met(ok: bool) -> str:
     return "MET" if ok else "NOT MET"
 
@@ -672,7 +694,7 @@ def markdown(results: list[dict]) -> str:
                   f"{res['splits']['test']} images; proxy: BN recalibration {s['bn_batches']}x{s['batch_size']} "
                   f"train images, first {res['splits']['val_subset']} val images. slimsearch: {s['n_trials']} trials "
                   f"({s['sampler']}, {s['n_startup_trials']} startup, evaluator {s.get('evaluator', 'proxy')}), seeds {s['study_seeds']}, space of "
-                  f"studies/{res['model']}_cifar10.toml{''.join(f' with {o}' for o in s.get('space') or [])}. Paper strategies: ABSHPC eps {s['abshpc_epsilon']} resolution "
+                  f"studies/{res['model']}_cifar10.toml{''.join(f' with {o}' for o in s.get('space') or [])}{latency_note(s)}. Paper strategies: ABSHPC eps {s['abshpc_epsilon']} resolution "
                   f"{s['abshpc_resolution'] or 'one filter'}, MTD tol {s['mtd_tol']} ranks {s.get('mtd_rank_ratio') or 'EVBMF'}, GA pop "
                   f"{s['ga_pop']} gens {s['ga_generations']}, scan rates {s['scan_rates']}; run once per model, "
                   f"projected per budget when above it. Machine: {m['cpus']} CPUs, {s['threads']} thread, load "

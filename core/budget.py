@@ -138,7 +138,26 @@ def fit_macs(
     A search fits every sample, so this runs once per trial: the root is found by regula falsi with the
     Illinois step (3-5 counts of ~20-60 ms on the CIFAR ResNets) rather than bisection (10+).
     """
-    f_lo = policy_macs(model, policy, input_shape) - max_macs
+    return fit_cost(model, policy, lambda p: policy_macs(model, p, input_shape), max_macs, input_shape,
+                    criterion=criterion, max_rate=max_rate, t_max=t_max, rel_tol=rel_tol, max_evals=max_evals)  # fmt: skip
+
+
+def fit_cost(
+    model: nn.Module,
+    policy: Policy,
+    cost: Callable[[Policy], float],
+    bound: float,
+    input_shape: Sequence[int],
+    *,
+    criterion: str | None = None,
+    max_rate: float = 1.0,
+    t_max: float = 0.95,
+    rel_tol: float = 0.02,
+    max_evals: int = 10,
+) -> tuple[Policy, float | None]:
+    """``fit_macs`` for any cost that falls as ``t`` grows (MACs, predicted latency): ``cost(policy) <= bound``
+    after scaling the kept filters by ``1 - t``."""
+    f_lo = cost(policy) - bound
     if f_lo <= 0:
         return policy, 0.0
 
@@ -147,17 +166,17 @@ def fit_macs(
 
     lo, hi = 0.0, t_max
     best = scale(hi)
-    f_hi = policy_macs(model, best, input_shape) - max_macs
+    f_hi = cost(best) - bound
     if f_hi > 0:
         return policy, None
     w_lo, w_hi, side = f_lo, f_hi, 0  # Illinois: the weight of an end that stays put is halved
     for _ in range(max_evals - 2):
-        if -f_hi <= rel_tol * max_macs or hi - lo < 4e-3:
+        if -f_hi <= rel_tol * bound or hi - lo < 4e-3:
             break
         x = (lo * w_hi - hi * w_lo) / (w_hi - w_lo)
         x = min(max(x, lo + 1e-3 * (hi - lo)), hi - 1e-3 * (hi - lo))
         cand = scale(x)
-        f = policy_macs(model, cand, input_shape) - max_macs
+        f = cost(cand) - bound
         if f <= 0:
             hi, f_hi, w_hi, best = x, f, f, cand
             w_lo = w_lo / 2 if side == -1 else w_lo

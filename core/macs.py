@@ -36,7 +36,7 @@ __all__ = ["MacsTable", "macs_table", "policy_macs"]
 
 
 @dataclass(frozen=True)
-class _Call:
+class Call:
     """One forward call of a conv or linear module in the base model (batch 1)."""
 
     name: str
@@ -69,6 +69,14 @@ class MacsTable:
         """MACs per input of ``policy`` applied to ``model`` (this table's architecture); None when the table
         cannot tell (EVBMF ranks, a model it does not cover). Bad policies raise ``SlimError`` as
         ``apply_policy`` does."""
+        layout = self.layout(model, policy)
+        return None if layout is None else self._total(*layout)
+
+    def layout(
+        self, model: nn.Module, policy: Policy
+    ) -> tuple[dict[tuple[str, bool], int], dict[str, LayerPolicy]] | None:
+        """What ``policy`` does to this table's calls: channels removed per ``(layer, out_side)`` and the
+        decomposed layers' policies; None when the table cannot tell (as ``macs``)."""
         if not self.exact:
             return None
         policy.validate(model)
@@ -87,7 +95,7 @@ class MacsTable:
         for (name, handler, _dim), idxs in g.removal_ops(plan).items():
             key = (name, bool(g.dg.is_out_channel_pruning_fn(handler)))
             removed[key] = removed.get(key, 0) + len(idxs)
-        return self._total(removed, decomposed)
+        return removed, decomposed
 
     def _total(self, removed: dict[tuple[str, bool], int], decomposed: dict[str, LayerPolicy]) -> int:
         total = 0
@@ -103,39 +111,43 @@ class MacsTable:
                 total += self._stack(c, inp, out, lp)
         return total
 
-    def _stack(self, c: _Call, inp: int, out: int, lp: LayerPolicy) -> int:
+    def _stack(self, c: Call, inp: int, out: int, lp: LayerPolicy) -> int:
         """MACs of the decomposed stack replacing call ``c``'s conv at its pruned shape (memoised)."""
-        conv = self.graph.template.get_submodule(c.name)
         key = (c.name, inp, out, lp.decomposition, lp.rank, lp.rank_ratio)
         with self._lock:
             hit = self._stacks.get(key)
         if hit is not None:
             return hit
-        shell = nn.Conv2d(inp, out, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                          bias=conv.bias is not None, padding_mode=conv.padding_mode)  # fmt: skip
-        rank = choose_rank(shell, lp.decomposition, lp.rank, lp.rank_ratio, layer_name=c.name)
-        macs = count_cost(layer_structure(shell, lp.decomposition, rank), (1, inp, *c.in_hw)).macs  # type: ignore[misc]
+        macs = count_cost(self.stack(c, inp, out, lp), (1, inp, *c.in_hw)).macs  # type: ignore[misc]
         with self._lock:
             self._stacks[key] = macs
         return macs
 
+    def stack(self, c: Call, inp: int, out: int, lp: LayerPolicy) -> nn.Sequential:
+        """The decomposed stack (untrained weights) replacing call ``c``'s conv at its pruned shape."""
+        conv = self.graph.template.get_submodule(c.name)
+        shell = nn.Conv2d(inp, out, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                          bias=conv.bias is not None, padding_mode=conv.padding_mode)  # fmt: skip
+        rank = choose_rank(shell, lp.decomposition, lp.rank, lp.rank_ratio, layer_name=c.name)
+        return layer_structure(shell, lp.decomposition, rank)
 
-def _calls(graph: ModelGraph) -> list[_Call] | None:
+
+def _calls(graph: ModelGraph) -> list[Call] | None:
     """The template's conv/linear calls of one batch-1 forward, or None when a module the table cannot model
     (another conv type, a transposed conv) is called."""
     names = {m: n for n, m in graph.template.named_modules()}
-    calls: list[_Call] = []
+    calls: list[Call] = []
     unknown: list[str] = []
 
     def hook(m: nn.Module, args: tuple, out: torch.Tensor) -> None:
         x = args[0]
         if type(m) is nn.Conv2d and out.dim() == 4:
             kh, kw = m.kernel_size
-            calls.append(_Call(names[m], m.out_channels, m.in_channels, m.groups, kh * kw,
+            calls.append(Call(names[m], m.out_channels, m.in_channels, m.groups, kh * kw,
                                out.shape[2] * out.shape[3], (x.shape[2], x.shape[3])))  # fmt: skip
         elif type(m) is nn.Linear:
             rows = out.numel() // (m.out_features * x.shape[0])
-            calls.append(_Call(names[m], m.out_features, m.in_features, 1, 1, rows, None))
+            calls.append(Call(names[m], m.out_features, m.in_features, 1, 1, rows, None))
         else:
             unknown.append(names[m])
 

@@ -20,7 +20,9 @@ from evaluators.cache import ResultCache
 class EvalContext:
     """Baseline ``model`` (eval mode, never modified), ``splits`` (train/val/test; search scores on
     val), ``input_shape`` with batch dim, baseline ``base`` cost, absolute ``max_macs`` bound (None =
-    unconstrained), baseline val accuracy, and the ``cache`` of results (in memory by default)."""
+    unconstrained), baseline val accuracy, the ``cache`` of results (in memory by default), and the latency
+    bound: predicted latency (``core.latency``) at ``latency_batch`` at most ``max_latency_ratio`` of the
+    baseline's (None = unconstrained)."""
 
     model: nn.Module
     splits: Any  # core.data.DataSplits
@@ -29,12 +31,15 @@ class EvalContext:
     max_macs: float | None = None
     base_val_acc: float | None = None
     cache: ResultCache | None = field(default_factory=ResultCache)
+    max_latency_ratio: float | None = None
+    latency_batch: int = 1
+    latency_dir: Path | None = None
     _fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def fingerprint(self) -> str:
-        """Digest of the baseline weights, the train/val data, the input shape and the MACs bound, so a
-        persistent result cache never serves results of another model or dataset."""
+        """Digest of the baseline weights, the train/val data, the input shape and the bounds, so a
+        persistent result cache never serves results of another model, dataset or constraint."""
         if self._fingerprint is None:
             h = hashlib.sha256()
             for name, t in self.model.state_dict().items():
@@ -44,9 +49,19 @@ class EvalContext:
                 ds = getattr(self.splits, part)
                 h.update(_tensor_bytes(ds.x))
                 h.update(_tensor_bytes(ds.y))
-            h.update(repr((self.input_shape, self.max_macs)).encode())
+            bounds: tuple = (self.input_shape, self.max_macs)
+            if self.max_latency_ratio is not None:
+                bounds += (self.max_latency_ratio, self.latency_batch)
+            h.update(repr(bounds).encode())
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
+
+    def latency_table(self) -> Any:
+        """The baseline's latency table at ``latency_batch`` (``core.latency``), stored in ``latency_dir`` when
+        set, so every process of a study predicts from the same measurements."""
+        from core.latency import latency_table
+
+        return latency_table(self.model, self.input_shape, self.latency_batch, folder=self.latency_dir)
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
@@ -63,10 +78,14 @@ def build_context(
     max_macs: float | None = None,
     score_baseline: bool = True,
     cache: ResultCache | str | Path | None = None,
+    max_latency_ratio: float | None = None,
+    latency_batch: int = 1,
+    latency_dir: str | Path | None = None,
 ) -> EvalContext:
     """Measure the baseline and fix the MACs bound: ``max_macs`` (absolute) or ``max_macs_ratio`` of the
-    baseline (at most one). ``score_baseline`` records the baseline's val accuracy. ``cache``: a
-    ResultCache, or a path for a persistent one (``*.jsonl`` file or a directory)."""
+    baseline (at most one), and the latency bound ``max_latency_ratio`` of the baseline's predicted latency
+    at ``latency_batch`` (its table stored in ``latency_dir``). ``score_baseline`` records the baseline's val accuracy. ``cache``: a ResultCache,
+    or a path for a persistent one (``*.jsonl`` file or a directory)."""
     shape = tuple(int(s) for s in input_shape)
     if len(shape) == 3:
         shape = (1, *shape)
@@ -76,6 +95,10 @@ def build_context(
         raise SlimError(f"[constraint] max_macs_ratio: expected a number in (0, 1], got {max_macs_ratio!r}")
     if max_macs is not None and not float(max_macs) > 0:
         raise SlimError(f"[constraint] max_macs: expected a positive number, got {max_macs!r}")
+    if max_latency_ratio is not None and not 0.0 < float(max_latency_ratio) <= 1.0:
+        raise SlimError(f"[constraint] max_latency_ratio: expected a number in (0, 1], got {max_latency_ratio!r}")
+    if isinstance(latency_batch, bool) or not isinstance(latency_batch, int) or latency_batch < 1:
+        raise SlimError(f"[constraint] latency_batch: expected an integer >= 1, got {latency_batch!r}")
     model.eval()
     base = count_cost(model, shape)
     bound = float(max_macs) if max_macs is not None else None
@@ -88,4 +111,6 @@ def build_context(
         base_acc = evaluate(model, splits.val)
     if not isinstance(cache, ResultCache):
         cache = ResultCache(cache)
-    return EvalContext(model, splits, shape, base, bound, base_acc, cache)
+    lat = float(max_latency_ratio) if max_latency_ratio is not None else None
+    folder = Path(latency_dir) if latency_dir is not None else None
+    return EvalContext(model, splits, shape, base, bound, base_acc, cache, lat, latency_batch, folder)

@@ -1,4 +1,4 @@
-"""Score one policy: apply it, gate on MACs (before any training), then proxy or short fine-tune.
+"""Score one policy: apply it, gate on MACs and latency (before any training), then proxy or short fine-tune.
 
 ``evaluate`` never raises for a bad candidate: infeasible, failing (bad policy, NaN loss, any
 exception) and pruned candidates come back as an ``EvalResult`` with a status and a one-line reason.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +30,8 @@ Report = Callable[[int, float], bool]
 @dataclass
 class EvalResult:
     """Outcome of one evaluation. ``metrics``: val_acc (ok/pruned), macs, flops (= 2·MACs), params,
-    macs_ratio, params_ratio, macs_violation (macs - max_macs, when bounded), latency_ms (when
+    macs_ratio, params_ratio, macs_violation (macs - max_macs, when bounded), latency_pred_ms,
+    latency_ratio and latency_violation (ms over the bound; with a latency bound), latency_ms (when
     measured) and the time split apply_s, cost_s, train_s, eval_s, wall_s. ``intermediate``:
     (step, val_acc) of the fine-tune's periodic evaluations. ``cached``: served from the cache."""
 
@@ -64,6 +65,16 @@ class EvalResult:
             policy_hash=d.get("policy_hash", ""),
             cached=cached,
         )
+
+
+# A bound's name -> the metric holding its violation (<= 0: within the bound).
+VIOLATIONS = {"macs": "macs_violation", "latency": "latency_violation"}
+
+
+def violations(metrics: Mapping[str, Any], names: tuple[str, ...]) -> dict[str, float]:
+    """Each named bound's violation from a result's metrics; 0.0 where it was not measured (a policy rejected
+    by another bound before its latency could be told)."""
+    return {n: float(metrics.get(VIOLATIONS[n], 0.0)) for n in names}
 
 
 def result_key(ctx: EvalContext, cfg: EvaluatorConfig, policy: Policy) -> str:
@@ -134,20 +145,27 @@ def _run(
     from core.train import FinetuneConfig, finetune, recalibrate_bn
     from core.train import evaluate as accuracy
 
-    if ctx.max_macs is not None and any(lp.decomposition != "none" for lp in policy.layers.values()):
-        # Factorising (CP above all) can take seconds, so gate on the MACs first (``core.macs``: exactly the
-        # real result's); only an infeasible policy's structure is built, for its full cost metrics.
+    # Gate before building anything where that is cheap: factorising (CP above all) can take seconds, so a
+    # decomposed policy's MACs come from ``core.macs`` first (exactly the real result's), and a latency bound
+    # is checked on the predicted latency (``core.latency``). Only an infeasible policy's structure is built,
+    # for its full cost metrics.
+    t = time.perf_counter()
+    over = ctx.max_macs is not None and any(lp.decomposition != "none" for lp in policy.layers.values())
+    over = over and policy_macs(ctx.model, policy, ctx.input_shape) > ctx.max_macs
+    slow = ""
+    lat_ms = None
+    if ctx.max_latency_ratio is not None:
+        lat_ms = ctx.latency_table().predict(ctx.model, policy)
+        slow = _latency_gate(ctx, lat_ms, metrics) if lat_ms is not None else ""
+    metrics["cost_s"] += time.perf_counter() - t
+    if over or slow:
         t = time.perf_counter()
-        over = policy_macs(ctx.model, policy, ctx.input_shape) > ctx.max_macs
+        shell = structure_only(ctx.model, policy, input_shape=ctx.input_shape, seed=cfg.seed)
+        metrics["apply_s"] += time.perf_counter() - t
+        t = time.perf_counter()
+        verdict = _gate(ctx, count_cost(shell, ctx.input_shape), metrics) or slow
         metrics["cost_s"] += time.perf_counter() - t
-        if over:
-            t = time.perf_counter()
-            shell = structure_only(ctx.model, policy, input_shape=ctx.input_shape, seed=cfg.seed)
-            metrics["apply_s"] += time.perf_counter() - t
-            t = time.perf_counter()
-            verdict = _gate(ctx, count_cost(shell, ctx.input_shape), metrics)
-            metrics["cost_s"] += time.perf_counter() - t
-            return "infeasible", verdict
+        return "infeasible", verdict
 
     t = time.perf_counter()
     model = apply_policy(ctx.model, policy, input_shape=ctx.input_shape, seed=cfg.seed)
@@ -155,6 +173,9 @@ def _run(
 
     t = time.perf_counter()
     verdict = _gate(ctx, count_cost(model, ctx.input_shape), metrics)
+    if not verdict and ctx.max_latency_ratio is not None and lat_ms is None:
+        # Not predictable (EVBMF ranks): measure the built model under the table's settings.
+        verdict = _latency_gate(ctx, ctx.latency_table().measure(model), metrics)
     if verdict:
         metrics["cost_s"] += time.perf_counter() - t
         return "infeasible", verdict
@@ -202,6 +223,19 @@ def _run(
     metrics["val_acc"] = float(acc)
     reason = f"stopped by the pruner at step {intermediate[-1][0]}" if status == "pruned" else ""
     return status, reason
+
+
+def _latency_gate(ctx: EvalContext, ms: float, metrics: dict[str, float]) -> str:
+    """Record the latency metrics; return why ``ms`` breaks the latency bound ("" when it does not)."""
+    base = ctx.latency_table().base_ms
+    bound = float(ctx.max_latency_ratio) * base  # type: ignore[arg-type]
+    metrics.update(latency_pred_ms=ms, latency_ratio=ms / base, latency_violation=ms - bound)
+    if ms <= bound:
+        return ""
+    return (
+        f"predicted latency {ms:.2f} ms exceeds the bound {bound:.2f} ms ({ms / base:.1%} of the baseline's "
+        f"{base:.2f} ms at batch {ctx.latency_batch})"
+    )
 
 
 def _gate(ctx: EvalContext, cost: Any, metrics: dict[str, float]) -> str:

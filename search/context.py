@@ -43,17 +43,40 @@ class StudyContext:
         return int(self.eval_ctx.base.macs)
 
     def fit(self, policy: Any) -> Any:
-        """The policy a search trial evaluates: with ``[constraint] fit = "scale"`` and a MACs bound, one above
-        the bound gets every layer it prunes scaled harder by one factor until it fits (within the space's
-        largest rate; layers outside the space stay as they are). Deterministic, so a resumed or retried
-        trial evaluates the same policy."""
-        from core.budget import fit_macs
+        """The policy a search trial evaluates: with ``[constraint] fit = "scale"``, one above the MACs bound gets
+        every layer it prunes scaled harder by one factor until it fits (within the space's largest rate;
+        layers outside the space stay as they are), then likewise onto the latency bound. Deterministic, so a
+        resumed or retried trial evaluates the same policy: the latency fit predicts from the study's stored
+        table (``core.latency``), where a shape is measured once (a retry racing another process for a new
+        shape may differ by a filter or two)."""
+        from core.budget import fit_cost, fit_macs
 
-        bound = self.eval_ctx.max_macs
-        if self.cfg.constraint.fit != "scale" or bound is None:
+        ctx = self.eval_ctx
+        if self.cfg.constraint.fit != "scale":
             return policy
-        fitted, _ = fit_macs(self.model, policy, bound, self.input_shape, max_rate=self.space.cfg.prune_rate[1])
-        return fitted
+        max_rate = self.space.cfg.prune_rate[1]
+        if ctx.max_macs is not None:
+            policy, _ = fit_macs(self.model, policy, ctx.max_macs, self.input_shape, max_rate=max_rate)
+        if ctx.max_latency_ratio is not None:
+            table = ctx.latency_table()
+            if table.predict(self.model, policy) is not None:  # None: EVBMF ranks, measured by the evaluator
+                bound = ctx.max_latency_ratio * table.base_ms
+                policy, _ = fit_cost(self.model, policy, lambda p: table.predict(self.model, p), bound,
+                                     self.input_shape, max_rate=max_rate)  # fmt: skip
+        return policy
+
+    def latency_info(self) -> dict[str, Any] | None:
+        """The latency bound in milliseconds and its table (None without a bound). The first call measures the
+        table, or loads the study's stored one: a corrupt or mismatched file is a ``SlimError``."""
+        e = self.eval_ctx
+        if e.max_latency_ratio is None:
+            return None
+        try:
+            table = e.latency_table()
+        except SlimError as err:
+            raise SlimError(f"{self.cfg.path}: [constraint] max_latency_ratio: {err}") from None
+        return {"batch": e.latency_batch, "base_ms": table.base_ms, "max_ratio": e.max_latency_ratio,
+                "bound_ms": e.max_latency_ratio * table.base_ms, "table": str(table.path or "")}  # fmt: skip
 
 
 def baseline_cache_path(cfg: StudyConfig) -> Path:
@@ -170,7 +193,9 @@ def build_study_context(cfg: StudyConfig, *, log: Log | None = None, allow_pretr
     c = cfg.constraint
     try:
         # In-memory result cache here; the runner attaches the persistent one once the input is valid.
-        ectx = build_context(model, splits, shape, max_macs_ratio=c.max_macs_ratio, max_macs=c.max_macs)
+        ectx = build_context(model, splits, shape, max_macs_ratio=c.max_macs_ratio, max_macs=c.max_macs,
+                             max_latency_ratio=c.max_latency_ratio, latency_batch=c.latency_batch,
+                             latency_dir=cfg.study.workdir / "latency")  # fmt: skip
         space = SearchSpace.build(model, cfg.space, shape)
     except SlimError as e:
         raise SlimError(f"{cfg.path}: {e}") from None

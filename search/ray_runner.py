@@ -45,12 +45,12 @@ Log = Callable[[str], None]
 # Metrics copied from an EvalResult into the final Tune result (when present).
 RESULT_METRICS = (
     "val_acc", "macs", "flops", "params", "macs_ratio", "params_ratio", "macs_violation", "latency_ms",
-    "apply_s", "cost_s", "train_s", "eval_s", "wall_s",
+    "latency_pred_ms", "latency_ratio", "latency_violation", "apply_s", "cost_s", "train_s", "eval_s", "wall_s",
 )  # fmt: skip
 # Columns of the results table, first; Ray's own columns and config/<param> follow.
 TABLE_COLUMNS = ("number", "trial_id", "ray_status", "status", "feasible", "val_acc", "macs", "params",
-                 "macs_ratio", "params_ratio", "flops", "latency_ms", "wall_s", "seed", "reason", "node_id",
-                 "policy_hash", "policy")  # fmt: skip
+                 "macs_ratio", "params_ratio", "flops", "latency_ms", "latency_pred_ms", "wall_s", "seed", "reason",
+                 "node_id", "policy_hash", "policy")  # fmt: skip
 CONNECT_TIMEOUT_S = 5.0
 COUNTED = ("ok", "infeasible", "fail", "pruned")  # statuses of evaluated trials (they count toward n_trials)
 
@@ -277,12 +277,16 @@ def _search_classes() -> tuple[type, type]:
     from ray.tune.search.optuna import OptunaSearch
 
     class SlimOptunaSearch(OptunaSearch):
-        """OptunaSearch plus: the Optuna trial number and seed label in the config, the MACs constraint,
-        failed evaluations told as FAIL and ASHA-stopped trials as PRUNED (not as COMPLETE)."""
+        """OptunaSearch plus: the Optuna trial number and seed label in the config, the MACs and latency
+        constraints (``bounds``), failed evaluations told as FAIL and ASHA-stopped trials as PRUNED (not as
+        COMPLETE)."""
 
-        def __init__(self, *args: Any, seed_labels: tuple[str, ...] = (), **kwargs: Any) -> None:
+        def __init__(
+            self, *args: Any, seed_labels: tuple[str, ...] = (), bounds: tuple[str, ...] = (), **kwargs: Any
+        ) -> None:
             super().__init__(*args, **kwargs)
             self.seed_labels = tuple(seed_labels)
+            self.bounds = tuple(bounds)
 
         def suggest(self, trial_id: str) -> dict | None:
             params = super().suggest(trial_id)
@@ -299,11 +303,14 @@ def _search_classes() -> tuple[type, type]:
             if ot_trial is None or trial_id in self._completed_trials:
                 return super().on_trial_complete(trial_id, result, error)
             status = (result or {}).get("status")
-            if result and "macs_violation" in result:
-                v = float(result["macs_violation"])
-                ot_trial.set_user_attr("constraint", [v])  # read by constraints_func (optuna < 5)
+            if result and self.bounds and any(k.endswith("_violation") for k in result):
+                from evaluators.evaluate import violations
+
+                cons = violations(result, self.bounds)
+                ot_trial.set_user_attr("constraint", list(cons.values()))  # read by constraints_func (optuna < 5)
                 if hasattr(ot_trial, "set_constraint"):
-                    ot_trial.set_constraint("macs", v)
+                    for name, v in cons.items():
+                        ot_trial.set_constraint(name, v)
             if status in ("fail", "partial"):
                 state = TrialState.FAIL if status == "fail" else TrialState.PRUNED
                 try:
@@ -387,7 +394,7 @@ def make_search_alg(cfg: StudyConfig, space: Any, seeds: list[tuple[str, Any]], 
     """
     from ray.tune.search import ConcurrencyLimiter
 
-    from search.runner import make_sampler
+    from search.runner import bound_names, make_sampler
 
     search_cls, gen_cls = _search_classes()
     objectives = cfg.study.objectives
@@ -403,6 +410,7 @@ def make_search_alg(cfg: StudyConfig, space: Any, seeds: list[tuple[str, Any]], 
         points_to_evaluate=points or None,
         sampler=make_sampler(cfg, cfg.study.seed),
         seed_labels=tuple(label for label, _ in seeds),
+        bounds=bound_names(cfg),
     )
     return gen_cls(ConcurrencyLimiter(searcher, max_concurrent=workers), str(ray_meta_path(cfg)))
 
@@ -736,6 +744,7 @@ def run_ray(
     if address is not None:
         check_reachable(address)  # before building anything
     sctx = build_study_context(cfg, log=log)  # validates input; pre-trains and caches the baseline if asked
+    sctx.latency_info()  # a latency bound's table: measured (or loaded) before any write or worker
     exp_dir = ray_experiment_dir(cfg)
     resumable = _resumable(exp_dir)
     meta = _read_meta(ray_meta_path(cfg)) if resumable else {}

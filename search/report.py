@@ -32,7 +32,8 @@ from search.runner import (
 from search.study import StudyConfig, mask_url
 
 COLUMNS = ["trial", "state", "status", "val_acc", "macs", "macs_ratio", "flops", "params", "params_ratio",
-           "latency_ms", "seed", "policy", "duration_s", "reason"]  # fmt: skip
+           "latency_ms", "latency_pred_ms", "seed", "policy", "duration_s", "reason"]  # fmt: skip
+LATENCY_METRICS = ("latency_ms", "latency_pred_ms")  # measured (evaluator), predicted (core.latency)
 
 
 def trials_frame(trials: list[FrozenTrial]) -> pd.DataFrame:
@@ -49,19 +50,21 @@ def trials_frame(trials: list[FrozenTrial]) -> pd.DataFrame:
             "trial": t.number, "state": t.state.name, "status": ua.get("status", ""),
             "val_acc": ua.get("val_acc"), "macs": ua.get("macs"), "macs_ratio": ua.get("macs_ratio"),
             "flops": ua.get("flops"), "params": ua.get("params"), "params_ratio": ua.get("params_ratio"),
-            "latency_ms": ua.get("latency_ms"), "seed": ua.get("seed", ""), "policy": ua.get("policy_summary", ""),
-            "duration_s": dur, "reason": ua.get("reason", ""),
+            "latency_ms": ua.get("latency_ms"), "latency_pred_ms": ua.get("latency_pred_ms"),
+            "seed": ua.get("seed", ""), "policy": ua.get("policy_summary", ""), "duration_s": dur,
+            "reason": ua.get("reason", ""),
         })  # fmt: skip
     df = pd.DataFrame(rows, columns=COLUMNS)
-    for c in ("val_acc", "macs", "macs_ratio", "flops", "params", "params_ratio", "latency_ms", "duration_s"):
+    for c in ("val_acc", "macs", "macs_ratio", "flops", "params", "params_ratio", *LATENCY_METRICS, "duration_s"):
         df[c] = pd.to_numeric(df[c], errors="coerce")
     return df
 
 
-def pareto_front(df: pd.DataFrame, with_latency: bool = False) -> pd.DataFrame:
-    """Non-dominated feasible COMPLETE trials: max val_acc, min MACs (and min latency_ms), sorted by MACs."""
+def pareto_front(df: pd.DataFrame, latency: str | None = None) -> pd.DataFrame:
+    """Non-dominated feasible COMPLETE trials: max val_acc, min MACs (and min ``latency``, a column of
+    ``LATENCY_METRICS``), sorted by MACs."""
     ok = df[(df["state"] == "COMPLETE") & (df["status"] == "ok")].dropna(subset=["val_acc", "macs"])
-    cols = ["val_acc", "macs"] + (["latency_ms"] if with_latency and ok["latency_ms"].notna().all() else [])
+    cols = ["val_acc", "macs"] + ([latency] if latency and latency in ok and ok[latency].notna().all() else [])
     if ok.empty:
         return ok
     # Minimise everything: negate accuracy.
@@ -235,15 +238,19 @@ class Report:
     table: str
 
 
+def latency_objective(cfg: StudyConfig) -> str | None:
+    """The latency metric the study optimises, if any."""
+    return next((o.metric for o in cfg.study.objectives if o.metric in LATENCY_METRICS), None)
+
+
 def _front_table(front: pd.DataFrame) -> pd.DataFrame:
-    show = front[["trial", "val_acc", "macs", "macs_ratio", "params", "latency_ms", "seed", "policy"]].copy()
+    cols = ["trial", "val_acc", "macs", "macs_ratio", "params", *LATENCY_METRICS, "seed", "policy"]
+    show = front[[c for c in cols if c in front]].copy()
     show["macs"] = show["macs"].map(fmt_count)
     show["params"] = show["params"].map(fmt_count)
     show["val_acc"] = show["val_acc"].map(lambda v: f"{v:.4f}")
     show["macs_ratio"] = show["macs_ratio"].map(lambda v: f"{v:.1%}")
-    if show["latency_ms"].isna().all():
-        show = show.drop(columns=["latency_ms"])
-    return show
+    return show.drop(columns=[c for c in LATENCY_METRICS if c in show and show[c].isna().all()])
 
 
 def write_report(cfg: StudyConfig, trial: int | None = None, out_dir: str | Path | None = None) -> Report:
@@ -266,8 +273,7 @@ def write_report(cfg: StudyConfig, trial: int | None = None, out_dir: str | Path
     out = Path(out_dir) if out_dir is not None else cfg.study.workdir / "report"
     out.mkdir(parents=True, exist_ok=True)
     df = trials_frame(trials)
-    with_lat = any(o.metric == "latency_ms" for o in cfg.study.objectives)
-    front = pareto_front(df, with_latency=with_lat)
+    front = pareto_front(df, latency_objective(cfg))
     files = {"trials_csv": out / "trials.csv", "pareto_csv": out / "pareto.csv", "pareto_png": out / "pareto.png"}
     df.to_csv(files["trials_csv"], index=False)
     front.to_csv(files["pareto_csv"], index=False)
@@ -305,8 +311,7 @@ def write_ray_report(cfg: StudyConfig, trial: int | None = None, out_dir: str | 
         chosen = (int(m["number"]), pol, m)
     out = Path(out_dir) if out_dir is not None else cfg.study.workdir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    with_lat = any(o.metric == "latency_ms" for o in cfg.study.objectives)
-    front = pareto_front(df, with_latency=with_lat)
+    front = pareto_front(df, latency_objective(cfg))
     files = {"trials_csv": out / "trials.csv", "pareto_csv": out / "pareto.csv", "pareto_png": out / "pareto.png"}
     df.to_csv(files["trials_csv"], index=False)
     front.to_csv(files["pareto_csv"], index=False)

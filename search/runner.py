@@ -48,7 +48,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,7 +63,8 @@ WORKER_ATTR = "slimsearch:worker"
 SEED_POLICY_ATTR = "seed_policy"  # user attr of an enqueued seed trial: the exact policy JSON to evaluate
 HAS_SET_CONSTRAINT = hasattr(optuna.trial.Trial, "set_constraint")
 POLL_S = 1.0
-FLAT_METRICS = ("val_acc", "macs", "flops", "params", "macs_ratio", "params_ratio", "latency_ms")
+FLAT_METRICS = ("val_acc", "macs", "flops", "params", "macs_ratio", "params_ratio", "latency_ms", "latency_pred_ms",
+                "latency_ratio")  # fmt: skip
 
 Log = Callable[[str], None]
 
@@ -232,10 +233,10 @@ def _sqlite_wal(engine: Any) -> None:
 
 
 def make_sampler(cfg: StudyConfig, seed: int) -> optuna.samplers.BaseSampler:
-    """The [study] sampler, seeded; TPE and NSGA-II get the MACs constraint."""
+    """The [study] sampler, seeded; TPE and NSGA-II get the MACs and latency constraints."""
     s = cfg.study
     # Optuna >= 5 reads constraints that the trial sets itself (Trial.set_constraint, see _record).
-    cons = constraints_func if _bounded(cfg) and not HAS_SET_CONSTRAINT else None
+    cons = constraints_func if bound_names(cfg) and not HAS_SET_CONSTRAINT else None
     if s.sampler == "tpe":
         with _quiet():
             return optuna.samplers.TPESampler(
@@ -259,12 +260,33 @@ def make_sampler(cfg: StudyConfig, seed: int) -> optuna.samplers.BaseSampler:
 
 
 def constraints_func(trial: FrozenTrial) -> Sequence[float]:
-    """Optuna constraint: [MACs - max_MACs] (<= 0 feasible), from the trial's user_attrs."""
+    """Optuna constraints: [MACs - max_MACs, latency - max latency] as bounded (<= 0 feasible), from the trial's
+    user_attrs."""
     return tuple(trial.user_attrs.get("constraint", (0.0,)))
 
 
-def _bounded(cfg: StudyConfig) -> bool:
-    return cfg.constraint.max_macs is not None or cfg.constraint.max_macs_ratio is not None
+def bound_names(cfg: StudyConfig) -> tuple[str, ...]:
+    """The study's bounds, in constraint order: "macs", "latency" (``evaluators.evaluate.violations``)."""
+    c = cfg.constraint
+    macs = c.max_macs is not None or c.max_macs_ratio is not None
+    return ("macs",) * macs + ("latency",) * (c.max_latency_ratio is not None)
+
+
+def record_constraints(trial: optuna.Trial, cfg: StudyConfig, metrics: Mapping[str, float]) -> None:
+    """The bounds' violations of an evaluated trial, for the constraint-aware samplers: as the "constraint"
+    user attr (Optuna < 5's ``constraints_func``) and, where Optuna has it, ``Trial.set_constraint``."""
+    from evaluators.evaluate import violations
+
+    names = bound_names(cfg)
+    if not names:
+        return
+    cons = violations(metrics, names)
+    trial.set_user_attr("constraint", list(cons.values()))
+    if hasattr(trial, "set_constraint"):
+        done = trial.storage.get_trial_system_attrs(trial._trial_id)
+        for name, v in cons.items():
+            if f"constraints:{name}" not in done:  # a retried trial keeps its first values
+                trial.set_constraint(name, v)
 
 
 def _pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
@@ -479,11 +501,7 @@ def _record(trial: optuna.Trial, cfg: StudyConfig, policy: Any, res: Any, fit_s:
     attrs.update({k: float(res.metrics[k]) for k in FLAT_METRICS if k in res.metrics})
     if res.intermediate:
         attrs["intermediate"] = [[int(s), float(a)] for s, a in res.intermediate]
-    if "macs_violation" in res.metrics:
-        attrs["constraint"] = [float(res.metrics["macs_violation"])]
-        key = "constraints:macs"
-        if HAS_SET_CONSTRAINT and key not in trial.storage.get_trial_system_attrs(trial._trial_id):
-            trial.set_constraint("macs", float(res.metrics["macs_violation"]))
+    record_constraints(trial, cfg, res.metrics)
     for k, v in attrs.items():
         trial.set_user_attr(k, v)
     trial.set_user_attr("status", res.status)  # last: marks the trial as evaluated
@@ -608,6 +626,7 @@ def study_info(sctx: Any) -> dict[str, Any]:
             "input_shape": list(sctx.input_shape),
         },  # fmt: skip
         "max_macs": e.max_macs,
+        "latency": sctx.latency_info(),
         "layers": [
             {
                 "name": i.name,
@@ -827,6 +846,7 @@ def run_study(
     storage = None if sqlite_path(cfg.study.storage) else open_storage(cfg)
     check_sqlite_target(cfg)
     sctx = build_study_context(cfg, log=log)
+    sctx.latency_info()  # a latency bound's table: measured (or loaded) before any write or worker
     storage = storage or open_storage(cfg)
     _attach_cache(sctx, cfg)
     study = prepare_study(cfg, sctx, storage, log=log)
@@ -834,6 +854,9 @@ def run_study(
     log(f"study {cfg.name}: {cfg.study.sampler} sampler, objectives {', '.join(o.spec for o in cfg.study.objectives)}, "
         f"storage {mask_url(cfg.study.storage)}")  # fmt: skip
     bound = f", bound {fmt_count(base.max_macs)} MACs" if base.max_macs else ""
+    if base.max_latency_ratio is not None:
+        lat = study.user_attrs["slimsearch"]["latency"]
+        bound += f", predicted latency <= {lat['bound_ms']:.2f} ms at batch {lat['batch']} ({lat['max_ratio']:.0%})"
     acc = f", val_acc {base.base_val_acc:.4f}" if base.base_val_acc is not None else ""
     log(f"baseline {cfg.model.factory}: {fmt_count(base.base.macs)} MACs, {fmt_count(base.base.params)} params{acc}"
         f"{bound}; {len(sctx.space.params)} search parameters over {len(sctx.space.layers)} layers")  # fmt: skip

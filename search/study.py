@@ -25,7 +25,16 @@ SAMPLERS = ("tpe", "nsga2", "cmaes", "random")
 BACKENDS = ("optuna", "ray")
 PRUNERS = ("median", "none")
 # Metrics an objective may name (keys of evaluators' EvalResult.metrics).
-OBJECTIVE_METRICS = ("val_acc", "macs", "flops", "params", "macs_ratio", "params_ratio", "latency_ms")
+OBJECTIVE_METRICS = (
+    "val_acc",
+    "macs",
+    "flops",
+    "params",
+    "macs_ratio",
+    "params_ratio",
+    "latency_ms",
+    "latency_pred_ms",
+)
 DIRECTIONS = {"max": "maximize", "min": "minimize"}
 # = core.export.FORMATS (a test checks it), for the same reason as DATASETS below.
 EXPORT_FORMATS = ("torchscript", "torchscript-frozen", "pt2", "state")
@@ -100,6 +109,10 @@ class ConstraintSection:
     # "scale": a searched policy above the bound is pruned harder, every layer by one factor, until it fits
     # (core.budget.fit_macs); "none": it is evaluated as sampled and rejected as infeasible.
     fit: str = "scale"
+    # Predicted CPU latency (core.latency) at most this fraction of the baseline's, at latency_batch images
+    # per forward, single thread, TorchScript; None = no latency bound.
+    max_latency_ratio: float | None = None
+    latency_batch: int = 1
 
 
 @dataclass(frozen=True)
@@ -449,8 +462,10 @@ def _constraint(t: _Table) -> ConstraintSection:
     if ratio is not None and macs is not None:
         t.fail(None, "give max_macs_ratio or max_macs, not both")
     fit = t.choice("fit", FIT_MODES, "scale")
+    lat = t.get("max_latency_ratio", "a number", None, check=lambda v: None if 0 < v <= 1 else "must be in (0, 1]")
+    batch = t.get("latency_batch", "an integer", 1, check=_at_least(1))
     t.finish()
-    return ConstraintSection(max_macs_ratio=ratio, max_macs=macs, fit=fit)
+    return ConstraintSection(max_macs_ratio=ratio, max_macs=macs, fit=fit, max_latency_ratio=lat, latency_batch=batch)
 
 
 def _seeds(t: _Table) -> SeedsSection:
@@ -570,6 +585,9 @@ def study_from_dict(raw: Mapping[str, Any], path: str | Path = "<study>") -> Stu
     )
     if any(o.metric == "latency_ms" for o in study.objectives) and not getattr(cfg.evaluator, "measure_latency", False):
         raise SlimError(f"{file}: [study] objectives: latency_ms needs [evaluator] measure_latency = true")
+    if any(o.metric == "latency_pred_ms" for o in study.objectives) and cfg.constraint.max_latency_ratio is None:
+        raise SlimError(f"{file}: [study] objectives: latency_pred_ms needs [constraint] max_latency_ratio "
+                        f"(1.0 to predict latency without bounding it)")  # fmt: skip
     return cfg
 
 

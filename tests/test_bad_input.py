@@ -375,6 +375,13 @@ CASES: list = [
         ["[constraint] max_macs_ratio", "(0, 1]"],
         False,
     ),
+    (
+        "max-latency-ratio-above-1",
+        edit("max_macs_ratio = 0.7", "max_macs_ratio = 0.7\nmax_latency_ratio = 2"),
+        RUN,
+        ["[constraint] max_latency_ratio", "(0, 1]"],
+        False,
+    ),
     # --- [space]
     (
         "prune-rate-1",

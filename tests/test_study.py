@@ -131,6 +131,7 @@ def test_unknown_section(tmp_path: Path) -> None:
         ("heartbeat_interval = 10\ngrace_period = 5", "grace_period: must be larger than heartbeat_interval"),
         ('sampler = "cmaes"\nobjectives = ["val_acc:max", "macs:min"]', "cmaes is single-objective"),
         ('objectives = ["latency_ms:min"]', "latency_ms needs [evaluator] measure_latency = true"),
+        ('objectives = ["val_acc:max", "latency_pred_ms:min"]', "latency_pred_ms needs [constraint] max_latency_ratio"),
     ],
 )
 def test_study_section_errors(tmp_path: Path, study: str, needle: str) -> None:
@@ -206,6 +207,11 @@ def test_constraint_errors(tmp_path: Path) -> None:
     assert "max_macs_ratio: must be in (0, 1]" in err(write(tmp_path, "[constraint]\nmax_macs_ratio = 1.5\n"))
     msg = err(write(tmp_path, '[constraint]\nmax_macs_ratio = 0.5\nfit = "squeeze"\n'))
     assert "[constraint] fit" in msg and "'squeeze'" in msg and "scale, none" in msg
+    msg = err(write(tmp_path, "[constraint]\nmax_latency_ratio = 0\n"))
+    assert "[constraint] max_latency_ratio" in msg and "must be in (0, 1]" in msg
+    msg = err(write(tmp_path, '[constraint]\nmax_latency_ratio = 0.6\nlatency_batch = "big"\n'))
+    assert "[constraint] latency_batch" in msg and "an integer" in msg
+    assert "latency_batch" in err(write(tmp_path, "[constraint]\nmax_latency_ratio = 0.6\nlatency_batch = 0\n"))
 
 
 def test_seed_errors(tmp_path: Path) -> None:

@@ -1,0 +1,273 @@
+"""Predicted CPU latency of a policy without building its model: a lookup table of measured layer times.
+
+MACs are a poor stand-in for latency on small CPUs: on the CIFAR ResNets at batch 1 a 3x3 conv's time falls
+much slower than its channel count, the residual stream's elementwise ops do not shrink at all, and a
+Tucker-2 stack's two extra 1x1 convs are memory-bound (``benchmarks/README.md``). So a search that must
+deliver a latency gets a bound on latency itself, predicted the way NetAdapt and AMC do it: every conv/linear
+call of the architecture is timed alone at the shape the policy leaves it (``core.macs``'s table says which:
+channels removed per layer, decomposed layers), memoised per shape. A policy's prediction is
+``other_ms + scale x (its layers' times)``, with ``other_ms`` (elementwise ops, pooling, the interpreter) and
+``scale`` (layers timed alone run a little faster or slower than inside the model) fitted to two measured
+models: the baseline and the baseline with every prunable group at half its filters. The baseline's
+prediction is its measurement.
+
+The table is measured by the process that first needs a shape (single thread by default; TorchScript
+programs, as the default export ships, or eager modules): predictions carry that machine's timing noise, a few
+percent per layer. A search stores it in its workdir, so its workers and a resumed run share one measurement
+per shape and judge a policy alike. ``benchmarks/bench_latency.py`` checks predictions against measured
+exports.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import platform
+import threading
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from core.apply import structure_only
+from core.cost import measure_latency
+from core.errors import SlimError
+from core.graph import ModelGraph
+from core.macs import Call, MacsTable, macs_table
+from core.policy import LayerPolicy, Policy
+
+__all__ = ["MODES", "LatencyTable", "latency_table", "policy_latency"]
+
+# "torchscript": the baseline and every layer are timed as TorchScript programs (the default export);
+# "eager": as nn.Modules (what ``measure_latency`` times on a model apply_policy returns).
+MODES = ("torchscript", "eager")
+
+
+class LatencyTable:
+    """Measured layer times of one architecture at one batch size; ``predict(policy)`` in milliseconds."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        input_shape: Sequence[int],
+        batch_size: int = 1,
+        threads: int = 1,
+        repeats: int = 10,
+        mode: str = "torchscript",
+        path: str | Path | None = None,
+    ) -> None:
+        if mode not in MODES:
+            raise SlimError(f"latency table: mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if batch_size < 1 or threads < 1 or repeats < 1:
+            raise SlimError(
+                f"latency table: need batch_size, threads, repeats >= 1; got {batch_size}, {threads}, {repeats}"
+            )
+        self.shape = tuple(input_shape)
+        self.batch_size, self.threads, self.repeats, self.mode = batch_size, threads, repeats, mode
+        self.macs: MacsTable = macs_table(model, self.shape)
+        self.path = Path(path) if path is not None else None
+        self._ops: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._ready = False  # nothing is stored before the baseline and the rest are known
+        self.exact = self.macs.exact
+        stored = self._read()
+        if stored is not None:
+            self._adopt(stored)
+            self._ready = True
+            return
+        self.base_ms = self._time(model, self.shape, rounds=3)
+        self.scale, self.other_ms = self._calibrate(model) if self.exact else (1.0, self.base_ms)
+        self._ready = True
+        with self._lock:
+            self._save()
+
+    def predict(self, model: nn.Module, policy: Policy) -> float | None:
+        """Predicted latency (ms) of ``policy`` applied to ``model``; None when the table cannot tell (EVBMF
+        ranks, an architecture ``core.macs`` does not cover). Bad policies raise ``SlimError``."""
+        layers = self.layers_ms(model, policy)
+        return None if layers is None else self.other_ms + self.scale * layers
+
+    def layers_ms(self, model: nn.Module, policy: Policy) -> float | None:
+        """The sum of the policy's layers' own times (ms, uncalibrated); None as for ``predict``."""
+        layout = self.macs.layout(model, policy)
+        return None if layout is None else self._layers(*layout)
+
+    def measure(self, model: nn.Module) -> float:
+        """Measured latency (ms) of a built model under this table's settings (for what ``predict`` cannot
+        tell); comparable with ``base_ms``."""
+        return self._time(model, self.shape, rounds=3)
+
+    @property
+    def size(self) -> int:
+        """Distinct layer shapes timed so far."""
+        return len(self._ops)
+
+    def _calibrate(self, model: nn.Module) -> tuple[float, float]:
+        """``(scale, other_ms)`` of ``latency = other_ms + scale x (sum of the layers' own times)``, fitted to the
+        baseline and to the baseline with every prunable group at half its filters (measured as built).
+
+        Layers timed alone run a few percent slower or faster than inside the model (their inputs are not
+        in cache, the program around them differs), enough to bias a bound at batch 64 by ~5 %; the second
+        point takes that out where searches operate. A fit that makes no sense (a scale outside [0.5, 2] or a
+        negative rest, from timing noise) falls back to scale 1 with the rest = baseline minus its layers."""
+        from core.budget import prunable_leaders
+
+        full = self._layers({}, {})
+        fallback = (1.0, max(0.0, self.base_ms - full))
+        half = Policy({n: LayerPolicy(prune_rate=0.5) for n in prunable_leaders(model, self.shape)})
+        layout = self.macs.layout(model, half) if half.layers else None
+        if layout is None:
+            return fallback
+        ref_ms = self._time(structure_only(model, half, input_shape=self.shape), self.shape, rounds=3)
+        span = full - self._layers(*layout)
+        if span <= 0:
+            return fallback
+        scale = (self.base_ms - ref_ms) / span
+        other = self.base_ms - scale * full
+        return (scale, other) if 0.5 <= scale <= 2.0 and other >= 0 else fallback
+
+    def _adopt(self, stored: dict) -> None:
+        """Take a stored table's baseline, calibration and entries (the first stored value of each wins)."""
+        self.base_ms, self.other_ms = float(stored["base_ms"]), float(stored["other_ms"])
+        self.scale = float(stored["scale"])
+        self._ops.update(stored["ops"])
+
+    def _layers(self, removed: dict[tuple[str, bool], int], decomposed: dict[str, LayerPolicy]) -> float:
+        total = 0.0
+        for c in self.macs.calls or ():
+            out = c.out - removed.get((c.name, True), 0)
+            inp = c.inp - removed.get((c.name, False), 0)
+            total += self._op(c, inp, out, decomposed.get(c.name))
+        return total
+
+    def _op(self, c: Call, inp: int, out: int, lp: LayerPolicy | None) -> float:
+        """Measured time (ms) of call ``c`` at ``inp`` -> ``out`` channels, as a conv, a linear or the decomposed
+        stack ``lp`` gives (memoised by shape)."""
+        mod = self.macs.graph.template.get_submodule(c.name)
+        dec = (lp.decomposition, lp.rank, lp.rank_ratio) if lp is not None else None
+        if isinstance(mod, nn.Linear):
+            key = repr(("linear", inp, out, c.positions, mod.bias is not None))
+        else:
+            key = repr(("conv", inp, out, mod.kernel_size, mod.stride, mod.padding, mod.dilation,
+                        out if c.depthwise else c.groups, mod.bias is not None, mod.padding_mode, c.in_hw, dec))  # fmt: skip
+        with self._lock:
+            hit = self._ops.get(key)
+            if hit is not None:
+                return hit
+            if isinstance(mod, nn.Linear):
+                layer: nn.Module = nn.Linear(inp, out, bias=mod.bias is not None)
+                shape: tuple[int, ...] = (1, inp) if c.positions == 1 else (1, c.positions, inp)
+            else:
+                shape = (1, inp, *c.in_hw)  # type: ignore[misc]
+                if lp is not None:
+                    layer = self.macs.stack(c, inp, out, lp)
+                else:
+                    groups = out if c.depthwise else c.groups
+                    layer = nn.Conv2d(inp, out, mod.kernel_size, mod.stride, mod.padding, mod.dilation, groups,
+                                      bias=mod.bias is not None, padding_mode=mod.padding_mode)  # fmt: skip
+            self._ops[key] = self._time(layer.eval(), shape)
+            self._save()
+            return self._ops[key]
+
+    def _settings(self) -> dict[str, object]:
+        """What a stored table must match: the architecture's calls and the timing settings."""
+        calls = hashlib.sha256(repr((self.shape, self.macs.calls)).encode()).hexdigest()[:16]
+        return {"calls": calls, "batch_size": self.batch_size, "threads": self.threads, "mode": self.mode,
+                "repeats": self.repeats}  # fmt: skip
+
+    def _read(self) -> dict | None:
+        """The stored table at ``path`` (None when there is none); a corrupt one or one of another
+        architecture or settings is a ``SlimError``."""
+        if self.path is None or not self.path.is_file():
+            return None
+        try:
+            data = json.loads(self.path.read_text())
+            ok = isinstance(data, dict) and isinstance(data.get("ops"), dict)
+            ok = ok and all(isinstance(data.get(k), (int, float)) for k in ("base_ms", "other_ms", "scale"))
+        except (OSError, ValueError):
+            ok = False
+        if not ok:
+            raise SlimError(f"{self.path}: corrupt latency table; delete it to measure again")
+        if data.get("settings") != self._settings():
+            raise SlimError(f"{self.path}: latency table of another model or timing settings; delete it to "
+                            f"measure again")  # fmt: skip
+        return data
+
+    def _save(self) -> None:
+        """Merge with the stored table (an entry already stored wins, so every process sharing the file
+        converges on one measurement per shape) and replace it atomically. Caller holds the lock."""
+        if self.path is None or not self._ready:
+            return
+        try:
+            stored = self._read()
+        except SlimError:
+            stored = None  # a half-written file is replaced by this complete one
+        if stored is not None:
+            self._adopt(stored)
+        data = {"settings": self._settings(), "base_ms": self.base_ms, "other_ms": self.other_ms,
+                "scale": self.scale, "host": platform.node(), "ops": self._ops}  # fmt: skip
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_text(json.dumps(data, indent=0, sort_keys=True))
+        os.replace(tmp, self.path)
+
+    def _time(self, module: nn.Module, shape: tuple[int, ...], rounds: int = 1) -> float:
+        """Best median of ``rounds`` timings of ``module`` (scripted in torchscript mode) at ``shape`` with the
+        table's batch size."""
+        program = _script(module) if self.mode == "torchscript" else module
+        return min(
+            measure_latency(program, shape, self.batch_size, self.threads, repeats=self.repeats, warmup=2).median_ms
+            for _ in range(rounds)
+        )
+
+
+def _script(module: nn.Module) -> nn.Module:
+    """``module`` as TorchScript (what ``core.export`` ships by default); the module itself when it does not
+    script, so prediction still works for models only the eager and pt2 exports handle."""
+    try:
+        return torch.jit.script(copy.deepcopy(module).eval())
+    except Exception:  # any scripting failure: time the eager module instead
+        return module
+
+
+_TABLES: weakref.WeakKeyDictionary[ModelGraph, dict[tuple, LatencyTable]] = weakref.WeakKeyDictionary()
+_TABLES_LOCK = threading.Lock()
+
+
+def latency_table(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    batch_size: int = 1,
+    threads: int = 1,
+    mode: str = "torchscript",
+    folder: str | Path | None = None,
+) -> LatencyTable:
+    """The latency table of ``model``'s architecture (cached per dependency graph, settings and folder); with
+    ``folder`` it is stored there as ``latency_b<batch>_t<threads>_<mode>.json`` and shared by every process
+    using that folder (a study's workers, a resumed study)."""
+    graph = macs_table(model, tuple(input_shape)).graph
+    path = Path(folder) / f"latency_b{batch_size}_t{threads}_{mode}.json" if folder is not None else None
+    key = (batch_size, threads, mode, str(path))
+    with _TABLES_LOCK:
+        table = _TABLES.setdefault(graph, {}).get(key)
+    if table is None:
+        table = LatencyTable(model, input_shape, batch_size, threads, mode=mode, path=path)
+        with _TABLES_LOCK:
+            table = _TABLES[graph].setdefault(key, table)
+    return table
+
+
+def policy_latency(
+    model: nn.Module,
+    policy: Policy,
+    input_shape: Sequence[int],
+    batch_size: int = 1,
+    threads: int = 1,
+    mode: str = "torchscript",
+) -> float | None:
+    """Predicted latency (ms) of ``policy`` applied to ``model`` at ``batch_size``; None when not predictable."""
+    return latency_table(model, input_shape, batch_size, threads, mode).predict(model, policy)
