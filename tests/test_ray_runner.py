@@ -30,7 +30,7 @@ from search.study import load_study
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _write_study(tmp: Path, name: str, *, n_trials: int = 4, workers: int = 2) -> Path:
+def _write_study(tmp: Path, name: str, *, n_trials: int = 4, workers: int = 2, constraint: str = "") -> Path:
     """A tiny study: untrained SmallCNN checkpoint (instant), digits, proxy, MACs <= 50 %, seeds 0.0 and 0.6."""
     ckpt = tmp / "smallcnn.pt"
     if not ckpt.exists():
@@ -55,6 +55,7 @@ dataset = "digits"
 
 [constraint]
 max_macs_ratio = 0.5
+{constraint}
 
 [space]
 prune_rate = [0.0, 0.8]
@@ -186,6 +187,28 @@ def test_searcher_seeds_numbers_constraint_and_states(tmp_path: Path) -> None:
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED]
     assert trials[0].system_attrs.get("constraints:macs") == 123.0 and trials[0].values == [0.0]
     assert trials[1].system_attrs.get("constraints:macs") == -10.0 and trials[1].values == [0.5]
+
+
+def test_searcher_passes_macs_and_latency_constraints(tmp_path: Path) -> None:
+    """With a latency bound both violations reach Optuna, in order; one not measured (the MACs gate rejected
+    the policy first) counts as 0."""
+    from search.ray_runner import make_search_alg
+    from spaces.config import SpaceConfig
+    from spaces.space import SearchSpace
+
+    cfg = load_study(_write_study(tmp_path, "lat", constraint="max_latency_ratio = 0.7"))
+    space = SearchSpace.build(build_model("smallcnn", 10, 1), SpaceConfig(), (1, 1, 8, 8))
+    searcher = make_search_alg(cfg, space, [], workers=1).searcher.searcher
+    searcher.set_search_properties(None, None, space.ray_param_space())
+    for i in range(2):
+        searcher.suggest(f"t{i}")
+    searcher.on_trial_complete("t0", {"status": "infeasible", "val_acc": 0.0, "macs_violation": 5.0})
+    searcher.on_trial_complete("t1", {"status": "ok", "val_acc": 0.4, "macs_violation": -1.0,
+                                      "latency_violation": -0.25, "latency_pred_ms": 1.0})  # fmt: skip
+    t0, t1 = searcher._ot_study.get_trials(deepcopy=False)
+    assert t0.user_attrs["constraint"] == [5.0, 0.0] and t1.user_attrs["constraint"] == [-1.0, -0.25]
+    if hasattr(t1, "constraints"):
+        assert t1.system_attrs.get("constraints:latency") == -0.25
 
 
 # ----------------------------------------------------------------------------- local Ray
