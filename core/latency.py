@@ -23,9 +23,11 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import platform
 import threading
+import time
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,11 +36,12 @@ import torch
 from torch import nn
 
 from core.apply import structure_only
+from core.budget import prunable_leaders
 from core.cost import measure_latency
 from core.errors import SlimError
 from core.graph import ModelGraph
 from core.macs import Call, MacsTable, macs_table
-from core.policy import LayerPolicy, Policy
+from core.policy import LayerPolicy, Policy, rate_for_removed
 
 __all__ = ["MODES", "LatencyTable", "latency_table", "policy_latency"]
 
@@ -96,6 +99,26 @@ class LatencyTable:
         layout = self.macs.layout(model, policy)
         return None if layout is None else self._layers(*layout)
 
+    def warm(
+        self, model: nn.Module, groups: Sequence[Sequence[str]], max_rate: float = 1.0, budget_s: float = 60.0
+    ) -> int:
+        """Time ahead every shape that pruning one group alone can give (``groups``: the layer names of each
+        prunable unit; every keep count ``max_rate`` allows), within ``budget_s`` seconds; returns how many
+        shapes were timed. A search calls it before its workers start, so most shapes are measured on a quiet
+        machine instead of beside a training worker. Shapes that depend on two groups at once (a plain chain's
+        conv between two pruned ones) and decomposed stacks are still timed when first needed."""
+        t0, before = time.perf_counter(), self.size
+        g = self.macs.graph
+        for names in groups:
+            n = g.layers[names[0]].out_channels
+            least = max(1, n - math.floor(max_rate * n + 1e-9))
+            for k in range(n - 1, least - 1, -1):
+                if time.perf_counter() - t0 > budget_s:
+                    return self.size - before
+                rate = rate_for_removed(n - k, n)
+                self.layers_ms(model, Policy({m: LayerPolicy(prune_rate=rate) for m in names}))
+        return self.size - before
+
     def measure(self, model: nn.Module) -> float:
         """Measured latency (ms) of a built model under this table's settings (for what ``predict`` cannot
         tell); comparable with ``base_ms``."""
@@ -110,12 +133,10 @@ class LatencyTable:
         """``(scale, other_ms)`` of ``latency = other_ms + scale x (sum of the layers' own times)``, fitted to the
         baseline and to the baseline with every prunable group at half its filters (measured as built).
 
-        Layers timed alone run a few percent slower or faster than inside the model (their inputs are not
-        in cache, the program around them differs), enough to bias a bound at batch 64 by ~5 %; the second
-        point takes that out where searches operate. A fit that makes no sense (a scale outside [0.5, 2] or a
-        negative rest, from timing noise) falls back to scale 1 with the rest = baseline minus its layers."""
-        from core.budget import prunable_leaders
-
+        Layers timed alone can run a few percent slower or faster than inside the model (their inputs are not
+        in cache, the program around them differs); the second point is meant to take that out where searches
+        operate. A fit that makes no sense (a scale outside [0.5, 2] or a rest below minus half the baseline,
+        from timing noise) falls back to scale 1 with the rest = baseline minus its layers (at least 0)."""
         full = self._layers({}, {})
         fallback = (1.0, max(0.0, self.base_ms - full))
         half = Policy({n: LayerPolicy(prune_rate=0.5) for n in prunable_leaders(model, self.shape)})
@@ -127,8 +148,11 @@ class LatencyTable:
         if span <= 0:
             return fallback
         scale = (self.base_ms - ref_ms) / span
+        # The rest may come out negative: each layer timed alone pays a program call that the model's single
+        # program does not (tens of microseconds at batch 1), the same number of calls for every prune-only
+        # policy.
         other = self.base_ms - scale * full
-        return (scale, other) if 0.5 <= scale <= 2.0 and other >= 0 else fallback
+        return (scale, other) if 0.5 <= scale <= 2.0 and other > -0.5 * self.base_ms else fallback
 
     def _adopt(self, stored: dict) -> None:
         """Take a stored table's baseline, calibration and entries (the first stored value of each wins)."""

@@ -11,7 +11,7 @@ import hashlib
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from core.errors import SlimError
 from search.study import StudyConfig
 
 Log = Callable[[str], None]
+LATENCY_WARM_S = 120.0  # longest a study start spends timing layer shapes ahead
 
 
 @dataclass
@@ -37,6 +38,7 @@ class StudyContext:
     space: Any  # spaces.space.SearchSpace
     baseline_path: Path | None
     baseline_sha: str
+    _latency_warmed: bool = field(default=False, init=False, repr=False)
 
     @property
     def base_macs(self) -> int:
@@ -65,9 +67,10 @@ class StudyContext:
                                      self.input_shape, max_rate=max_rate)  # fmt: skip
         return policy
 
-    def latency_info(self) -> dict[str, Any] | None:
+    def latency_info(self, log: Log | None = None) -> dict[str, Any] | None:
         """The latency bound in milliseconds and its table (None without a bound). The first call measures the
-        table, or loads the study's stored one: a corrupt or mismatched file is a ``SlimError``."""
+        table, or loads the study's stored one (a corrupt or mismatched file is a ``SlimError``), and times the
+        shapes one-group pruning gives ahead (``LatencyTable.warm``, at most ``LATENCY_WARM_S`` seconds)."""
         e = self.eval_ctx
         if e.max_latency_ratio is None:
             return None
@@ -75,6 +78,14 @@ class StudyContext:
             table = e.latency_table()
         except SlimError as err:
             raise SlimError(f"{self.cfg.path}: [constraint] max_latency_ratio: {err}") from None
+        if not self._latency_warmed:
+            self._latency_warmed = True
+            t = time.perf_counter()
+            units = [u.layers for u in self.space.units]
+            n = table.warm(self.model, units, max_rate=self.space.cfg.prune_rate[1], budget_s=LATENCY_WARM_S)
+            if n and log is not None:
+                log(f"latency table: {n} layer shapes timed in {time.perf_counter() - t:.0f} s "
+                         f"({table.size} stored)")  # fmt: skip
         return {"batch": e.latency_batch, "base_ms": table.base_ms, "max_ratio": e.max_latency_ratio,
                 "bound_ms": e.max_latency_ratio * table.base_ms, "table": str(table.path or "")}  # fmt: skip
 

@@ -744,7 +744,7 @@ def run_ray(
     if address is not None:
         check_reachable(address)  # before building anything
     sctx = build_study_context(cfg, log=log)  # validates input; pre-trains and caches the baseline if asked
-    sctx.latency_info()  # a latency bound's table: measured (or loaded) before any write or worker
+    sctx.latency_info(log)  # a latency bound's table: measured (or loaded) before any write or worker
     exp_dir = ray_experiment_dir(cfg)
     resumable = _resumable(exp_dir)
     meta = _read_meta(ray_meta_path(cfg)) if resumable else {}

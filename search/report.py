@@ -98,8 +98,10 @@ class StudyStatus:
         if self.best:
             b = self.best
             ratio = f" ({b['macs_ratio']:.1%})" if b.get("macs_ratio") is not None else ""
+            lat = (f"  latency {b['latency_pred_ms']:.2f} ms predicted ({b['latency_ratio']:.1%})"
+                   if b.get("latency_ratio") is not None else "")  # fmt: skip
             lines.append(f"best trial {b['trial']}: val_acc {b['val_acc']:.4f}  MACs {fmt_count(b['macs'])}{ratio}  "
-                         f"params {fmt_count(b['params'])}")  # fmt: skip
+                         f"params {fmt_count(b['params'])}{lat}")  # fmt: skip
         else:
             lines.append("best: no feasible completed trial yet")
         return "\n".join(lines)
@@ -117,7 +119,8 @@ def study_status(cfg: StudyConfig) -> StudyStatus:
     b = best_feasible(trials)
     best = None
     if b is not None:
-        best = {"trial": b.number, **{k: b.user_attrs.get(k) for k in ("val_acc", "macs", "macs_ratio", "params")}}
+        keys = ("val_acc", "macs", "macs_ratio", "params", "latency_pred_ms", "latency_ratio")
+        best = {"trial": b.number, **{k: b.user_attrs.get(k) for k in keys}}
     return StudyStatus(cfg.name, mask_url(cfg.study.storage), target_trials(study, cfg.study.n_trials), tl.counted,
                        tl.by_state, best, study.user_attrs.get("objectives", [o.spec for o in cfg.study.objectives]),
                        list(study.user_attrs.get("seeds_enqueued", [])))  # fmt: skip

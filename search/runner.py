@@ -846,7 +846,7 @@ def run_study(
     storage = None if sqlite_path(cfg.study.storage) else open_storage(cfg)
     check_sqlite_target(cfg)
     sctx = build_study_context(cfg, log=log)
-    sctx.latency_info()  # a latency bound's table: measured (or loaded) before any write or worker
+    sctx.latency_info(log)  # a latency bound's table: measured (or loaded) before any write or worker
     storage = storage or open_storage(cfg)
     _attach_cache(sctx, cfg)
     study = prepare_study(cfg, sctx, storage, log=log)

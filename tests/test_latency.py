@@ -83,15 +83,16 @@ def test_evbmf_ranks_are_not_predicted(fake_timing: None) -> None:
 
 
 def test_real_timing_table_is_consistent() -> None:
-    """Real timings (no numbers asserted on them): the baseline's prediction is its measurement, the rest of
-    the model is never negative, and the table is shared per model, batch and mode."""
+    """Real timings (no numbers asserted on them): the baseline's prediction is its measurement, the
+    calibration stays in its sane range, and the table is shared per model, batch and mode."""
     model = build_model("smallcnn", 10, 1).eval()
     shape = (1, 1, 8, 8)
     table = latency_table(model, shape, batch_size=2)
-    assert table.mode == "torchscript" and table.base_ms > 0 and table.other_ms >= 0
+    assert table.mode == "torchscript" and table.base_ms > 0 and table.other_ms > -0.5 * table.base_ms
+    assert 0.5 <= table.scale <= 2.0
     pred = table.predict(model, Policy())
     assert pred >= table.base_ms - 1e-9
-    if table.other_ms > 0:
+    if table.other_ms != 0:  # a calibrated table (or the uncalibrated rest above 0)
         assert pred == pytest.approx(table.base_ms)
     assert latency_table(model, shape, batch_size=2) is table
     assert latency_table(model, shape, batch_size=2, mode="eager") is not table
@@ -195,6 +196,15 @@ def test_study_with_a_latency_bound_fits_every_trial_onto_it(
     stored = json.loads((cfg.study.workdir / "latency" / "latency_b2_t1_torchscript.json").read_text())
     assert info["base_ms"] == pytest.approx(base) == pytest.approx(stored["base_ms"])
     assert info["bound_ms"] == pytest.approx(0.5 * base) and info["batch"] == 2
+    from search.report import study_status
+
+    best = max(trials, key=lambda t: (t.user_attrs["val_acc"], -t.user_attrs["macs"]))
+    line = study_status(cfg).text().splitlines()[-1]
+    assert line.startswith(f"best trial {best.number}:")
+    assert (
+        f"latency {best.user_attrs['latency_pred_ms']:.2f} ms predicted ({best.user_attrs['latency_ratio']:.1%})"
+        in line
+    )
 
 
 def test_predicted_latency_as_an_objective_reaches_the_report(
@@ -284,3 +294,20 @@ def test_a_corrupt_stored_table_stops_the_run_before_the_storage_is_written(
     assert len(err.splitlines()) == 1 and str(p) in err and "max_latency_ratio" in err
     assert f"{table}: corrupt latency table; delete it to measure again" in err
     assert not sqlite_path(cfg.study.storage).exists()
+
+
+def test_warm_times_every_one_group_shape_ahead(fake_timing: None) -> None:
+    """After ``warm`` over the prunable groups, prune-only policies of the space need no new measurement."""
+    from core.budget import prunable_leaders
+
+    model = build_model("resnet20").eval()
+    table = LatencyTable(model, R20)
+    leaders = prunable_leaders(model, R20)
+    assert table.warm(model, [[n] for n in leaders], budget_s=0.0) == 0  # out of time before the first shape
+    assert table.warm(model, [[n] for n in leaders], max_rate=0.8) > 0
+    size = table.size
+    rng = random.Random(3)
+    for _ in range(5):
+        table.predict(model, Policy({n: LayerPolicy(prune_rate=round(rng.uniform(0.0, 0.8), 2)) for n in leaders}))
+    assert table.size == size
+    assert table.warm(model, [[n] for n in leaders], max_rate=0.8) == 0
