@@ -30,8 +30,9 @@ Report = Callable[[int, float], bool]
 @dataclass
 class EvalResult:
     """Outcome of one evaluation. ``metrics``: val_acc (ok/pruned), macs, flops (= 2·MACs), params,
-    macs_ratio, params_ratio, macs_violation (macs - max_macs, when bounded), latency_pred_ms,
-    latency_ratio and latency_violation (ms over the bound; with a latency bound), latency_ms (when
+    macs_ratio, params_ratio, macs_violation (macs - max_macs, when bounded), latency_pred_ms (measured
+    where the table cannot predict), latency_ratio and latency_violation (ms over the bound; with a latency
+    bound), latency_ms (when
     measured) and the time split apply_s, cost_s, train_s, eval_s, wall_s. ``intermediate``:
     (step, val_acc) of the fine-tune's periodic evaluations. ``cached``: served from the cache."""
 
@@ -175,7 +176,7 @@ def _run(
     verdict = _gate(ctx, count_cost(model, ctx.input_shape), metrics)
     if not verdict and ctx.max_latency_ratio is not None and lat_ms is None:
         # Not predictable (EVBMF ranks): measure the built model under the table's settings.
-        verdict = _latency_gate(ctx, ctx.latency_table().measure(model), metrics)
+        verdict = _latency_gate(ctx, ctx.latency_table().measure(model), metrics, "measured")
     if verdict:
         metrics["cost_s"] += time.perf_counter() - t
         return "infeasible", verdict
@@ -225,15 +226,16 @@ def _run(
     return status, reason
 
 
-def _latency_gate(ctx: EvalContext, ms: float, metrics: dict[str, float]) -> str:
-    """Record the latency metrics; return why ``ms`` breaks the latency bound ("" when it does not)."""
+def _latency_gate(ctx: EvalContext, ms: float, metrics: dict[str, float], how: str = "predicted") -> str:
+    """Record the latency metrics; return why ``ms`` (``how``: predicted or measured) breaks the latency bound
+    ("" when it does not)."""
     base = ctx.latency_table().base_ms
     bound = float(ctx.max_latency_ratio) * base  # type: ignore[arg-type]
     metrics.update(latency_pred_ms=ms, latency_ratio=ms / base, latency_violation=ms - bound)
     if ms <= bound:
         return ""
     return (
-        f"predicted latency {ms:.2f} ms exceeds the bound {bound:.2f} ms ({ms / base:.1%} of the baseline's "
+        f"{how} latency {ms:.2f} ms exceeds the bound {bound:.2f} ms ({ms / base:.1%} of the baseline's "
         f"{base:.2f} ms at batch {ctx.latency_batch})"
     )
 
