@@ -83,8 +83,10 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         tables[b] = LatencyTable(model, SHAPE, batch_size=b, threads=args.threads)
         build_s[b] = time.perf_counter() - t
         log(f"{name} b{b}: table built in {build_s[b]:.1f} s (baseline {tables[b].base_ms:.2f} ms)")
+    # Without calibration: the baseline minus its layers' own times, scale 1.
+    rests = {b: t.base_ms - t.layers_ms(model, Policy()) for b, t in tables.items()}  # type: ignore[operator]
     predicted: dict[int, list[float]] = {b: [] for b in batches}
-    uncalibrated: dict[int, list[float]] = {b: [] for b in batches}  # scale 1, rest = baseline - its layers
+    uncalibrated: dict[int, list[float]] = {b: [] for b in batches}
     predict_s: dict[int, list[float]] = {b: [] for b in batches}
     macs, programs = [], []
     with tempfile.TemporaryDirectory(prefix="bench-latency-") as tmp:
@@ -93,8 +95,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
                 t = time.perf_counter()
                 predicted[b].append(float(tables[b].predict(model, policy)))  # type: ignore[arg-type]
                 predict_s[b].append(time.perf_counter() - t)
-                tab = tables[b]
-                uncalibrated[b].append(tab.base_ms - tab.layers_ms(model, Policy()) + tab.layers_ms(model, policy))  # type: ignore[operator]
+                uncalibrated[b].append(rests[b] + tables[b].layers_ms(model, policy))  # type: ignore[operator]
             built = apply_policy(model, policy, input_shape=SHAPE)
             macs.append(policy_macs(model, policy, SHAPE))
             path = export_model(built, policy, Path(tmp) / str(i), formats=("torchscript",), example_input=SHAPE)

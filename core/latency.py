@@ -76,6 +76,7 @@ class LatencyTable:
         self._ops: dict[str, float] = {}
         self._lock = threading.Lock()
         self._ready = False  # nothing is stored before the baseline and the rest are known
+        self._dirty = False  # shapes timed since the last store
         self.exact = self.macs.exact
         stored = self._read()
         if stored is not None:
@@ -97,7 +98,11 @@ class LatencyTable:
     def layers_ms(self, model: nn.Module, policy: Policy) -> float | None:
         """The sum of the policy's layers' own times (ms, uncalibrated); None as for ``predict``."""
         layout = self.macs.layout(model, policy)
-        return None if layout is None else self._layers(*layout)
+        if layout is None:
+            return None
+        ms = self._layers(*layout)
+        self._flush()
+        return ms
 
     def warm(
         self, model: nn.Module, groups: Sequence[Sequence[str]], max_rate: float = 1.0, budget_s: float = 60.0
@@ -109,14 +114,17 @@ class LatencyTable:
         conv between two pruned ones) and decomposed stacks are still timed when first needed."""
         t0, before = time.perf_counter(), self.size
         g = self.macs.graph
-        for names in groups:
-            n = g.layers[names[0]].out_channels
-            least = max(1, n - math.floor(max_rate * n + 1e-9))
-            for k in range(n - 1, least - 1, -1):
-                if time.perf_counter() - t0 > budget_s:
-                    return self.size - before
-                rate = rate_for_removed(n - k, n)
-                self.layers_ms(model, Policy({m: LayerPolicy(prune_rate=rate) for m in names}))
+        one_group = (
+            Policy({m: LayerPolicy(prune_rate=rate_for_removed(n - k, n)) for m in names})
+            for names in groups
+            for n in [g.layers[names[0]].out_channels]
+            for k in range(n - 1, max(1, n - math.floor(max_rate * n + 1e-9)) - 1, -1)
+        )
+        for policy in one_group if self.exact else ():
+            if time.perf_counter() - t0 > budget_s:
+                break
+            self._layers(*self.macs.layout(model, policy))  # type: ignore[misc]
+        self._flush()
         return self.size - before
 
     def measure(self, model: nn.Module) -> float:
@@ -194,7 +202,7 @@ class LatencyTable:
                     layer = nn.Conv2d(inp, out, mod.kernel_size, mod.stride, mod.padding, mod.dilation, groups,
                                       bias=mod.bias is not None, padding_mode=mod.padding_mode)  # fmt: skip
             self._ops[key] = self._time(layer.eval(), shape)
-            self._save()
+            self._dirty = True
             return self._ops[key]
 
     def _settings(self) -> dict[str, object]:
@@ -220,6 +228,13 @@ class LatencyTable:
             raise SlimError(f"{self.path}: latency table of another model or timing settings; delete it to "
                             f"measure again")  # fmt: skip
         return data
+
+    def _flush(self) -> None:
+        """Store the shapes timed since the last store (once per prediction or warm-up, not per shape)."""
+        with self._lock:
+            if self._dirty:
+                self._save()
+                self._dirty = False
 
     def _save(self) -> None:
         """Merge with the stored table (an entry already stored wins, so every process sharing the file

@@ -155,9 +155,10 @@ def _run(
     over = over and policy_macs(ctx.model, policy, ctx.input_shape) > ctx.max_macs
     slow = ""
     lat_ms = None
-    if ctx.max_latency_ratio is not None:
-        lat_ms = ctx.latency_table().predict(ctx.model, policy)
-        slow = _latency_gate(ctx, lat_ms, metrics) if lat_ms is not None else ""
+    table = ctx.latency_table() if ctx.max_latency_ratio is not None else None
+    if table is not None:
+        lat_ms = table.predict(ctx.model, policy)
+        slow = _latency_gate(ctx, table, lat_ms, metrics) if lat_ms is not None else ""
     metrics["cost_s"] += time.perf_counter() - t
     if over or slow:
         t = time.perf_counter()
@@ -174,9 +175,9 @@ def _run(
 
     t = time.perf_counter()
     verdict = _gate(ctx, count_cost(model, ctx.input_shape), metrics)
-    if not verdict and ctx.max_latency_ratio is not None and lat_ms is None:
+    if not verdict and table is not None and lat_ms is None:
         # Not predictable (EVBMF ranks): measure the built model under the table's settings.
-        verdict = _latency_gate(ctx, ctx.latency_table().measure(model), metrics, "measured")
+        verdict = _latency_gate(ctx, table, table.measure(model), metrics, "measured")
     if verdict:
         metrics["cost_s"] += time.perf_counter() - t
         return "infeasible", verdict
@@ -226,10 +227,10 @@ def _run(
     return status, reason
 
 
-def _latency_gate(ctx: EvalContext, ms: float, metrics: dict[str, float], how: str = "predicted") -> str:
+def _latency_gate(ctx: EvalContext, table: Any, ms: float, metrics: dict[str, float], how: str = "predicted") -> str:
     """Record the latency metrics; return why ``ms`` (``how``: predicted or measured) breaks the latency bound
-    ("" when it does not)."""
-    base = ctx.latency_table().base_ms
+    of ``table``'s baseline ("" when it does not)."""
+    base = table.base_ms
     bound = float(ctx.max_latency_ratio) * base  # type: ignore[arg-type]
     metrics.update(latency_pred_ms=ms, latency_ratio=ms / base, latency_violation=ms - bound)
     if ms <= bound:
