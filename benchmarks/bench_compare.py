@@ -24,10 +24,13 @@ of its TorchScript export at batch 1 and 64, search wall time). Candidates:
 - references: ``baseline`` (the adapted checkpoint, no further training) and ``baseline+ft`` (the same final
   fine-tune), so "within 0.5 pt of the unpruned baseline" compares like with like.
 
-The Torch-Pruning baselines prune exactly what slimsearch may prune: ``ignored_layers`` = every conv that
-core.graph marks unprunable (the option-A shortcut's zero padding, which Torch-Pruning cannot trace, ties
-every residual-stage channel) plus the classifier, so both prune the block-inner convs. Their ratio is
-bisected on ``core.cost.count_cost`` until MACs <= budget (as close to it as the channel grid allows).
+The Torch-Pruning baselines prune what Torch-Pruning can: ``ignored_layers`` = the residual streams' convs
+(the option-A shortcut pads channels, which Torch-Pruning traces as element-wise, tying channel c of one
+stage to channel c of the next: wrong by the padding) plus the classifier, so they prune the block-inner
+convs. Every row built with our ``apply_policy`` (uniform FPGM, paper strategies, slimsearch) may also prune
+the residual streams (``core.graph`` traces the shortcut as a 1x1 conv; ``--space coupled=false`` turns that
+off for them, to compare on the block-inner convs alone). Their ratio is bisected on ``core.cost.count_cost`` until
+MACs <= budget (as close to it as the channel grid allows).
 
 Final fine-tune (every row but ``baseline``): BN recalibration on ``--bn-batches`` train batches (then the
 proxy accuracy on the val subset is recorded), ``--epochs`` of SGD (lr ``--lr`` cosine, batch 128, KD from the
@@ -104,10 +107,17 @@ Log = Callable[[str], None]
 
 
 def unprunable_modules(model: nn.Module, shape: Sequence[int] = SHAPE) -> list[nn.Module]:
-    """Torch-Pruning ``ignored_layers``: every conv core.graph marks unprunable, plus every Linear (the head)."""
+    """Torch-Pruning ``ignored_layers``: every conv core.graph marks unprunable or prunes through a channel map
+    (a ResNet stage's residual stream, through the option-A shortcut's channel padding, which Torch-Pruning
+    traces as element-wise), plus every Linear (the head)."""
     g = model_graph(model, tuple(shape))
     mods = dict(model.named_modules())
-    return [mods[n] for n, i in g.layers.items() if not i.prunable] + [
+
+    def mapped(name: str) -> bool:
+        leader = g.layers[name].group or name
+        return any(key[0] in g.channel_maps for key in g.removal_ops({leader: [0]}))
+
+    return [mods[n] for n, i in g.layers.items() if not i.prunable or mapped(n)] + [
         m for m in model.modules() if isinstance(m, nn.Linear)
     ]
 
@@ -153,10 +163,15 @@ def tp_prune(
     return m
 
 
-def uniform_policy(model: nn.Module, rate: float, criterion: str, shape: Sequence[int] = SHAPE) -> Policy:
-    """Every prunable leader at ``rate`` (6 decimals, as JSON keeps it) with ``criterion``."""
+def uniform_policy(
+    model: nn.Module, rate: float, criterion: str, shape: Sequence[int] = SHAPE, coupled: bool = True
+) -> Policy:
+    """Every prunable leader at ``rate`` (6 decimals, as JSON keeps it) with ``criterion``; without the coupled
+    groups (residual streams) when not ``coupled``."""
     r = round(float(rate), 6)
-    return Policy({n: LayerPolicy(prune_rate=r, criterion=criterion) for n in prunable_leaders(model, shape)})
+    g = model_graph(model, tuple(shape))
+    leaders = [n for n in prunable_leaders(model, shape) if coupled or g.layers[n].group is None]
+    return Policy({n: LayerPolicy(prune_rate=r, criterion=criterion) for n in leaders})
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -249,6 +264,11 @@ class Bench:
     exports: dict[str, Any] = dataclasses.field(default_factory=dict)  # reloaded TorchScript exports, same keys
 
     @property
+    def coupled(self) -> bool:
+        """Whether our rows may prune coupled groups (residual streams): ``--space coupled=false`` says no."""
+        return bool(space_overrides(self.args.space).get("coupled", True))
+
+    @property
     def device(self) -> torch.device:
         return next(self.base.parameters()).device
 
@@ -329,10 +349,10 @@ def run_baseline(b: Bench, kind: str, max_macs: float) -> tuple[dict, nn.Module,
     if kind == "fpgm":
 
         def macs_fpgm(r: float) -> float:
-            return policy_macs(b.base, uniform_policy(b.base, r, "fpgm"), SHAPE)
+            return policy_macs(b.base, uniform_policy(b.base, r, "fpgm", coupled=b.coupled), SHAPE)
 
         r, macs = bisect_budget(macs_fpgm, max_macs, iters=b.args.bisect_iters)
-        policy: Policy | None = uniform_policy(b.base, r, "fpgm")
+        policy: Policy | None = uniform_policy(b.base, r, "fpgm", coupled=b.coupled)
         model = apply_policy(b.base, policy, input_shape=SHAPE)
         setting = f"rate {r:.4f} everywhere"
     else:
@@ -602,9 +622,12 @@ def run_budget(b: Bench, frac: float, natives: dict[str, dict], cands: list[str]
     seeds: list[tuple[str, Policy]] = []
     if "uniform" in _list(a.study_seeds):
         for crit in ("l1", "fpgm"):
-            r, _ = bisect_budget(lambda x, c=crit: policy_macs(b.base, uniform_policy(b.base, x, c), SHAPE), max_macs,
-                                 iters=a.bisect_iters)  # fmt: skip
-            seeds.append((f"uniform {crit} {r:.3f}", uniform_policy(b.base, r, crit)))
+
+            def macs_uniform(x: float, c: str = crit) -> float:
+                return policy_macs(b.base, uniform_policy(b.base, x, c, coupled=b.coupled), SHAPE)
+
+            r, _ = bisect_budget(macs_uniform, max_macs, iters=a.bisect_iters)
+            seeds.append((f"uniform {crit} {r:.3f}", uniform_policy(b.base, r, crit, coupled=b.coupled)))
     for name, native in natives.items():
         log(f"  {name}")
         try:

@@ -8,10 +8,15 @@ channels must go with its filters (BN entries, consumers' input channels, residu
   out channels are joined (residual adds, depthwise followers) form one *coupled group*: they share
   one rate and one kept-index set, chosen on the group's *leader* (first member in module order).
   The group is named after its leader.
+- Modules that move channels without weights can take part as a ``ChannelMap`` (the CIFAR ResNets'
+  option-A shortcut, ``core.models.OptionAShortcut``): the graph is traced on a copy where each is replaced
+  by its equivalent 1x1 conv (``as_conv``), so the residual streams before and after it are separate
+  groups, both prunable; pruning replays the conv's in/out channel removals as ``remove_channels`` on the
+  real module. Not a conv layer of the model: it never appears in ``layers``.
 - A group is *not prunable* when Torch-Pruning's channel tracing cannot be trusted or pruning would
-  change the model's interface: channel padding (``F.pad``; the CIFAR ResNets' option-A shortcut pads
-  zeros onto the residual stream, and Torch-Pruning traces the pad as element-wise, silently coupling
-  channel i of one stage with channel i of the next, which is wrong by ``pad`` channels), channels that
+  change the model's interface: channel padding (``F.pad`` outside a ``ChannelMap``: Torch-Pruning traces
+  the pad as element-wise, silently coupling channel i before it with channel i after it, which is wrong
+  by ``pad`` channels), channels that
   are model outputs, unwrapped ``nn.Parameter``s, non-depthwise grouped convs, or op types we do not
   vouch for. Then every member gets ``prunable=False`` and a ``reason``.
 - A conv is *decomposable* when ``groups == 1`` (CP / Tucker-2 keep the in/out channel counts).
@@ -31,6 +36,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch_pruning as tp
@@ -40,6 +46,7 @@ from torch_pruning import ops
 from core.errors import SlimError
 
 __all__ = [
+    "ChannelMap",
     "LayerInfo",
     "ModelGraph",
     "compressible_layers",
@@ -68,6 +75,20 @@ _TRUSTED = {
     ops.OPTYPE.IN,
     ops.OPTYPE.LN,
 }
+
+
+@runtime_checkable
+class ChannelMap(Protocol):
+    """A weight-free module whose output channels are some of its input channels (e.g. option-A shortcut)."""
+
+    def as_conv(self) -> nn.Conv2d:
+        """An ``nn.Conv2d`` with the same channel map and output shape, for tracing."""
+
+    def remove_channels(self, removed: list[int], out_side: bool) -> None:
+        """Remove input (``out_side=False``) or output channels ``removed``, in place."""
+
+    def mask_out_channels(self, masked: list[int]) -> None:
+        """Make output channels ``masked`` zero without changing shapes, in place."""
 
 
 @dataclass(frozen=True)
@@ -103,25 +124,29 @@ class ModelGraph:
         self.input_shape = tuple(example_input.shape)
         self.template_dtype, self.template_device = example_input.dtype, example_input.device
         template = copy.deepcopy(model).eval()
-        for p in template.parameters():
+        traced, self.channel_maps = _traceable(template)
+        for p in traced.parameters():
             p.requires_grad_(True)  # Torch-Pruning traces grad_fn; frozen weights would hide the convs
         with torch.enable_grad():
-            self.dg = tp.DependencyGraph().build_dependency(template, example_inputs=example_input, verbose=False)
+            self.dg = tp.DependencyGraph().build_dependency(traced, example_inputs=example_input, verbose=False)
+        with torch.no_grad():
             out = template(example_input)
         self.output_shape = tuple(out.shape) if isinstance(out, torch.Tensor) else None
         self.template = template
-        self._names = {m: n for n, m in template.named_modules()}
+        self._names = {m: n for n, m in traced.named_modules()}
         self._lock = threading.RLock()
         self._maps: dict[str, dict[RemovalKey, dict[int, tuple[int, ...]]] | None] = {}
-        self.convs: dict[str, nn.Conv2d] = {n: m for n, m in template.named_modules() if isinstance(m, nn.Conv2d)}
-        has_option_a = any(type(m).__name__ == "OptionAShortcut" for m in template.modules())
-        self.layers, self.groups = self._analyse(has_option_a)
+        # The traced copy's convs (what the dependency graph knows), channel maps' stand-ins excluded.
+        self.convs: dict[str, nn.Conv2d] = {
+            n: m for n, m in traced.named_modules() if isinstance(m, nn.Conv2d) and n not in self.channel_maps
+        }
+        self.layers, self.groups = self._analyse()
 
     def _group(self, conv: nn.Conv2d, idxs: Sequence[int]) -> tp.Group:
         with self._lock:
             return self.dg.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=list(idxs))
 
-    def _analyse(self, has_option_a: bool) -> tuple[dict[str, LayerInfo], dict[str, list[str]]]:
+    def _analyse(self) -> tuple[dict[str, LayerInfo], dict[str, list[str]]]:
         order = {n: i for i, n in enumerate(self.convs)}
         members: dict[str, tuple[str, ...]] = {}
         reasons: dict[str, str | None] = {}
@@ -129,7 +154,7 @@ class ModelGraph:
             if conv not in self.dg.module2node:
                 members[name], reasons[name] = (name,), "not used in the forward pass"
                 continue
-            outs, reason = self._inspect(self._group(conv, [0]), has_option_a)
+            outs, reason = self._inspect(self._group(conv, [0]))
             members[name] = tuple(sorted(set(outs) | {name}, key=order.__getitem__))
             reasons[name] = reason
         groups: dict[str, list[str]] = {}
@@ -155,7 +180,7 @@ class ModelGraph:
             )
         return layers, groups
 
-    def _inspect(self, group: tp.Group, has_option_a: bool) -> tuple[list[str], str | None]:
+    def _inspect(self, group: tp.Group) -> tuple[list[str], str | None]:
         """Convs whose OUT channels are in ``group``, and why the group must not be pruned (or None)."""
         outs: list[str] = []
         reason: str | None = None
@@ -164,13 +189,13 @@ class ModelGraph:
             kind = node.type
             module = node.module
             if isinstance(module, nn.Conv2d) and self.dg.is_out_channel_pruning_fn(dep.handler):
-                outs.append(self._names[module])
+                if self._names[module] not in self.channel_maps:
+                    outs.append(self._names[module])
             why = None
             if _pads_channels(node.grad_fn):
                 why = (
-                    "option-A residual stage (zero channel padding couples the residual stream across stages)"
-                    if has_option_a
-                    else "channel padding (F.pad) in its channel group"
+                    "channel padding (F.pad) in its channel group (an option-A shortcut can be pruned "
+                    "as core.models.OptionAShortcut, a ChannelMap)"
                 )
             elif kind in (ops.OPTYPE.SPLIT, ops.OPTYPE.UNBIND):
                 # split sizes are written in forward code, and Torch-Pruning 1.6 maps split indices wrongly
@@ -273,6 +298,18 @@ class ModelGraph:
             for key, idxs in ops.items():
                 merged.setdefault(key, set()).update(idxs)
         return {k: sorted(v) for k, v in merged.items()}
+
+
+def _traceable(template: nn.Module) -> tuple[nn.Module, frozenset[str]]:
+    """``template`` itself when it has no ``ChannelMap``, else a copy with each replaced by its ``as_conv``
+    stand-in; and the stand-ins' names."""
+    names = [n for n, m in template.named_modules() if n and isinstance(m, ChannelMap)]
+    if not names:
+        return template, frozenset()
+    traced = copy.deepcopy(template)
+    for name in names:
+        traced.set_submodule(name, traced.get_submodule(name).as_conv())
+    return traced, frozenset(names)
 
 
 def _pads_channels(grad_fn: object) -> bool:

@@ -1,8 +1,9 @@
 """Predicted CPU latency of a policy without building its model: a lookup table of measured layer times.
 
 MACs are a poor stand-in for latency on small CPUs: on the CIFAR ResNets at batch 1 a 3x3 conv's time falls
-much slower than its channel count, the residual stream's elementwise ops do not shrink at all, and a
-Tucker-2 stack's two extra 1x1 convs are memory-bound (``benchmarks/README.md``). So a search that must
+much slower than its channel count, the residual stream's elementwise ops shrink only where the stream itself
+is pruned (they are part of ``other_ms`` and ``scale`` below, fitted with every group, streams included, at half
+width), and a Tucker-2 stack's two extra 1x1 convs are memory-bound (``benchmarks/README.md``). So a search that must
 deliver a latency gets a bound on latency itself, predicted the way NetAdapt and AMC do it: every conv/linear
 call of the architecture is timed alone at the shape the policy leaves it (``core.macs``'s table says which:
 channels removed per layer, decomposed layers), memoised per shape. A policy's prediction is

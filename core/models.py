@@ -19,18 +19,73 @@ from core.errors import SlimError
 
 
 class OptionAShortcut(nn.Module):
-    """Parameter-free downsampling shortcut: stride-2 subsampling plus zero channel padding.
+    """Parameter-free downsampling shortcut: stride-2 subsampling, then input channel ``src[i]`` becomes output
+    channel ``dst[i]`` and every other output channel is zero. Built as He et al.'s option A: ``out_channels``
+    = ``in_channels`` + 2·``pad_channels``, input channel c on output channel c + ``pad_channels``.
 
-    A real module rather than the original lambda, so that the model pickles, scripts and exports.
+    A real module rather than the original lambda, so that the model pickles, scripts and exports. The channel
+    map is explicit so that pruning can remove channels on either side (the residual streams of both stages):
+    it implements ``core.graph.ChannelMap`` (``as_conv``, ``remove_channels``, ``mask_out_channels``).
+    Torch-Pruning cannot prune through the original ``F.pad``: it traces it as element-wise, which ties
+    channel c of one stage to channel c (not c + pad) of the next. The forward pads when the kept map is
+    contiguous (as built) and gathers/scatters only where pruning made it irregular.
     """
 
-    def __init__(self, pad_channels: int) -> None:
+    def __init__(self, pad_channels: int, in_channels: int) -> None:
         super().__init__()
-        self.pad_channels = pad_channels
+        src = list(range(in_channels))
+        self._set_map(src, [c + pad_channels for c in src], in_channels, in_channels + 2 * pad_channels)
+
+    def _set_map(self, src: list[int], dst: list[int], in_channels: int, out_channels: int) -> None:
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.register_buffer("src", torch.tensor(src, dtype=torch.long), persistent=False)
+        self.register_buffer("dst", torch.tensor(dst, dtype=torch.long), persistent=False)
+        self.select = src != list(range(in_channels))  # not every input channel, in order
+        first = dst[0] if dst else 0
+        self.scatter = dst != list(range(first, first + len(dst)))
+        self.pad_before, self.pad_after = first, out_channels - first - len(dst)
+
+    def pairs(self) -> list[tuple[int, int]]:
+        """(input channel, output channel) of every channel carried over."""
+        return list(zip(self.src.tolist(), self.dst.tolist(), strict=True))
+
+    def as_conv(self) -> nn.Conv2d:
+        """The same map as a 1x1 stride-2 conv with 0/1 weights (what ``core.graph`` traces in its place)."""
+        conv = nn.Conv2d(self.in_channels, self.out_channels, 1, 2, bias=False)
+        with torch.no_grad():
+            conv.weight.zero_()
+            for s, d in self.pairs():
+                conv.weight[d, s] = 1.0
+        return conv.to(self.src.device)
+
+    def remove_channels(self, removed: list[int], out_side: bool) -> None:
+        """Drop input (or output) channels ``removed`` (current indexing) and the map entries through them."""
+        gone = set(removed)
+        n = self.out_channels if out_side else self.in_channels
+        renumber = {c: i for i, c in enumerate(c for c in range(n) if c not in gone)}
+        pairs = [(s, d) for s, d in self.pairs() if (d if out_side else s) not in gone]
+        src = [s if out_side else renumber[s] for s, _ in pairs]
+        dst = [renumber[d] if out_side else d for _, d in pairs]
+        self._set_map(src, dst, self.in_channels - (0 if out_side else len(gone)),
+                      self.out_channels - (len(gone) if out_side else 0))  # fmt: skip
+
+    def mask_out_channels(self, masked: list[int]) -> None:
+        """Output channels ``masked`` become zero (the shapes stay): what removing them leaves of the rest."""
+        gone = set(masked)
+        pairs = [(s, d) for s, d in self.pairs() if d not in gone]
+        self._set_map([s for s, _ in pairs], [d for _, d in pairs], self.in_channels, self.out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.pad_channels
-        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, p, p), "constant", 0.0)
+        y = x[:, :, ::2, ::2]
+        if self.select:
+            y = y.index_select(1, self.src)
+        if self.scatter:
+            out = y.new_zeros([y.shape[0], self.out_channels, y.shape[2], y.shape[3]])
+            return out.index_copy(1, self.dst, y)
+        return F.pad(y, (0, 0, 0, 0, self.pad_before, self.pad_after), "constant", 0.0)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels} -> {self.out_channels}, {len(self.src)} channels carried"
 
 
 class BasicBlock(nn.Module):
@@ -42,7 +97,7 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_planes != planes:
-            self.shortcut = OptionAShortcut(planes // 4)
+            self.shortcut = OptionAShortcut(planes // 4, in_planes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))

@@ -97,7 +97,9 @@ def cut(model: nn.Module, plan: Plan, graph: ModelGraph, *, reference: bool = Fa
     keeps: dict[tuple, torch.Tensor] = {}  # a group's producer, BN and consumers share one kept-index tensor
     with graph._lock:  # handlers are shared pruner objects whose pruning_dim is set per call
         for (name, handler, dim), idxs in ops.items():
-            if reference or not _fast_cut(modules[name], handler, idxs, keeps):
+            if name in graph.channel_maps:  # traced as a conv stand-in; the real module remaps itself
+                modules[name].remove_channels(idxs, out_side=bool(graph.dg.is_out_channel_pruning_fn(handler)))
+            elif reference or not _fast_cut(modules[name], handler, idxs, keeps):
                 handler.__self__.pruning_dim = dim  # as torch_pruning's Dependency.__call__ does
                 handler(modules[name], idxs)
     return model
@@ -187,6 +189,9 @@ def masked_model_inplace(
         if not graph.dg.is_out_channel_pruning_fn(handler):
             continue  # consumers' input channels stay: they now read zeros
         m = modules[name]
+        if name in graph.channel_maps:
+            m.mask_out_channels(idxs)  # what it would carry into removed channels: zeros instead
+            continue
         index = torch.as_tensor(idxs, dtype=torch.long)
         for attr in ("weight", "bias", "running_mean"):
             t = getattr(m, attr, None)

@@ -20,7 +20,9 @@ class SpaceConfig:
     """Ranges and choices of the per-layer search space.
 
     ``include``/``exclude`` are fnmatch patterns on conv layer names; ``monotone`` makes prune
-    rates non-decreasing with depth; ``rate_step`` quantises rates (e.g. 0.05).
+    rates non-decreasing with depth; ``rate_step`` quantises rates (e.g. 0.05). ``coupled = false`` keeps
+    coupled groups (convs whose outputs are tied, e.g. a ResNet stage's residual stream) at full width
+    (their layers may still be decomposed); by default each is pruned as one unit.
     """
 
     prune_rate: tuple[float, float] = (0.0, 0.8)
@@ -31,6 +33,7 @@ class SpaceConfig:
     exclude: tuple[str, ...] = ()
     monotone: bool = False
     rate_step: float | None = None
+    coupled: bool = True
 
     def __post_init__(self) -> None:
         self.check()
@@ -51,8 +54,9 @@ class SpaceConfig:
                 raise SlimError(f"{where} {key}: expected a list of non-empty fnmatch patterns, got {val!r}")
         if not self.include:
             raise SlimError(f'{where} include: needs at least one pattern (use ["*"] for every layer)')
-        if not isinstance(self.monotone, bool):
-            raise SlimError(f"{where} monotone: expected true or false, got {self.monotone!r}")
+        for key in ("monotone", "coupled"):
+            if not isinstance(getattr(self, key), bool):
+                raise SlimError(f"{where} {key}: expected true or false, got {getattr(self, key)!r}")
         if self.rate_step is not None:
             step = self.rate_step
             if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0.0 < step < 1.0:

@@ -5,7 +5,8 @@ Parameters (names are ``<unit>.<what>``):
 - ``<unit>.rate`` (float): prune rate of a *prune unit* — one prunable layer, or a whole coupled
   group (``LayerInfo.group``: layers whose output channels are tied, e.g. by residual adds), named
   after the group, so coupled layers share ONE rate (and one ``criterion``). A group is in the space
-  only when every prunable member is selected by include/exclude, since pruning it touches them all.
+  only when every prunable member is selected by include/exclude, since pruning it touches them all,
+  and ``coupled`` is true (the default).
 - ``<unit>.criterion`` (categorical): which filters stay; only when ``criteria`` has several values.
 - ``<layer>.dec`` (categorical): none | cp | tucker for decomposable layers; CP is not offered for
   1×1 convs (it saves nothing there). Only when the layer has more than one choice.
@@ -141,7 +142,10 @@ class SearchSpace:
 
         members: dict[str, list[Any]] = {}
         for info in infos:
-            if info.prunable:
+            if info.prunable and info.group is not None and not cfg.coupled:
+                if info.name in selected:
+                    skipped[info.name] = f"not pruned: in coupled group {info.group!r} ([space] coupled = false)"
+            elif info.prunable:
                 key = info.name if info.group is None else _group_key(info.group)
                 members.setdefault(key, []).append(info)
         units: list[PruneUnit] = []

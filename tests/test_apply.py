@@ -18,6 +18,7 @@ from core.errors import SlimError
 from core.graph import compressible_layers
 from core.models import build_model
 from core.policy import LayerPolicy, Policy
+from tests.nets import PadNet
 from tests.test_prune import randomize_bn
 
 SMALL_DECOMP = 64 * 64  # decompose only layers with out*in <= this in random policies (tensorly is slow on big ones)
@@ -47,9 +48,12 @@ def random_policy(
 ) -> Policy:
     layers: dict[str, LayerPolicy] = {}
     n_decomposed = 0
+    shared: dict[str, tuple[float, str]] = {}  # a coupled group's members share its leader's pruning
     for li in compressible_layers(model, input_shape):
         rate = round(rng.uniform(0.0, 0.9), 3) if li.prunable and rng.random() < 0.6 else 0.0
         crit = rng.choice(["l1", "l2", "random", "fpgm"])
+        if li.group is not None:
+            rate, crit = shared.setdefault(li.group, (rate, crit))
         dec, ratio = "none", None
         if (
             li.decomposable
@@ -176,8 +180,13 @@ def test_bad_policies_raise_slim_error() -> None:
         apply_policy(resnet, Policy({"layer9.conv1": LayerPolicy(prune_rate=0.5)}))
     with pytest.raises(SlimError, match=r"prune_rate must be in \[0, 1\)"):
         apply_policy(resnet, Policy({"layer1.0.conv1": LayerPolicy(prune_rate=1.0)}))
-    with pytest.raises(SlimError, match=r"layer 'layer2\.1\.conv2' cannot be pruned: option-A residual stage"):
-        apply_policy(resnet, Policy({"layer2.1.conv2": LayerPolicy(prune_rate=0.5)}))
+    with pytest.raises(SlimError, match=r"layer 'c1' cannot be pruned: channel padding"):
+        apply_policy(PadNet(), Policy({"c1": LayerPolicy(prune_rate=0.5)}), input_shape=(1, 3, 8, 8))
+    with pytest.raises(SlimError, match=r"'layer2\.0\.conv2' and 'layer2\.1\.conv2' are coupled"):
+        apply_policy(
+            resnet,
+            Policy({n: LayerPolicy(prune_rate=r) for n, r in (("layer2.0.conv2", 0.5), ("layer2.1.conv2", 0.25))}),
+        )
     small = build_model("smallcnn")
     too_big = Policy({"features.3": LayerPolicy(prune_rate=0.5, decomposition="tucker", rank=(32, 32))})
     too_big.validate(small)  # fine against the original 32x32 kernel ...

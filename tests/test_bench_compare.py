@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks.bench_compare import project, tp_prune, uniform_policy
+from benchmarks.bench_compare import project, tp_prune, uniform_policy, unprunable_modules
 from core.budget import bisect_budget, policy_macs, prunable_leaders
 from core.cost import count_cost
 from core.errors import SlimError
@@ -28,17 +28,22 @@ def resnet20() -> nn.Module:
 
 
 def _check_tp(model: nn.Module, pruned: nn.Module, all_prunable_shrink: bool) -> None:
-    """Convs core.graph cannot prune keep their channels; prunable ones shrink; the model still runs."""
+    """The convs Torch-Pruning is told to ignore (the residual streams, which it cannot trace through the
+    option-A padding) keep their channels; the block-inner convs shrink; the model still runs."""
     graph = model_graph(model, SHAPE)
     convs = dict(pruned.named_modules())
+    ignored = {id(m) for m in unprunable_modules(model, SHAPE)}
+    named = dict(model.named_modules())
     shrunk = 0
     for name, info in graph.layers.items():
         out_c = convs[name].out_channels
-        if not info.prunable:
-            assert out_c == info.out_channels, name  # residual-stream convs untouched
+        if id(named[name]) in ignored:
+            assert info.group is not None, name  # only the residual streams' convs
+            assert out_c == info.out_channels, name
         else:
             shrunk += out_c < info.out_channels
-    n = len(prunable_leaders(model, SHAPE))
+    n = sum(info.group is None for info in graph.layers.values())
+    assert n == 9
     assert shrunk == n if all_prunable_shrink else 0 < shrunk <= n
     assert pruned(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
     assert convs["linear"].out_features == 10

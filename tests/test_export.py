@@ -90,6 +90,23 @@ def test_self_contained_formats_reload_in_a_fresh_interpreter(
         torch.testing.assert_close(load_exported(exported[fmt])(x), y, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("fmt", ["torchscript", "pt2"])
+def test_resnet_with_pruned_residual_streams_reloads_alone(fmt: str, tmp_path: Path) -> None:
+    """The option-A shortcuts of a ResNet whose residual streams are pruned gather/scatter channels; the
+    exported program still runs without slimsearch and matches, at other batch sizes too."""
+    model = randomize_bn(build_model("resnet20"))
+    policy = Policy(
+        {n: LayerPolicy(prune_rate=0.4, criterion="fpgm") for n in ("conv1", "layer2.0.conv2", "layer3.0.conv2")}
+    )
+    pruned = apply_policy(model, policy)
+    assert pruned.layer2[0].shortcut.scatter and pruned.layer3[0].shortcut.select
+    files = export_model(pruned, policy, tmp_path / "e", formats=(fmt,), example_input=(1, 3, 32, 32))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        y = pruned(x)
+    assert run_fresh(tmp_path, files[fmt], x, y) == "OK"
+
+
 def test_frozen_torchscript_folds_batchnorm_and_reloads_alone(
     base: torch.nn.Module, compressed: torch.nn.Module, tmp_path: Path
 ) -> None:

@@ -9,31 +9,32 @@ from torch import nn
 
 from core.graph import compressible_layers, coupled_groups, fingerprint
 from core.models import build_model
+from tests.nets import PadNet
 
 
 def _prunable(name: str) -> list[str]:
     return [li.name for li in compressible_layers(build_model(name)) if li.prunable]
 
 
-def test_resnet20_only_block_inner_convs_are_prunable() -> None:
+def test_resnet20_every_conv_is_prunable() -> None:
     layers = compressible_layers(build_model("resnet20"))
-    assert len(layers) == 19
-    expected = [f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3)]
-    assert [li.name for li in layers if li.prunable] == expected
-    blocked = [li for li in layers if not li.prunable]
-    assert {li.name for li in blocked} == {"conv1"} | {f"layer{s}.{b}.conv2" for s in (1, 2, 3) for b in range(3)}
-    assert all(li.reason and li.reason.startswith("option-A residual stage") for li in blocked)
-    assert all(li.decomposable for li in layers)
+    assert len(layers) == 19  # the option-A shortcuts' conv stand-ins are not layers of the model
+    assert all(li.prunable and li.reason is None and li.decomposable for li in layers)
     inner = next(li for li in layers if li.name == "layer2.0.conv1")
     assert (inner.out_channels, inner.in_channels, inner.kernel, inner.groups, inner.group) == (32, 16, (3, 3), 1, None)
 
 
-def test_resnet20_residual_stream_is_one_coupled_group() -> None:
+def test_resnet20_residual_streams_are_one_group_per_stage() -> None:
+    """The option-A shortcut separates the stages' residual streams (Torch-Pruning alone would join them)."""
     groups = coupled_groups(build_model("resnet20"))
-    assert list(groups) == ["conv1"]
-    assert groups["conv1"] == ["conv1"] + [f"layer{s}.{b}.conv2" for s in (1, 2, 3) for b in range(3)]
+    assert groups == {
+        "conv1": ["conv1"] + [f"layer1.{b}.conv2" for b in range(3)],
+        "layer2.0.conv2": [f"layer2.{b}.conv2" for b in range(3)],
+        "layer3.0.conv2": [f"layer3.{b}.conv2" for b in range(3)],
+    }
     infos = {li.name: li for li in compressible_layers(build_model("resnet20"))}
-    assert infos["layer3.2.conv2"].group == "conv1"
+    assert infos["layer3.2.conv2"].group == "layer3.0.conv2"
+    assert infos["layer3.2.conv1"].group is None
 
 
 @pytest.mark.parametrize(("name", "n_convs"), [("vgg16", 13), ("smallcnn", 4), ("alexnet", 5)])
@@ -73,20 +74,10 @@ def test_custom_graph_couplings_and_reasons() -> None:
 
 
 def test_spatial_padding_does_not_block_but_channel_padding_does() -> None:
-    class Net(nn.Module):
-        def __init__(self, channel_pad: bool) -> None:
-            super().__init__()
-            self.c1, self.c2, self.fc = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 6, 3), nn.Linear(6, 2)
-            self.pad = (0, 0, 0, 0, 1, 1) if channel_pad else (1, 1, 1, 1)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            y = F.pad(F.relu(self.c1(x)), self.pad)
-            return self.fc(self.c2(y if y.shape[1] == 4 else y[:, :4]).mean((2, 3)))
-
-    spatial = {li.name: li for li in compressible_layers(Net(False), (1, 3, 8, 8))}
+    spatial = {li.name: li for li in compressible_layers(PadNet(channel_pad=False), (1, 3, 8, 8))}
     assert spatial["c1"].prunable and spatial["c2"].prunable
-    chan = {li.name: li for li in compressible_layers(Net(True), (1, 3, 8, 8))}
-    assert not chan["c1"].prunable and chan["c1"].reason == "channel padding (F.pad) in its channel group"
+    chan = {li.name: li for li in compressible_layers(PadNet(channel_pad=True), (1, 3, 8, 8))}
+    assert not chan["c1"].prunable and chan["c1"].reason.startswith("channel padding (F.pad) in its channel group")
 
 
 def test_fingerprint_tracks_architecture_not_weights() -> None:

@@ -123,7 +123,10 @@ def test_batch_size_of_the_shape_does_not_matter() -> None:
 @pytest.mark.parametrize(
     ("policy", "match"),
     [
-        (Policy({"layer1.0.conv2": LayerPolicy(prune_rate=0.5)}), "'layer1.0.conv2' cannot be pruned"),
+        (
+            Policy({"layer1.0.conv2": LayerPolicy(prune_rate=0.5), "conv1": LayerPolicy(prune_rate=0.25)}),
+            "'conv1' and 'layer1.0.conv2' are coupled",
+        ),
         (Policy({"nope": LayerPolicy(prune_rate=0.5)}), "nope"),
         (Policy({"conv1": LayerPolicy(decomposition="cp", rank=10_000)}), "CP rank 10000"),
     ],

@@ -13,8 +13,9 @@ from core.apply import masked_model
 from core.cost import count_cost
 from core.errors import SlimError
 from core.graph import model_graph
-from core.models import build_model
+from core.models import OptionAShortcut, build_model
 from core.prune import prune_layers, resolve_plan
+from tests.nets import PadNet
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -46,7 +47,8 @@ def random_plan(model: nn.Module, names: list[str], seed: int) -> dict[str, list
 def test_pruned_model_equals_masked_original(name: str) -> None:
     model = randomize_bn(build_model(name))
     graph = model_graph(model)
-    prunable = [n for n, li in graph.layers.items() if li.prunable]
+    # one plan entry per group (ResNet: the residual stream of each stage, through the option-A shortcuts)
+    prunable = [n for n, li in graph.layers.items() if li.prunable and li.group in (None, n)]
     plan = random_plan(model, prunable, seed=1)
     pruned = prune_layers(masked := masked_model(model, {}), plan)  # prune a copy (masked_model({}) = deepcopy)
     assert pruned is masked
@@ -60,8 +62,9 @@ def test_pruned_model_equals_masked_original(name: str) -> None:
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     mods = dict(pruned.named_modules())
     for conv_name, kept in plan.items():
-        assert mods[conv_name].out_channels == len(kept)
-        assert mods[conv_name].weight.shape[0] == len(kept)
+        for member in graph.groups.get(conv_name, [conv_name]):
+            assert mods[member].out_channels == len(kept)
+            assert mods[member].weight.shape[0] == len(kept)
 
 
 def _three_conv(bias: bool) -> nn.Module:
@@ -140,8 +143,10 @@ def test_coupled_group_shares_one_kept_set_and_equals_masking() -> None:
 def test_plan_errors_name_the_layer() -> None:
     model = build_model("resnet20")
     graph = model_graph(model)
-    with pytest.raises(SlimError, match=r"'layer1\.0\.conv2' cannot be pruned: option-A residual stage"):
-        prune_layers(model, {"layer1.0.conv2": [0, 1]})
+    with pytest.raises(SlimError, match=r"'c1' cannot be pruned: channel padding"):
+        prune_layers(PadNet(), {"c1": [0, 1]}, example_input=(1, 3, 8, 8))
+    with pytest.raises(SlimError, match=r"'layer1\.0\.conv2' and 'conv1' are coupled"):
+        resolve_plan(graph, {"layer1.0.conv2": [0, 1], "conv1": [0, 2]})
     with pytest.raises(SlimError, match="'nope' is not a Conv2d"):
         resolve_plan(graph, {"nope": [0]})
     with pytest.raises(SlimError, match="keeps no filters"):
@@ -236,3 +241,46 @@ def test_fast_replay_equals_torch_pruning_handlers(make, shape, monkeypatch: pyt
             public = [{k: v for k, v in vars(m).items() if not k.startswith("_")} for m in (a, b)]
             assert public[0] == public[1], name
     assert any(fast_ops) and (not all(fast_ops)) == (make is _Coupled)  # _Coupled's depthwise conv: Torch-Pruning
+
+
+def test_option_a_shortcut_channel_map_matches_its_conv_stand_in() -> None:
+    """remove_channels on either side and mask_out_channels keep the shortcut equal to its 1x1 conv stand-in
+    (what core.graph traces) and to the unpruned shortcut's surviving channels."""
+    sc = OptionAShortcut(4, 8)  # 8 -> 16 channels, input c on output c + 4
+    x = torch.randn(2, 8, 6, 6)
+    full = sc(x)
+    assert full.shape == (2, 16, 3, 3) and not sc.select and not sc.scatter
+    torch.testing.assert_close(full, sc.as_conv()(x))
+    cut_in, cut_out = [1, 5], [0, 6, 9, 15]
+    sc.remove_channels(cut_in, out_side=False)
+    sc.remove_channels(cut_out, out_side=True)
+    keep_in = [c for c in range(8) if c not in cut_in]
+    keep_out = [c for c in range(16) if c not in cut_out]
+    y = sc(x[:, keep_in])
+    expected = full[:, keep_out].clone()
+    expected[:, [keep_out.index(c + 4) for c in cut_in if c + 4 in keep_out]] = 0.0  # fed by removed inputs
+    torch.testing.assert_close(y, expected)
+    torch.testing.assert_close(y, sc.as_conv()(x[:, keep_in]))
+    assert sc.select and sc.scatter and (sc.in_channels, sc.out_channels) == (6, 12)
+    torch.testing.assert_close(torch.jit.script(sc)(x[:, keep_in]), y)
+    masked = OptionAShortcut(4, 8)
+    masked.mask_out_channels([5, 6])
+    z = masked(x)
+    assert z.shape == full.shape and z[:, [5, 6]].abs().max() == 0
+    torch.testing.assert_close(z[:, [4, 7]], full[:, [4, 7]])
+
+
+def test_pruning_every_residual_stream_shrinks_the_shortcuts_and_the_head() -> None:
+    model = randomize_bn(build_model("resnet20"))
+    plan = {"conv1": [0, 3, 5, 9, 10, 15], "layer2.0.conv2": list(range(0, 32, 2)), "layer3.0.conv2": list(range(40))}
+    pruned = prune_layers(copy.deepcopy(model), plan)
+    assert [pruned.layer1[b].conv2.out_channels for b in range(3)] == [6, 6, 6]
+    assert (pruned.layer2[0].conv1.in_channels, pruned.layer2[0].shortcut.in_channels) == (6, 6)
+    assert (pruned.layer2[0].shortcut.out_channels, pruned.layer3[0].shortcut.out_channels) == (16, 40)
+    assert pruned.linear.in_features == 40
+    # stage-1 channel c feeds stage-2 channel c + 8, which survives when even: 0 -> 8 and 10 -> 18 (new 0 -> 4, 4 -> 9)
+    assert pruned.layer2[0].shortcut.pairs() == [(0, 4), (4, 9)]
+    assert pruned.layer3[0].shortcut.pairs() == [(j, 2 * j + 16) for j in range(12)]  # kept stage-2 j <= 22 -> j + 16
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), masked_model(model, plan)(x), atol=1e-5, rtol=1e-5)

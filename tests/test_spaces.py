@@ -105,6 +105,18 @@ def test_include_exclude(restoy: nn.Module) -> None:
         SearchSpace.build(restoy, SpaceConfig(include=("b2",)), SHAPE)  # b2 alone cannot be pruned
 
 
+def test_coupled_false_keeps_groups_whole(restoy: nn.Module) -> None:
+    space = SearchSpace.build(restoy, SpaceConfig(coupled=False, decomposition=("none", "tucker")), SHAPE)
+    assert names(space, "rate") == ["b1.rate", "pw.rate"]
+    assert "stem.dec" in names(space, "dec")  # still decomposable
+    assert "[space] coupled = false" in space.skipped["b2"]
+    resnet = SearchSpace.build(build_model("resnet20"), SpaceConfig(), (1, 3, 32, 32))
+    inner = SearchSpace.build(build_model("resnet20"), SpaceConfig(coupled=False), (1, 3, 32, 32))
+    assert (len(resnet.units), len(inner.units)) == (12, 9)  # + one residual stream per stage
+    with pytest.raises(SlimError, match=r"\[space\] coupled: expected true or false"):
+        SpaceConfig.from_dict({"coupled": "no"})
+
+
 def test_monotone_rates_non_decreasing(smallcnn: nn.Module) -> None:
     space = SearchSpace.build(smallcnn, SpaceConfig(monotone=True, prune_rate=(0.0, 0.9)), (1, 1, 8, 8))
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))

@@ -87,12 +87,16 @@ def conv_modules(model: nn.Module, layers: Iterable[str]) -> dict[str, nn.Conv2d
 
 
 def default_layers(model: nn.Module, example_input: torch.Tensor, kind: str = "prunable") -> list[str]:
-    """Names of the compressible convs of ``model`` in forward order (``kind``: prunable | decomposable)."""
+    """Names of the compressible convs of ``model`` in forward order (``kind``: prunable | decomposable).
+
+    Prunable means prunable alone: the methods prune one layer at a time, and a coupled group's members (e.g. a
+    ResNet stage's residual stream) can only be pruned together."""
     from core.graph import compressible_layers  # local: core.graph is only needed when layers are not given
 
     if kind not in ("prunable", "decomposable"):
         raise SlimError(f"layer kind must be 'prunable' or 'decomposable', got {kind!r}")
-    return [info.name for info in compressible_layers(model, example_input) if getattr(info, kind)]
+    infos = compressible_layers(model, example_input)
+    return [i.name for i in infos if getattr(i, kind) and (kind == "decomposable" or i.group is None)]
 
 
 def single_layer_policy(name: str, n: int, rate: float, criterion: str) -> Policy:
