@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks.bench_compare import project, tp_prune, uniform_policy, unprunable_modules
+from benchmarks.bench_compare import inner_leaders, project, tp_prune, uniform_policy, unprunable_modules
 from core.budget import bisect_budget, policy_macs, prunable_leaders
 from core.cost import count_cost
 from core.errors import SlimError
@@ -67,15 +67,22 @@ def test_tp_global_ignores_unprunable_layers(resnet20: nn.Module) -> None:
 
 def test_uniform_policy_covers_prunable_leaders_only(resnet20: nn.Module) -> None:
     p = uniform_policy(resnet20, 0.3333333333, "fpgm")
-    assert list(p.layers) == sorted(prunable_leaders(resnet20, SHAPE))
+    assert (
+        list(p.layers)
+        == sorted(inner_leaders(resnet20, SHAPE))
+        == [f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3)]
+    )
     assert all(lp.criterion == "fpgm" and lp.prune_rate == 0.333333 for lp in p.layers.values())
+    streams = uniform_policy(resnet20, 0.25, "l1", coupled=True)
+    assert list(streams.layers) == sorted(prunable_leaders(resnet20, SHAPE)) and "layer2.0.conv2" in streams.layers
 
 
 def test_project_fits_a_method_policy_onto_the_budget(resnet20: nn.Module) -> None:
     from types import SimpleNamespace
 
     b = SimpleNamespace(base=resnet20, args=SimpleNamespace(bisect_iters=8))
-    names = prunable_leaders(resnet20, SHAPE)
+    names = inner_leaders(resnet20, SHAPE)  # the residual streams stay whole, as for the Torch-Pruning rows
+    assert len(names) == 9 and len(prunable_leaders(resnet20, SHAPE)) == 12
     pol = Policy({names[0]: LayerPolicy(prune_rate=0.5, criterion="mask", keep=tuple(range(8)))})
     native = {"method": "ga", "policy": pol, "macs": policy_macs(resnet20, pol, SHAPE)}
     base = count_cost(resnet20, SHAPE).macs
