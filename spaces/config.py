@@ -22,7 +22,9 @@ class SpaceConfig:
     ``include``/``exclude`` are fnmatch patterns on conv layer names; ``monotone`` makes prune
     rates non-decreasing with depth; ``rate_step`` quantises rates (e.g. 0.05). ``coupled = false`` keeps
     coupled groups (convs whose outputs are tied, e.g. a ResNet stage's residual stream) at full width
-    (their layers may still be decomposed); by default each is pruned as one unit.
+    (their layers may still be decomposed); by default each is pruned as one unit, its rate drawn from
+    ``coupled_rate`` when given (a narrower range: a residual stream feeds every later block), else from
+    ``prune_rate``.
     """
 
     prune_rate: tuple[float, float] = (0.0, 0.8)
@@ -34,6 +36,7 @@ class SpaceConfig:
     monotone: bool = False
     rate_step: float | None = None
     coupled: bool = True
+    coupled_rate: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         self.check()
@@ -43,6 +46,10 @@ class SpaceConfig:
         lo, hi = _pair(self.prune_rate, f"{where} prune_rate")
         if not 0.0 <= lo <= hi < 1.0:
             raise SlimError(f"{where} prune_rate: need 0 <= low <= high < 1, got [{lo}, {hi}]")
+        if self.coupled_rate is not None:
+            lo, hi = _pair(self.coupled_rate, f"{where} coupled_rate")
+            if not 0.0 <= lo <= hi < 1.0:
+                raise SlimError(f"{where} coupled_rate: need 0 <= low <= high < 1, got [{lo}, {hi}]")
         lo, hi = _pair(self.rank_ratio, f"{where} rank_ratio")
         if not 0.0 < lo <= hi <= 1.0:
             raise SlimError(f"{where} rank_ratio: need 0 < low <= high <= 1, got [{lo}, {hi}]")
@@ -68,7 +75,7 @@ class SpaceConfig:
         known_keys(d, cls, where)
         kw: dict[str, Any] = {}
         for key, val in d.items():
-            if key in ("prune_rate", "rank_ratio"):
+            if key in ("prune_rate", "rank_ratio", "coupled_rate"):
                 kw[key] = tuple(_pair(val, f"{where} {key}"))
             elif key in ("criteria", "decomposition", "include", "exclude"):
                 kw[key] = (val,) if isinstance(val, str) else tuple(val) if isinstance(val, (list, tuple)) else val

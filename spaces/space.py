@@ -161,7 +161,8 @@ class SearchSpace:
                     if n in selected:
                         skipped[n] = f"not pruned: coupled with excluded layer {out[0]!r}"
                 continue
-            rate = _float_param(f"{key}.rate", lo, hi, layer_names, cfg.rate_step)
+            r_lo, r_hi = cfg.coupled_rate if len(layer_names) > 1 and cfg.coupled_rate is not None else (lo, hi)
+            rate = _float_param(f"{key}.rate", r_lo, r_hi, layer_names, cfg.rate_step)
             crit: str | Param = cfg.criteria[0]
             if len(cfg.criteria) > 1:
                 crit = Param(f"{key}.criterion", "categorical", None, None, tuple(cfg.criteria), layer_names)
@@ -288,12 +289,16 @@ class SearchSpace:
         return Policy(layers)
 
     def uniform_policy(self, rate: float, criterion: str = "l1") -> Policy:
-        """Every prune unit at ``rate`` with ``criterion``, nothing decomposed (a seed / baseline)."""
+        """Every prune unit at ``rate`` (at most its range's top: ``coupled_rate`` may be narrower) with
+        ``criterion``, nothing decomposed (a seed / baseline)."""
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
             raise SlimError(f"uniform policy: rate must be in [0, 1), got {rate!r}")
         LayerPolicy(criterion=criterion).check("uniform policy")
-        names = [n for u in self.units for n in u.layers]
-        return self._policy(dict.fromkeys(names, float(rate)), dict.fromkeys(names, criterion), {})
+        rates: dict[str, float] = {}
+        for u in self.units:
+            top = float(u.rate.high) if isinstance(u.rate, Param) else float(u.rate)  # type: ignore[arg-type]
+            rates.update(dict.fromkeys(u.layers, min(float(rate), top) if len(u.layers) > 1 else float(rate)))
+        return self._policy(rates, dict.fromkeys(rates, criterion), {})
 
     # ------------------------------------------------------------------ policy -> params
     def params_from_policy(self, policy: Policy, *, strict: bool = True, complete: bool = False) -> dict[str, Any]:

@@ -117,6 +117,20 @@ def test_coupled_false_keeps_groups_whole(restoy: nn.Module) -> None:
         SpaceConfig.from_dict({"coupled": "no"})
 
 
+def test_coupled_rate_narrows_the_groups_range(restoy: nn.Module) -> None:
+    space = SearchSpace.build(
+        restoy, SpaceConfig.from_dict({"prune_rate": [0.0, 0.8], "coupled_rate": [0.0, 0.25]}), SHAPE
+    )
+    rates = {p.name: (p.low, p.high) for p in space.params if p.name.endswith(".rate")}
+    assert rates == {"stem.rate": (0.0, 0.25), "b1.rate": (0.0, 0.8), "pw.rate": (0.0, 0.8)}
+    pol = space.uniform_policy(0.5)
+    assert (pol["stem"].prune_rate, pol["b2"].prune_rate, pol["b1"].prune_rate) == (0.25, 0.25, 0.5)
+    assert space.params_from_policy(pol)["stem.rate"] == 0.25
+    with pytest.raises(SlimError, match=r"coupled_rate: need 0 <= low <= high < 1"):
+        SpaceConfig.from_dict({"coupled_rate": [0.5, 0.2]})
+    assert SpaceConfig.from_dict({"coupled_rate": [0, 0.3]}).to_dict()["coupled_rate"] == [0.0, 0.3]
+
+
 def test_monotone_rates_non_decreasing(smallcnn: nn.Module) -> None:
     space = SearchSpace.build(smallcnn, SpaceConfig(monotone=True, prune_rate=(0.0, 0.9)), (1, 1, 8, 8))
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
