@@ -29,8 +29,9 @@ The Torch-Pruning baselines prune what Torch-Pruning can: ``ignored_layers`` = t
 stage to channel c of the next: wrong by the padding) plus the classifier, so they prune the block-inner
 convs. Uniform FPGM, the paper strategies' projections and the uniform seeds of the search prune the same
 block-inner convs (pruning the streams at the same rate as the rest costs them accuracy: uniform FPGM fell from
-63.5 to 54.9 % on ResNet-20 at 50 %, 17-step fine-tune); only slimsearch's search space also has the residual
-streams (``core.graph`` traces the shortcut as a 1x1 conv; ``--space coupled=false`` takes them out of it).
+63.5 to 54.9 % on ResNet-20 at 50 %, 17-step fine-tune); only slimsearch's search space may also hold the
+residual streams (``core.graph`` traces the shortcut as a 1x1 conv): ``--space coupled=true`` puts them in (the
+ResNet study files keep them out, see benchmarks/README.md).
 Their ratio is bisected on ``core.cost.count_cost`` until MACs <= budget (as close to it as the channel grid allows).
 
 Final fine-tune (every row but ``baseline``): BN recalibration on ``--bn-batches`` train batches (then the
