@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import CHECKPOINTS, adapted_dir, load_cifar, machine, shared_root  # noqa: E402
+from benchmarks.common import CHECKPOINTS, adapted_dir, load_cifar, machine, run_script, shared_root  # noqa: E402
 from core.models import build_model, load_checkpoint  # noqa: E402
 from core.train import FinetuneConfig, evaluate, finetune  # noqa: E402
 
@@ -106,4 +106,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_script(main)

@@ -21,6 +21,11 @@ of its TorchScript export at batch 1 and 64, search wall time). Candidates:
   2.5 pt at 50 % and 11 pt at 30 % on ResNet-20, where the proxy's best did not survive the final fine-tune),
   ``--n-trials`` trials, TPE, seeded with the uniform L1/FPGM policies at the budget and the (projected) paper
   policies; the best feasible trial goes to the final fine-tune. Its search time includes the paper methods' time when they seed it.
+  ``--search-seeds 0,1,2``: one search per sampler seed (one row each; the verdicts use their mean), the
+  fine-tunes keep ``--seed``, so the rows differ by the search's path only. ``--rerank K``: the K best trials
+  (distinct policies, ``search.export.top_trials``) all get the final fine-tune and the one with the best
+  accuracy on ``--held-out-images`` val images the search never saw is kept (their extra fine-tunes count as
+  search time; every candidate's test accuracy is reported, never used to choose).
 - references: ``baseline`` (the adapted checkpoint, no further training) and ``baseline+ft`` (the same final
   fine-tune), so "within 0.5 pt of the unpruned baseline" compares like with like.
 
@@ -80,17 +85,20 @@ from benchmarks.common import (  # noqa: E402
     load_cifar,
     machine,
     parse_evaluator,
+    run_script,
     shared_root,
     stratified_subset,
 )
 from core.apply import apply_policy  # noqa: E402
 from core.budget import bisect_budget, fit_macs, policy_macs, prunable_leaders  # noqa: E402
 from core.cost import count_cost, measure_latency  # noqa: E402
+from core.criteria import global_rates, group_importance  # noqa: E402
 from core.data import DataSplits, batches  # noqa: E402
 from core.errors import SlimError  # noqa: E402
 from core.export import export_model, load_exported  # noqa: E402
 from core.graph import model_graph  # noqa: E402
 from core.policy import LayerPolicy, Policy  # noqa: E402
+from core.tp_prune import pruned_rates, tp_prune  # noqa: E402
 from core.train import FinetuneConfig, finetune, recalibrate_bn  # noqa: E402
 from core.train import evaluate as accuracy  # noqa: E402
 
@@ -101,68 +109,12 @@ BASELINES = ("tp_l1", "tp_global", "fpgm")
 METHOD_CRITERION = {"abshpc": "hpc", "distfit": "distfit", "ga": "l1", "mtd": "l1"}
 LABELS = {"tp_l1": "TP uniform L1", "tp_global": "TP global (group norm)", "fpgm": "uniform FPGM",
           "abshpc": "ABSHPC", "mtd": "MTD", "ga": "GA", "distfit": "distfit", "slimsearch": "slimsearch",
-          "baseline": "baseline", "baseline+ft": "baseline+ft"}  # fmt: skip
+          "baseline": "baseline", "baseline+ft": "baseline+ft", "tp_alloc_l1": "TP global allocation, L1 filters",
+          "tp_alloc_fpgm": "TP global allocation, FPGM filters"}  # fmt: skip
 Log = Callable[[str], None]
 
 
 # ----------------------------------------------------------------------------- pure pieces (unit-tested)
-
-
-def unprunable_modules(model: nn.Module, shape: Sequence[int] = SHAPE) -> list[nn.Module]:
-    """Torch-Pruning ``ignored_layers``: every conv core.graph marks unprunable or prunes through a channel map
-    (a ResNet stage's residual stream, through the option-A shortcut's channel padding, which Torch-Pruning
-    traces as element-wise), plus every Linear (the head)."""
-    g = model_graph(model, tuple(shape))
-    mods = dict(model.named_modules())
-
-    def mapped(name: str) -> bool:
-        leader = g.layers[name].group or name
-        return any(key[0] in g.channel_maps for key in g.removal_ops({leader: [0]}))
-
-    return [mods[n] for n, i in g.layers.items() if not i.prunable or mapped(n)] + [
-        m for m in model.modules() if isinstance(m, nn.Linear)
-    ]
-
-
-def tp_prune(
-    model: nn.Module, kind: str, ratio: float, shape: Sequence[int] = SHAPE, max_ratio: float = 0.9
-) -> nn.Module:
-    """A pruned copy of ``model`` (eval mode) from Torch-Pruning's ``MetaPruner``: ``kind`` tp_l1 (uniform
-    ``ratio``, filter L1) or tp_global (global ``ratio`` of the prunable channels, group L2 norm), at most
-    ``max_ratio`` of any layer (``ratio`` above it makes Torch-Pruning skip layers). Layers core.graph cannot prune are ignored; checked: they keep their channels
-    and the output shape is unchanged."""
-    import torch_pruning as tp
-
-    if kind not in ("tp_l1", "tp_global"):
-        raise SlimError(f"unknown Torch-Pruning baseline {kind!r}; allowed: tp_l1, tp_global")
-    m = copy.deepcopy(model).eval()
-    ignored = unprunable_modules(m, shape)
-    before = {id(c): c.out_channels for c in ignored if isinstance(c, nn.Conv2d)}
-    dev = next(m.parameters()).device
-    x = torch.zeros(tuple(shape), device=dev)
-    with torch.no_grad():
-        out_shape = tuple(m(x).shape)
-    grads = [p.requires_grad for p in m.parameters()]
-    for p in m.parameters():
-        p.requires_grad_(True)  # TP traces grad_fn
-    if kind == "tp_l1":
-        imp, glob = tp.importance.MagnitudeImportance(p=1, group_reduction="first", normalizer=None), False
-    else:
-        imp, glob = tp.importance.GroupMagnitudeImportance(p=2), True
-    with torch.enable_grad():
-        pruner = tp.pruner.MetaPruner(m, x, importance=imp, pruning_ratio=float(ratio), global_pruning=glob,
-                                      ignored_layers=ignored, max_pruning_ratio=max_ratio)  # fmt: skip
-        pruner.step()
-    for p, g in zip(m.parameters(), grads, strict=True):
-        p.requires_grad_(g)
-    m.eval()
-    changed = [c for c in ignored if isinstance(c, nn.Conv2d) and c.out_channels != before[id(c)]]
-    with torch.no_grad():
-        got = tuple(m(x).shape)
-    if changed or got != out_shape:
-        raise RuntimeError(f"Torch-Pruning {kind} at {ratio}: ignored convs changed ({len(changed)}) or output "
-                           f"{got} != {out_shape}")  # fmt: skip
-    return m
 
 
 def inner_leaders(model: nn.Module, shape: Sequence[int] = SHAPE) -> list[str]:
@@ -179,6 +131,28 @@ def uniform_policy(
     r = round(float(rate), 6)
     leaders = prunable_leaders(model, shape) if coupled else inner_leaders(model, shape)
     return Policy({n: LayerPolicy(prune_rate=r, criterion=criterion) for n in leaders})
+
+
+def global_policy(b: Bench, max_macs: float) -> tuple[Policy, float]:
+    """The search's ``global`` seed (``search.seeding.global_seeds``) on the block-inner convs, its fraction
+    bisected onto the budget: TP global's allocation rule with our L2 filter choice."""
+    mods = dict(b.base.named_modules())
+    scores = {n: group_importance([mods[n].weight]) for n in inner_leaders(b.base)}
+
+    def at(f: float) -> Policy:
+        return Policy(
+            {n: LayerPolicy(prune_rate=round(r, 6), criterion="l2") for n, r in global_rates(scores, f).items()}
+        )
+
+    f, _ = bisect_budget(lambda x: policy_macs(b.base, at(x), SHAPE), max_macs, iters=b.args.bisect_iters)
+    return at(f), f
+
+
+def allocation_policy(base: nn.Module, pruned: nn.Module, criterion: str) -> Policy:
+    """``pruned``'s per-layer allocation (its block-inner convs' kept-filter counts) as a policy on ``base``
+    with our ``criterion`` choosing the filters: Torch-Pruning global's allocation, our filter choice."""
+    rates = pruned_rates(base, pruned, inner_leaders(base))
+    return Policy({n: LayerPolicy(prune_rate=round(r, 6), criterion=criterion) for n, r in rates.items()})
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -201,8 +175,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-trials", type=int, default=40, help="slimsearch trials per budget (seeds included)")
     p.add_argument("--n-startup-trials", type=int, default=10, help="TPE random startup trials")
     p.add_argument("--sampler", default="tpe", choices=("tpe", "random", "nsga2", "cmaes"))
+    p.add_argument(
+        "--search-seeds",
+        default=None,
+        metavar="S,S,...",
+        help="sampler seeds: one slimsearch search (and row) per seed, verdicts on their mean; "
+        "fine-tunes keep --seed (default: --seed)",
+    )
+    p.add_argument(
+        "--rerank",
+        type=int,
+        default=1,
+        metavar="K",
+        help="final-fine-tune the K best trials (by the search's val accuracy) and keep the one with "
+        "the best held-out val accuracy; 1 = the search's best (what `slimsearch export` "
+        "does by default; --top-k there)",
+    )
+    p.add_argument(
+        "--held-out-images",
+        type=int,
+        default=2000,
+        help="val images after the search's subset, scored after every final fine-tune (--rerank)",
+    )
     p.add_argument("--study-seeds", default="uniform,methods",
-                   help="slimsearch seeds: uniform (L1 and FPGM at the budget), methods (projected paper policies)")  # fmt: skip
+                   help="slimsearch seeds: uniform (L1 and FPGM at the budget), global (one L2 threshold "
+                        "over all layers at the budget), tp (the tp_global row's per-layer allocation with L1 "
+                        "and FPGM filters; needs tp_global among --candidates), methods (projected paper "
+                        "policies)")  # fmt: skip
     p.add_argument("--space", action="append", default=[], metavar="KEY=VALUE",
                    help="override a [space] key of the study file (TOML value), e.g. --space \"decomposition=['none']\"")  # fmt: skip
     p.add_argument("--latency-bound", type=float, default=None, metavar="RATIO",
@@ -247,6 +246,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def search_seeds(a: argparse.Namespace) -> list[int]:
+    """``--search-seeds`` as ints (default: ``--seed``)."""
+    if a.search_seeds is None:
+        return [a.seed]
+    try:
+        return [int(x) for x in _list(a.search_seeds)]
+    except ValueError:
+        raise SystemExit(f"--search-seeds: expected integers, got {a.search_seeds!r}") from None
+
+
 def _list(s: str) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
 
@@ -262,6 +271,7 @@ class Bench:
     args: argparse.Namespace
     base: nn.Module
     splits: DataSplits  # train, val subset (proxy), test subset
+    held_out: Any  # val images the searches never see (--rerank chooses on them); None when empty
     base_macs: int
     base_params: int
     base_ts: Any  # the baseline's TorchScript export, reloaded
@@ -330,10 +340,13 @@ def finish(b: Bench, model: nn.Module, policy: Policy | None, key: str) -> dict[
     t = time.perf_counter()
     test = accuracy(model, b.splits.test)
     test_s = time.perf_counter() - t
+    t = time.perf_counter()
+    held = accuracy(model, b.held_out) if b.held_out is not None else None
+    held_s = time.perf_counter() - t
     cost = count_cost(model, SHAPE)
     b.exports[key] = export_reload(model, policy, b.tmp / f"export-{len(b.done)}", a.latency_format)
     row = {"test_acc": test, "proxy_val_acc": proxy, "finetune_steps": res.steps, "finetune_s": ft_s,
-           "test_s": test_s, "macs": cost.macs, "params": cost.params, "macs_pct": 100.0 * cost.macs / b.base_macs,
+           "test_s": test_s, "held_out_val_acc": held, "held_out_s": held_s, "macs": cost.macs, "params": cost.params, "macs_pct": 100.0 * cost.macs / b.base_macs,
            "params_pct": 100.0 * cost.params / b.base_params, "latency_key": key}  # fmt: skip
     b.done[key] = row
     b.log(f"    test {100 * test:.2f} % (proxy {100 * proxy:.2f}), {cost.macs / 1e6:.2f} M MACs "
@@ -360,12 +373,12 @@ def run_baseline(b: Bench, kind: str, max_macs: float) -> tuple[dict, nn.Module,
     else:
 
         def macs_tp(r: float) -> float:
-            return count_cost(tp_prune(b.base, kind, r, max_ratio=b.args.tp_max_ratio), SHAPE).macs
+            return count_cost(tp_prune(b.base, kind, r, SHAPE, max_ratio=b.args.tp_max_ratio), SHAPE).macs
 
         # Above max_pruning_ratio Torch-Pruning skips a group instead of capping it (MACs go back up), so the
         # bisection stays at or below the cap, where MACs fall monotonically with the ratio.
         r, macs = bisect_budget(macs_tp, max_macs, hi=b.args.tp_max_ratio, iters=b.args.bisect_iters)
-        policy, model = None, tp_prune(b.base, kind, r, max_ratio=b.args.tp_max_ratio)
+        policy, model = None, tp_prune(b.base, kind, r, SHAPE, max_ratio=b.args.tp_max_ratio)
         setting = f"TP pruning_ratio {r:.4f}" + (" (global)" if kind == "tp_global" else " (uniform)")
     row = {"method": kind, "kind": "baseline", "setting": setting, "ratio": r, "search_s": time.perf_counter() - t,
            "evaluator_calls": 0, "projected": False}  # fmt: skip
@@ -468,7 +481,7 @@ def latency_constraint(a: argparse.Namespace) -> dict[str, Any]:
     return {"max_latency_ratio": float(a.latency_bound), "latency_batch": int(a.latency_batch)}
 
 
-def study_config(b: Bench, max_macs: float, tag: str, seeds: list[tuple[str, Policy]]) -> Any:
+def study_config(b: Bench, max_macs: float, tag: str, seeds: list[tuple[str, Policy]], search_seed: int) -> Any:
     """A StudyConfig like studies/<model>_cifar10.toml, with the budget, the proxy and a temp storage."""
     from search.study import study_from_dict
 
@@ -478,7 +491,7 @@ def study_config(b: Bench, max_macs: float, tag: str, seeds: list[tuple[str, Pol
     raw: dict[str, Any] = {
         "study": {"name": f"compare_{b.name}_{tag}", "storage": f"sqlite:///{work}/study.db", "workdir": str(work),
                   "sampler": a.sampler, "n_trials": a.n_trials, "n_startup_trials": min(a.n_startup_trials, a.n_trials),
-                  "seed": a.seed, "pruner": "none"},
+                  "seed": search_seed, "pruner": "none"},
         "model": {"factory": b.name, "checkpoint": str(Path(a.adapted_dir) / f"{b.name}-jpeg.th")},
         "data": {"dataset": "cifar10", "root": str(Path(a.shared) / "data" / "cifar10-jpeg.tar.gz"), "val_size": 5000},
         "constraint": {"max_macs": float(max_macs)} | latency_constraint(a),
@@ -493,15 +506,19 @@ def study_config(b: Bench, max_macs: float, tag: str, seeds: list[tuple[str, Pol
     return study_from_dict(raw, REPO / "studies" / f"{b.name}_cifar10.toml")
 
 
-def run_slimsearch(b: Bench, max_macs: float, tag: str, seeds: list[tuple[str, Policy]]) -> tuple[dict, Policy]:
-    """The search machinery of ``slimsearch run`` (one worker) on the val subset; the best feasible policy."""
+def run_slimsearch(
+    b: Bench, max_macs: float, tag: str, seeds: list[tuple[str, Policy]], search_seed: int
+) -> tuple[dict, list[Any]]:
+    """The search machinery of ``slimsearch run`` (one worker) on the val subset, sampler seeded with
+    ``search_seed``; the row and the ``--rerank`` best feasible trials (``search.export.top_trials``), best first."""
     from evaluators.cache import ResultCache
     from evaluators.context import build_context
     from search.context import StudyContext
-    from search.runner import best_feasible, open_storage, prepare_study, trial_line, trial_loop
+    from search.export import top_trials
+    from search.runner import open_storage, prepare_study, trial_line, trial_loop
     from spaces.space import SearchSpace
 
-    cfg = study_config(b, max_macs, tag, seeds)
+    cfg = study_config(b, max_macs, tag, seeds, search_seed)
     t = time.perf_counter()
     ectx = build_context(b.base, b.splits, SHAPE, max_macs=max_macs, score_baseline=False, cache=ResultCache(),
                          **latency_constraint(b.args))  # fmt: skip
@@ -511,10 +528,8 @@ def run_slimsearch(b: Bench, max_macs: float, tag: str, seeds: list[tuple[str, P
     study = prepare_study(cfg, sctx, open_storage(cfg), log=lambda s: b.log(f"    {s}"))
     trial_loop(study, sctx, cfg, on_trial=lambda ft: b.log(f"    {trial_line(ft)}"))
     trials = study.get_trials(deepcopy=False)
-    best = best_feasible(trials)
-    if best is None:
-        raise RuntimeError(f"slimsearch {b.name} {tag}: no feasible trial in {len(trials)}")
-    policy = Policy.from_json(best.user_attrs["policy"])
+    ranked = top_trials(trials, max(1, b.args.rerank))
+    best = ranked[0]
     states: dict[str, int] = {}
     for tr in trials:
         st = tr.user_attrs.get("status", tr.state.name.lower())
@@ -532,8 +547,44 @@ def run_slimsearch(b: Bench, max_macs: float, tag: str, seeds: list[tuple[str, P
                       + (f", predicted latency b{b.args.latency_batch} <= {b.args.latency_bound:.3f} x"
                          if b.args.latency_bound is not None else ""),
            "best_latency_ratio_predicted": best.user_attrs.get("latency_ratio"),
-           "projected": False}  # fmt: skip
-    return row, policy
+           "search_seed": search_seed, "projected": False}  # fmt: skip
+    return row, ranked
+
+
+def rerank(b: Bench, ranked: list[Any]) -> tuple[dict, Policy]:
+    """Final-fine-tune each of ``ranked`` (best first) and keep the best on the held-out val images.
+
+    Returns the chosen one's measurements plus ``rerank`` (every candidate: search val, held-out val, test;
+    the test numbers are reported, never used to choose) and ``rerank_s`` (the extra fine-tunes and held-out
+    scoring: search time).
+    """
+    a = b.args
+    done = []
+    for tr in ranked:
+        policy = Policy.from_json(tr.user_attrs["policy"])
+        b.log(f"    rerank: trial {tr.number} (search val {100 * tr.user_attrs.get('val_acc', 0):.2f} %)")
+        fin = finish(b, apply_policy(b.base, policy, input_shape=SHAPE, seed=a.seed), policy, policy_key(policy))
+        done.append((tr, policy, fin))
+    pick = 0
+    if len(done) > 1:
+        if b.held_out is None:
+            raise SlimError("--rerank needs held-out val images (--held-out-images > 0 and val beyond --val-images)")
+        pick = max(range(len(done)), key=lambda i: (done[i][2]["held_out_val_acc"], -i))
+    info = [{"trial": tr.number, "search_val_acc": tr.user_attrs.get("val_acc"),
+             "held_out_val_acc": fin["held_out_val_acc"], "test_acc": fin["test_acc"], "macs_pct": fin["macs_pct"],
+             "chosen": i == pick} for i, (tr, _, fin) in enumerate(done)]  # fmt: skip
+    extra = sum(fin.get("held_out_s", 0.0) + (0.0 if i == pick else fin["finetune_s"])
+                for i, (_, _, fin) in enumerate(done))  # fmt: skip
+    tr, policy, fin = done[pick]
+    out = dict(
+        fin,
+        rerank=info,
+        rerank_s=extra if len(done) > 1 else 0.0,
+        best_trial=tr.number,
+        best_proxy_val_acc=tr.user_attrs.get("val_acc"),
+        search_top1_test_acc=done[0][2]["test_acc"],
+    )
+    return out, policy
 
 
 # ----------------------------------------------------------------------------- one model
@@ -562,7 +613,9 @@ def run_model(name: str, args: argparse.Namespace, splits: DataSplits, log: Log)
     sub = DataSplits(splits.train, splits.val.subset(torch.arange(n_val)), stratified_subset(splits.test, n_test))
     c0 = count_cost(base, SHAPE)
     with tempfile.TemporaryDirectory(prefix=f"compare-{name}-") as tmp:
-        b = Bench(name, args, base, sub, c0.macs, c0.params, None, log, Path(tmp))
+        n_held = max(0, min(args.held_out_images, len(splits.val) - n_val))
+        held = splits.val.subset(torch.arange(n_val, n_val + n_held)) if n_held else None
+        b = Bench(name, args, base, sub, held, c0.macs, c0.params, None, log, Path(tmp))
         b.base_ts = export_reload(base, Policy(), b.tmp / "export-base", args.latency_format)
         log(f"{name}: {c0.macs / 1e6:.2f} M MACs, {c0.params / 1e6:.3f} M params")
         refs = [{"method": "baseline", "kind": "reference",
@@ -593,7 +646,7 @@ def run_model(name: str, args: argparse.Namespace, splits: DataSplits, log: Log)
             "model": name,
             "checkpoint": f"{name}-jpeg.th (benchmarks/adapt_baselines.py, JPEG-adapted {CHECKPOINTS[name]})",
             "data": "cifar10-jpeg.tar.gz (JPEG pixels; numbers not comparable with published CIFAR-10 tables)",
-            "splits": {"train": len(sub.train.y), "val_subset": n_val, "test": n_test},
+            "splits": {"train": len(sub.train.y), "val_subset": n_val, "held_out_val": n_held, "test": n_test},
             "settings": settings,
             "latency_artefact": f"{args.latency_format} export (core.export.export_model) reloaded with core.export.load_exported;"
                                 " single thread; median of repeats, best of --lat-rounds round-robin rounds over every"
@@ -619,12 +672,24 @@ def run_budget(b: Bench, frac: float, natives: dict[str, dict], cands: list[str]
     for kind in [c for c in cands if c in BASELINES]:
         log(f"  {kind}")
         row, model, policy = run_baseline(b, kind, max_macs)
+        if kind == "tp_global" and "tp" in _list(a.study_seeds):
+            alloc = {crit: allocation_policy(b.base, model, crit) for crit in ("l1", "fpgm")}
         key = policy_key(policy) if policy is not None else f"{kind}:{row['ratio']}"
         row.update(finish(b, model, policy, key))
         if policy is not None:
             row["policy"] = policy.to_dict()
         rows.append(row)
     seeds: list[tuple[str, Policy]] = []
+    if "tp" in _list(a.study_seeds):  # main() checked that tp_global ran
+        for crit, policy in alloc.items():  # scored like any row too: our filter choice vs TP's
+            log(f"  TP global allocation, {crit} filters")
+            row = {"method": f"tp_alloc_{crit}", "kind": "seed", "search_s": 0.0, "evaluator_calls": 0,
+                   "projected": False, "policy": policy.to_dict(),
+                   "setting": f"tp_global's kept-filter counts, filters chosen by {crit}"}  # fmt: skip
+            model = apply_policy(b.base, policy, input_shape=SHAPE, seed=a.seed)
+            row.update(finish(b, model, policy, policy_key(policy)))
+            rows.append(row)
+            seeds.append((f"tp_global allocation {crit}", policy))
     if "uniform" in _list(a.study_seeds):
         for crit in ("l1", "fpgm"):
 
@@ -633,6 +698,9 @@ def run_budget(b: Bench, frac: float, natives: dict[str, dict], cands: list[str]
 
             r, _ = bisect_budget(macs_uniform, max_macs, iters=a.bisect_iters)
             seeds.append((f"uniform {crit} {r:.3f}", uniform_policy(b.base, r, crit)))
+    if "global" in _list(a.study_seeds):
+        policy, f = global_policy(b, max_macs)
+        seeds.append((f"global l2 {f:.3f}", policy))
     for name, native in natives.items():
         log(f"  {name}")
         try:
@@ -650,15 +718,18 @@ def run_budget(b: Bench, frac: float, natives: dict[str, dict], cands: list[str]
         rows.append(row)
         if "methods" in _list(a.study_seeds):
             seeds.append((f"{name}{' (projected)' if projected else ''}", policy))
-    if "slimsearch" in cands:
-        log(f"  slimsearch: {a.n_trials} trials, {len(seeds)} seeds")
-        row, policy = run_slimsearch(b, max_macs, tag, seeds)
+    for s in search_seeds(a) if "slimsearch" in cands else []:
+        log(f"  slimsearch: {a.n_trials} trials, {len(seeds)} seeds, search seed {s}")
+        row, ranked = run_slimsearch(b, max_macs, f"{tag}-s{s}", seeds, s)
         if "methods" in _list(a.study_seeds):
             row["seed_methods_s"] = sum(n["search_s"] for n in natives.values())
             row["search_s"] += row["seed_methods_s"]
+        fin, policy = rerank(b, ranked)
+        row.update(fin)
+        row["search_s"] += row["rerank_s"]
         row["policy"] = policy.to_dict()
-        model = apply_policy(b.base, policy, input_shape=SHAPE, seed=a.seed)
-        row.update(finish(b, model, policy, policy_key(policy)))
+        if len(ranked) > 1:
+            row["setting"] += f", best of the top {len(ranked)} on {len(b.held_out)} held-out val images"
         rows.append(row)
     return {"budget": frac, "max_macs": max_macs, "rows": rows}
 
@@ -668,28 +739,46 @@ def run_budget(b: Bench, frac: float, natives: dict[str, dict], cands: list[str]
 
 def verdict(res: dict, bud: dict) -> dict[str, Any]:
     """slimsearch minus the best baseline (target >= +1.0 pt); at 50 %: baseline+ft minus slimsearch (<= 0.5 pt);
-    slimsearch's export speed-up (>= 0.8)."""
-    rows = {r["method"]: r for r in bud["rows"] if "test_acc" in r}
+    slimsearch's export speed-up (>= 0.8). Several search seeds: on their mean, each seed's gap listed."""
+    done = [r for r in bud["rows"] if "test_acc" in r]
+    slim = [r for r in done if r["method"] == "slimsearch"]
+    base = [r for r in done if r["method"] in BASELINES]
     out: dict[str, Any] = {}
-    s = rows.get("slimsearch")
-    base = [r for m, r in rows.items() if m in BASELINES]
-    if s is None:
+    if not slim:
         return out
+    accs = [r["test_acc"] for r in slim]
+    acc = sum(accs) / len(accs)
+    top1 = [r.get("search_top1_test_acc", r["test_acc"]) for r in slim]
+    if len(slim) > 1:
+        out["search_seeds"] = {"n": len(slim), "seeds": [r.get("search_seed") for r in slim],
+                               "test_acc_mean": acc, "test_acc_min": min(accs), "test_acc_max": max(accs)}  # fmt: skip
+    if any(len(r.get("rerank") or []) > 1 for r in slim):
+        out["search_top1"] = {"test_acc_mean": sum(top1) / len(top1), "test_acc": top1}
+
+    def gap_to(ref: float, sign: float, target: float, **extra: Any) -> dict[str, Any]:
+        gaps = [sign * 100 * (a - ref) for a in accs]
+        gap = sum(gaps) / len(gaps)
+        g = round(gap, 9)  # a gap printed as +1.00 meets a 1.0 target
+        ok = g <= target if sign < 0 else g >= target
+        return (
+            extra
+            | {"gap_pt": gap, "target_pt": target, "met": ok}
+            | ({"per_seed_gap_pt": gaps} if len(gaps) > 1 else {})
+        )
+
     if base:
         best = max(base, key=lambda r: r["test_acc"])
-        gap = 100 * (s["test_acc"] - best["test_acc"])
-        out["vs_best_baseline"] = {"best": best["method"], "gap_pt": gap, "target_pt": 1.0, "met": gap >= 1.0}
+        out["vs_best_baseline"] = gap_to(best["test_acc"], 1.0, 1.0, best=best["method"])
         tp = [r for r in base if r["method"].startswith("tp_")]
         if tp:
             best_tp = max(tp, key=lambda r: r["test_acc"])
-            g = 100 * (s["test_acc"] - best_tp["test_acc"])
-            out["vs_best_tp"] = {"best": best_tp["method"], "gap_pt": g, "target_pt": 1.0, "met": g >= 1.0}
+            out["vs_best_tp"] = gap_to(best_tp["test_acc"], 1.0, 1.0, best=best_tp["method"])
     if abs(bud["budget"] - 0.5) < 1e-9:
         ft = next(r for r in res["references"] if r["method"] == "baseline+ft")
-        gap = 100 * (ft["test_acc"] - s["test_acc"])
-        out["vs_baseline_ft"] = {"gap_pt": gap, "target_pt": 0.5, "met": gap <= 0.5}
-    out["export_speedup"] = {"b1": s["export_speedup_b1"], "b64": s["export_speedup_b64"], "target": 0.8,
-                             "met_b1": s["export_speedup_b1"] >= 0.8, "met_b64": s["export_speedup_b64"] >= 0.8}  # fmt: skip
+        out["vs_baseline_ft"] = gap_to(ft["test_acc"], -1.0, 0.5)
+    b1 = sum(r["export_speedup_b1"] for r in slim) / len(slim)
+    b64 = sum(r["export_speedup_b64"] for r in slim) / len(slim)
+    out["export_speedup"] = {"b1": b1, "b64": b64, "target": 0.8, "met_b1": b1 >= 0.8, "met_b64": b64 >= 0.8}
     return out
 
 
@@ -699,6 +788,25 @@ def latency_note(s: dict[str, Any]) -> str:
         return ""
     return (f", and predicted latency at batch {s['latency_batch']} <= {s['latency_bound']} x the baseline's "
             f"([constraint] max_latency_ratio, core.latency)")  # fmt: skip
+
+
+def _per_seed(x: dict[str, Any]) -> str:
+    gaps = x.get("per_seed_gap_pt")
+    return f" (per seed {', '.join(f'{g:+.2f}' for g in gaps)})" if gaps else ""
+
+
+def rerank_lines(rows: list[dict]) -> list[str]:
+    """One line per slimsearch row chosen by ``--rerank``: each candidate's search / held-out val and test."""
+    out = []
+    for r in rows:
+        if len(r.get("rerank") or []) < 2:
+            continue
+        cands = "; ".join(f"{'**' if c['chosen'] else ''}trial {c['trial']}: search {100 * c['search_val_acc']:.1f}, "
+                          f"held-out {100 * c['held_out_val_acc']:.2f}, test {100 * c['test_acc']:.2f}"
+                          f"{'**' if c['chosen'] else ''}" for c in r["rerank"])  # fmt: skip
+        out.append(f"- rerank (search seed {r.get('search_seed')}, +{r['rerank_s']:.0f} s): {cands}; the search's "
+                   f"best alone: {100 * r['search_top1_test_acc']:.2f} %")  # fmt: skip
+    return out
 
 
 def _met(ok: bool) -> str:
@@ -735,13 +843,17 @@ def markdown(results: list[dict]) -> str:
                       "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
             ft_acc = next(r["test_acc"] for r in res["references"] if r["method"] == "baseline+ft")
             rows = [r for r in res["references"] + bud["rows"] if "test_acc" in r]
+            n_slim = sum(r["method"] == "slimsearch" for r in rows)
             for r in sorted(rows, key=lambda r: -r["test_acc"]):
                 proxy = f"{100 * r['proxy_val_acc']:.2f}" if "proxy_val_acc" in r else "-"
                 how = r.get("setting", "")
                 if r.get("reused"):
                     how += " (same policy as another row: result reused)"
+                label = LABELS.get(r["method"], r["method"])
+                if n_slim > 1 and r["method"] == "slimsearch":
+                    label += f" (search seed {r.get('search_seed')})"
                 lines.append(
-                    f"| {LABELS.get(r['method'], r['method'])} | {100 * r['test_acc']:.2f} | "
+                    f"| {label} | {100 * r['test_acc']:.2f} | "
                     f"{100 * (r['test_acc'] - ft_acc):+.2f} | {proxy} | {r['macs'] / 1e6:.2f} | {r['macs_pct']:.1f} | "
                     f"{r['params'] / 1e6:.3f} | {r['latency']['b1_ms']:.2f} | {r['latency']['b64_ms']:.1f} | "
                     f"{r['speedup_b1']:.2f} / {r['speedup_b64']:.2f} | {r['export_speedup_b1']:.2f} / "
@@ -752,21 +864,33 @@ def markdown(results: list[dict]) -> str:
                     lines.append(f"| {LABELS.get(r['method'], r['method'])} | failed: {r['error']} |")
             v = bud.get("verdict", {})
             lines.append("")
+            lines += rerank_lines(bud["rows"])
+            slim = "slimsearch"
+            if "search_seeds" in v:
+                x = v["search_seeds"]
+                slim = f"slimsearch (mean of {x['n']} search seeds)"
+                lines.append(f"- slimsearch over search seeds {', '.join(map(str, x['seeds']))}: mean "
+                             f"{100 * x['test_acc_mean']:.2f} %, min {100 * x['test_acc_min']:.2f}, max "
+                             f"{100 * x['test_acc_max']:.2f}")  # fmt: skip
+            if "search_top1" in v:
+                x = v["search_top1"]
+                lines.append(f"- without the rerank (each search's best trial by search val): mean "
+                             f"{100 * x['test_acc_mean']:.2f} % ({', '.join(f'{100 * a:.2f}' for a in x['test_acc'])})")  # fmt: skip
             if "vs_best_baseline" in v:
                 x = v["vs_best_baseline"]
-                lines.append(f"- slimsearch minus the best baseline ({LABELS[x['best']]}): {x['gap_pt']:+.2f} pt "
-                             f"(target >= +1.0): **{_met(x['met'])}**")  # fmt: skip
+                lines.append(f"- {slim} minus the best baseline ({LABELS[x['best']]}): {x['gap_pt']:+.2f} pt"
+                             f"{_per_seed(x)} (target >= +1.0): **{_met(x['met'])}**")  # fmt: skip
             if "vs_best_tp" in v and v["vs_best_tp"]["best"] != v.get("vs_best_baseline", {}).get("best"):
                 x = v["vs_best_tp"]
-                lines.append(f"- slimsearch minus the best Torch-Pruning baseline ({LABELS[x['best']]}): "
-                             f"{x['gap_pt']:+.2f} pt (target >= +1.0): **{_met(x['met'])}**")  # fmt: skip
+                lines.append(f"- {slim} minus the best Torch-Pruning baseline ({LABELS[x['best']]}): "
+                             f"{x['gap_pt']:+.2f} pt{_per_seed(x)} (target >= +1.0): **{_met(x['met'])}**")  # fmt: skip
             if "vs_baseline_ft" in v:
                 x = v["vs_baseline_ft"]
-                lines.append(f"- baseline+ft minus slimsearch: {x['gap_pt']:+.2f} pt (target <= 0.5): "
+                lines.append(f"- baseline+ft minus {slim}: {x['gap_pt']:+.2f} pt{_per_seed(x)} (target <= 0.5): "
                              f"**{_met(x['met'])}**")  # fmt: skip
             if "export_speedup" in v:
                 x = v["export_speedup"]
-                lines.append(f"- slimsearch export speed-up b1 {x['b1']:.2f}, b64 {x['b64']:.2f} (target >= 0.8): "
+                lines.append(f"- {slim} export speed-up b1 {x['b1']:.2f}, b64 {x['b64']:.2f} (target >= 0.8): "
                              f"**b1 {_met(x['met_b1'])}, b64 {_met(x['met_b64'])}**")  # fmt: skip
             lines.append("")
     return "\n".join(lines)
@@ -806,6 +930,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
     models = _list(args.models)
+    if "tp" in _list(args.study_seeds) and "tp_global" not in _list(args.candidates):
+        raise SystemExit("--study-seeds tp needs tp_global among --candidates (its allocation is the seed)")
     for name in models:
         if name not in CHECKPOINTS:
             raise SystemExit(f"--models: no checkpoint for {name!r}; known: {', '.join(CHECKPOINTS)}")
@@ -824,4 +950,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_script(main)

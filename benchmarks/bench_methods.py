@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import CHECKPOINTS, SHAPE, load_adapted, stratified_subset  # noqa: E402
+from benchmarks.common import CHECKPOINTS, SHAPE, load_adapted, run_script, stratified_subset  # noqa: E402
 from core.apply import apply_policy  # noqa: E402
 from core.cost import count_cost  # noqa: E402
 from core.data import DataSplits, batches, load_splits  # noqa: E402
@@ -310,4 +310,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_script(main)

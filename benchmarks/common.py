@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -17,6 +18,24 @@ from core.models import build_model, load_checkpoint
 
 CHECKPOINTS = {"resnet20": "resnet20-12fca82f.th", "resnet56": "resnet56-4bfd9763.th"}
 SHAPE = (1, 3, 32, 32)
+
+
+def run_script(main: Callable[[], int | None]) -> NoReturn:
+    """Exit with ``main()``'s code; bad input (a message given to SystemExit, or a SlimError) -> that one line
+    on stderr and exit code 2, the project's convention, instead of 1 or a traceback."""
+    from core.errors import SlimError
+
+    try:
+        code = main()
+    except SystemExit as e:
+        if not isinstance(e.code, str):
+            raise
+        print(e.code, file=sys.stderr)
+        raise SystemExit(2) from None
+    except SlimError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    raise SystemExit(code or 0)
 
 
 def shared_root() -> str:

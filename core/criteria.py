@@ -11,14 +11,14 @@ handling is left to ``torch.topk``. The plain-tensor formulas are a few lines ea
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from core.errors import SlimError
 
-__all__ = ["SELECT_CRITERIA", "importance", "norm_wasserstein", "select_filters"]
+__all__ = ["SELECT_CRITERIA", "global_rates", "group_importance", "importance", "norm_wasserstein", "select_filters"]
 
 SELECT_CRITERIA = ("l1", "l2", "fpgm", "hpc", "distfit", "random", "mask")
 _SCORED = ("l1", "l2", "fpgm", "distfit")
@@ -161,3 +161,27 @@ def norm_wasserstein(weight: Tensor, kept_idx: Sequence[int] | Tensor) -> float:
     if idx.numel() == 0:
         raise SlimError("norm_wasserstein needs at least one kept filter index")
     return float(wasserstein_distance(norms[idx].numpy(), norms.numpy()))
+
+
+def group_importance(weights: Sequence[Tensor]) -> Tensor:
+    """L2 norm per output channel over every conv of a coupled group (Torch-Pruning's group norm, p=2)."""
+    return torch.stack([_flat(w).pow(2).sum(dim=1) for w in weights]).sum(dim=0).sqrt()
+
+
+def global_rates(scores: Mapping[str, Tensor], fraction: float, max_rate: float = 0.9) -> dict[str, float]:
+    """Per-unit prune rates from ONE threshold over all units' filter scores, each divided by its unit's mean
+    (Torch-Pruning's global pruning, normalizer "mean"): the ``fraction`` of all filters least worth keeping
+    go, so layers whose filters matter less lose more. A unit loses at most ``max_rate`` of its filters."""
+    if not 0.0 <= fraction < 1.0:
+        raise SlimError(f"global pruning: fraction must be in [0, 1), got {fraction!r}")
+    normed = {k: v / v.mean().clamp_min(1e-12) for k, v in ((k, v.detach().double()) for k, v in scores.items())}
+    allv = torch.cat(list(normed.values())) if normed else torch.zeros(0)
+    n_drop = int(fraction * allv.numel())
+    if n_drop == 0:
+        return dict.fromkeys(scores, 0.0)
+    thr = allv.sort().values[n_drop - 1]
+    out = {}
+    for k, v in normed.items():
+        drop = min(int((v <= thr).sum()), int(max_rate * v.numel()))
+        out[k] = drop / v.numel()
+    return out

@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torchscript | torchscript-frozen | pt2 | state; repeat or comma-separate (default: [export] formats)")  # fmt: skip
     e.add_argument("--finetune-epochs", type=_nonneg_float, help="final fine-tune before export")
     e.add_argument("--max-macs", type=_macs, help="'best' among trials with at most these MACs (e.g. 60M)")
+    e.add_argument("--top-k", type=_positive_int, default=1, metavar="K",
+                   help="fine-tune the K best trials (needs --finetune-epochs) and export the best on val after it")  # fmt: skip
     e.add_argument("--out", type=Path, help="output folder (default: <export out>/trial-<N>)")
 
     m = sub.add_parser("method", help="run one paper method alone on the study's baseline; export its policy")
@@ -226,7 +228,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     cfg = _load(a.study)
     formats = parse_formats(a.formats) if a.formats else None
     trial = parse_trial(a.trial)
-    res = export_trial(cfg, trial, formats, a.out, a.finetune_epochs, a.max_macs, log=print)
+    res = export_trial(cfg, trial, formats, a.out, a.finetune_epochs, a.max_macs, top_k=a.top_k, log=print)
     m = res.metrics
     test = f"  test_acc {m['test_acc']:.4f} (baseline {m['base_test_acc']:.4f})" if "test_acc" in m else ""
     print(f"trial {res.trial}: val_acc {m['val_acc']:.4f}{test}  MACs {m['macs']:,} ({m['macs_ratio']:.1%})  "

@@ -68,13 +68,7 @@ def parse_trial(spec: str | int) -> str | int:
 def select_trial(trials: Sequence[FrozenTrial], spec: str | int, max_macs: float | None = None) -> FrozenTrial:
     """The trial to export; a missing, failed, pruned or too-large one is a SlimError saying why."""
     if spec == "best":
-        ok = [t for t in trials if t.state == TrialState.COMPLETE and t.user_attrs.get("status") == "ok"]
-        if max_macs is not None:
-            ok = [t for t in ok if t.user_attrs.get("macs", float("inf")) <= max_macs]
-        if not ok:
-            bound = f" with MACs <= {max_macs:,.0f}" if max_macs is not None else ""
-            raise SlimError(f"no feasible COMPLETE trial{bound} to export yet")
-        return max(ok, key=lambda t: (t.user_attrs.get("val_acc", 0.0), -t.user_attrs.get("macs", 0.0), -t.number))
+        return top_trials(trials, 1, max_macs)[0]
     by_number = {t.number: t for t in trials}
     t = by_number.get(int(spec))
     if t is None:
@@ -88,6 +82,18 @@ def select_trial(trials: Sequence[FrozenTrial], spec: str | int, max_macs: float
     if max_macs is not None and t.user_attrs.get("macs", float("inf")) > max_macs:
         raise SlimError(f"--trial {spec}: MACs {t.user_attrs.get('macs'):,.0f} exceed --max-macs {max_macs:,.0f}")
     return t
+
+
+def top_trials(trials: Sequence[FrozenTrial], k: int, max_macs: float | None = None) -> list[FrozenTrial]:
+    """The ``k`` best feasible COMPLETE trials with distinct policies (``search.runner.ranked_feasible``);
+    none at all is a SlimError."""
+    from search.runner import ranked_feasible
+
+    ok = ranked_feasible(trials, max_macs)
+    if not ok:
+        bound = f" with MACs <= {max_macs:,.0f}" if max_macs is not None else ""
+        raise SlimError(f"no feasible COMPLETE trial{bound} to export yet")
+    return ok[:k]
 
 
 def rebuild_candidate(sctx: Any, cfg: StudyConfig, policy: Any) -> torch.nn.Module:
@@ -119,12 +125,16 @@ def export_trial(
     finetune_epochs: float | None = None,
     max_macs: float | None = None,
     *,
+    top_k: int = 1,
     log: Log | None = None,
 ) -> ExportResult:
     """Export ``trial`` ("best" or a number) of ``cfg``'s study; returns the files and the metrics written.
 
     Defaults come from [export]: formats, out (``<workdir>/export``; the model goes to
     ``<out>/trial-<n>``), finetune_epochs (a final fine-tune on the train split before export).
+    ``top_k`` > 1 (with "best" and a final fine-tune): the search's val accuracy after a few steps is a noisy
+    ranking, so the ``top_k`` best trials (distinct policies) all get the final fine-tune and the one with
+    the best val accuracy after it is exported; ``metrics["top_k"]`` lists every candidate.
     """
     from core.policy import Policy
     from search.runner import load_optuna_study, open_storage, uses_ray
@@ -136,30 +146,48 @@ def export_trial(
         raise SlimError(f"--finetune-epochs must be >= 0, got {epochs}")
     if max_macs is not None and not max_macs > 0:
         raise SlimError(f"--max-macs must be > 0, got {max_macs}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise SlimError(f"--top-k must be an integer >= 1, got {top_k!r}")
+    if top_k > 1 and spec != "best":
+        raise SlimError(f"--top-k ranks the best trials: use it with --trial best, not --trial {spec}")
+    if top_k > 1 and epochs <= 0:
+        raise SlimError("--top-k chooses after the final fine-tune: give --finetune-epochs > 0 "
+                        "(or [export] finetune_epochs); without it every candidate keeps its search val accuracy")  # fmt: skip
+    picks: list[tuple[int, Any, dict[str, Any]]] = []
     if uses_ray(cfg):
-        number, policy, found = select_ray_trial(cfg, spec, max_macs)
-        want = found.pop("baseline_sha", None)
+        for n in ray_top_numbers(cfg, top_k, max_macs) if spec == "best" else [spec]:
+            picks.append(select_ray_trial(cfg, n, max_macs))
+        want = picks[0][2].pop("baseline_sha", None)
     else:
         study = load_optuna_study(cfg, open_storage(cfg, create=False))
-        ft = select_trial(study.get_trials(deepcopy=False), spec, max_macs)
-        number = ft.number
-        policy = Policy.from_json(ft.user_attrs["policy"], where=f"trial {ft.number} policy")
-        found = {k: ft.user_attrs.get(k) for k in ("status", "val_acc", "reason")}
+        trials = study.get_trials(deepcopy=False)
+        for ft in top_trials(trials, top_k, max_macs) if spec == "best" else [select_trial(trials, spec, max_macs)]:
+            policy = Policy.from_json(ft.user_attrs["policy"], where=f"trial {ft.number} policy")
+            picks.append((ft.number, policy, {k: ft.user_attrs.get(k) for k in ("status", "val_acc", "reason")}))
         want = study.user_attrs.get("slimsearch", {}).get("baseline_sha")
-    out = Path(out_dir) if out_dir is not None else cfg.export_dir / f"trial-{number}"
-    return export_policy(cfg, policy, number, found, fmts, out, epochs, want, log=log)
+    return export_policies(cfg, picks, fmts, None if out_dir is None else Path(out_dir), epochs, want, log=log)
+
+
+def ray_top_numbers(cfg: StudyConfig, k: int, max_macs: float | None = None) -> list[int]:
+    """Trial numbers of a Ray study's ``k`` best feasible trials (distinct policies), best first."""
+    from search.ray_runner import ranked_rows, ray_trials
+
+    df = ray_trials(cfg)
+    if max_macs is not None and len(df):
+        df = df[df["macs"].astype(float) <= max_macs]
+    ranked = ranked_rows(df) if len(df) else df
+    if not len(ranked):
+        bound = f" with MACs <= {max_macs:,.0f}" if max_macs is not None else ""
+        raise SlimError(f"study {cfg.name!r}: no feasible finished Ray trial{bound} to export yet")
+    return [int(n) for n in ranked["number"].head(k)]
 
 
 def select_ray_trial(cfg: StudyConfig, spec: str | int, max_macs: float | None = None) -> tuple[int, Any, dict]:
     """(number, Policy, search metrics + the study's baseline_sha) of a Ray study's trial ("best" or a number)."""
-    from search.ray_runner import best_row, ray_best_policy, ray_study_info, ray_trials
+    from search.ray_runner import ray_best_policy, ray_study_info
 
     if spec == "best" and max_macs is not None:
-        df = ray_trials(cfg)
-        row = best_row(df[df["macs"].astype(float) <= max_macs])
-        if row is None:
-            raise SlimError(f"no feasible finished trial with MACs <= {max_macs:,.0f} to export yet")
-        spec = int(row["number"])
+        spec = ray_top_numbers(cfg, 1, max_macs)[0]
     policy, m = ray_best_policy(cfg, spec)
     if max_macs is not None and float(m.get("macs", float("inf"))) > max_macs:
         raise SlimError(f"--trial {spec}: MACs {float(m['macs']):,.0f} exceed --max-macs {max_macs:,.0f}")
@@ -167,47 +195,13 @@ def select_ray_trial(cfg: StudyConfig, spec: str | int, max_macs: float | None =
     return int(m["number"]), policy, m
 
 
-def export_policy(
-    cfg: StudyConfig,
-    policy: Any,
-    number: int,
-    found: dict[str, Any],
-    fmts: Sequence[str],
-    out: Path,
-    epochs: float,
-    baseline_sha: str | None,
-    *,
-    log: Log | None = None,
-) -> ExportResult:
-    """Rebuild trial ``number``'s model from ``policy`` (as the evaluator scored it), optionally fine-tune,
-    measure and export it to ``out``. ``found``: the search's status / val_acc / reason of the trial."""
-    from core.cost import count_cost, measure_latency
-    from core.export import export_model
+def finalize(sctx: Any, cfg: StudyConfig, policy: Any, epochs: float, log: Log) -> tuple[torch.nn.Module, dict]:
+    """Trial's model as the evaluator scored it (val accuracy ``rebuilt_val_acc``), then the optional final
+    fine-tune with fresh BN statistics; ``val_acc`` after it."""
     from core.train import FinetuneConfig, evaluate, finetune, recalibrate_bn
-    from search.context import build_study_context
 
-    log = log or (lambda s: None)
-    if out.exists() and not out.is_dir():
-        raise SlimError(f"--out: {out} exists and is not a directory")
-    sctx = build_study_context(cfg, allow_pretrain=False)
-    if baseline_sha is not None and baseline_sha != sctx.baseline_sha:
-        raise SlimError(f"the baseline weights ({sctx.baseline_path}) differ from the ones the study searched on")
-
-    if found.get("status") == "infeasible":
-        log(f"note: trial {number} exceeds the study's MACs bound ({found.get('reason') or ''})")
-    search_acc = None if found.get("status") == "infeasible" else found.get("val_acc")  # Ray reports 0.0 there
-    shown = float("nan") if search_acc is None else float(search_acc)
-    log(f"trial {number}: {policy.summary()}; search val_acc {shown:.4f}")
-    t0 = time.perf_counter()
     model = rebuild_candidate(sctx, cfg, policy)
-    val_rebuilt = evaluate(model, sctx.splits.val)
-    metrics: dict[str, Any] = {
-        "study": cfg.name,
-        "trial": number,
-        "search_val_acc": search_acc,
-        "rebuilt_val_acc": val_rebuilt,
-        "evaluator": cfg.evaluator.kind,
-    }
+    metrics: dict[str, Any] = {"rebuilt_val_acc": evaluate(model, sctx.splits.val)}
     if epochs > 0:
         e = cfg.export
         log(f"fine-tuning for {epochs:g} epochs (lr {e.finetune_lr}, batch {e.finetune_batch_size}"
@@ -219,10 +213,59 @@ def export_policy(
         recalibrate_bn(model, sctx.splits.train, num_batches=20, batch_size=e.finetune_batch_size, seed=cfg.study.seed)
         model.eval()
         metrics.update(finetune_epochs=epochs, finetune_steps=res.steps, finetune_final_loss=res.final_loss)
+    metrics["val_acc"] = evaluate(model, sctx.splits.val) if epochs > 0 else metrics["rebuilt_val_acc"]
+    return model, metrics
+
+
+def export_policies(
+    cfg: StudyConfig,
+    picks: Sequence[tuple[int, Any, dict[str, Any]]],
+    fmts: Sequence[str],
+    out: Path | None,
+    epochs: float,
+    baseline_sha: str | None,
+    *,
+    log: Log | None = None,
+) -> ExportResult:
+    """Rebuild each of ``picks`` ((number, policy, the search's status / val_acc / reason), best first) as the
+    evaluator scored it, optionally fine-tune, keep the best val accuracy (the first on ties), measure it and
+    export it to ``out`` (default ``<export out>/trial-<n>``)."""
+    from core.cost import count_cost, measure_latency
+    from core.export import export_model
+    from core.train import evaluate
+    from search.context import build_study_context
+
+    log = log or (lambda s: None)
+    if out is not None and out.exists() and not out.is_dir():
+        raise SlimError(f"--out: {out} exists and is not a directory")
+    sctx = build_study_context(cfg, allow_pretrain=False)
+    if baseline_sha is not None and baseline_sha != sctx.baseline_sha:
+        raise SlimError(f"the baseline weights ({sctx.baseline_path}) differ from the ones the study searched on")
+
+    t0 = time.perf_counter()
+    best: tuple[torch.nn.Module, dict[str, Any], int, Any] | None = None
+    ranked: list[dict[str, Any]] = []
+    for number, policy, found in picks:
+        if found.get("status") == "infeasible":
+            log(f"note: trial {number} exceeds the study's MACs bound ({found.get('reason') or ''})")
+        search_acc = None if found.get("status") == "infeasible" else found.get("val_acc")  # Ray reports 0.0 there
+        shown = float("nan") if search_acc is None else float(search_acc)
+        log(f"trial {number}: {policy.summary()}; search val_acc {shown:.4f}")
+        model, m = finalize(sctx, cfg, policy, epochs, log)
+        m = {"study": cfg.name, "trial": number, "search_val_acc": search_acc} | m | {"evaluator": cfg.evaluator.kind}
+        if len(picks) > 1:
+            log(f"trial {number}: val_acc {m['val_acc']:.4f} after the fine-tune")
+            ranked.append({k: m.get(k) for k in ("trial", "search_val_acc", "rebuilt_val_acc", "val_acc")})
+        if best is None or m["val_acc"] > best[1]["val_acc"]:
+            best = (model, m, number, policy)
+    assert best is not None  # picks is never empty
+    model, metrics, number, policy = best
+    if ranked:
+        metrics["top_k"] = ranked
+        log(f"kept trial {number} of the top {len(picks)} (best val_acc after the fine-tune)")
     cost = count_cost(model, sctx.input_shape)
     base = sctx.eval_ctx.base
     metrics.update(
-        val_acc=evaluate(model, sctx.splits.val),
         macs=cost.macs, flops=cost.flops, params=cost.params,
         macs_ratio=cost.macs / base.macs, params_ratio=cost.params / base.params,
         base_macs=base.macs, base_params=base.params, base_val_acc=sctx.eval_ctx.base_val_acc,
@@ -233,5 +276,6 @@ def export_policy(
         metrics["test_acc"] = evaluate(model, sctx.splits.test)
         metrics["base_test_acc"] = evaluate(sctx.model, sctx.splits.test)
     metrics["export_s"] = time.perf_counter() - t0
+    out = out if out is not None else cfg.export_dir / f"trial-{number}"
     files = export_model(model, policy, out, fmts, example_input=sctx.input_shape, metrics=metrics)
     return ExportResult(number, out, files, metrics)

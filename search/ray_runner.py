@@ -545,13 +545,21 @@ def ray_trials(cfg: StudyConfig) -> Any:
                     f"start it with `slimsearch run {cfg.path}`")  # fmt: skip
 
 
-def best_row(df: Any) -> Any | None:
-    """The highest val_acc among feasible (status ok) trials; ties -> fewer MACs, then lower number."""
+def ranked_rows(df: Any) -> Any:
+    """Feasible (status ok) trials, best first: val_acc, then fewer MACs, then lower number; one row per
+    distinct policy (as ``search.runner.ranked_feasible`` for Optuna studies)."""
     ok = df[df["status"] == "ok"]
-    if ok.empty:
-        return None
     ok = ok.assign(_neg_macs=-ok["macs"].astype(float), _neg_n=-ok["number"].astype(int))
-    return ok.sort_values(["val_acc", "_neg_macs", "_neg_n"], ascending=False).iloc[0]
+    ok = ok.sort_values(["val_acc", "_neg_macs", "_neg_n"], ascending=False)
+    if "policy" in ok.columns:
+        ok = ok[~ok["policy"].astype(str).duplicated()]
+    return ok.drop(columns=["_neg_macs", "_neg_n"])
+
+
+def best_row(df: Any) -> Any | None:
+    """The first of ``ranked_rows`` (None when no trial is feasible)."""
+    ok = ranked_rows(df)
+    return None if ok.empty else ok.iloc[0]
 
 
 def _row_metrics(row: Any) -> dict[str, Any]:

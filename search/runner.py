@@ -715,10 +715,26 @@ def trial_line(t: FrozenTrial) -> str:
     return "  ".join(parts)
 
 
-def best_feasible(trials: Sequence[FrozenTrial]) -> FrozenTrial | None:
-    """Highest val_acc among COMPLETE trials that satisfy the MACs bound."""
+def ranked_feasible(trials: Sequence[FrozenTrial], max_macs: float | None = None) -> list[FrozenTrial]:
+    """COMPLETE trials within the study's bounds (and ``max_macs``), best first: val_acc, then fewer MACs,
+    then the earlier trial; one trial per distinct policy (cached repeats and re-drawn policies collapse)."""
     ok = [t for t in trials if t.state == TrialState.COMPLETE and t.user_attrs.get("status") == "ok"]
-    return max(ok, key=lambda t: (t.user_attrs.get("val_acc", 0.0), -t.user_attrs.get("macs", 0.0)), default=None)
+    if max_macs is not None:
+        ok = [t for t in ok if t.user_attrs.get("macs", float("inf")) <= max_macs]
+    ok.sort(key=lambda t: (-t.user_attrs.get("val_acc", 0.0), t.user_attrs.get("macs", 0.0), t.number))
+    seen: set[str] = set()
+    out = []
+    for t in ok:
+        key = t.user_attrs.get("policy", f"#{t.number}")
+        if key not in seen:
+            seen.add(key)
+            out.append(t)
+    return out
+
+
+def best_feasible(trials: Sequence[FrozenTrial]) -> FrozenTrial | None:
+    """Highest val_acc among COMPLETE trials that satisfy the study's bounds (``ranked_feasible``'s first)."""
+    return next(iter(ranked_feasible(trials)), None)
 
 
 class _Display:

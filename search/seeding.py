@@ -1,9 +1,11 @@
 """Seed strategies: policies enqueued as a study's first trials, and the paper methods run on a study.
 
 Built in: ``uniform`` (one policy per rate in ``uniform_rates``, every searched layer at that
-rate). The paper methods (abshpc, mtd, ga, distfit) register themselves from the optional
-``search.methods.seeds`` module with ``search.study.register_seed_strategy`` (that registration
-checks their [seeds] parameters at load time).
+rate), ``global`` (one threshold over all units' mean-normalised filter norms) and ``tp_global``
+(Torch-Pruning's global group-norm allocation, bisected onto the MACs bound). The paper methods
+(abshpc, mtd, ga, distfit) register themselves from the optional ``search.methods.seeds`` module
+with ``search.study.register_seed_strategy`` (that registration checks their [seeds] parameters at
+load time).
 
 ``generate_seeds`` makes a study's seed policies. It runs the four methods itself (``run_study_method``)
 so they share one ``MethodAcc``: the study's evaluator WITHOUT the MACs gate (the methods walk from
@@ -18,6 +20,7 @@ method`` uses the same pieces.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import importlib.util
 import math
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core.criteria import global_rates, group_importance
 from core.errors import SlimError
 from core.policy import CRITERIA, Policy
 from search.study import SEED_STRATEGIES, known_seed_strategies, register_seed_strategy
@@ -34,18 +38,22 @@ METHOD_STRATEGIES = ("abshpc", "mtd", "ga", "distfit")
 REJECTED = -1.0  # answer to a method's question once the evaluation budget is spent: below a0 - any tolerance
 
 
+def _fractions_ok(values: Any) -> bool:
+    """A non-empty list of plain numbers in [0, 1)."""
+    return (
+        isinstance(values, list)
+        and bool(values)
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1 for v in values)
+    )
+
+
 def _check_uniform(params: Mapping[str, Any], where: str) -> None:
     allowed = ("rates", "criterion")
     for key in params:
         if key not in allowed:
             raise SlimError(f"{where} uniform_{key}: unknown parameter; allowed: uniform_rates, uniform_criterion")
     rates = params.get("rates", [0.3, 0.5])
-    ok = (
-        isinstance(rates, list)
-        and rates
-        and all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in rates)
-    )
-    if not ok or not all(0 <= r < 1 for r in rates):
+    if not _fractions_ok(rates):
         raise SlimError(f"{where} uniform_rates: expected a non-empty list of rates in [0, 1), got {rates!r}")
     crit = params.get("criterion", "l1")
     if crit not in CRITERIA or crit == "mask":
@@ -63,6 +71,87 @@ def uniform_seeds(ctx: Any, params: Mapping[str, Any]) -> list[Any]:
     rates = params.get("rates", [0.3, 0.5])
     crit = params.get("criterion", "l1")
     return [ctx.space.uniform_policy(float(r), crit) for r in rates]
+
+
+def _check_fractions_and_criterion(
+    params: Mapping[str, Any], where: str, name: str, list_key: str, criterion: str, zero_ok: bool = True
+) -> None:
+    """[seeds] ``<name>_<list_key>`` (fractions, default [0.5]) and ``<name>_criterion`` (l1, l2, fpgm)."""
+    for key in params:
+        if key not in (list_key, "criterion"):
+            raise SlimError(f"{where} {name}_{key}: unknown parameter; allowed: {name}_{list_key}, {name}_criterion")
+    fr = params.get(list_key, [0.5])
+    if not _fractions_ok(fr) or (not zero_ok and 0 in fr):
+        span = "[0, 1)" if zero_ok else "(0, 1)"
+        raise SlimError(f"{where} {name}_{list_key}: expected a non-empty list of fractions in {span}, got {fr!r}")
+    crit = params.get("criterion", criterion)
+    if crit not in ("l1", "l2", "fpgm"):
+        raise SlimError(f"{where} {name}_criterion: {crit!r} is not one of l1, l2, fpgm")
+
+
+def _check_global(params: Mapping[str, Any], where: str) -> None:
+    _check_fractions_and_criterion(params, where, "global", "fractions", "l2")
+
+
+@register_seed_strategy("global", check=_check_global)
+def global_seeds(ctx: Any, params: Mapping[str, Any]) -> list[Any]:
+    """Torch-Pruning-style global pruning as a seed: one threshold over every searched unit's filter group
+    norms (each divided by its unit's mean, ``core.criteria.global_rates``) removes ``fractions`` of all
+    their filters; a unit's rate is the share of its filters below it, filters chosen by ``criterion``.
+    Over-budget seeds are fitted like any sample (``[constraint] fit``)."""
+    from spaces.space import Param
+
+    mods = dict(ctx.model.named_modules())
+    scores = {u.key: group_importance([mods[n].weight for n in u.layers]) for u in ctx.space.units
+              if isinstance(u.rate, Param)}  # fmt: skip
+    crit = params.get("criterion", "l2")
+    return [ctx.space.unit_policy(global_rates(scores, float(f)), crit) for f in params.get("fractions", [0.5])]
+
+
+def _check_tp_global(params: Mapping[str, Any], where: str) -> None:
+    _check_fractions_and_criterion(params, where, "tp_global", "ratios", "fpgm", zero_ok=False)
+
+
+@register_seed_strategy("tp_global", check=_check_tp_global)
+def tp_global_seeds(ctx: Any, params: Mapping[str, Any]) -> list[Any]:
+    """Torch-Pruning's global pruning (``GroupMagnitudeImportance(p=2)``: a group's norm over the conv, its
+    BatchNorm and the next conv's input slice, one threshold for all) as a seed: the kept-filter count it gives
+    each searched unit, the filters chosen by ``criterion`` (default fpgm). Without ``ratios`` and with a MACs
+    bound, TP's ratio is bisected onto the bound (the allocation a user would get from Torch-Pruning at that
+    budget); otherwise one seed per ratio, fitted like any sample. Units Torch-Pruning cannot trace (a
+    residual stream behind an option-A shortcut) stay unpruned in the seed."""
+    from torch import nn
+
+    from core.budget import bisect_budget
+    from core.cost import count_cost
+    from core.tp_prune import pruned_rates, tp_prune
+    from spaces.space import Param
+
+    units = [u for u in ctx.space.units if isinstance(u.rate, Param)]
+    if not units:
+        return []
+    searched = {n for u in units for n in u.layers}
+    mods = dict(ctx.model.named_modules())
+    ignore = [n for n, m in mods.items() if isinstance(m, nn.Conv2d) and n not in searched]
+    top = max(float(u.rate.high) for u in units)
+    crit = params.get("criterion", "fpgm")
+
+    @functools.cache  # the bisection's last ratio is pruned again for the seed
+    def prune(ratio: float) -> nn.Module:
+        return tp_prune(ctx.model, "tp_global", ratio, ctx.input_shape, max_ratio=top, ignore=ignore)
+
+    def seed(pruned: nn.Module) -> Any:
+        rates = pruned_rates(ctx.model, pruned, [u.layers[0] for u in units])
+        return ctx.space.unit_policy({u.key: rates[u.layers[0]] for u in units if u.layers[0] in rates}, crit)
+
+    bound = getattr(ctx.eval_ctx, "max_macs", None)
+    if "ratios" in params or bound is None:
+        return [seed(prune(float(r))) for r in params.get("ratios", [0.5])]
+    try:
+        ratio, _ = bisect_budget(lambda r: count_cost(prune(r), ctx.input_shape).macs, bound, hi=top, iters=10)
+    except SlimError:  # even the most pruned allocation is over the bound: fitted like any sample
+        ratio = top
+    return [seed(prune(ratio))]
 
 
 def _load_optional() -> None:

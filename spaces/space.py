@@ -300,6 +300,16 @@ class SearchSpace:
             rates.update(dict.fromkeys(u.layers, min(float(rate), top) if len(u.layers) > 1 else float(rate)))
         return self._policy(rates, dict.fromkeys(rates, criterion), {})
 
+    def unit_policy(self, rates: Mapping[str, float], criterion: str = "l1") -> Policy:
+        """Each prune unit named in ``rates`` (by key) at its rate, at most its range's top, with ``criterion``;
+        the rest unpruned, nothing decomposed (a seed)."""
+        LayerPolicy(criterion=criterion).check("unit policy")
+        out: dict[str, float] = {}
+        for u in self.units:
+            if u.key in rates and isinstance(u.rate, Param):
+                out.update(dict.fromkeys(u.layers, min(float(rates[u.key]), float(u.rate.high))))
+        return self._policy(out, dict.fromkeys(out, criterion), {})
+
     # ------------------------------------------------------------------ policy -> params
     def params_from_policy(self, policy: Policy, *, strict: bool = True, complete: bool = False) -> dict[str, Any]:
         """Policy -> parameter values, e.g. for ``study.enqueue_trial``.

@@ -10,13 +10,20 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks.bench_compare import inner_leaders, project, tp_prune, uniform_policy, unprunable_modules
+from benchmarks.bench_compare import (
+    allocation_policy,
+    inner_leaders,
+    project,
+    uniform_policy,
+)
+from core.apply import apply_policy
 from core.budget import bisect_budget, policy_macs, prunable_leaders
 from core.cost import count_cost
 from core.errors import SlimError
 from core.graph import model_graph
 from core.models import build_model
 from core.policy import LayerPolicy, Policy
+from core.tp_prune import tp_prune, unprunable_modules
 
 SHAPE = (1, 3, 32, 32)
 
@@ -52,15 +59,15 @@ def _check_tp(model: nn.Module, pruned: nn.Module, all_prunable_shrink: bool) ->
 def test_tp_uniform_l1_bisection_meets_budget_on_prunable_layers_only(resnet20: nn.Module) -> None:
     base = count_cost(resnet20, SHAPE).macs
     budget = 0.5 * base
-    r, macs = bisect_budget(lambda x: count_cost(tp_prune(resnet20, "tp_l1", x), SHAPE).macs, budget, iters=3)
-    pruned = tp_prune(resnet20, "tp_l1", r)
+    r, macs = bisect_budget(lambda x: count_cost(tp_prune(resnet20, "tp_l1", x, SHAPE), SHAPE).macs, budget, iters=3)
+    pruned = tp_prune(resnet20, "tp_l1", r, SHAPE)
     assert count_cost(pruned, SHAPE).macs == macs <= budget
     assert macs > 0.4 * base  # close to the budget, not far below it
     _check_tp(resnet20, pruned, all_prunable_shrink=True)
 
 
 def test_tp_global_ignores_unprunable_layers(resnet20: nn.Module) -> None:
-    pruned = tp_prune(resnet20, "tp_global", 0.5)
+    pruned = tp_prune(resnet20, "tp_global", 0.5, SHAPE)
     assert count_cost(pruned, SHAPE).macs < count_cost(resnet20, SHAPE).macs
     _check_tp(resnet20, pruned, all_prunable_shrink=False)
 
@@ -142,3 +149,40 @@ def test_space_overrides_parse_toml_values() -> None:
         space_overrides(["decomposition"])
     with pytest.raises(SlimError, match="not a TOML value"):
         space_overrides(["rank_ratio=[0.2,"])
+
+
+def test_verdict_over_several_search_seeds_uses_their_mean() -> None:
+    import benchmarks.bench_compare as bc
+
+    def row(method: str, acc: float, **kw: object) -> dict:
+        return {"method": method, "test_acc": acc, "export_speedup_b1": 0.7, "export_speedup_b64": 0.6} | kw
+
+    bud = {"budget": 0.5, "rows": [
+        row("tp_global", 0.66), row("fpgm", 0.63),
+        row("slimsearch", 0.70, search_seed=0, search_top1_test_acc=0.71, rerank=[{}, {}]),
+        row("slimsearch", 0.64, search_seed=1, search_top1_test_acc=0.64, rerank=[{}, {}]),
+    ]}  # fmt: skip
+    res = {"references": [{"method": "baseline+ft", "test_acc": 0.87}]}
+    v = bc.verdict(res, bud)
+    assert v["search_seeds"]["n"] == 2 and v["search_seeds"]["test_acc_mean"] == pytest.approx(0.67)
+    assert v["search_top1"]["test_acc_mean"] == pytest.approx(0.675)
+    x = v["vs_best_baseline"]
+    assert x["best"] == "tp_global" and x["gap_pt"] == pytest.approx(1.0) and x["met"]
+    assert x["per_seed_gap_pt"] == pytest.approx([4.0, -2.0])
+    assert v["vs_baseline_ft"]["gap_pt"] == pytest.approx(20.0) and not v["vs_baseline_ft"]["met"]
+    one = bc.verdict(res, bud | {"rows": bud["rows"][:3]})
+    assert "search_seeds" not in one and "per_seed_gap_pt" not in one["vs_best_baseline"]
+    assert one["vs_best_baseline"]["gap_pt"] == pytest.approx(4.0)
+
+
+def test_allocation_policy_reproduces_tp_global_counts_with_our_filters(resnet20: nn.Module) -> None:
+    """The ``tp`` seed: TP global's kept-filter count on every conv, filters chosen by our criterion."""
+    pruned = tp_prune(resnet20, "tp_global", 0.45, SHAPE)
+    counts = {n: m.out_channels for n, m in pruned.named_modules() if isinstance(m, nn.Conv2d)}
+    policy = allocation_policy(resnet20, pruned, "fpgm")
+    assert set(policy.layers) <= set(inner_leaders(resnet20, SHAPE)) and policy.layers
+    assert {lp.criterion for lp in policy.layers.values()} == {"fpgm"}
+    ours = apply_policy(resnet20, policy, input_shape=SHAPE)
+    assert {n: m.out_channels for n, m in ours.named_modules() if isinstance(m, nn.Conv2d)} == counts
+    assert count_cost(ours, SHAPE).macs == count_cost(pruned, SHAPE).macs
+    assert len({round(lp.prune_rate, 2) for lp in policy.layers.values()}) > 1  # global: rates differ by layer

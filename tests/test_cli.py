@@ -178,6 +178,40 @@ def test_export_rejects_failed_and_missing_trials(
     assert not (tmp_path / "runs" / "tiny" / "export").exists()
 
 
+def test_export_top_k_fine_tunes_the_best_trials_and_keeps_the_best_on_val(
+    tmp_path: Path, baseline_ckpt: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    p = write_study(tmp_path, baseline_ckpt, n_trials=5, evaluator='kind = "finetune"\nsteps = 2')
+    assert run_cli(capsys, "run", str(p), "--no-progress")[0] == 0
+    code, out, err = run_cli(capsys, "export", str(p), "--top-k", "3", "--finetune-epochs", "0.3", "--out", "top")
+    assert code == 0, err
+    m = json.loads((tmp_path / "top" / "metrics.json").read_text())
+    ranked = m["top_k"]
+    assert len(ranked) == 3 and "kept trial" in out
+    searched = [r["search_val_acc"] for r in ranked]
+    assert searched == sorted(searched, reverse=True)  # the search's best three, best first
+    after = [r["val_acc"] for r in ranked]
+    kept = next(r for r in ranked if r["trial"] == m["trial"])
+    assert kept["val_acc"] == max(after) == m["val_acc"] and m["finetune_epochs"] == 0.3
+    for r in ranked:  # the evaluator's model is rebuilt before each fine-tune
+        assert r["rebuilt_val_acc"] == pytest.approx(r["search_val_acc"], abs=0.02)
+    # The kept model is what a plain export of that trial with the same fine-tune gives.
+    code, _, err = run_cli(capsys, "export", str(p), "--trial", str(m["trial"]), "--finetune-epochs", "0.3",
+                           "--out", "one")  # fmt: skip
+    assert code == 0, err
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    assert one["val_acc"] == m["val_acc"] and one["test_acc"] == m["test_acc"] and "top_k" not in one
+
+    code, _, err = run_cli(capsys, "export", str(p), "--top-k", "2", "--out", "bad1")
+    assert_one_line_error(code, err, "--top-k", "--finetune-epochs")
+    code, _, err = run_cli(capsys, "export", str(p), "--top-k", "2", "--trial", "1", "--finetune-epochs", "0.1",
+                           "--out", "bad2")  # fmt: skip
+    assert_one_line_error(code, err, "--top-k", "--trial best")
+    code, _, err = run_cli(capsys, "export", str(p), "--top-k", "0", "--out", "bad3")
+    assert code == 2 and "--top-k" in err
+    assert not any((tmp_path / d).exists() for d in ("bad1", "bad2", "bad3"))
+
+
 def test_cost_command(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_cli(capsys, "cost", "smallcnn")
     assert code == 0

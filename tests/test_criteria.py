@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from core.criteria import SELECT_CRITERIA, importance, norm_wasserstein, select_filters
+from core.criteria import SELECT_CRITERIA, global_rates, group_importance, importance, norm_wasserstein, select_filters
 from core.errors import SlimError
 from tests.conftest import shared_path
 
@@ -148,3 +148,21 @@ def test_distfit_beats_l1_on_a_real_resnet56_layer() -> None:
         assert norm_wasserstein(w, select_filters(w, keep, "distfit")) < norm_wasserstein(
             w, select_filters(w, keep, "l1")
         )
+
+
+def test_group_importance_is_the_l2_norm_over_the_coupled_convs() -> None:
+    a, b = torch.randn(6, 3, 3, 3), torch.randn(6, 8, 1, 1)
+    want = (importance(a, "l2") ** 2 + importance(b, "l2") ** 2).sqrt()
+    torch.testing.assert_close(group_importance([a, b]), want)
+    torch.testing.assert_close(group_importance([a]), importance(a, "l2"))
+
+
+def test_global_rates_one_threshold_over_mean_normalised_scores() -> None:
+    # "flat": all filters equal (normalised 1.0); "spread": normalised 0.25, 0.25, 1.75, 1.75.
+    scores = {"flat": torch.ones(4), "spread": torch.tensor([1.0, 1.0, 7.0, 7.0])}
+    assert global_rates(scores, 0.25) == {"flat": 0.0, "spread": 0.5}  # the 2 lowest of 8 are spread's
+    assert global_rates(scores, 0.5) == {"flat": 0.75, "spread": 0.5}  # max_rate 0.9 -> 3 of 4 at most
+    assert global_rates(scores, 0.0) == {"flat": 0.0, "spread": 0.0}
+    assert global_rates(scores, 0.5, max_rate=0.5) == {"flat": 0.5, "spread": 0.5}
+    with pytest.raises(SlimError, match="fraction"):
+        global_rates(scores, 1.0)

@@ -92,3 +92,11 @@ def test_ray_run_status_report_export(tmp_path: Path, capsys: pytest.CaptureFixt
 
     code, _, err = run_cli(capsys, "export", str(p), "--trial", "7")
     assert code == 2 and "--trial 7: no such trial" in err
+
+    # --top-k: the two best feasible Ray trials, best first, each fine-tuned; the best after it is kept.
+    code, out, err = run_cli(capsys, "export", str(p), "--top-k", "2", "--finetune-epochs", "0.2", "--out", "top")
+    assert code == 0, err
+    m = json.loads((tmp_path / "top" / "metrics.json").read_text())
+    ok = trials[trials["status"] == "ok"].sort_values(["val_acc", "macs", "trial"], ascending=[False, True, True])
+    assert [r["trial"] for r in m["top_k"]] == [int(t) for t in ok["trial"].head(2)]
+    assert m["val_acc"] == max(r["val_acc"] for r in m["top_k"]) and m["trial"] in [r["trial"] for r in m["top_k"]]

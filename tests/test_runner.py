@@ -30,6 +30,7 @@ from search.runner import (
     load_optuna_study,
     make_sampler,
     open_storage,
+    ranked_feasible,
     reap_dead,
     run_study,
     tally,
@@ -337,9 +338,10 @@ def test_two_worker_processes_reach_exactly_n_trials(tmp_path: Path, baseline_ck
 
 @pytest.mark.slow
 def test_sigkill_then_rerun_keeps_finished_trials(tmp_path: Path, baseline_ckpt: Path) -> None:
-    # Slow trials (a short fine-tune) so the kill lands while one is running.
+    # Slow trials (a fine-tune of seconds, not the ~0.3 s of 40 steps on a fast machine) so that a trial seen
+    # running with its parameters sampled is still running when the kill lands.
     path = write_study(tmp_path, baseline_ckpt, n_trials=6, constraint="",
-                       evaluator='kind = "finetune"\nsteps = 40')  # fmt: skip
+                       evaluator='kind = "finetune"\nsteps = 300')  # fmt: skip
     cfg = load_study(path)
     proc = _cli("run", str(path), "--no-progress", "--threads", "1", cwd=tmp_path)
     db = tmp_path / "runs" / "tiny.db"
@@ -390,3 +392,77 @@ def test_lower_n_trials_leaves_extra_slots_alone(tmp_path: Path, baseline_ckpt: 
     trials = trials_of(cfg)
     assert summary.counted == 2 and sum(t.state == TrialState.COMPLETE for t in trials) == 2
     assert tally(trials).waiting == 2  # prepare_study's top-up saw 4 waiting >= 2 and added none
+
+
+def test_ranked_feasible_orders_by_val_then_macs_and_collapses_repeated_policies() -> None:
+    from optuna.distributions import FloatDistribution
+
+    def trial(n: int, status: str, acc: float, macs: float, policy: str, state: TrialState = TrialState.COMPLETE):
+        t = optuna.trial.create_trial(state=state, value=acc if state == TrialState.COMPLETE else None,
+                                      params={"x": 0.1}, distributions={"x": FloatDistribution(0, 1)},
+                                      user_attrs={"status": status, "val_acc": acc, "macs": macs, "policy": policy})  # fmt: skip
+        t.number = n
+        return t
+
+    trials = [
+        trial(0, "ok", 0.80, 50.0, "a"),
+        trial(1, "ok", 0.90, 60.0, "b"),
+        trial(2, "ok", 0.90, 40.0, "c"),  # ties with 1 on val: fewer MACs first
+        trial(3, "ok", 0.90, 40.0, "c"),  # the same policy again (a cache hit): collapsed into trial 2
+        trial(4, "infeasible", 0.99, 90.0, "d"),
+        trial(5, "fail", 0.0, 0.0, "e"),
+        trial(6, "ok", 0.95, 55.0, "f", TrialState.RUNNING),
+    ]
+    assert [t.number for t in ranked_feasible(trials)] == [2, 1, 0]
+    assert [t.number for t in ranked_feasible(trials, max_macs=55.0)] == [2, 0]
+    assert ranked_feasible(trials, max_macs=10.0) == []
+
+
+def test_global_seed_prunes_layers_unevenly_and_is_enqueued_first(tmp_path: Path, baseline_ckpt: Path) -> None:
+    cfg = load_study(write_study(tmp_path, baseline_ckpt, n_trials=2, constraint="max_macs_ratio = 0.9",
+                                 seeds='strategies = ["global"]\nglobal_fractions = [0.4]'))  # fmt: skip
+    sctx = build_study_context(cfg)
+    from search.seeding import global_seeds
+
+    (seed,) = global_seeds(sctx, {"fractions": [0.4]})
+    rates = {n: lp.prune_rate for n, lp in seed.layers.items()}
+    assert len(set(rates.values())) > 1  # one global threshold, not one rate
+    n_filters = {n: m.out_channels for n, m in sctx.model.named_modules() if n in rates}
+    removed = sum(round(rates[n] * n_filters[n]) for n in rates)
+    assert abs(removed - 0.4 * sum(n_filters.values())) <= len(rates)
+    assert all(lp.criterion == "l2" for lp in seed.layers.values())
+    run_study(cfg, progress=False, log=lambda s: None)
+    first = trials_of(cfg)[0]
+    assert first.user_attrs.get("seed") == "global#0" and first.user_attrs["status"] in ("ok", "infeasible")
+
+
+def test_tp_global_seed_is_torch_prunings_allocation_at_the_bound(tmp_path: Path, baseline_ckpt: Path) -> None:
+    """The ``tp_global`` seed keeps, in every searched layer, the filter count Torch-Pruning's global pruning
+    keeps at the ratio bisected onto the MACs bound; our criterion picks the filters."""
+    from core.apply import apply_policy
+    from core.budget import bisect_budget
+    from core.cost import count_cost
+    from core.tp_prune import kept_filters, tp_prune
+    from search.seeding import tp_global_seeds
+
+    cfg = load_study(write_study(tmp_path, baseline_ckpt, n_trials=2, constraint="max_macs_ratio = 0.6",
+                                 seeds='strategies = ["tp_global"]\ntp_global_criterion = "l1"'))  # fmt: skip
+    sctx = build_study_context(cfg)
+    (seed,) = tp_global_seeds(sctx, {"criterion": "l1"})
+    assert seed.layers and all(lp.criterion == "l1" for lp in seed.layers.values())
+    ours = apply_policy(sctx.model, seed, input_shape=sctx.input_shape)
+    bound = sctx.eval_ctx.max_macs
+    assert 0.85 * bound < count_cost(ours, sctx.input_shape).macs <= bound
+    # Torch-Pruning's own ratio bisection onto the bound (as the strategy does) gives exactly these counts
+    ratio, _ = bisect_budget(lambda x: count_cost(tp_prune(sctx.model, "tp_global", x, sctx.input_shape,
+                             max_ratio=0.7), sctx.input_shape).macs, bound, hi=0.7, iters=10)  # fmt: skip
+    tp_counts = kept_filters(tp_prune(sctx.model, "tp_global", ratio, sctx.input_shape, max_ratio=0.7))
+    assert kept_filters(ours) == tp_counts
+    assert len({round(lp.prune_rate, 2) for lp in seed.layers.values()}) > 1  # global: rates differ by layer
+    (fixed,) = tp_global_seeds(sctx, {"ratios": [0.3]})  # an explicit ratio: no bisection
+    assert kept_filters(apply_policy(sctx.model, fixed, input_shape=sctx.input_shape)) == kept_filters(
+        tp_prune(sctx.model, "tp_global", 0.3, sctx.input_shape, max_ratio=0.7)
+    )
+    run_study(cfg, progress=False, log=lambda s: None)
+    first = trials_of(cfg)[0]
+    assert first.user_attrs.get("seed") == "tp_global#0" and first.user_attrs["status"] == "ok"

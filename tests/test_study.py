@@ -221,6 +221,14 @@ def test_seed_errors(tmp_path: Path) -> None:
     assert "uniform_rates" in msg and "[0, 1)" in msg
     msg = err(write(tmp_path, "[seeds]\nstrategies = []\nuniform_rates = [0.5]\n"))
     assert "not in strategies" in msg
+    msg = err(write(tmp_path, '[seeds]\nstrategies = ["global"]\nglobal_fractions = [1.0]\n'))
+    assert "global_fractions" in msg and "[0, 1)" in msg
+    msg = err(write(tmp_path, '[seeds]\nstrategies = ["global"]\nglobal_criterion = "hpc"\n'))
+    assert "global_criterion" in msg and "'hpc'" in msg
+    msg = err(write(tmp_path, '[seeds]\nstrategies = ["tp_global"]\ntp_global_ratios = [0.0]\n'))
+    assert "tp_global_ratios" in msg and "(0, 1)" in msg
+    msg = err(write(tmp_path, '[seeds]\nstrategies = ["tp_global"]\ntp_global_criterion = "hpc"\n'))
+    assert "tp_global_criterion" in msg and "'hpc'" in msg
     msg = err(write(tmp_path, '[seeds]\nstrategies = ["uniform"]\nbogus = 1\n'))
     assert "unknown key 'bogus'" in msg
 

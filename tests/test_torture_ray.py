@@ -25,7 +25,7 @@ from tests.test_runner import make_baseline, write_study
 from tests.torture_util import kill_session, plain_torch_output_shape, session_processes
 
 REPO = Path(__file__).resolve().parents[1]
-N_TRIALS = 24  # long enough that 10 kills land before the study ends on an idle machine
+N_TRIALS = 24  # long enough that 10 kills land before the study ends (kill_plan's delays scale with a trial)
 KILLS = 10  # 2 of the driver (the first one right after Tune wrote tuner.pkl), 8 of trial workers
 TRIAL_ACTOR = "ray::ImplicitFunc"  # process title of a function trainable's actor; ".train" while it runs a trial
 
@@ -193,14 +193,30 @@ def _finished_trials(exp_dir: Path) -> dict[str, str] | None:
     return out
 
 
+def median_trial_s(exp_dir: Path, default: float = 2.0) -> float:
+    """Median run time (Tune's ``time_total_s``) of the finished trials in the newest snapshot; ``default``
+    before there is one."""
+    from search.ray_runner import _load_trials, trials_table
+
+    if not any(exp_dir.glob("experiment_state-*.json")):
+        return default
+    try:
+        df = trials_table(_load_trials(exp_dir))
+    except Exception:  # a snapshot caught mid-copy: the next kill measures again
+        return default
+    done = df[df["ray_status"] == "TERMINATED"].get("time_total_s")
+    return float(done.median()) if done is not None and done.notna().any() else default
+
+
 def kill_plan(seed: int) -> list[tuple[str, float, float]]:
-    """(what, delay s, which victim in [0, 1)) for each kill, drawn up front so that the schedule does not
-    depend on how many workers happen to be alive. The driver dies twice: once right after Tune wrote
-    tuner.pkl (before its first snapshot) and once mid-run, after a trial finished. Workers die while they
-    run a trial: building their study context or evaluating."""
+    """(what, delay as a fraction of a trial's measured run time, which victim in [0, 1)) for each kill,
+    drawn up front so that the schedule does not depend on how many workers happen to be alive, and scaled
+    by the trials' run time so that every kill lands before the study ends however fast this machine is.
+    The driver dies twice: once right after Tune wrote tuner.pkl (before its first snapshot) and once mid-run,
+    after a trial finished. Workers die while they run a trial: building their study context or evaluating."""
     rng = random.Random(seed)
-    plan = [("worker", rng.uniform(0.3, 3.0), rng.random()) for _ in range(KILLS - 2)]
-    plan.insert(rng.randint(2, len(plan) - 2), ("driver", rng.uniform(0.3, 4.0), 0.0))
+    plan = [("worker", rng.uniform(0.1, 0.9), rng.random()) for _ in range(KILLS - 2)]
+    plan.insert(rng.randint(2, len(plan) - 2), ("driver", rng.uniform(0.1, 1.0), 0.0))
     return [("driver-early", 0.0, 0.0), *plan]
 
 
@@ -262,7 +278,7 @@ def test_random_sigkills_of_ray_workers_and_driver(
                 wait_for(lambda d=driver: actors(d, running=True) or d.poll() is not None, 300)
                 if what == "driver":  # some finished trials first, so that a restore has something to keep
                     wait_for(lambda d=driver: record() >= 1 or d.poll() is not None, 120, every=1.0)
-                time.sleep(delay)
+                time.sleep(delay * median_trial_s(exp))
             if driver.poll() is not None:
                 break  # the study finished before all kills happened (asserted below)
             if what == "worker":
