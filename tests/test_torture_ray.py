@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from search.study import load_study
 from tests.test_runner import make_baseline, write_study
@@ -26,6 +27,7 @@ from tests.torture_util import kill_session, plain_torch_output_shape, session_p
 
 REPO = Path(__file__).resolve().parents[1]
 N_TRIALS = 24  # long enough that 10 kills land before the study ends (kill_plan's delays scale with a trial)
+TRIAL_S = 3.0  # training time of one full trial: Tune's snapshot period (~10 s) must not outlast the study
 KILLS = 10  # 2 of the driver (the first one right after Tune wrote tuner.pkl), 8 of trial workers
 TRIAL_ACTOR = "ray::ImplicitFunc"  # process title of a function trainable's actor; ".train" while it runs a trial
 
@@ -208,6 +210,30 @@ def median_trial_s(exp_dir: Path, default: float = 2.0) -> float:
     return float(done.median()) if done is not None and done.notna().any() else default
 
 
+def steps_for(seconds: float, batch_size: int = 64) -> int:
+    """Fine-tune steps that take about ``seconds`` on this machine (one thread, as a trial worker runs), a
+    multiple of 3 (three ASHA rungs), at least 60. Fixed step counts made the study outrun the kills on a fast
+    machine: it finished while the test still waited for Tune's first snapshot to kill the driver."""
+    from core.models import build_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = build_model("smallcnn", num_classes=10, in_channels=1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        x, y = torch.randn(batch_size, 1, 8, 8), torch.randint(0, 10, (batch_size,))
+        for i in range(25):
+            if i == 5:  # after warm-up
+                t = time.perf_counter()
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        step_s = (time.perf_counter() - t) / 20
+    finally:
+        torch.set_num_threads(threads)
+    return max(60, 3 * round(seconds / step_s / 3))
+
+
 def kill_plan(seed: int) -> list[tuple[str, float, float]]:
     """(what, delay as a fraction of a trial's measured run time, which victim in [0, 1)) for each kill,
     drawn up front so that the schedule does not depend on how many workers happen to be alive, and scaled
@@ -228,10 +254,11 @@ def test_random_sigkills_of_ray_workers_and_driver(
 
     monkeypatch.chdir(tmp_path)
     ckpt = make_baseline(tmp_path_factory)
+    steps = steps_for(TRIAL_S)
     path = write_study(
         tmp_path, ckpt, name="rtorture", n_trials=N_TRIALS, study='backend = "ray"\nseed = 0\nmax_retry = 2',
         seeds='strategies = ["uniform"]\nuniform_rates = [0.3, 0.5]',
-        evaluator='kind = "finetune"\nsteps = 60\neval_every = 20\nlr = 0.02\nworkers = 2',
+        evaluator=f'kind = "finetune"\nsteps = {steps}\neval_every = {steps // 3}\nlr = 0.02\nworkers = 2',
     )  # fmt: skip
     cfg = load_study(path)
     exp = ray_experiment_dir(cfg)
@@ -314,7 +341,7 @@ def test_random_sigkills_of_ray_workers_and_driver(
             kill_session(s)
         log.close()
 
-    print(f"kills: {kills}; run {wall:.0f}s")
+    print(f"kills: {kills}; run {wall:.0f}s, {steps} steps a trial")
     assert len(kills) == KILLS, f"the study finished after only {kills}"
     assert f"done: {N_TRIALS}/{N_TRIALS} trials" in text, text[-2000:]
     assert "resuming Ray experiment" in text  # the mid-run driver kill: the experiment was restored
