@@ -174,7 +174,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bn-batches", type=int, default=4, help="BN recalibration batches (proxy and final)")
     p.add_argument("--n-trials", type=int, default=40, help="slimsearch trials per budget (seeds included)")
     p.add_argument("--n-startup-trials", type=int, default=10, help="TPE random startup trials")
-    p.add_argument("--sampler", default="tpe", choices=("tpe", "random", "nsga2", "cmaes"))
+    p.add_argument("--sampler", default="tpe", choices=("tpe", "random", "nsga2", "cmaes", "local"))
     p.add_argument(
         "--search-seeds",
         default=None,

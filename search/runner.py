@@ -30,7 +30,8 @@ rerunning the same command after a crash continues immediately.
 Samplers (all seeded): tpe (multivariate, constant liar for parallel workers; honours the MACs
 constraint through ``constraints_func``), nsga2 (``constraints_func`` too), cmaes (float
 parameters only, categorical ones go to its independent sampler; no constraint support, so
-infeasible trials only score val_acc 0.0), random.
+infeasible trials only score val_acc 0.0), local (``search.local_sampler``: mutations of the best
+finished trials, feasible first; for refining the seeds in a space too large for TPE), random.
 """
 
 from __future__ import annotations
@@ -256,6 +257,10 @@ def make_sampler(cfg: StudyConfig, seed: int) -> optuna.samplers.BaseSampler:
             seed=seed, n_startup_trials=s.n_startup_trials, warn_independent_sampling=False,
             independent_sampler=optuna.samplers.RandomSampler(seed=seed),
         )  # fmt: skip
+    if s.sampler == "local":
+        from search.local_sampler import LocalSearchSampler
+
+        return LocalSearchSampler(seed=seed, n_startup_trials=s.n_startup_trials)
     return optuna.samplers.RandomSampler(seed=seed)
 
 

@@ -21,7 +21,7 @@ import tomllib
 
 from core.errors import SlimError
 
-SAMPLERS = ("tpe", "nsga2", "cmaes", "random")
+SAMPLERS = ("tpe", "nsga2", "cmaes", "local", "random")
 BACKENDS = ("optuna", "ray")
 PRUNERS = ("median", "none")
 # Metrics an objective may name (keys of evaluators' EvalResult.metrics).
@@ -410,8 +410,8 @@ def _study(t: _Table) -> StudySection:
         n_startup_trials=t.get("n_startup_trials", "an integer", 10, check=_at_least(0)),
         population_size=t.get("population_size", "an integer", 20, check=_at_least(2)),
     )
-    if sec.sampler == "cmaes" and len(sec.objectives) > 1:
-        t.fail("sampler", "cmaes is single-objective; use nsga2 (or tpe) with several objectives")
+    if sec.sampler in ("cmaes", "local") and len(sec.objectives) > 1:
+        t.fail("sampler", f"{sec.sampler} is single-objective; use nsga2 (or tpe) with several objectives")
     t.finish()
     return sec
 

@@ -211,6 +211,36 @@ def test_searcher_passes_macs_and_latency_constraints(tmp_path: Path) -> None:
         assert t1.system_attrs.get("constraints:latency") == -0.25
 
 
+def test_searcher_with_the_local_sampler_mutates_a_finished_seed(tmp_path: Path) -> None:
+    """[study] sampler = "local" through Ray's OptunaSearch: after the seeds, a suggestion is the best
+    seed's parameters with a few of them changed."""
+    from search.local_sampler import LocalSearchSampler
+    from search.ray_runner import make_search_alg
+    from spaces.config import SpaceConfig
+    from spaces.space import SearchSpace
+
+    path = _write_study(tmp_path, "local")
+    path.write_text(
+        path.read_text().replace('backend = "ray"', 'backend = "ray"\nsampler = "local"\nn_startup_trials = 0')
+    )
+    cfg = load_study(path)
+    space = SearchSpace.build(build_model("smallcnn", 10, 1), SpaceConfig(criteria=("l1", "fpgm")), (1, 1, 8, 8))
+    seeds = [("uniform#0", space.uniform_policy(0.2)), ("uniform#1", space.uniform_policy(0.6, "fpgm"))]
+    searcher = make_search_alg(cfg, space, seeds, workers=1).searcher.searcher
+    searcher.set_search_properties(None, None, space.ray_param_space())
+    assert isinstance(searcher._ot_study.sampler, LocalSearchSampler)
+    s0, s1 = (searcher.suggest(f"t{i}") for i in range(2))
+    searcher.on_trial_complete("t0", {"status": "ok", "val_acc": 0.3, "macs_violation": -1.0})
+    searcher.on_trial_complete("t1", {"status": "ok", "val_acc": 0.5, "macs_violation": -1.0})
+    names = [p.name for p in space.params]
+    for i in range(2, 6):
+        child = searcher.suggest(f"t{i}")
+        changed = [min(sum(child[n] != s[n] for n in names) for s in (s0, s1))]
+        assert 1 <= changed[0] < len(names), (child, s0, s1)  # a mutation of a seed, not a fresh draw
+        space.policy_from_params(child).validate(build_model("smallcnn", 10, 1))
+        searcher.on_trial_complete(f"t{i}", {"status": "ok", "val_acc": 0.1, "macs_violation": -1.0})
+
+
 # ----------------------------------------------------------------------------- local Ray
 
 

@@ -249,7 +249,7 @@ def test_directions_must_match_an_existing_study(tmp_path: Path, baseline_ckpt: 
         run_study(cfg2, progress=False, log=lambda s: None)
 
 
-@pytest.mark.parametrize("sampler", ["tpe", "nsga2", "cmaes", "random"])
+@pytest.mark.parametrize("sampler", ["tpe", "nsga2", "cmaes", "local", "random"])
 def test_samplers_are_seeded(sampler: str, tmp_path: Path, baseline_ckpt: Path) -> None:
     cfg = load_study(write_study(tmp_path, baseline_ckpt, study=f'sampler = "{sampler}"'))
     if sampler == "cmaes":
