@@ -790,6 +790,17 @@ def latency_note(s: dict[str, Any]) -> str:
             f"([constraint] max_latency_ratio, core.latency)")  # fmt: skip
 
 
+def paper_note(s: dict[str, Any]) -> str:
+    """The header's paper-strategy settings, only when a paper strategy ran (as a row or as study seeds)."""
+    ran = set(str(s.get("candidates", "")).split(",")) & set(METHOD_CRITERION)
+    if not ran and "methods" not in str(s.get("study_seeds", "")).split(","):
+        return ""
+    return (f" Paper strategies: ABSHPC eps {s['abshpc_epsilon']} resolution {s['abshpc_resolution'] or 'one filter'}, "
+            f"MTD tol {s['mtd_tol']} ranks {s.get('mtd_rank_ratio') or 'EVBMF'}, GA pop {s['ga_pop']} gens "
+            f"{s['ga_generations']}, scan rates {s['scan_rates']}; run once per model, projected per budget when "
+            f"above it.")  # fmt: skip
+
+
 def _per_seed(x: dict[str, Any]) -> str:
     gaps = x.get("per_seed_gap_pt")
     return f" (per seed {', '.join(f'{g:+.2f}' for g in gaps)})" if gaps else ""
@@ -830,10 +841,7 @@ def markdown(results: list[dict]) -> str:
                   f"{res['splits']['test']} images; proxy: BN recalibration {s['bn_batches']}x{s['batch_size']} "
                   f"train images, first {res['splits']['val_subset']} val images. slimsearch: {s['n_trials']} trials "
                   f"({s['sampler']}, {s['n_startup_trials']} startup, evaluator {s.get('evaluator', 'proxy')}), seeds {s['study_seeds']}, space of "
-                  f"studies/{res['model']}_cifar10.toml{''.join(f' with {o}' for o in s.get('space') or [])}{latency_note(s)}. Paper strategies: ABSHPC eps {s['abshpc_epsilon']} resolution "
-                  f"{s['abshpc_resolution'] or 'one filter'}, MTD tol {s['mtd_tol']} ranks {s.get('mtd_rank_ratio') or 'EVBMF'}, GA pop "
-                  f"{s['ga_pop']} gens {s['ga_generations']}, scan rates {s['scan_rates']}; run once per model, "
-                  f"projected per budget when above it. Machine: {m['cpus']} CPUs, {s['threads']} thread, load "
+                  f"studies/{res['model']}_cifar10.toml{''.join(f' with {o}' for o in s.get('space') or [])}{latency_note(s)}.{paper_note(s)} Machine: {m['cpus']} CPUs, {s['threads']} thread, load "
                   f"{m['loadavg'][0]:.1f}; whole run {res['total_s'] / 60:.1f} min. Latency: {s.get('latency_format', 'torchscript')} exports, best of {s['lat_rounds']} round-robin rounds over all of them after every fine-tune.", ""]  # fmt: skip
         for bud in res["budgets"]:
             lines += [f"### {res['model']}, MACs <= {100 * bud['budget']:.0f} % ({bud['max_macs'] / 1e6:.2f} M)", "",

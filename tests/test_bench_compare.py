@@ -186,3 +186,13 @@ def test_allocation_policy_reproduces_tp_global_counts_with_our_filters(resnet20
     assert {n: m.out_channels for n, m in ours.named_modules() if isinstance(m, nn.Conv2d)} == counts
     assert count_cost(ours, SHAPE).macs == count_cost(pruned, SHAPE).macs
     assert len({round(lp.prune_rate, 2) for lp in policy.layers.values()}) > 1  # global: rates differ by layer
+
+
+def test_header_names_paper_settings_only_when_a_paper_strategy_ran() -> None:
+    from benchmarks.bench_compare import paper_note
+
+    s = {"abshpc_epsilon": 0.005, "abshpc_resolution": 0, "mtd_tol": 0.01, "ga_pop": 6, "ga_generations": 3,
+         "scan_rates": "0.3,0.6", "candidates": "tp_global,fpgm,slimsearch", "study_seeds": "uniform,tp"}  # fmt: skip
+    assert paper_note(s) == ""
+    assert "ABSHPC eps 0.005 resolution one filter" in paper_note({**s, "candidates": "tp_l1,abshpc"})
+    assert "GA pop 6 gens 3" in paper_note({**s, "study_seeds": "uniform,methods"})
