@@ -175,6 +175,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-trials", type=int, default=40, help="slimsearch trials per budget (seeds included)")
     p.add_argument("--n-startup-trials", type=int, default=10, help="TPE random startup trials")
     p.add_argument("--sampler", default="tpe", choices=("tpe", "random", "nsga2", "cmaes", "local"))
+    p.add_argument("--fit", choices=("scale", "fill"), default=None,
+                   help="[constraint] fit of the search (default: the study file's)")  # fmt: skip
     p.add_argument(
         "--search-seeds",
         default=None,
@@ -494,7 +496,8 @@ def study_config(b: Bench, max_macs: float, tag: str, seeds: list[tuple[str, Pol
                   "seed": search_seed, "pruner": "none"},
         "model": {"factory": b.name, "checkpoint": str(Path(a.adapted_dir) / f"{b.name}-jpeg.th")},
         "data": {"dataset": "cifar10", "root": str(Path(a.shared) / "data" / "cifar10-jpeg.tar.gz"), "val_size": 5000},
-        "constraint": {"max_macs": float(max_macs)} | latency_constraint(a),
+        "constraint": {"max_macs": float(max_macs), "fit": a.fit or toml["constraint"].get("fit", "scale")}
+        | latency_constraint(a),
         "space": toml["space"] | space_overrides(a.space),
         "evaluator": {"bn_batches": a.bn_batches, "batch_size": a.batch_size, "seed": a.seed}
         | parse_evaluator(a.evaluator)[1],
@@ -840,7 +843,7 @@ def markdown(results: list[dict]) -> str:
                   f"Final fine-tune {ft} x batch {s['batch_size']} (lr {s['lr']} cosine, KD {s['kd']}); test "
                   f"{res['splits']['test']} images; proxy: BN recalibration {s['bn_batches']}x{s['batch_size']} "
                   f"train images, first {res['splits']['val_subset']} val images. slimsearch: {s['n_trials']} trials "
-                  f"({s['sampler']}, {s['n_startup_trials']} startup, evaluator {s.get('evaluator', 'proxy')}), seeds {s['study_seeds']}, space of "
+                  f"({s['sampler']}, {s['n_startup_trials']} startup, evaluator {s.get('evaluator', 'proxy')}{', fit ' + s['fit'] if s.get('fit') else ''}), seeds {s['study_seeds']}, space of "
                   f"studies/{res['model']}_cifar10.toml{''.join(f' with {o}' for o in s.get('space') or [])}{latency_note(s)}.{paper_note(s)} Machine: {m['cpus']} CPUs, {s['threads']} thread, load "
                   f"{m['loadavg'][0]:.1f}; whole run {res['total_s'] / 60:.1f} min. Latency: {s.get('latency_format', 'torchscript')} exports, best of {s['lat_rounds']} round-robin rounds over all of them after every fine-tune.", ""]  # fmt: skip
         for bud in res["budgets"]:

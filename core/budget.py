@@ -34,6 +34,7 @@ def scale_kept(
     *,
     criterion: str | None = "l1",
     max_rate: float = 1.0,
+    min_rate: float = 0.0,
 ) -> Policy:
     """``policy`` with the kept-filter count of every prunable group it lists scaled by ``1 - t`` (floor, >= 1).
 
@@ -42,10 +43,12 @@ def scale_kept(
     entry). Prunable leaders the policy does not list are pruned with ``criterion``, or left alone when it is
     None (a search space that excludes them). No layer is pushed past ``max_rate`` (a space's largest rate);
     one already past it stays as it is. Explicit decomposition ranks are clamped to the pruned kernel.
-    ``t = 0`` returns the policy unchanged.
+    ``t = 0`` returns the policy unchanged. A negative ``t`` prunes less: each pruned group keeps ``1 - t``
+    times its filters (at most all, and no layer falls below ``min_rate``, a space's smallest rate); a
+    ``keep`` mask gets back its strongest (L1) dropped filters.
     """
-    if not 0.0 <= t < 1.0:
-        raise SlimError(f"scale factor t must be in [0, 1), got {t}")
+    if not t < 1.0 or not math.isfinite(t):
+        raise SlimError(f"scale factor t must be below 1, got {t}")
     shape = tuple(input_shape)
     g = model_graph(model, shape)
     mods = dict(model.named_modules())
@@ -58,13 +61,20 @@ def scale_kept(
         lp = layers[listed[0]] if listed else LayerPolicy(criterion=criterion or "l1")
         n = g.layers[leader].out_channels
         k0 = lp.keep_count(n)
-        k = max(1, math.floor(k0 * (1.0 - t) + 1e-9), n - math.floor(max_rate * n + 1e-9))
-        if k >= k0:
-            continue
+        if t >= 0:
+            k = max(1, math.floor(k0 * (1.0 - t) + 1e-9), n - math.floor(max_rate * n + 1e-9))
+            if k >= k0:
+                continue
+        else:
+            k = min(math.floor(k0 * (1.0 - t) + 1e-9), n - math.floor(min_rate * n + 1e-9))
+            if k <= k0:
+                continue
         rate = rate_for_removed(n - k, n)
         if lp.keep is not None:
             w = mods[leader].weight.detach().flatten(1).abs().sum(1)
-            strongest = sorted(lp.keep, key=lambda i: (-float(w[i]), i))[:k]
+            pool = lp.keep if k < k0 else range(n)  # growing: the kept filters stay, the strongest others return
+            kept = set(lp.keep) if k > k0 else set()
+            strongest = sorted(pool, key=lambda i: (i not in kept, -float(w[i]), i))[:k]
             new = replace_layer(lp, prune_rate=rate, keep=tuple(sorted(strongest)))
         elif lp.clusters is not None:
             new = replace_layer(lp, prune_rate=rate, clusters=k)
@@ -126,6 +136,8 @@ def fit_macs(
     *,
     criterion: str | None = None,
     max_rate: float = 1.0,
+    min_rate: float = 0.0,
+    fill: bool = False,
     t_max: float = 0.95,
     rel_tol: float = 0.02,
     max_evals: int = 10,
@@ -133,13 +145,17 @@ def fit_macs(
     """``(policy, 0.0)`` when it is within ``max_macs``; else ``(scale_kept(policy, t), t)`` for a ``t <= t_max``
     whose MACs are within the bound and no more than ``rel_tol`` below it (or the smallest such ``t`` found in
     ``max_evals`` MACs counts); ``(policy, None)`` when even ``t_max`` does not fit (the caller's MACs gate
-    rejects it). ``criterion``, ``max_rate``: as in ``scale_kept`` (None: unlisted layers stay unpruned).
+    rejects it). ``criterion``, ``max_rate``, ``min_rate``: as in ``scale_kept`` (None: unlisted layers stay
+    unpruned). ``fill``: a policy more than ``rel_tol`` below the bound prunes less (``t < 0``) until it is
+    within ``rel_tol`` of it, or keeps every filter of its pruned layers when even that fits, so that every
+    trial spends the budget it is given.
 
     A search fits every sample, so this runs once per trial: the root is found by regula falsi with the
     Illinois step (3-5 counts of ~20-60 ms on the CIFAR ResNets) rather than bisection (10+).
     """
     return fit_cost(model, policy, lambda p: policy_macs(model, p, input_shape), max_macs, input_shape,
-                    criterion=criterion, max_rate=max_rate, t_max=t_max, rel_tol=rel_tol, max_evals=max_evals)  # fmt: skip
+                    criterion=criterion, max_rate=max_rate, min_rate=min_rate, fill=fill, t_max=t_max,
+                    rel_tol=rel_tol, max_evals=max_evals)  # fmt: skip
 
 
 def fit_cost(
@@ -151,38 +167,53 @@ def fit_cost(
     *,
     criterion: str | None = None,
     max_rate: float = 1.0,
+    min_rate: float = 0.0,
+    fill: bool = False,
     t_max: float = 0.95,
     rel_tol: float = 0.02,
     max_evals: int = 10,
 ) -> tuple[Policy, float | None]:
     """``fit_macs`` for any cost that falls as ``t`` grows (MACs, predicted latency): ``cost(policy) <= bound``
     after scaling the kept filters by ``1 - t``."""
-    f_lo = cost(policy) - bound
-    if f_lo <= 0:
+    f0 = cost(policy) - bound
+    if f0 <= 0 and (not fill or -f0 <= rel_tol * bound):
         return policy, 0.0
 
     def scale(t: float) -> Policy:
-        return scale_kept(model, policy, t, input_shape, criterion=criterion, max_rate=max_rate)
+        return scale_kept(model, policy, t, input_shape, criterion=criterion, max_rate=max_rate, min_rate=min_rate)
 
-    lo, hi = 0.0, t_max
-    best = scale(hi)
-    f_hi = cost(best) - bound
-    if f_hi > 0:
-        return policy, None
-    w_lo, w_hi, side = f_lo, f_hi, 0  # Illinois: the weight of an end that stays put is halved
+    if f0 > 0:
+        lo, hi, f_lo = 0.0, t_max, f0
+        best = scale(hi)
+        f_hi = cost(best) - bound
+        if f_hi > 0:
+            return policy, None
+    else:  # fill: at t_min every pruned layer keeps all its filters (k0 >= n (1 - rate))
+        top_rate = max((lp.prune_rate for lp in policy.layers.values()), default=0.0)
+        t_min = 1.0 - 1.0 / (1.0 - top_rate)
+        full = scale(t_min)
+        f_lo = cost(full) - bound
+        if f_lo <= 0:
+            return full, t_min
+        lo, hi, f_hi, best = t_min, 0.0, f0, policy
+    w_lo, w_hi, side, repeats = f_lo, f_hi, 0, 0  # Illinois: the weight of an end that stays put is halved
     for _ in range(max_evals - 2):
         if -f_hi <= rel_tol * bound or hi - lo < 4e-3:
             break
-        x = (lo * w_hi - hi * w_lo) / (w_hi - w_lo)
-        x = min(max(x, lo + 1e-3 * (hi - lo)), hi - 1e-3 * (hi - lo))
+        if repeats >= 2:  # the cost is a step function of t (whole filters): regula falsi stalls at a step
+            x = (lo + hi) / 2
+        else:
+            x = (lo * w_hi - hi * w_lo) / (w_hi - w_lo)
+            x = min(max(x, lo + 1e-3 * (hi - lo)), hi - 1e-3 * (hi - lo))
         cand = scale(x)
         f = cost(cand) - bound
+        new_side = -1 if f <= 0 else 1
+        repeats = repeats + 1 if new_side == side else 0
         if f <= 0:
             hi, f_hi, w_hi, best = x, f, f, cand
             w_lo = w_lo / 2 if side == -1 else w_lo
-            side = -1
         else:
             lo, f_lo, w_lo = x, f, f
             w_hi = w_hi / 2 if side == 1 else w_hi
-            side = 1
+        side = new_side
     return best, hi

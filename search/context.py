@@ -47,24 +47,29 @@ class StudyContext:
     def fit(self, policy: Any) -> Any:
         """The policy a search trial evaluates: with ``[constraint] fit = "scale"``, one above the MACs bound gets
         every layer it prunes scaled harder by one factor until it fits (within the space's largest rate;
-        layers outside the space stay as they are), then likewise onto the latency bound. Deterministic, so a
+        layers outside the space stay as they are), then likewise onto the latency bound; ``"fill"`` also
+        prunes one more than 2 % below its bound less (within the space's smallest rate). Deterministic, so a
         resumed or retried trial evaluates the same policy: the latency fit predicts from the study's stored
         table (``core.latency``), where a shape is measured once (a retry racing another process for a new
         shape may differ by a filter or two)."""
         from core.budget import fit_cost, fit_macs
 
-        ctx = self.eval_ctx
-        if self.cfg.constraint.fit != "scale":
+        ctx, mode = self.eval_ctx, self.cfg.constraint.fit
+        if mode not in ("scale", "fill"):
             return policy
-        max_rate = self.space.cfg.prune_rate[1]
+        min_rate, max_rate = self.space.cfg.prune_rate
+        fill = mode == "fill"
         if ctx.max_macs is not None:
-            policy, _ = fit_macs(self.model, policy, ctx.max_macs, self.input_shape, max_rate=max_rate)
+            policy, _ = fit_macs(self.model, policy, ctx.max_macs, self.input_shape, max_rate=max_rate,
+                                 min_rate=min_rate, fill=fill)  # fmt: skip
         if ctx.max_latency_ratio is not None:
             table = ctx.latency_table()
             if table.predict(self.model, policy) is not None:  # None: EVBMF ranks, measured by the evaluator
                 bound = ctx.max_latency_ratio * table.base_ms
+                # Filled onto the MACs bound already: the latency fit only shrinks what is over its bound.
                 policy, _ = fit_cost(self.model, policy, lambda p: table.predict(self.model, p), bound,
-                                     self.input_shape, max_rate=max_rate)  # fmt: skip
+                                     self.input_shape, max_rate=max_rate, min_rate=min_rate,
+                                     fill=fill and ctx.max_macs is None)  # fmt: skip
         return policy
 
     def latency_info(self, log: Log | None = None) -> dict[str, Any] | None:

@@ -42,7 +42,7 @@ STORAGE_SCHEMES = ("sqlite", "postgresql", "mysql")
 # = core.data.DATASETS (a test checks it); not imported from there, so that reading a study file does
 # not import torch (status/report/errors answer in a fraction of the time).
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "synthetic")
-FIT_MODES = ("scale", "none")
+FIT_MODES = ("scale", "fill", "none")
 SECTIONS = ("study", "model", "data", "constraint", "space", "seeds", "evaluator", "export")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -107,7 +107,8 @@ class ConstraintSection:
     max_macs_ratio: float | None = None
     max_macs: float | None = None
     # "scale": a searched policy above the bound is pruned harder, every layer by one factor, until it fits
-    # (core.budget.fit_macs); "none": it is evaluated as sampled and rejected as infeasible.
+    # (core.budget.fit_macs); "fill": that, and one more than 2 % below the bound prunes less until it is within
+    # 2 % (every trial spends its budget); "none": it is evaluated as sampled and rejected as infeasible.
     fit: str = "scale"
     # Predicted CPU latency (core.latency) at most this fraction of the baseline's, at latency_batch images
     # per forward, single thread, TorchScript; None = no latency bound.

@@ -122,3 +122,44 @@ def test_fit_macs_meets_the_bound_tightly(resnet20: nn.Module) -> None:
     alone = Policy({names[-1]: LayerPolicy(prune_rate=0.5)})
     assert fit_macs(resnet20, alone, 0.3 * base, SHAPE) == (alone, None)
     assert fit_macs(resnet20, alone, 0.6 * base, SHAPE, criterion="l1")[1] is not None
+
+
+def test_negative_scale_prunes_less_and_masks_get_their_strongest_filters_back(resnet20: nn.Module) -> None:
+    names = prunable_leaders(resnet20, SHAPE)
+    first, second, third = names[:3]
+    mask = (0, 1, 2, 3)
+    policy = Policy({first: LayerPolicy(prune_rate=0.75, criterion="mask", keep=mask),
+                     second: LayerPolicy(prune_rate=0.5, criterion="hpc", clusters=8),
+                     third: LayerPolicy(prune_rate=0.25)})  # fmt: skip
+    p = scale_kept(resnet20, policy, -1.0, SHAPE, criterion=None)  # keep twice as many, at most all
+    assert len(p[first].keep) == 8 and set(mask) <= set(p[first].keep) and p[first].keep_count(16) == 8
+    w = resnet20.get_submodule(first).weight.detach().flatten(1).abs().sum(1)
+    back, dropped = set(p[first].keep) - set(mask), set(range(16)) - set(p[first].keep)
+    assert min(float(w[i]) for i in back) >= max(float(w[i]) for i in dropped)
+    assert p[second].clusters == 16 and p[second].prune_rate == 0.0
+    assert p[third].keep_count(16) == 16
+    floor = scale_kept(resnet20, policy, -1.0, SHAPE, criterion=None, min_rate=0.25)  # the space's smallest rate
+    assert floor[second].keep_count(16) == floor[third].keep_count(16) == 12
+    with pytest.raises(SlimError, match="scale factor"):
+        scale_kept(resnet20, policy, float("-inf"), SHAPE)
+
+
+def test_fill_spends_the_budget_of_a_policy_under_it(resnet20: nn.Module) -> None:
+    graph = model_graph(resnet20, SHAPE)
+    names = [n for n in prunable_leaders(resnet20, SHAPE) if graph.layers[n].group is None]
+    base = count_cost(resnet20, SHAPE).macs
+    bound = 0.5 * base
+    policy = Policy({n: LayerPolicy(prune_rate=0.3 if n.startswith("layer1") else 0.8) for n in names})
+    under = policy_macs(resnet20, policy, SHAPE)
+    assert under < 0.9 * bound
+    assert fit_macs(resnet20, policy, bound, SHAPE) == (policy, 0.0)  # scale only: left under the bound
+    filled, t = fit_macs(resnet20, policy, bound, SHAPE, fill=True)
+    assert t is not None and t < 0 and filled == scale_kept(resnet20, policy, t, SHAPE, criterion=None)
+    macs = policy_macs(resnet20, filled, SHAPE)
+    assert 0.98 * bound <= macs <= bound  # rel_tol 2 %
+    assert all(filled[n].prune_rate < policy[n].prune_rate for n in names)  # every layer gave some back
+    # a policy whose pruned layers fit even when they keep every filter comes back unpruned
+    alone = Policy({names[-1]: LayerPolicy(prune_rate=0.5)})
+    back, t_all = fit_macs(resnet20, alone, base, SHAPE, fill=True)
+    assert back[names[-1]].prune_rate == 0.0 and t_all == -1.0
+    assert fit_macs(resnet20, filled, bound, SHAPE, fill=True) == (filled, 0.0)  # within 2 %: its own fit

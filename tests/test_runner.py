@@ -20,6 +20,7 @@ import torch
 from optuna.trial import TrialState
 
 from core.apply import apply_policy
+from core.budget import policy_macs
 from core.cost import count_cost
 from core.policy import Policy
 from search.context import build_study_context
@@ -181,6 +182,25 @@ def test_fit_scales_an_over_budget_policy_onto_the_bound(tmp_path: Path, baselin
     )
     assert sctx.fit(pol) == pol  # a fitted policy is its own fit: retries evaluate the same thing
     assert {lp.prune_rate for lp in Policy.from_json(t1.user_attrs["policy"]).layers.values()} == {0.6}  # untouched
+
+
+def test_fill_prunes_an_under_budget_policy_less(tmp_path: Path, baseline_ckpt: Path) -> None:
+    # fit = "fill": the 0.6 seed, well under the bound, gives filters back until it is within 2 % of it
+    # (as close as smallcnn's channel grid allows); the over-budget seed is still scaled down.
+    cfg = load_study(write_study(tmp_path, baseline_ckpt, n_trials=2,
+                                 constraint='max_macs_ratio = 0.3\nfit = "fill"',
+                                 seeds='strategies = ["uniform"]\nuniform_rates = [0.0, 0.6]'))  # fmt: skip
+    run_study(cfg, progress=False, log=lambda s: None)
+    t0, t1 = trials_of(cfg)
+    bound = 0.3 * 1_493_632
+    assert 0.9 * bound < t0.user_attrs["macs"] <= bound
+    sctx = build_study_context(cfg)
+    seed = sctx.space.uniform_policy(0.6)
+    assert policy_macs(sctx.model, seed, sctx.input_shape) < 0.8 * bound
+    assert 0.9 * bound < t1.user_attrs["macs"] <= bound and t1.user_attrs["status"] == "ok"
+    rates = [lp.prune_rate for lp in Policy.from_json(t1.user_attrs["policy"]).layers.values()]
+    assert max(rates) < 0.6 and min(rates) >= 0.0
+    assert sctx.fit(Policy.from_json(t1.user_attrs["policy"])) == Policy.from_json(t1.user_attrs["policy"])
 
 
 def test_sqlite_storage_uses_write_ahead_log(tmp_path: Path, baseline_ckpt: Path) -> None:

@@ -207,7 +207,7 @@ def test_constraint_errors(tmp_path: Path) -> None:
     assert "not both" in err(write(tmp_path, "[constraint]\nmax_macs_ratio = 0.5\nmax_macs = 1e6\n"))
     assert "max_macs_ratio: must be in (0, 1]" in err(write(tmp_path, "[constraint]\nmax_macs_ratio = 1.5\n"))
     msg = err(write(tmp_path, '[constraint]\nmax_macs_ratio = 0.5\nfit = "squeeze"\n'))
-    assert "[constraint] fit" in msg and "'squeeze'" in msg and "scale, none" in msg
+    assert "[constraint] fit" in msg and "'squeeze'" in msg and "scale, fill, none" in msg
     msg = err(write(tmp_path, "[constraint]\nmax_latency_ratio = 0\n"))
     assert "[constraint] max_latency_ratio" in msg and "must be in (0, 1]" in msg
     msg = err(write(tmp_path, '[constraint]\nmax_latency_ratio = 0.6\nlatency_batch = "big"\n'))
