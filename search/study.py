@@ -589,6 +589,10 @@ def study_from_dict(raw: Mapping[str, Any], path: str | Path = "<study>") -> Stu
     if any(o.metric == "latency_pred_ms" for o in study.objectives) and cfg.constraint.max_latency_ratio is None:
         raise SlimError(f"{file}: [study] objectives: latency_pred_ms needs [constraint] max_latency_ratio "
                         f"(1.0 to predict latency without bounding it)")  # fmt: skip
+    if cfg.constraint.fit == "fill" and any(o.metric in ("macs", "params") for o in study.objectives):
+        raise SlimError(f"{file}: [constraint] fit = \"fill\" brings every trial to the MACs bound, so a "
+                        f"{'/'.join(o.metric for o in study.objectives if o.metric in ('macs', 'params'))} objective "
+                        f"would have no front to trade along; use fit = \"scale\"")  # fmt: skip
     return cfg
 
 

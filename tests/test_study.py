@@ -208,6 +208,9 @@ def test_constraint_errors(tmp_path: Path) -> None:
     assert "max_macs_ratio: must be in (0, 1]" in err(write(tmp_path, "[constraint]\nmax_macs_ratio = 1.5\n"))
     msg = err(write(tmp_path, '[constraint]\nmax_macs_ratio = 0.5\nfit = "squeeze"\n'))
     assert "[constraint] fit" in msg and "'squeeze'" in msg and "scale, fill, none" in msg
+    msg = err(write(tmp_path, '[constraint]\nmax_macs_ratio = 0.5\nfit = "fill"\n',
+                    study='objectives = ["val_acc:max", "macs:min"]'))  # fmt: skip
+    assert '[constraint] fit = "fill"' in msg and "macs objective" in msg
     msg = err(write(tmp_path, "[constraint]\nmax_latency_ratio = 0\n"))
     assert "[constraint] max_latency_ratio" in msg and "must be in (0, 1]" in msg
     msg = err(write(tmp_path, '[constraint]\nmax_latency_ratio = 0.6\nlatency_batch = "big"\n'))
