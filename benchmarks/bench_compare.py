@@ -23,7 +23,7 @@ of its TorchScript export at batch 1 and 64, search wall time). Candidates:
   policies; the best feasible trial goes to the final fine-tune. Its search time includes the paper methods' time when they seed it.
   ``--search-seeds 0,1,2``: one search per sampler seed (one row each; the verdicts use their mean), the
   fine-tunes keep ``--seed``, so the rows differ by the search's path only. ``--rerank K``: the K best trials
-  (distinct policies, ``search.export.top_trials``) all get the final fine-tune and the one with the best
+  (distinct networks, ``search.export.top_trials``) all get the final fine-tune and the one with the best
   accuracy on ``--held-out-images`` val images the search never saw is kept (their extra fine-tunes count as
   search time; every candidate's test accuracy is reported, never used to choose).
 - references: ``baseline`` (the adapted checkpoint, no further training) and ``baseline+ft`` (the same final

@@ -17,6 +17,7 @@ sized for 8×8 inputs) needs ``input_shape=(1, C, H, W)`` or ``example_input``.
 from __future__ import annotations
 
 import copy
+import hashlib
 import zlib
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -39,6 +40,7 @@ __all__ = [
     "kept_indices",
     "layer_seed",
     "masked_model",
+    "model_digest",
     "pruned_leaders",
     "structure_only",
 ]
@@ -271,6 +273,21 @@ def structure_only(model: nn.Module, policy: Policy, *, input_shape: Sequence[in
             rank = choose_rank(conv, lp.decomposition, lp.rank, lp.rank_ratio, layer_name=name)
             new.set_submodule(name, layer_structure(conv, lp.decomposition, rank))
     return new.eval()
+
+
+def model_digest(model: nn.Module) -> str:
+    """A short hash of ``model``'s parameters and buffers (names, dtypes, shapes, values).
+
+    Two policies can build the same network: a criterion or cluster count on a layer that loses no filter,
+    L1 and FPGM choosing the same filters, a rate that rounds to the same count. Their evaluations are the
+    same, so the evaluator reuses one result per digest and the export's top-k compares distinct networks.
+    """
+    h = hashlib.sha256()
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _shape_forward(new: nn.Module, x: torch.Tensor, original: nn.Module) -> object:

@@ -34,7 +34,8 @@ class EvalResult:
     where the table cannot predict), latency_ratio and latency_violation (ms over the bound; with a latency
     bound), latency_ms (when
     measured) and the time split apply_s, cost_s, train_s, eval_s, wall_s. ``intermediate``:
-    (step, val_acc) of the fine-tune's periodic evaluations. ``cached``: served from the cache."""
+    (step, val_acc) of the fine-tune's periodic evaluations. ``model_digest``: ``core.apply.model_digest`` of
+    the network built (empty when none was). ``cached``: served from the cache, by policy or by network."""
 
     status: str
     metrics: dict[str, float] = field(default_factory=dict)
@@ -42,6 +43,7 @@ class EvalResult:
     intermediate: list[tuple[int, float]] = field(default_factory=list)
     policy_hash: str = ""
     cached: bool = False
+    model_digest: str = ""
 
     @property
     def ok(self) -> bool:
@@ -54,6 +56,7 @@ class EvalResult:
             "reason": self.reason,
             "intermediate": [[int(s), float(a)] for s, a in self.intermediate],
             "policy_hash": self.policy_hash,
+            "model_digest": self.model_digest,
         }
 
     @classmethod
@@ -65,6 +68,7 @@ class EvalResult:
             intermediate=[(int(s), float(a)) for s, a in d.get("intermediate", [])],
             policy_hash=d.get("policy_hash", ""),
             cached=cached,
+            model_digest=d.get("model_digest", ""),
         )
 
 
@@ -81,6 +85,21 @@ def violations(metrics: Mapping[str, Any], names: tuple[str, ...]) -> dict[str, 
 def result_key(ctx: EvalContext, cfg: EvaluatorConfig, policy: Policy) -> str:
     """Cache key: context fingerprint, the evaluation-relevant config fields and the policy hash."""
     return f"{ctx.fingerprint}-{cfg.key}-{policy.hash}"
+
+
+def network_key(ctx: EvalContext, cfg: EvaluatorConfig, digest: str) -> str:
+    """Cache key of a built network (``core.apply.model_digest``): every policy that builds it shares it."""
+    return f"{ctx.fingerprint}-{cfg.key}-net-{digest}"
+
+
+@dataclass
+class _Built:
+    """What ``_run`` tells ``evaluate`` about the network it built: its digest, and the cached result of an
+    earlier policy that built the same network (then nothing is trained)."""
+
+    cache: ResultCache | None
+    digest: str = ""
+    reused: EvalResult | None = None
 
 
 def one_line(e: BaseException) -> str:
@@ -115,10 +134,11 @@ def evaluate(
     t0 = time.perf_counter()
     metrics: dict[str, float] = dict.fromkeys(TIMES[:-1], 0.0)
     intermediate: list[tuple[int, float]] = []
+    built = _Built(cache)
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            status, reason = _run(ctx, cfg, policy, report, metrics, intermediate)
+            status, reason = _run(ctx, cfg, policy, report, metrics, intermediate, built)
     except ImportError:
         # A broken installation (say, the package upgraded under a running study), not this candidate: failing
         # and caching every trial would burn the study's budget in seconds. The runner stops with an error.
@@ -126,9 +146,16 @@ def evaluate(
     except Exception as e:  # never raise for a candidate: the search records the failure and moves on
         status, reason = "fail", one_line(e)
     metrics["wall_s"] = time.perf_counter() - t0
-    result = EvalResult(status, metrics, reason, intermediate, policy.hash)
+    if built.reused is not None:  # its scores, this call's time split
+        r = built.reused
+        result = EvalResult(r.status, {**r.metrics, **metrics}, r.reason, r.intermediate, policy.hash, True,
+                            built.digest)  # fmt: skip
+    else:
+        result = EvalResult(status, metrics, reason, intermediate, policy.hash, model_digest=built.digest)
     if cache is not None:
         cache.put(key, result)
+        if built.digest and built.reused is None:
+            cache.put(network_key(ctx, cfg, built.digest), result)
     return result
 
 
@@ -139,8 +166,9 @@ def _run(
     report: Report | None,
     metrics: dict[str, float],
     intermediate: list[tuple[int, float]],
+    built: _Built,
 ) -> tuple[str, str]:
-    from core.apply import apply_policy, structure_only
+    from core.apply import apply_policy, model_digest, structure_only
     from core.cost import count_cost, measure_latency
     from core.macs import policy_macs
     from core.train import FinetuneConfig, finetune, recalibrate_bn
@@ -171,7 +199,12 @@ def _run(
 
     t = time.perf_counter()
     model = apply_policy(ctx.model, policy, input_shape=ctx.input_shape, seed=cfg.seed)
+    built.digest = model_digest(model)
     metrics["apply_s"] += time.perf_counter() - t
+    if built.cache is not None:
+        built.reused = built.cache.get(network_key(ctx, cfg, built.digest))
+        if built.reused is not None:
+            return built.reused.status, built.reused.reason
 
     t = time.perf_counter()
     verdict = _gate(ctx, count_cost(model, ctx.input_shape), metrics)

@@ -40,7 +40,8 @@ def _init_worker(factory: ContextFactory, threads: int) -> None:
 def _evaluate_in_worker(cfg: EvaluatorConfig, policy_json: str) -> dict[str, Any]:
     if _WORKER_CTX is None:
         raise RuntimeError("worker context was not initialised")
-    return evaluate(_WORKER_CTX, cfg, Policy.from_json(policy_json)).to_dict()
+    res = evaluate(_WORKER_CTX, cfg, Policy.from_json(policy_json))
+    return {**res.to_dict(), "cached": res.cached}
 
 
 def _failed(policy: Policy, e: BaseException) -> EvalResult:
@@ -75,7 +76,7 @@ class _CachedPool:
         def done(f: Future) -> None:
             try:
                 res = f.result()
-                res = res if isinstance(res, EvalResult) else EvalResult.from_dict(res)
+                res = res if isinstance(res, EvalResult) else EvalResult.from_dict(res, bool(res.get("cached")))
             except Exception as e:  # a crashed worker is a failed candidate, not a crashed search
                 res = _failed(policy, e)
             self.cache.put(self._key(policy), res)

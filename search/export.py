@@ -85,7 +85,7 @@ def select_trial(trials: Sequence[FrozenTrial], spec: str | int, max_macs: float
 
 
 def top_trials(trials: Sequence[FrozenTrial], k: int, max_macs: float | None = None) -> list[FrozenTrial]:
-    """The ``k`` best feasible COMPLETE trials with distinct policies (``search.runner.ranked_feasible``);
+    """The ``k`` best feasible COMPLETE trials with distinct networks (``search.runner.ranked_feasible``);
     none at all is a SlimError."""
     from search.runner import ranked_feasible
 
@@ -133,7 +133,7 @@ def export_trial(
     Defaults come from [export]: formats, out (``<workdir>/export``; the model goes to
     ``<out>/trial-<n>``), finetune_epochs (a final fine-tune on the train split before export).
     ``top_k`` > 1 (with "best" and a final fine-tune): the search's val accuracy after a few steps is a noisy
-    ranking, so the ``top_k`` best trials (distinct policies) all get the final fine-tune and the one with
+    ranking, so the ``top_k`` best trials (distinct networks) all get the final fine-tune and the one with
     the best val accuracy after it is exported; ``metrics["top_k"]`` lists every candidate.
     """
     from core.policy import Policy
@@ -169,7 +169,7 @@ def export_trial(
 
 
 def ray_top_numbers(cfg: StudyConfig, k: int, max_macs: float | None = None) -> list[int]:
-    """Trial numbers of a Ray study's ``k`` best feasible trials (distinct policies), best first."""
+    """Trial numbers of a Ray study's ``k`` best feasible trials (distinct networks), best first."""
     from search.ray_runner import ranked_rows, ray_trials
 
     df = ray_trials(cfg)

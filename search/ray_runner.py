@@ -50,7 +50,7 @@ RESULT_METRICS = (
 # Columns of the results table, first; Ray's own columns and config/<param> follow.
 TABLE_COLUMNS = ("number", "trial_id", "ray_status", "status", "feasible", "val_acc", "macs", "params",
                  "macs_ratio", "params_ratio", "flops", "latency_ms", "latency_pred_ms", "wall_s", "seed", "reason",
-                 "node_id", "policy_hash", "policy")  # fmt: skip
+                 "node_id", "policy_hash", "model_digest", "policy")  # fmt: skip
 CONNECT_TIMEOUT_S = 5.0
 COUNTED = ("ok", "infeasible", "fail", "pruned")  # statuses of evaluated trials (they count toward n_trials)
 
@@ -209,6 +209,7 @@ def final_result(cfg: StudyConfig, res: Any, policy: Any, extra: Mapping[str, An
         cached=bool(getattr(res, "cached", False)),
         policy=policy.to_json() if policy is not None else "",
         policy_hash=policy.hash if policy is not None else "",
+        model_digest=getattr(res, "model_digest", ""),
     )
     if res.status != "ok" or not math.isfinite(out.get("val_acc", math.nan)):
         out["val_acc"] = 0.0  # infeasible / failed: worst accuracy for ASHA and the sampler
@@ -547,12 +548,16 @@ def ray_trials(cfg: StudyConfig) -> Any:
 
 def ranked_rows(df: Any) -> Any:
     """Feasible (status ok) trials, best first: val_acc, then fewer MACs, then lower number; one row per
-    distinct policy (as ``search.runner.ranked_feasible`` for Optuna studies)."""
+    distinct network (as ``search.runner.ranked_feasible`` for Optuna studies)."""
     ok = df[df["status"] == "ok"]
     ok = ok.assign(_neg_macs=-ok["macs"].astype(float), _neg_n=-ok["number"].astype(int))
     ok = ok.sort_values(["val_acc", "_neg_macs", "_neg_n"], ascending=False)
     if "policy" in ok.columns:
-        ok = ok[~ok["policy"].astype(str).duplicated()]
+        key = ok["policy"].astype(str)
+        if "model_digest" in ok.columns:  # one row per network; the policy where no digest was recorded
+            digest = ok["model_digest"]
+            key = digest.where(digest.notna() & (digest.astype(str) != ""), key).astype(str)
+        ok = ok[~key.duplicated()]
     return ok.drop(columns=["_neg_macs", "_neg_n"])
 
 

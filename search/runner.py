@@ -503,6 +503,8 @@ def _record(trial: optuna.Trial, cfg: StudyConfig, policy: Any, res: Any, fit_s:
         "reason": res.reason,
         "cached": bool(res.cached),
     }
+    if getattr(res, "model_digest", ""):
+        attrs["model_digest"] = res.model_digest
     attrs.update({k: float(res.metrics[k]) for k in FLAT_METRICS if k in res.metrics})
     if res.intermediate:
         attrs["intermediate"] = [[int(s), float(a)] for s, a in res.intermediate]
@@ -722,7 +724,8 @@ def trial_line(t: FrozenTrial) -> str:
 
 def ranked_feasible(trials: Sequence[FrozenTrial], max_macs: float | None = None) -> list[FrozenTrial]:
     """COMPLETE trials within the study's bounds (and ``max_macs``), best first: val_acc, then fewer MACs,
-    then the earlier trial; one trial per distinct policy (cached repeats and re-drawn policies collapse)."""
+    then the earlier trial; one trial per distinct network (``model_digest``; the policy where a trial has
+    none): cached repeats, re-drawn policies and policies that build the same network collapse."""
     ok = [t for t in trials if t.state == TrialState.COMPLETE and t.user_attrs.get("status") == "ok"]
     if max_macs is not None:
         ok = [t for t in ok if t.user_attrs.get("macs", float("inf")) <= max_macs]
@@ -730,7 +733,7 @@ def ranked_feasible(trials: Sequence[FrozenTrial], max_macs: float | None = None
     seen: set[str] = set()
     out = []
     for t in ok:
-        key = t.user_attrs.get("policy", f"#{t.number}")
+        key = t.user_attrs.get("model_digest") or t.user_attrs.get("policy", f"#{t.number}")
         if key not in seen:
             seen.add(key)
             out.append(t)

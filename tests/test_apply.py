@@ -215,6 +215,27 @@ def test_identity_policy_returns_an_equal_independent_copy() -> None:
     assert not torch.equal(new.features[0].weight, model.features[0].weight)
 
 
+def test_model_digest_tells_networks_apart_by_structure_and_values() -> None:
+    from core.apply import model_digest
+
+    torch.manual_seed(0)
+    model = build_model("smallcnn").eval()
+
+    def one(rate: float, criterion: str = "l1") -> Policy:
+        return Policy({"features.0": LayerPolicy(prune_rate=rate, criterion=criterion)})
+
+    assert model_digest(apply_policy(model, Policy())) == model_digest(model)
+    half, also, fpgm = (apply_policy(model, p) for p in (one(0.5), one(0.52), one(0.5, "fpgm")))
+    assert model_digest(half) == model_digest(also) != model_digest(model)  # floor: 8 of 16 filters either way
+    same_filters = kept_indices(model, one(0.5))["features.0"].equal(
+        kept_indices(model, one(0.5, "fpgm"))["features.0"]
+    )
+    assert (model_digest(fpgm) == model_digest(half)) == same_filters
+    with torch.no_grad():
+        half.features[0].weight[0, 0, 0, 0] += 1e-6  # one value: another network
+    assert model_digest(half) != model_digest(also)
+
+
 def test_clone_model_is_independent_and_keeps_tied_weights() -> None:
     class Tied(nn.Module):
         def __init__(self) -> None:

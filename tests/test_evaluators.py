@@ -185,6 +185,34 @@ def test_cache_hit_skips_apply_policy(ctx: EvalContext, monkeypatch: pytest.Monk
     assert other.fingerprint != fresh(ctx).fingerprint
 
 
+def test_policies_that_build_the_same_network_share_one_evaluation(
+    ctx: EvalContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rates 0.25 and 0.26 (and a mix of them) remove the same filters of every layer (floor of 0.25 / 0.26 x
+    its width): distinct policies, one network, scored once per evaluator config."""
+    calls = []
+    real = core.train.recalibrate_bn
+    monkeypatch.setattr(core.train, "recalibrate_bn", lambda *a, **k: calls.append(1) or real(*a, **k))
+    a, b = uniform(ctx, 0.25), uniform(ctx, 0.26)
+    c = b.with_layer("features.0", LayerPolicy(prune_rate=0.25, criterion="l1", clusters=None))
+    assert len({a.hash, b.hash}) == 2
+    cx = fresh(ctx)
+    first, second, third = (evaluate(cx, PROXY, p) for p in (a, b, c))
+    assert len(calls) == 1 and not first.cached and second.cached and third.cached
+    assert first.model_digest and first.model_digest == second.model_digest == third.model_digest
+    assert second.policy_hash == b.hash and second.metrics["val_acc"] == first.metrics["val_acc"]
+    assert second.metrics["eval_s"] == 0.0 < first.metrics["eval_s"]  # this call's time split: nothing scored
+    other = evaluate(cx, PROXY, uniform(ctx, 0.5))  # another network: evaluated
+    assert not other.cached and other.model_digest != first.model_digest and len(calls) == 2
+    assert not evaluate(cx, dataclasses.replace(PROXY, seed=1), b).cached  # another config: evaluated
+    assert len(calls) == 3
+    alone = evaluate(cx, PROXY, a, cache=None)  # no cache: the digest is still recorded, nothing reused
+    assert alone.model_digest == first.model_digest and not alone.cached and len(calls) == 4
+    assert EvalResult.from_dict(first.to_dict()).model_digest == first.model_digest
+    infeasible = evaluate(fresh(ctx, max_macs=1.0), PROXY, a)
+    assert infeasible.status == "infeasible" and infeasible.model_digest == first.model_digest
+
+
 def test_report_pruning(ctx: EvalContext) -> None:
     seen = []
 

@@ -111,9 +111,22 @@ def test_final_result_marks_infeasible_and_failed_as_worst(tmp_path: Path) -> No
         "NaN loss",
         "",
     )
-    ok = final_result(cfg, EvalResult("ok", {"val_acc": 0.9, "macs": 1e5}), pol, {})
-    assert ok["feasible"] and ok["val_acc"] == 0.9
+    ok = final_result(cfg, EvalResult("ok", {"val_acc": 0.9, "macs": 1e5}, model_digest="abc"), pol, {})
+    assert ok["feasible"] and ok["val_acc"] == 0.9 and ok["model_digest"] == "abc"
     json.dumps(r)  # plain values only: Tune stores results as JSON
+
+
+def test_ranked_rows_keeps_one_row_per_network() -> None:
+    import pandas as pd
+
+    from search.ray_runner import ranked_rows
+
+    df = pd.DataFrame({
+        "number": [0, 1, 2, 3, 4], "status": ["ok"] * 5, "val_acc": [0.9, 0.9, 0.8, 0.7, 0.7],
+        "macs": [5.0] * 5, "policy": ["a", "b", "c", "d", "d"], "model_digest": ["n1", "n1", "n2", None, None],
+    })  # fmt: skip
+    assert ranked_rows(df)["number"].tolist() == [0, 2, 3]  # 1 builds 0's network; 4 repeats 3's policy
+    assert ranked_rows(df.drop(columns="model_digest"))["number"].tolist() == [0, 1, 2, 3]  # older tables
 
 
 def test_results_csv_fallback_and_best_policy(tmp_path: Path) -> None:

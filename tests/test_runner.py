@@ -417,10 +417,12 @@ def test_lower_n_trials_leaves_extra_slots_alone(tmp_path: Path, baseline_ckpt: 
 def test_ranked_feasible_orders_by_val_then_macs_and_collapses_repeated_policies() -> None:
     from optuna.distributions import FloatDistribution
 
-    def trial(n: int, status: str, acc: float, macs: float, policy: str, state: TrialState = TrialState.COMPLETE):
+    def trial(n: int, status: str, acc: float, macs: float, policy: str, state: TrialState = TrialState.COMPLETE,
+              digest: str = ""):  # fmt: skip
+        attrs = {"status": status, "val_acc": acc, "macs": macs, "policy": policy}
         t = optuna.trial.create_trial(state=state, value=acc if state == TrialState.COMPLETE else None,
                                       params={"x": 0.1}, distributions={"x": FloatDistribution(0, 1)},
-                                      user_attrs={"status": status, "val_acc": acc, "macs": macs, "policy": policy})  # fmt: skip
+                                      user_attrs={**attrs, **({"model_digest": digest} if digest else {})})  # fmt: skip
         t.number = n
         return t
 
@@ -436,6 +438,10 @@ def test_ranked_feasible_orders_by_val_then_macs_and_collapses_repeated_policies
     assert [t.number for t in ranked_feasible(trials)] == [2, 1, 0]
     assert [t.number for t in ranked_feasible(trials, max_macs=55.0)] == [2, 0]
     assert ranked_feasible(trials, max_macs=10.0) == []
+    # Distinct policies that built the same network (same digest) are one candidate; no digest: by policy.
+    built = [trial(0, "ok", 0.9, 50.0, "a", digest="n1"), trial(1, "ok", 0.9, 50.0, "b", digest="n1"),
+             trial(2, "ok", 0.8, 50.0, "c", digest="n2"), trial(3, "ok", 0.7, 50.0, "d")]  # fmt: skip
+    assert [t.number for t in ranked_feasible(built)] == [0, 2, 3]
 
 
 def test_global_seed_prunes_layers_unevenly_and_is_enqueued_first(tmp_path: Path, baseline_ckpt: Path) -> None:
