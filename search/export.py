@@ -277,5 +277,13 @@ def export_policies(
         metrics["base_test_acc"] = evaluate(sctx.model, sctx.splits.test)
     metrics["export_s"] = time.perf_counter() - t0
     out = out if out is not None else cfg.export_dir / f"trial-{number}"
-    files = export_model(model, policy, out, fmts, example_input=sctx.input_shape, metrics=metrics)
+    files = export_model(
+        model,
+        policy,
+        out,
+        fmts,
+        example_input=sctx.input_shape,
+        metrics=metrics,
+        memory_format=cfg.export.memory_format,
+    )
     return ExportResult(number, out, files, metrics)

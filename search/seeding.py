@@ -529,7 +529,15 @@ def run_method_on_study(
     if sctx.splits.test is not None:
         metrics["test_acc"] = accuracy(model, sctx.splits.test)
         metrics["base_test_acc"] = accuracy(sctx.model, sctx.splits.test)
-    files = export_model(model, policy, out, fmts, example_input=sctx.input_shape, metrics=_clean(metrics))
+    files = export_model(
+        model,
+        policy,
+        out,
+        fmts,
+        example_input=sctx.input_shape,
+        metrics=_clean(metrics),
+        memory_format=cfg.export.memory_format,
+    )
     rows = layer_rows(sctx.model, policy, layers, mres.report.get("layers", {}))
     report = {
         **metrics,

@@ -38,6 +38,7 @@ OBJECTIVE_METRICS = (
 DIRECTIONS = {"max": "maximize", "min": "minimize"}
 # = core.export.FORMATS (a test checks it), for the same reason as DATASETS below.
 EXPORT_FORMATS = ("torchscript", "torchscript-frozen", "pt2", "state")
+EXPORT_MEMORY_FORMATS = ("contiguous", "channels_last")  # core.export.MEMORY_FORMATS
 STORAGE_SCHEMES = ("sqlite", "postgresql", "mysql")
 # = core.data.DATASETS (a test checks it); not imported from there, so that reading a study file does
 # not import torch (status/report/errors answer in a fraction of the time).
@@ -132,6 +133,7 @@ class ExportSection:
     finetune_lr: float = 0.01
     finetune_batch_size: int = 128
     kd: bool = False
+    memory_format: str = "contiguous"  # core.export.MEMORY_FORMATS
 
 
 @dataclass(frozen=True)
@@ -516,7 +518,11 @@ def _export(t: _Table) -> ExportSection:
         finetune_lr=t.get("finetune_lr", "a number", 0.01, check=_positive),
         finetune_batch_size=t.get("finetune_batch_size", "an integer", 128, check=_at_least(1)),
         kd=t.get("kd", "a boolean", False),
+        memory_format=t.get("memory_format", "a string", "contiguous"),
     )
+    if sec.memory_format not in EXPORT_MEMORY_FORMATS:
+        allowed = ", ".join(EXPORT_MEMORY_FORMATS)
+        t.fail("memory_format", f"unknown memory format {sec.memory_format!r}; allowed: {allowed}")
     t.finish()
     return sec
 

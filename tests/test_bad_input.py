@@ -624,7 +624,7 @@ def test_study_dataset_names_match_core_data() -> None:
 
 
 def test_study_export_formats_match_core_export() -> None:
-    from core.export import FORMATS
-    from search.study import EXPORT_FORMATS
+    from core.export import FORMATS, MEMORY_FORMATS
+    from search.study import EXPORT_FORMATS, EXPORT_MEMORY_FORMATS
 
-    assert EXPORT_FORMATS == FORMATS
+    assert EXPORT_FORMATS == FORMATS and EXPORT_MEMORY_FORMATS == tuple(MEMORY_FORMATS)

@@ -186,9 +186,33 @@ def test_failed_export_leaves_previous_export_intact(
     assert [p.name for p in tmp_path.iterdir()] == ["best"]
 
 
+@pytest.mark.parametrize("fmt", ["torchscript", "torchscript-frozen", "pt2"])
+def test_channels_last_export_keeps_nhwc_weights_and_takes_nchw_inputs(fmt: str, tmp_path: Path) -> None:
+    model = randomize_bn(build_model("resnet20"))
+    policy = Policy({"layer1.0.conv1": LayerPolicy(prune_rate=0.5), "layer3.1.conv1": LayerPolicy(prune_rate=0.3)})
+    pruned = apply_policy(model, policy)
+    files = export_model(pruned, policy, tmp_path / "e", formats=(fmt, "state"), example_input=(1, 3, 32, 32),
+                         memory_format="channels_last")  # fmt: skip
+    assert json.loads((tmp_path / "e" / "manifest.json").read_text())["memory_format"] == "channels_last"
+    assert next(pruned.parameters()).is_contiguous()  # the caller's model is untouched
+    x = torch.randn(2, 3, 32, 32)  # plain NCHW
+    with torch.no_grad():
+        y = pruned(x)
+    assert run_fresh(tmp_path, files[fmt], x, y) == "OK"
+    if fmt == "torchscript":  # NHWC weights (pt2 stays contiguous: see core.export)
+        weights = [p for p in load_exported(files[fmt]).parameters() if p.dim() == 4]
+        assert weights and all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
+        assert not all(w.is_contiguous() for w in weights)
+    rebuilt = load_state(model, tmp_path / "e")  # the state dict loads into an ordinary model
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), y, atol=1e-5, rtol=0)
+
+
 def test_bad_requests(compressed: torch.nn.Module, tmp_path: Path) -> None:
     with pytest.raises(SlimError, match="unknown format 'onnx'"):
         export_model(compressed, HALF, tmp_path / "x", formats=("onnx",), example_input=SHAPE)
+    with pytest.raises(SlimError, match="unknown memory_format 'nhwc'; allowed: contiguous, channels_last"):
+        export_model(compressed, HALF, tmp_path / "x", example_input=SHAPE, memory_format="nhwc")
     with pytest.raises(SlimError, match="not found"):
         load_exported(tmp_path / "missing.pt")
     assert not (tmp_path / "x").exists()
