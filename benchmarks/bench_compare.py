@@ -95,7 +95,7 @@ from core.cost import count_cost, measure_latency  # noqa: E402
 from core.criteria import global_rates, group_importance  # noqa: E402
 from core.data import DataSplits, batches  # noqa: E402
 from core.errors import SlimError  # noqa: E402
-from core.export import export_model, load_exported  # noqa: E402
+from core.export import MEMORY_FORMATS, export_model, load_exported  # noqa: E402
 from core.graph import model_graph  # noqa: E402
 from core.policy import LayerPolicy, Policy  # noqa: E402
 from core.tp_prune import pruned_rates, tp_prune  # noqa: E402
@@ -231,6 +231,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lat-repeats-b64", type=int, default=3)
     p.add_argument("--latency-format", default="torchscript", choices=("torchscript", "torchscript-frozen"),
                    help="export whose latency is measured (frozen: BN folded, see core.export)")  # fmt: skip
+    p.add_argument("--latency-memory-format", default="channels_last", choices=tuple(MEMORY_FORMATS),
+                   help="conv weight layout of the timed exports (the ResNet study files export channels_last)")  # fmt: skip
     p.add_argument("--lat-rounds", type=int, default=3, help="round-robin latency rounds over all exports (best kept)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads")
@@ -294,11 +296,13 @@ def latency(model: nn.Module | Any, args: argparse.Namespace) -> dict[str, float
     return {"b1_ms": b1.median_ms, "b64_ms": b64.median_ms}
 
 
-def export_reload(model: nn.Module, policy: Policy | None, where: Path, fmt: str = "torchscript") -> Any:
-    """The TorchScript export (``fmt``: torchscript or torchscript-frozen) of a CPU copy of ``model``, reloaded as
-    a user would."""
-    cpu = copy.deepcopy(model).cpu().eval()
-    return load_exported(export_model(cpu, policy, where, formats=(fmt,), example_input=SHAPE)[fmt])
+def export_reload(model: nn.Module, policy: Policy | None, where: Path, args: argparse.Namespace) -> Any:
+    """The TorchScript export (``--latency-format``, ``--latency-memory-format``) of a CPU copy of ``model``,
+    reloaded as a user would."""
+    cpu, fmt = copy.deepcopy(model).cpu().eval(), args.latency_format
+    files = export_model(cpu, policy, where, formats=(fmt,), example_input=SHAPE,
+                         memory_format=args.latency_memory_format)  # fmt: skip
+    return load_exported(files[fmt])
 
 
 def latency_phase(b: Bench) -> dict[str, dict[str, float]]:
@@ -346,7 +350,7 @@ def finish(b: Bench, model: nn.Module, policy: Policy | None, key: str) -> dict[
     held = accuracy(model, b.held_out) if b.held_out is not None else None
     held_s = time.perf_counter() - t
     cost = count_cost(model, SHAPE)
-    b.exports[key] = export_reload(model, policy, b.tmp / f"export-{len(b.done)}", a.latency_format)
+    b.exports[key] = export_reload(model, policy, b.tmp / f"export-{len(b.done)}", a)
     row = {"test_acc": test, "proxy_val_acc": proxy, "finetune_steps": res.steps, "finetune_s": ft_s,
            "test_s": test_s, "held_out_val_acc": held, "held_out_s": held_s, "macs": cost.macs, "params": cost.params, "macs_pct": 100.0 * cost.macs / b.base_macs,
            "params_pct": 100.0 * cost.params / b.base_params, "latency_key": key}  # fmt: skip
@@ -619,7 +623,7 @@ def run_model(name: str, args: argparse.Namespace, splits: DataSplits, log: Log)
         n_held = max(0, min(args.held_out_images, len(splits.val) - n_val))
         held = splits.val.subset(torch.arange(n_val, n_val + n_held)) if n_held else None
         b = Bench(name, args, base, sub, held, c0.macs, c0.params, None, log, Path(tmp))
-        b.base_ts = export_reload(base, Policy(), b.tmp / "export-base", args.latency_format)
+        b.base_ts = export_reload(base, Policy(), b.tmp / "export-base", args)
         log(f"{name}: {c0.macs / 1e6:.2f} M MACs, {c0.params / 1e6:.3f} M params")
         refs = [{"method": "baseline", "kind": "reference",
                  "macs": c0.macs, "params": c0.params, "macs_pct": 100.0, "params_pct": 100.0,
@@ -651,7 +655,7 @@ def run_model(name: str, args: argparse.Namespace, splits: DataSplits, log: Log)
             "data": "cifar10-jpeg.tar.gz (JPEG pixels; numbers not comparable with published CIFAR-10 tables)",
             "splits": {"train": len(sub.train.y), "val_subset": n_val, "held_out_val": n_held, "test": n_test},
             "settings": settings,
-            "latency_artefact": f"{args.latency_format} export (core.export.export_model) reloaded with core.export.load_exported;"
+            "latency_artefact": f"{args.latency_format} export ({args.latency_memory_format}, core.export.export_model) reloaded with core.export.load_exported;"
                                 " single thread; median of repeats, best of --lat-rounds round-robin rounds over every"
                                 " export of the model after all fine-tunes (bench_compare.latency_phase)",
             "machine": machine(),
@@ -832,7 +836,7 @@ def markdown(results: list[dict]) -> str:
              "Generated by `benchmarks/bench_compare.py` from `compare_*.json`; do not edit by hand.", "",
              "Every row starts from the JPEG-adapted checkpoint and gets the same final fine-tune (except `baseline`). "
              "Data: the CIFAR-10 JPEG archive, so accuracies compare with each other, not with published tables. "
-             "Latency: single-thread CPU, TorchScript export (plain or frozen, as each model's settings say) reloaded, median; speed-up x = baseline latency / "
+             "Latency: single-thread CPU, TorchScript export (plain or frozen, NCHW or channels_last weights, as each model's settings say; the baseline in the same format) reloaded, median; speed-up x = baseline latency / "
              "latency (all of a model's exports measured round-robin after its fine-tunes); export speed-up = speed-up x / MACs reduction x (target >= 0.8). `proxy %` = "
              "BN-recalibrated "
              "val-subset accuracy before the fine-tune (what the searches optimise).", ""]  # fmt: skip
@@ -845,7 +849,7 @@ def markdown(results: list[dict]) -> str:
                   f"train images, first {res['splits']['val_subset']} val images. slimsearch: {s['n_trials']} trials "
                   f"({s['sampler']}, {s['n_startup_trials']} startup, evaluator {s.get('evaluator', 'proxy')}{', fit ' + s['fit'] if s.get('fit') else ''}), seeds {s['study_seeds']}, space of "
                   f"studies/{res['model']}_cifar10.toml{''.join(f' with {o}' for o in s.get('space') or [])}{latency_note(s)}.{paper_note(s)} Machine: {m['cpus']} CPUs, {s['threads']} thread, load "
-                  f"{m['loadavg'][0]:.1f}; whole run {res['total_s'] / 60:.1f} min. Latency: {s.get('latency_format', 'torchscript')} exports, best of {s['lat_rounds']} round-robin rounds over all of them after every fine-tune.", ""]  # fmt: skip
+                  f"{m['loadavg'][0]:.1f}; whole run {res['total_s'] / 60:.1f} min. Latency: {s.get('latency_format', 'torchscript')} exports ({s.get('latency_memory_format', 'contiguous')} weights), best of {s['lat_rounds']} round-robin rounds over all of them after every fine-tune.", ""]  # fmt: skip
         for bud in res["budgets"]:
             lines += [f"### {res['model']}, MACs <= {100 * bud['budget']:.0f} % ({bud['max_macs'] / 1e6:.2f} M)", "",
                       "| candidate | test top-1 % | vs baseline+ft pt | proxy % | MACs (M) | MACs % | params (M) | "

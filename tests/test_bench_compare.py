@@ -126,16 +126,27 @@ def test_latency_phase_measures_every_export_round_robin(monkeypatch: pytest.Mon
     assert row["latency"]["base_b1_ms"] == 4.0 and row["latency"]["b1_ms"] == 2.0
 
 
-@pytest.mark.parametrize(("fmt", "frozen"), [("torchscript", False), ("torchscript-frozen", True)])
-def test_export_reload_gives_the_requested_program(tmp_path: Path, fmt: str, frozen: bool) -> None:
+@pytest.mark.parametrize(
+    ("fmt", "layout"),
+    [("torchscript", "contiguous"), ("torchscript", "channels_last"), ("torchscript-frozen", "channels_last")],
+)
+def test_export_reload_gives_the_requested_program(tmp_path: Path, fmt: str, layout: str) -> None:
+    import argparse
+
     import benchmarks.bench_compare as bc
 
     model = build_model("resnet20").eval()
-    program = bc.export_reload(model, Policy(), tmp_path / "e", fmt)
+    args = argparse.Namespace(latency_format=fmt, latency_memory_format=layout)
+    program = bc.export_reload(model, Policy(), tmp_path / "e", args)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(program(x), model(x), atol=1e-4, rtol=1e-4)
+    frozen = fmt == "torchscript-frozen"
     assert ("batch_norm" in str(program.inlined_graph)) != frozen and bool(list(program.parameters())) != frozen
+    if not frozen:
+        conv = program.conv1.weight
+        assert conv.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+        assert conv.is_contiguous() == (layout == "contiguous")
 
 
 def test_space_overrides_parse_toml_values() -> None:
