@@ -146,8 +146,10 @@ def export_model(
             if fmt in ("torchscript", "torchscript-frozen"):
                 frozen = fmt == "torchscript-frozen"
                 _to_torchscript(scripted, x, path, frozen=frozen)
-                # Folding BN changes float rounding: allow it relative to the output's scale.
-                tol = atol + 1e-6 * float(y.abs().max()) if frozen else atol
+                # Folding BN and NHWC kernels change the float summation order: allow that relative to the
+                # output's scale (an NHWC ResNet-20 with logits ~10 differed by 1.1e-5).
+                reordered = frozen or memory_format != "contiguous"
+                tol = atol + 1e-6 * float(y.abs().max()) if reordered else atol
                 _check(fmt, torch.jit.load(str(path)), x, y, tol)
             elif fmt == "pt2":
                 _to_pt2(m, x, path)

@@ -208,6 +208,22 @@ def test_channels_last_export_keeps_nhwc_weights_and_takes_nchw_inputs(fmt: str,
         torch.testing.assert_close(rebuilt(x), y, atol=1e-5, rtol=0)
 
 
+def test_channels_last_export_allows_reordered_rounding_of_large_outputs(tmp_path: Path) -> None:
+    # NHWC kernels sum in another order: logits of ~1e4 differ by ~1e-2, past a fixed 1e-5 (a trained
+    # ResNet-20's ~10 differed by 1.1e-5); the check is relative to the output's scale, as for frozen programs.
+    model = randomize_bn(build_model("resnet20"))
+    with torch.no_grad():
+        model.linear.weight.mul_(1000)
+    files = export_model(model, None, tmp_path / "e", formats=("torchscript",), example_input=(1, 3, 32, 32),
+                         memory_format="channels_last")  # fmt: skip
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        y = model(x)
+        got = load_exported(files["torchscript"])(x)
+    assert float(y.abs().max()) > 1e3
+    torch.testing.assert_close(got, y, atol=1e-5 + 1e-6 * float(y.abs().max()), rtol=0)
+
+
 def test_bad_requests(compressed: torch.nn.Module, tmp_path: Path) -> None:
     with pytest.raises(SlimError, match="unknown format 'onnx'"):
         export_model(compressed, HALF, tmp_path / "x", formats=("onnx",), example_input=SHAPE)
