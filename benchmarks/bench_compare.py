@@ -487,6 +487,11 @@ def latency_constraint(a: argparse.Namespace) -> dict[str, Any]:
     return {"max_latency_ratio": float(a.latency_bound), "latency_batch": int(a.latency_batch)}
 
 
+def latency_layout(a: argparse.Namespace) -> dict[str, Any]:
+    """build_context's memory format of the latency bound: the timed exports' (``--latency-memory-format``)."""
+    return {"latency_memory_format": a.latency_memory_format} if a.latency_bound is not None else {}
+
+
 def study_config(b: Bench, max_macs: float, tag: str, seeds: list[tuple[str, Policy]], search_seed: int) -> Any:
     """A StudyConfig like studies/<model>_cifar10.toml, with the budget, the proxy and a temp storage."""
     from search.study import study_from_dict
@@ -528,7 +533,7 @@ def run_slimsearch(
     cfg = study_config(b, max_macs, tag, seeds, search_seed)
     t = time.perf_counter()
     ectx = build_context(b.base, b.splits, SHAPE, max_macs=max_macs, score_baseline=False, cache=ResultCache(),
-                         **latency_constraint(b.args))  # fmt: skip
+                         **latency_constraint(b.args), **latency_layout(b.args))  # fmt: skip
     space = SearchSpace.build(b.base, cfg.space, SHAPE)
     sha = hashlib.sha256(b"".join(v.detach().cpu().numpy().tobytes() for v in b.base.state_dict().values()))
     sctx = StudyContext(cfg, b.base, b.splits, SHAPE, ectx, space, cfg.model.checkpoint, sha.hexdigest()[:16])

@@ -13,7 +13,8 @@ models: the baseline and the baseline with every prunable group at half its filt
 prediction is its measurement.
 
 The table is measured by the process that first needs a shape (single thread by default; TorchScript
-programs, as the default export ships, or eager modules): predictions carry that machine's timing noise, a few
+programs, as the default export ships, or eager modules; conv weights in the ``memory_format`` the export will
+have, since channels_last programs run NHWC end to end and time differently): predictions carry that machine's timing noise, a few
 percent per layer. A search stores it in its workdir, so its workers and a resumed run share one measurement
 per shape and judge a policy alike. ``benchmarks/bench_latency.py`` checks predictions against measured
 exports.
@@ -40,6 +41,7 @@ from core.apply import structure_only
 from core.budget import prunable_leaders
 from core.cost import measure_latency
 from core.errors import SlimError
+from core.export import MEMORY_FORMATS
 from core.graph import ModelGraph
 from core.macs import Call, MacsTable, macs_table
 from core.policy import LayerPolicy, Policy, rate_for_removed
@@ -63,15 +65,20 @@ class LatencyTable:
         repeats: int = 10,
         mode: str = "torchscript",
         path: str | Path | None = None,
+        memory_format: str = "contiguous",
     ) -> None:
         if mode not in MODES:
             raise SlimError(f"latency table: mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if memory_format not in MEMORY_FORMATS:
+            raise SlimError(f"latency table: memory_format must be one of {', '.join(MEMORY_FORMATS)}, got "
+                            f"{memory_format!r}")  # fmt: skip
         if batch_size < 1 or threads < 1 or repeats < 1:
             raise SlimError(
                 f"latency table: need batch_size, threads, repeats >= 1; got {batch_size}, {threads}, {repeats}"
             )
         self.shape = tuple(input_shape)
         self.batch_size, self.threads, self.repeats, self.mode = batch_size, threads, repeats, mode
+        self.memory_format = memory_format
         self.macs: MacsTable = macs_table(model, self.shape)
         self.path = Path(path) if path is not None else None
         self._ops: dict[str, float] = {}
@@ -209,8 +216,11 @@ class LatencyTable:
     def _settings(self) -> dict[str, object]:
         """What a stored table must match: the architecture's calls and the timing settings."""
         calls = hashlib.sha256(repr((self.shape, self.macs.calls)).encode()).hexdigest()[:16]
-        return {"calls": calls, "batch_size": self.batch_size, "threads": self.threads, "mode": self.mode,
-                "repeats": self.repeats}  # fmt: skip
+        settings: dict[str, object] = {"calls": calls, "batch_size": self.batch_size, "threads": self.threads,
+                                       "mode": self.mode, "repeats": self.repeats}  # fmt: skip
+        if self.memory_format != "contiguous":  # absent for contiguous: tables stored before it stay valid
+            settings["memory_format"] = self.memory_format
+        return settings
 
     def _read(self) -> dict | None:
         """The stored table at ``path`` (None when there is none); a corrupt one or one of another
@@ -256,8 +266,10 @@ class LatencyTable:
         os.replace(tmp, self.path)
 
     def _time(self, module: nn.Module, shape: tuple[int, ...], rounds: int = 1) -> float:
-        """Best median of ``rounds`` timings of ``module`` (scripted in torchscript mode) at ``shape`` with the
-        table's batch size."""
+        """Best median of ``rounds`` timings of ``module`` (in the table's memory format; scripted in torchscript
+        mode) at ``shape`` with the table's batch size; inputs stay NCHW, as an exported program gets them."""
+        if self.memory_format != "contiguous":
+            module = copy.deepcopy(module).to(memory_format=MEMORY_FORMATS[self.memory_format])
         program = _script(module) if self.mode == "torchscript" else module
         return min(
             measure_latency(program, shape, self.batch_size, self.threads, repeats=self.repeats, warmup=2).median_ms
@@ -285,17 +297,20 @@ def latency_table(
     threads: int = 1,
     mode: str = "torchscript",
     folder: str | Path | None = None,
+    memory_format: str = "contiguous",
 ) -> LatencyTable:
     """The latency table of ``model``'s architecture (cached per dependency graph, settings and folder); with
-    ``folder`` it is stored there as ``latency_b<batch>_t<threads>_<mode>.json`` and shared by every process
-    using that folder (a study's workers, a resumed study)."""
+    ``folder`` it is stored there as ``latency_b<batch>_t<threads>_<mode>[_<memory_format>].json`` (no suffix for
+    contiguous) and shared by every process using that folder (a study's workers, a resumed study)."""
     graph = macs_table(model, tuple(input_shape)).graph
-    path = Path(folder) / f"latency_b{batch_size}_t{threads}_{mode}.json" if folder is not None else None
-    key = (batch_size, threads, mode, str(path))
+    suffix = "" if memory_format == "contiguous" else f"_{memory_format}"
+    name = f"latency_b{batch_size}_t{threads}_{mode}{suffix}.json"
+    path = Path(folder) / name if folder is not None else None
+    key = (batch_size, threads, mode, memory_format, str(path))
     with _TABLES_LOCK:
         table = _TABLES.setdefault(graph, {}).get(key)
     if table is None:
-        table = LatencyTable(model, input_shape, batch_size, threads, mode=mode, path=path)
+        table = LatencyTable(model, input_shape, batch_size, threads, mode=mode, path=path, memory_format=memory_format)
         with _TABLES_LOCK:
             table = _TABLES[graph].setdefault(key, table)
     return table
@@ -308,6 +323,8 @@ def policy_latency(
     batch_size: int = 1,
     threads: int = 1,
     mode: str = "torchscript",
+    memory_format: str = "contiguous",
 ) -> float | None:
     """Predicted latency (ms) of ``policy`` applied to ``model`` at ``batch_size``; None when not predictable."""
-    return latency_table(model, input_shape, batch_size, threads, mode).predict(model, policy)
+    table = latency_table(model, input_shape, batch_size, threads, mode, memory_format=memory_format)
+    return table.predict(model, policy)

@@ -13,6 +13,7 @@ from torch import nn
 
 from core.cost import Cost, count_cost
 from core.errors import SlimError
+from core.export import MEMORY_FORMATS
 from evaluators.cache import ResultCache
 
 
@@ -22,7 +23,7 @@ class EvalContext:
     val), ``input_shape`` with batch dim, baseline ``base`` cost, absolute ``max_macs`` bound (None =
     unconstrained), baseline val accuracy, the ``cache`` of results (in memory by default), and the latency
     bound: predicted latency (``core.latency``) at ``latency_batch`` at most ``max_latency_ratio`` of the
-    baseline's (None = unconstrained)."""
+    baseline's (None = unconstrained), timed with conv weights in ``latency_memory_format`` (the export's)."""
 
     model: nn.Module
     splits: Any  # core.data.DataSplits
@@ -34,6 +35,7 @@ class EvalContext:
     max_latency_ratio: float | None = None
     latency_batch: int = 1
     latency_dir: Path | None = None
+    latency_memory_format: str = "contiguous"
     _fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -52,6 +54,8 @@ class EvalContext:
             bounds: tuple = (self.input_shape, self.max_macs)
             if self.max_latency_ratio is not None:
                 bounds += (self.max_latency_ratio, self.latency_batch)
+                if self.latency_memory_format != "contiguous":  # contiguous: the fingerprints stored before it
+                    bounds += (self.latency_memory_format,)
             h.update(repr(bounds).encode())
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
@@ -61,7 +65,8 @@ class EvalContext:
         set, so every process of a study predicts from the same measurements."""
         from core.latency import latency_table
 
-        return latency_table(self.model, self.input_shape, self.latency_batch, folder=self.latency_dir)
+        return latency_table(self.model, self.input_shape, self.latency_batch, folder=self.latency_dir,
+                             memory_format=self.latency_memory_format)  # fmt: skip
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
@@ -81,10 +86,11 @@ def build_context(
     max_latency_ratio: float | None = None,
     latency_batch: int = 1,
     latency_dir: str | Path | None = None,
+    latency_memory_format: str = "contiguous",
 ) -> EvalContext:
     """Measure the baseline and fix the MACs bound: ``max_macs`` (absolute) or ``max_macs_ratio`` of the
     baseline (at most one), and the latency bound ``max_latency_ratio`` of the baseline's predicted latency
-    at ``latency_batch`` (its table stored in ``latency_dir``). ``score_baseline`` records the baseline's val accuracy. ``cache``: a ResultCache,
+    at ``latency_batch`` (its table stored in ``latency_dir``, timed in ``latency_memory_format``). ``score_baseline`` records the baseline's val accuracy. ``cache``: a ResultCache,
     or a path for a persistent one (``*.jsonl`` file or a directory)."""
     shape = tuple(int(s) for s in input_shape)
     if len(shape) == 3:
@@ -99,6 +105,9 @@ def build_context(
         raise SlimError(f"[constraint] max_latency_ratio: expected a number in (0, 1], got {max_latency_ratio!r}")
     if isinstance(latency_batch, bool) or not isinstance(latency_batch, int) or latency_batch < 1:
         raise SlimError(f"[constraint] latency_batch: expected an integer >= 1, got {latency_batch!r}")
+    if latency_memory_format not in MEMORY_FORMATS:
+        raise SlimError(f"[export] memory_format: expected one of {', '.join(MEMORY_FORMATS)}, got "
+                        f"{latency_memory_format!r}")  # fmt: skip
     model.eval()
     base = count_cost(model, shape)
     bound = float(max_macs) if max_macs is not None else None
@@ -113,4 +122,5 @@ def build_context(
         cache = ResultCache(cache)
     lat = float(max_latency_ratio) if max_latency_ratio is not None else None
     folder = Path(latency_dir) if latency_dir is not None else None
-    return EvalContext(model, splits, shape, base, bound, base_acc, cache, lat, latency_batch, folder)
+    return EvalContext(model, splits, shape, base, bound, base_acc, cache, lat, latency_batch, folder,
+                       latency_memory_format)  # fmt: skip

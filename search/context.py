@@ -211,7 +211,8 @@ def build_study_context(cfg: StudyConfig, *, log: Log | None = None, allow_pretr
         # In-memory result cache here; the runner attaches the persistent one once the input is valid.
         ectx = build_context(model, splits, shape, max_macs_ratio=c.max_macs_ratio, max_macs=c.max_macs,
                              max_latency_ratio=c.max_latency_ratio, latency_batch=c.latency_batch,
-                             latency_dir=cfg.study.workdir / "latency")  # fmt: skip
+                             latency_dir=cfg.study.workdir / "latency",
+                             latency_memory_format=cfg.export.memory_format)  # fmt: skip
         space = SearchSpace.build(model, cfg.space, shape)
     except SlimError as e:
         raise SlimError(f"{cfg.path}: {e}") from None

@@ -108,6 +108,60 @@ def test_bad_table_settings() -> None:
         LatencyTable(model, (1, 1, 8, 8), batch_size=0)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_a_table_times_programs_in_the_exports_memory_format(
+    layout: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every program the table times (layers, baseline, calibration model) has its conv weights in the table's
+    memory format, as ``core.export`` ships them; a non-contiguous table is stored under its own name and
+    settings, so it never serves (or is served by) a contiguous one."""
+    import torch
+
+    from core.cost import LatencyResult
+
+    seen: list[tuple[bool, bool]] = []  # (NHWC, NCHW) strides of every timed conv weight
+
+    def fake(program: nn.Module, shape: tuple[int, ...], batch: int, threads: int, **kw: object) -> LatencyResult:
+        weights = [p for p in program.parameters() if p.dim() == 4]
+        seen.extend((w.is_contiguous(memory_format=torch.channels_last), w.is_contiguous()) for w in weights)
+        return LatencyResult(median_ms=1.0 + len(weights), p90_ms=1.0, batch_size=batch, threads=threads)
+
+    monkeypatch.setattr("core.latency.measure_latency", fake)
+    monkeypatch.setattr("core.latency._TABLES", weakref.WeakKeyDictionary())
+    model = build_model("smallcnn", 10, 1).eval()
+    table = latency_table(model, (1, 1, 8, 8), folder=tmp_path, memory_format=layout)
+    table.predict(model, Policy({"features.0": LayerPolicy(prune_rate=0.5)}))
+    nhwc = layout == "channels_last"  # 1-channel or 1x1 weights are both; every weight is the layout's, some only
+    assert table.memory_format == layout and len(seen) > 3 and all(s[1 - nhwc] for s in seen)
+    assert any(not s[nhwc] for s in seen)
+    name = "latency_b1_t1_torchscript" + ("_channels_last" if layout == "channels_last" else "") + ".json"
+    stored = json.loads((tmp_path / name).read_text())["settings"]
+    assert stored.get("memory_format") == (None if layout == "contiguous" else layout)
+    assert next(model.parameters()).is_contiguous()  # the caller's model is untouched
+    with pytest.raises(SlimError, match="memory_format must be one of contiguous, channels_last, got 'nhwc'"):
+        LatencyTable(model, (1, 1, 8, 8), memory_format="nhwc")
+
+
+def test_a_study_predicts_latency_in_its_export_memory_format(
+    fake_timing: None, tmp_path: Path, baseline_ckpt: Path
+) -> None:
+    from evaluators.context import build_context
+    from search.context import build_study_context
+    from search.study import load_study
+    from tests.test_runner import write_study
+
+    p = write_study(tmp_path, baseline_ckpt, constraint="max_latency_ratio = 0.9")
+    p.write_text(p.read_text() + '\n[export]\nmemory_format = "channels_last"\n')
+    ctx = build_study_context(load_study(p))
+    assert ctx.eval_ctx.latency_memory_format == "channels_last"
+    assert ctx.eval_ctx.latency_table().memory_format == "channels_last"
+    # a result cached for a contiguous prediction is never served to a channels_last one
+    plain = build_context(ctx.model, ctx.splits, ctx.input_shape, max_latency_ratio=0.9, score_baseline=False)
+    assert plain.latency_memory_format == "contiguous" and plain.fingerprint != ctx.eval_ctx.fingerprint
+    with pytest.raises(SlimError, match=r"\[export\] memory_format: expected one of contiguous, channels_last"):
+        build_context(ctx.model, ctx.splits, ctx.input_shape, latency_memory_format="NHWC", score_baseline=False)
+
+
 def test_evaluate_rejects_a_policy_over_the_latency_bound_before_training(fake_timing: None) -> None:
     from core.data import load_splits
     from evaluators.config import EvaluatorConfig
