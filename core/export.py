@@ -48,7 +48,16 @@ from core.errors import SlimError
 from core.graph import example_input_for
 from core.policy import Policy
 
-__all__ = ["DEFAULT_FORMATS", "FILES", "FORMATS", "MEMORY_FORMATS", "export_model", "load_exported", "load_state"]
+__all__ = [
+    "DEFAULT_FORMATS",
+    "FILES",
+    "FORMATS",
+    "MEMORY_FORMATS",
+    "export_model",
+    "load_exported",
+    "load_state",
+    "torchscript_program",
+]
 
 FORMATS = ("torchscript", "torchscript-frozen", "pt2", "state")
 DEFAULT_FORMATS = ("torchscript", "pt2", "state")
@@ -61,14 +70,26 @@ FILES = {
 MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
-def _to_torchscript(model: nn.Module, x: torch.Tensor, path: Path, *, frozen: bool = False) -> None:
+def torchscript_program(
+    model: nn.Module,
+    example_input: torch.Tensor | Sequence[int] | None = None,
+    *,
+    frozen: bool = False,
+    memory_format: str = "contiguous",
+) -> torch.jit.ScriptModule:
+    """The TorchScript program ``export_model`` writes for ``model`` (a copy in eval mode; ``frozen``: BN folded,
+    no parameters; ``memory_format``: its conv weights' layout), in memory: what a caller times or runs without
+    the files."""
+    if memory_format not in MEMORY_FORMATS:
+        raise SlimError(f"export: unknown memory_format {memory_format!r}; allowed: {', '.join(MEMORY_FORMATS)}")
+    m = copy.deepcopy(model).eval().to(memory_format=MEMORY_FORMATS[memory_format])
     try:
-        program = torch.jit.script(model)
+        program = torch.jit.script(m)
     except Exception:  # scripting rejects much ordinary Python; a trace is fine for feed-forward CNNs
-        program = torch.jit.trace(model, x, check_trace=False)
+        program = torch.jit.trace(m, example_input_for(m, example_input), check_trace=False)
     if frozen:
-        program = torch.jit.freeze(program)  # ``model`` is in eval mode: folds BN into the convs
-    program.save(str(path))
+        program = torch.jit.freeze(program)  # eval mode: folds BN into the convs
+    return program
 
 
 def _to_pt2(model: nn.Module, x: torch.Tensor, path: Path) -> None:
@@ -134,7 +155,6 @@ def export_model(
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     m = copy.deepcopy(model).eval()
-    scripted = m if memory_format == "contiguous" else copy.deepcopy(m).to(memory_format=MEMORY_FORMATS[memory_format])
     x = example_input_for(m, example_input)
     with torch.no_grad():
         y = m(x)
@@ -145,7 +165,7 @@ def export_model(
             path = tmp / FILES[fmt]
             if fmt in ("torchscript", "torchscript-frozen"):
                 frozen = fmt == "torchscript-frozen"
-                _to_torchscript(scripted, x, path, frozen=frozen)
+                torchscript_program(m, x, frozen=frozen, memory_format=memory_format).save(str(path))
                 # Folding BN and NHWC kernels change the float summation order: allow that relative to the
                 # output's scale (an NHWC ResNet-20 with logits ~10 differed by 1.1e-5).
                 reordered = frozen or memory_format != "contiguous"

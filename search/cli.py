@@ -232,7 +232,10 @@ def cmd_export(a: argparse.Namespace) -> int:
     m = res.metrics
     test = f"  test_acc {m['test_acc']:.4f} (baseline {m['base_test_acc']:.4f})" if "test_acc" in m else ""
     print(f"trial {res.trial}: val_acc {m['val_acc']:.4f}{test}  MACs {m['macs']:,} ({m['macs_ratio']:.1%})  "
-          f"params {m['params']:,}  latency {m['latency_ms_batch1']:.2f} ms (batch 1, 1 thread)")  # fmt: skip
+          f"params {m['params']:,}")  # fmt: skip
+    print(f"latency {m['latency_ms_batch1']:.2f} ms vs {m['base_latency_ms_batch1']:.2f} ms for the baseline: "
+          f"{m['speedup_batch1']:.2f}x faster ({1 / m['macs_ratio']:.2f}x fewer MACs; {m['latency_program']}, "
+          f"batch 1, 1 CPU thread)")  # fmt: skip
     for fmt, path in res.files.items():
         print(f"{fmt:<12} {path}")
     print(f"{'metrics':<12} {res.out_dir / 'metrics.json'}")

@@ -10,6 +10,7 @@ took part in the search.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -115,6 +116,33 @@ def rebuild_candidate(sctx: Any, cfg: StudyConfig, policy: Any) -> torch.nn.Modu
             fcfg = FinetuneConfig(steps=ev.steps, batch_size=ev.batch_size, lr=ev.lr, seed=ev.seed)
             finetune(model, train, fcfg, teacher=sctx.model if ev.kd else None)
     return model.eval()
+
+
+def program_speedup(
+    model: torch.nn.Module,
+    baseline: torch.nn.Module,
+    input_shape: Sequence[int],
+    fmts: Sequence[str],
+    memory_format: str,
+    rounds: int = 3,
+) -> dict[str, Any]:
+    """Batch-1, single-thread CPU latency of ``model``'s TorchScript program (frozen when ``fmts`` has it, in the
+    export's ``memory_format``) against the baseline's program made the same way: the speed-up a user gets from
+    swapping the exported file for the original. Best median of ``rounds`` alternating measurements each, so
+    both see the same machine load."""
+    from core.cost import measure_latency
+    from core.export import torchscript_program
+
+    frozen = "torchscript-frozen" in fmts
+    programs = [torchscript_program(m, input_shape, frozen=frozen, memory_format=memory_format)
+                for m in (model, baseline)]  # fmt: skip
+    best = [math.inf, math.inf]
+    for _ in range(rounds):
+        for i, program in enumerate(programs):
+            best[i] = min(best[i], measure_latency(program, tuple(input_shape), batch_size=1, threads=1).median_ms)
+    kind = f"{'torchscript-frozen' if frozen else 'torchscript'} ({memory_format})"
+    return {"latency_ms_batch1": best[0], "base_latency_ms_batch1": best[1], "speedup_batch1": best[1] / best[0],
+            "latency_program": kind}  # fmt: skip
 
 
 def export_trial(
@@ -230,7 +258,7 @@ def export_policies(
     """Rebuild each of ``picks`` ((number, policy, the search's status / val_acc / reason), best first) as the
     evaluator scored it, optionally fine-tune, keep the best val accuracy (the first on ties), measure it and
     export it to ``out`` (default ``<export out>/trial-<n>``)."""
-    from core.cost import count_cost, measure_latency
+    from core.cost import count_cost
     from core.export import export_model
     from core.train import evaluate
     from search.context import build_study_context
@@ -270,8 +298,9 @@ def export_policies(
         macs_ratio=cost.macs / base.macs, params_ratio=cost.params / base.params,
         base_macs=base.macs, base_params=base.params, base_val_acc=sctx.eval_ctx.base_val_acc,
         input_shape=list(sctx.input_shape), policy_hash=policy.hash,
-        latency_ms_batch1=measure_latency(model, sctx.input_shape, batch_size=1, threads=1).median_ms,
     )  # fmt: skip
+    metrics.update(program_speedup(model, sctx.model, sctx.input_shape, fmts, cfg.export.memory_format))
+    metrics["export_speedup_batch1"] = metrics["speedup_batch1"] * cost.macs / base.macs
     if sctx.splits.test is not None:
         metrics["test_acc"] = evaluate(model, sctx.splits.test)
         metrics["base_test_acc"] = evaluate(sctx.model, sctx.splits.test)

@@ -135,6 +135,11 @@ def test_fast_end_to_end(tmp_path: Path, baseline_ckpt: Path, capsys: pytest.Cap
     assert metrics["rebuilt_val_acc"] == pytest.approx(metrics["search_val_acc"], abs=0.02)
     assert 0 < metrics["test_acc"] <= 1 and metrics["macs"] <= 0.7 * metrics["base_macs"]
     assert f"trial {metrics['trial']}:" in out and (exp / "model.pt").is_file()
+    # measured on the frozen program (asked for), against the baseline's frozen program
+    assert metrics["latency_program"] == "torchscript-frozen (contiguous)"
+    assert metrics["speedup_batch1"] == pytest.approx(metrics["base_latency_ms_batch1"] / metrics["latency_ms_batch1"])
+    assert metrics["export_speedup_batch1"] == pytest.approx(metrics["speedup_batch1"] * metrics["macs_ratio"])
+    assert f"latency {metrics['latency_ms_batch1']:.2f} ms vs {metrics['base_latency_ms_batch1']:.2f} ms" in out
 
     # The TorchScript file runs with plain torch in a fresh process (no slimsearch on the path) ...
     script = (

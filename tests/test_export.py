@@ -172,7 +172,7 @@ def test_failed_export_leaves_previous_export_intact(
     def boom(*_: object, **__: object) -> None:
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(export, "_to_torchscript", boom)
+    monkeypatch.setattr(export, "torchscript_program", boom)
     with pytest.raises(RuntimeError, match="disk on fire"):
         export_model(compressed, HALF, out, formats=("state", "torchscript"), example_input=SHAPE, metrics={"v": 2})
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
@@ -211,6 +211,7 @@ def test_channels_last_export_keeps_nhwc_weights_and_takes_nchw_inputs(fmt: str,
 def test_channels_last_export_allows_reordered_rounding_of_large_outputs(tmp_path: Path) -> None:
     # NHWC kernels sum in another order: logits of ~1e4 differ by ~1e-2, past a fixed 1e-5 (a trained
     # ResNet-20's ~10 differed by 1.1e-5); the check is relative to the output's scale, as for frozen programs.
+    torch.manual_seed(0)
     model = randomize_bn(build_model("resnet20"))
     with torch.no_grad():
         model.linear.weight.mul_(1000)
@@ -232,3 +233,29 @@ def test_bad_requests(compressed: torch.nn.Module, tmp_path: Path) -> None:
     with pytest.raises(SlimError, match="not found"):
         load_exported(tmp_path / "missing.pt")
     assert not (tmp_path / "x").exists()
+
+
+def test_program_speedup_times_both_programs_as_exported(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``slimsearch export``'s speed-up: the compressed and the baseline program, made alike (frozen when
+    exported frozen, the export's memory format), each the best of its alternating measurements."""
+    from core.cost import LatencyResult
+    from search.export import program_speedup
+
+    nhwc: list[bool] = []
+    clock = iter([5.0, 9.0, 4.0, 8.0, 6.0, 10.0, 3.0, 6.0])  # model, baseline, model, baseline, ...
+
+    def fake(program: torch.nn.Module, shape: tuple[int, ...], batch_size: int, threads: int) -> LatencyResult:
+        weights = [p for p in program.parameters() if p.dim() == 4 and p.shape[1] > 3]
+        nhwc.append(bool(weights) and all(w.is_contiguous(memory_format=torch.channels_last) for w in weights))
+        return LatencyResult(median_ms=next(clock), p90_ms=0.0, batch_size=batch_size, threads=threads)
+
+    monkeypatch.setattr("core.cost.measure_latency", fake)
+    base = randomize_bn(build_model("resnet20")).eval()
+    pruned = apply_policy(base, Policy({"layer2.0.conv1": LayerPolicy(prune_rate=0.5)}))
+    got = program_speedup(pruned, base, (1, 3, 32, 32), ("torchscript", "state"), "channels_last")
+    assert got == {"latency_ms_batch1": 4.0, "base_latency_ms_batch1": 8.0, "speedup_batch1": 2.0,
+                   "latency_program": "torchscript (channels_last)"}  # fmt: skip
+    assert nhwc == [True] * 6 and next(base.parameters()).is_contiguous()
+    frozen = program_speedup(pruned, base, (1, 3, 32, 32), ("torchscript-frozen",), "contiguous", rounds=1)
+    assert frozen["latency_program"] == "torchscript-frozen (contiguous)" and frozen["speedup_batch1"] == 2.0
+    assert nhwc[6:] == [False, False]  # frozen: no parameters left to be NHWC
