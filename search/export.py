@@ -259,8 +259,6 @@ def export_policies(
     evaluator scored it, optionally fine-tune, keep the best val accuracy (the first on ties), measure it and
     export it to ``out`` (default ``<export out>/trial-<n>``)."""
     from core.cost import count_cost
-    from core.export import export_model
-    from core.train import evaluate
     from search.context import build_study_context
 
     log = log or (lambda s: None)
@@ -299,20 +297,33 @@ def export_policies(
         base_macs=base.macs, base_params=base.params, base_val_acc=sctx.eval_ctx.base_val_acc,
         input_shape=list(sctx.input_shape), policy_hash=policy.hash,
     )  # fmt: skip
+    metrics["export_s"] = time.perf_counter() - t0
+    out = out if out is not None else cfg.export_dir / f"trial-{number}"
+    files = write_export(sctx, cfg, model, policy, out, fmts, metrics)
+    return ExportResult(number, out, files, metrics)
+
+
+def write_export(
+    sctx: Any,
+    cfg: StudyConfig,
+    model: torch.nn.Module,
+    policy: Any,
+    out: Path,
+    fmts: Sequence[str],
+    metrics: dict[str, Any],
+) -> dict[str, Path]:
+    """Add the test accuracies (when the data has a test split) and the measured program speed-up
+    (``program_speedup``) to ``metrics`` (in place), then write the export (``core.export.export_model``, the
+    study's memory format); format -> path."""
+    from core.cost import count_cost
+    from core.export import export_model
+    from core.train import evaluate
+
     metrics.update(program_speedup(model, sctx.model, sctx.input_shape, fmts, cfg.export.memory_format))
-    metrics["export_speedup_batch1"] = metrics["speedup_batch1"] * cost.macs / base.macs
+    macs_ratio = count_cost(model, sctx.input_shape).macs / sctx.eval_ctx.base.macs
+    metrics["export_speedup_batch1"] = metrics["speedup_batch1"] * macs_ratio
     if sctx.splits.test is not None:
         metrics["test_acc"] = evaluate(model, sctx.splits.test)
         metrics["base_test_acc"] = evaluate(sctx.model, sctx.splits.test)
-    metrics["export_s"] = time.perf_counter() - t0
-    out = out if out is not None else cfg.export_dir / f"trial-{number}"
-    files = export_model(
-        model,
-        policy,
-        out,
-        fmts,
-        example_input=sctx.input_shape,
-        metrics=metrics,
-        memory_format=cfg.export.memory_format,
-    )
-    return ExportResult(number, out, files, metrics)
+    return export_model(model, policy, out, fmts, example_input=sctx.input_shape, metrics=metrics,
+                        memory_format=cfg.export.memory_format)  # fmt: skip

@@ -480,11 +480,10 @@ def run_method_on_study(
     import time
 
     from core.cost import count_cost
-    from core.export import export_model
     from core.train import evaluate as accuracy
     from evaluators.cache import ResultCache
     from search.context import build_study_context
-    from search.export import parse_formats, rebuild_candidate
+    from search.export import parse_formats, rebuild_candidate, write_export
 
     log = log or (lambda s: None)
     t0 = time.perf_counter()
@@ -526,18 +525,8 @@ def run_method_on_study(
         "max_macs": max_macs, "feasible": max_macs is None or m["macs"] <= max_macs,
         "evaluator": cfg.evaluator.kind, "input_shape": list(sctx.input_shape), "policy_hash": policy.hash,
     }  # fmt: skip
-    if sctx.splits.test is not None:
-        metrics["test_acc"] = accuracy(model, sctx.splits.test)
-        metrics["base_test_acc"] = accuracy(sctx.model, sctx.splits.test)
-    files = export_model(
-        model,
-        policy,
-        out,
-        fmts,
-        example_input=sctx.input_shape,
-        metrics=_clean(metrics),
-        memory_format=cfg.export.memory_format,
-    )
+    metrics = _clean(metrics)
+    files = write_export(sctx, cfg, model, policy, out, fmts, metrics)
     rows = layer_rows(sctx.model, policy, layers, mres.report.get("layers", {}))
     report = {
         **metrics,

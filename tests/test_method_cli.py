@@ -90,6 +90,10 @@ def test_method_command_writes_a_consistent_result(
     assert rep["evaluator_calls"] >= 1 and not rep["budget_exhausted"]
     metrics = json.loads((d / "metrics.json").read_text())
     assert metrics["macs"] == rep["macs"] and metrics["val_acc"] == rep["val_acc"]
+    # the method's export is timed like a trial's: its program against the baseline's, same format
+    assert metrics["speedup_batch1"] == pytest.approx(metrics["base_latency_ms_batch1"] / metrics["latency_ms_batch1"])
+    assert metrics["export_speedup_batch1"] == pytest.approx(metrics["speedup_batch1"] * rep["macs_ratio"])
+    assert rep["latency_program"] == metrics["latency_program"] == "torchscript (contiguous)"
 
     # Per-layer decisions agree with the policy.
     rows = {r["layer"]: r for r in rep["layers"]}
