@@ -38,7 +38,7 @@ OBJECTIVE_METRICS = (
 DIRECTIONS = {"max": "maximize", "min": "minimize"}
 # = core.export.FORMATS (a test checks it), for the same reason as DATASETS below.
 EXPORT_FORMATS = ("torchscript", "torchscript-frozen", "pt2", "state")
-EXPORT_MEMORY_FORMATS = ("contiguous", "channels_last")  # core.export.MEMORY_FORMATS
+EXPORT_MEMORY_FORMATS = ("contiguous", "channels_last", "auto")  # core.export.MEMORY_FORMATS, or the faster
 STORAGE_SCHEMES = ("sqlite", "postgresql", "mysql")
 # = core.data.DATASETS (a test checks it); not imported from there, so that reading a study file does
 # not import torch (status/report/errors answer in a fraction of the time).
@@ -133,7 +133,7 @@ class ExportSection:
     finetune_lr: float = 0.01
     finetune_batch_size: int = 128
     kd: bool = False
-    memory_format: str = "contiguous"  # core.export.MEMORY_FORMATS
+    memory_format: str = "contiguous"  # EXPORT_MEMORY_FORMATS; auto: each export times both, keeps the faster
 
 
 @dataclass(frozen=True)

@@ -107,18 +107,36 @@ def test_latency_phase_measures_every_export_round_robin(monkeypatch: pytest.Mon
     import benchmarks.bench_compare as bc
 
     calls: list[str] = []
-    slow = {"baseline": 4.0, "a": 2.0, "b": 1.0}
+    slow = {"baseline": 4.0, "a": 2.0, "b": 1.0, "b/nhwc": 3.0}
 
     def fake_latency(model: str, args: object) -> dict[str, float]:
         calls.append(model)
-        jitter = 0.5 if len(calls) <= 3 else 0.0  # the first round is disturbed: the best round must win
-        return {"b1_ms": slow[model] + jitter, "b64_ms": 10 * slow[model] + jitter}
+        jitter = 0.5 if len(calls) <= 4 else 0.0  # the first round is disturbed: the best round must win
+        # b's NHWC program: slower at batch 1, faster at batch 64 (as on our CPU)
+        return {"b1_ms": slow[model] + jitter, "b64_ms": (5 if model == "b/nhwc" else 10) * slow[model] + jitter}
 
     monkeypatch.setattr(bc, "latency", fake_latency)
-    b = SimpleNamespace(args=SimpleNamespace(lat_rounds=2), base_ts="baseline", exports={"a": "a", "b": "b"})
+    exports = {"a": {"contiguous": "a"}, "b": {"contiguous": "b", "channels_last": "b/nhwc"}}
+    b = SimpleNamespace(args=SimpleNamespace(lat_rounds=2), base_ts={"contiguous": "baseline"}, exports=exports)
     lat = bc.latency_phase(b)
-    assert calls == ["baseline", "a", "b", "b", "a", "baseline"]
-    assert lat == {k: {"b1_ms": v, "b64_ms": 10 * v} for k, v in slow.items()}
+    assert calls == ["baseline", "a", "b", "b/nhwc", "b", "b/nhwc", "a", "baseline"]
+    for k in ("baseline", "a"):
+        assert lat[k] == {
+            "b1_ms": slow[k],
+            "b64_ms": 10 * slow[k],
+            "b1_layout": "contiguous",
+            "b64_layout": "contiguous",
+        }
+    # each batch size keeps the layout that is faster there
+    assert lat["b"] == {"b1_ms": 1.0, "b1_layout": "contiguous", "b64_ms": 10.0, "b64_layout": "contiguous"}
+    slow["b/nhwc"] = 1.5  # now 7.5 ms at batch 64
+    assert bc.latency_phase(b)["b"] == {
+        "b1_ms": 1.0,
+        "b1_layout": "contiguous",
+        "b64_ms": 7.5,
+        "b64_layout": "channels_last",
+    }
+    lat = {k: {m: v for m, v in d.items() if m.endswith("_ms")} for k, d in lat.items()}
     row = {"macs": 50}
     bc.add_latency(row, lat["a"], lat["baseline"], base_macs=100)
     assert row["speedup_b1"] == pytest.approx(2.0) and row["speedup_b64"] == pytest.approx(2.0)
@@ -137,7 +155,7 @@ def test_export_reload_gives_the_requested_program(tmp_path: Path, fmt: str, lay
 
     model = build_model("resnet20").eval()
     args = argparse.Namespace(latency_format=fmt, latency_memory_format=layout)
-    program = bc.export_reload(model, Policy(), tmp_path / "e", args)
+    (program,) = bc.export_reload(model, Policy(), tmp_path / "e", args).values()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(program(x), model(x), atol=1e-4, rtol=1e-4)
@@ -207,3 +225,36 @@ def test_header_names_paper_settings_only_when_a_paper_strategy_ran() -> None:
     assert paper_note(s) == ""
     assert "ABSHPC eps 0.005 resolution one filter" in paper_note({**s, "candidates": "tp_l1,abshpc"})
     assert "GA pop 6 gens 3" in paper_note({**s, "study_seeds": "uniform,methods"})
+
+
+def test_export_reload_auto_gives_both_layouts(tmp_path: Path) -> None:
+    import argparse
+
+    import benchmarks.bench_compare as bc
+
+    model = build_model("resnet20").eval()
+    args = argparse.Namespace(latency_format="torchscript", latency_memory_format="auto")
+    programs = bc.export_reload(model, Policy(), tmp_path / "e", args)
+    assert sorted(programs) == ["channels_last", "contiguous"]
+    assert programs["channels_last"].conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert programs["contiguous"].conv1.weight.is_contiguous()
+
+
+def test_retime_rebuilds_each_rows_network() -> None:
+    """--retime rebuilds what every row measured: its policy, Torch-Pruning at its ratio, or the unpruned
+    network; a row it cannot rebuild is a clear error."""
+    import benchmarks.bench_compare as bc
+    from core.cost import count_cost
+
+    base = build_model("resnet20").eval()
+    settings = {"seed": 0, "tp_max_ratio": 0.9}
+    policy = Policy({"layer1.0.conv1": LayerPolicy(prune_rate=0.5)})
+    model, got = bc.rebuild(base, {"method": "fpgm", "policy": policy.to_dict()}, settings)
+    assert got == policy and model.layer1[0].conv1.out_channels == 8
+    model, got = bc.rebuild(base, {"method": "tp_global", "ratio": 0.5}, settings)
+    tp = bc.tp_prune(base, "tp_global", 0.5, SHAPE, max_ratio=0.9)
+    assert got is None and count_cost(model, SHAPE).macs == count_cost(tp, SHAPE).macs < count_cost(base, SHAPE).macs
+    model, got = bc.rebuild(base, {"method": "baseline+ft"}, settings)
+    assert count_cost(model, SHAPE).macs == count_cost(base, SHAPE).macs
+    with pytest.raises(SlimError, match="cannot rebuild row 'mystery'"):
+        bc.rebuild(base, {"method": "mystery"}, settings)

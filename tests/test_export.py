@@ -254,8 +254,31 @@ def test_program_speedup_times_both_programs_as_exported(monkeypatch: pytest.Mon
     pruned = apply_policy(base, Policy({"layer2.0.conv1": LayerPolicy(prune_rate=0.5)}))
     got = program_speedup(pruned, base, (1, 3, 32, 32), ("torchscript", "state"), "channels_last")
     assert got == {"latency_ms_batch1": 4.0, "base_latency_ms_batch1": 8.0, "speedup_batch1": 2.0,
-                   "latency_program": "torchscript (channels_last)"}  # fmt: skip
+                   "latency_program": "torchscript (channels_last)", "memory_format": "channels_last"}  # fmt: skip
     assert nhwc == [True] * 6 and next(base.parameters()).is_contiguous()
     frozen = program_speedup(pruned, base, (1, 3, 32, 32), ("torchscript-frozen",), "contiguous", rounds=1)
     assert frozen["latency_program"] == "torchscript-frozen (contiguous)" and frozen["speedup_batch1"] == 2.0
     assert nhwc[6:] == [False, False]  # frozen: no parameters left to be NHWC
+
+
+def test_program_speedup_auto_keeps_each_networks_faster_layout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``memory_format = "auto"``: both layouts of both networks are timed; the compressed network keeps the
+    layout that is faster for it (here NCHW), the baseline is compared in its own faster one (here NHWC)."""
+    from core.cost import LatencyResult
+    from search.export import program_speedup
+
+    base = randomize_bn(build_model("resnet20")).eval()
+    pruned = apply_policy(base, Policy({"layer2.0.conv1": LayerPolicy(prune_rate=0.5)}))
+    n_base = sum(p.numel() for p in base.parameters())
+
+    def fake(program: torch.nn.Module, shape: tuple[int, ...], batch_size: int, threads: int) -> LatencyResult:
+        nhwc = program.layer2[0].conv2.weight.is_contiguous(memory_format=torch.channels_last)
+        is_base = sum(p.numel() for p in program.parameters()) == n_base
+        ms = {(True, True): 6.0, (True, False): 8.0, (False, True): 5.0, (False, False): 4.0}[(is_base, nhwc)]
+        return LatencyResult(median_ms=ms, p90_ms=0.0, batch_size=batch_size, threads=threads)
+
+    monkeypatch.setattr("core.cost.measure_latency", fake)
+    got = program_speedup(pruned, base, (1, 3, 32, 32), ("torchscript",), "auto", rounds=2)
+    assert got["memory_format"] == "contiguous" and got["base_memory_format"] == "channels_last"
+    assert got["layout_latency_ms_batch1"] == {"contiguous": 4.0, "channels_last": 5.0}
+    assert got["speedup_batch1"] == 1.5 and got["latency_program"] == "torchscript (contiguous)"

@@ -160,6 +160,9 @@ def test_a_study_predicts_latency_in_its_export_memory_format(
     assert plain.latency_memory_format == "contiguous" and plain.fingerprint != ctx.eval_ctx.fingerprint
     with pytest.raises(SlimError, match=r"\[export\] memory_format: expected one of contiguous, channels_last"):
         build_context(ctx.model, ctx.splits, ctx.input_shape, latency_memory_format="NHWC", score_baseline=False)
+    # auto exports keep channels_last only where it is faster: the bound predicts the contiguous program
+    p.write_text(p.read_text().replace('memory_format = "channels_last"', 'memory_format = "auto"'))
+    assert build_study_context(load_study(p)).eval_ctx.latency_memory_format == "contiguous"
 
 
 def test_evaluate_rejects_a_policy_over_the_latency_bound_before_training(fake_timing: None) -> None:

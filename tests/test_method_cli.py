@@ -60,6 +60,9 @@ def test_method_command_writes_a_consistent_result(
     name: str, tmp_path: Path, baseline_ckpt: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     study = _study(tmp_path, baseline_ckpt)
+    auto = name == "mtd"  # one method exports with memory_format = "auto": the faster layout, as measured
+    if auto:
+        study.write_text(study.read_text() + '\n[export]\nmemory_format = "auto"\n')
     code = main(["method", name, str(study), *OPTIONS[name]])
     out, err = capsys.readouterr()
     assert code == 0, err
@@ -93,7 +96,13 @@ def test_method_command_writes_a_consistent_result(
     # the method's export is timed like a trial's: its program against the baseline's, same format
     assert metrics["speedup_batch1"] == pytest.approx(metrics["base_latency_ms_batch1"] / metrics["latency_ms_batch1"])
     assert metrics["export_speedup_batch1"] == pytest.approx(metrics["speedup_batch1"] * rep["macs_ratio"])
-    assert rep["latency_program"] == metrics["latency_program"] == "torchscript (contiguous)"
+    layout = json.loads((d / "manifest.json").read_text())["memory_format"]
+    assert rep["latency_program"] == metrics["latency_program"] == f"torchscript ({layout})"
+    if auto:
+        times = metrics["layout_latency_ms_batch1"]
+        assert layout == min(times, key=times.get) and metrics["latency_ms_batch1"] == times[layout]
+    else:
+        assert layout == "contiguous" and "layout_latency_ms_batch1" not in metrics
 
     # Per-layer decisions agree with the policy.
     rows = {r["layer"]: r for r in rep["layers"]}

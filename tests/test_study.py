@@ -246,7 +246,7 @@ def test_delegated_sections_are_prefixed_with_the_file(tmp_path: Path) -> None:
     msg = err(write(tmp_path, '[export]\nformats = ["onnx"]\n'))
     assert "[export] formats: unknown format 'onnx'; allowed: torchscript, torchscript-frozen, pt2, state" in msg
     msg = err(write(tmp_path, '[export]\nmemory_format = "nhwc"\n'))
-    assert "[export] memory_format: unknown memory format 'nhwc'; allowed: contiguous, channels_last" in msg
+    assert "[export] memory_format: unknown memory format 'nhwc'; allowed: contiguous, channels_last, auto" in msg
 
 
 @pytest.mark.parametrize("name", ["quickstart", "resnet20_cifar10", "resnet56_cifar10", "vgg16_cifar10"])
