@@ -627,4 +627,4 @@ def test_study_export_formats_match_core_export() -> None:
     from core.export import FORMATS, MEMORY_FORMATS
     from search.study import EXPORT_FORMATS, EXPORT_MEMORY_FORMATS
 
-    assert EXPORT_FORMATS == FORMATS and EXPORT_MEMORY_FORMATS == tuple(MEMORY_FORMATS)
+    assert EXPORT_FORMATS == FORMATS and EXPORT_MEMORY_FORMATS == (*MEMORY_FORMATS, "auto")
