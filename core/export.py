@@ -21,13 +21,12 @@ sees a half-written export; an existing directory is replaced only after the new
 Every exported program is reloaded and compared with the model's own output before the directory is
 published; a mismatch above ``atol`` is a ``RuntimeError``.
 
-``memory_format="channels_last"`` stores the TorchScript programs' conv weights NHWC. The programs still take ordinary (NCHW) inputs,
-but PyTorch's CPU convolutions (oneDNN) then run NHWC end to end, without reordering every activation: on the
-2-core AVX-512 machine of ``benchmarks/results/memory_format.md`` the CIFAR ResNets ran 1.04-1.11x (batch 1)
-and 1.05-1.43x (batch 64) faster unpruned, and 50 %-MACs pruned ones 1.35-1.50x / 1.44-2.33x faster than the
-unpruned NCHW program (1.31-1.46x / 1.09-1.74x with NCHW weights). Not everywhere: ResNets pruned by a search
-(odd channel counts, Tucker/CP stacks) ran 1.2-1.6x slower at batch 1 with NHWC weights, while still faster at
-batch 64; a study's ``[export] memory_format = "auto"`` times both and exports the faster. The pt2
+``memory_format="channels_last"`` stores the TorchScript programs' conv weights NHWC. The programs still take
+ordinary (NCHW) inputs, but PyTorch's CPU convolutions (oneDNN) then run NHWC end to end. Neither layout wins
+everywhere (``benchmarks/results/memory_format.md``, a 2-core AVX-512 machine): NHWC ran the unpruned CIFAR
+ResNets 1.04-1.12x faster at batch 1 and 1.05-1.80x at batch 64, but ResNets pruned by a search (odd channel
+counts, Tucker/CP stacks) 1.2-1.6x slower at batch 1 while still faster at batch 64; a study's
+``[export] memory_format = "auto"`` times both and exports the faster. The pt2
 program and the state dict stay contiguous: ``torch.export.save`` warns on NHWC weights (torch 2.13), and a
 ``torch.export`` program's layout is the compiler's choice downstream anyway.
 """
