@@ -268,20 +268,24 @@ class LatencyTable:
     def _time(self, module: nn.Module, shape: tuple[int, ...], rounds: int = 1) -> float:
         """Best median of ``rounds`` timings of ``module`` (in the table's memory format; scripted in torchscript
         mode) at ``shape`` with the table's batch size; inputs stay NCHW, as an exported program gets them."""
-        if self.memory_format != "contiguous":
-            module = copy.deepcopy(module).to(memory_format=MEMORY_FORMATS[self.memory_format])
-        program = _script(module) if self.mode == "torchscript" else module
+        program = _program(module, self.mode, self.memory_format)
         return min(
             measure_latency(program, shape, self.batch_size, self.threads, repeats=self.repeats, warmup=2).median_ms
             for _ in range(rounds)
         )
 
 
-def _script(module: nn.Module) -> nn.Module:
-    """``module`` as TorchScript (what ``core.export`` ships by default); the module itself when it does not
-    script, so prediction still works for models only the eager and pt2 exports handle."""
+def _program(module: nn.Module, mode: str, memory_format: str) -> nn.Module:
+    """What to time for ``module``: its conv weights in ``memory_format`` (a copy; the module itself when that is
+    contiguous in eager mode), as TorchScript in torchscript mode (what ``core.export`` ships by default). A
+    module that does not script is timed eager, so prediction still works for models only the eager and pt2
+    exports handle."""
+    if memory_format != "contiguous" or mode == "torchscript":
+        module = copy.deepcopy(module).eval().to(memory_format=MEMORY_FORMATS[memory_format])
+    if mode != "torchscript":
+        return module
     try:
-        return torch.jit.script(copy.deepcopy(module).eval())
+        return torch.jit.script(module)
     except Exception:  # any scripting failure: time the eager module instead
         return module
 
