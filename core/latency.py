@@ -268,14 +268,14 @@ class LatencyTable:
     def _time(self, module: nn.Module, shape: tuple[int, ...], rounds: int = 1) -> float:
         """Best median of ``rounds`` timings of ``module`` (in the table's memory format; scripted in torchscript
         mode) at ``shape`` with the table's batch size; inputs stay NCHW, as an exported program gets them."""
-        program = _program(module, self.mode, self.memory_format)
+        program = timed_program(module, self.mode, self.memory_format)
         return min(
             measure_latency(program, shape, self.batch_size, self.threads, repeats=self.repeats, warmup=2).median_ms
             for _ in range(rounds)
         )
 
 
-def _program(module: nn.Module, mode: str, memory_format: str) -> nn.Module:
+def timed_program(module: nn.Module, mode: str = "torchscript", memory_format: str = "contiguous") -> nn.Module:
     """What to time for ``module``: its conv weights in ``memory_format`` (a copy; the module itself when that is
     contiguous in eager mode), as TorchScript in torchscript mode (what ``core.export`` ships by default). A
     module that does not script is timed eager, so prediction still works for models only the eager and pt2

@@ -33,7 +33,7 @@ class EvalResult:
     macs_ratio, params_ratio, macs_violation (macs - max_macs, when bounded), latency_pred_ms (measured
     where the table cannot predict), latency_ratio and latency_violation (ms over the bound; with a latency
     bound), latency_ms (when
-    measured) and the time split apply_s, cost_s, train_s, eval_s, wall_s. ``intermediate``:
+    measured: the TorchScript program, conv weights in the context's ``latency_memory_format``, as exported) and the time split apply_s, cost_s, train_s, eval_s, wall_s. ``intermediate``:
     (step, val_acc) of the fine-tune's periodic evaluations. ``model_digest``: ``core.apply.model_digest`` of
     the network built (empty when none was). ``cached``: served from the cache, by policy or by network."""
 
@@ -170,6 +170,7 @@ def _run(
 ) -> tuple[str, str]:
     from core.apply import apply_policy, model_digest, structure_only
     from core.cost import count_cost, measure_latency
+    from core.latency import timed_program
     from core.macs import policy_macs
     from core.train import FinetuneConfig, finetune, recalibrate_bn
     from core.train import evaluate as accuracy
@@ -215,7 +216,8 @@ def _run(
         metrics["cost_s"] += time.perf_counter() - t
         return "infeasible", verdict
     if cfg.measure_latency:
-        lat = measure_latency(model, ctx.input_shape, batch_size=cfg.latency_batch, threads=1)
+        program = timed_program(model, "torchscript", ctx.latency_memory_format)  # what the export ships
+        lat = measure_latency(program, ctx.input_shape, batch_size=cfg.latency_batch, threads=1)
         metrics["latency_ms"] = float(lat.median_ms)
     metrics["cost_s"] += time.perf_counter() - t
 

@@ -134,6 +134,30 @@ def test_proxy_identity_equals_recalibrated_baseline(ctx: EvalContext) -> None:
     assert res.metrics["val_acc"] > 0.85  # the toy baseline is a real classifier
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_measured_latency_times_the_exported_program(
+    ctx: EvalContext, monkeypatch: pytest.MonkeyPatch, layout: str
+) -> None:
+    """``latency_ms`` is the time of what the export ships (TorchScript, its conv layout), not the eager module."""
+    timed: list[tuple[torch.nn.Module, int]] = []
+    real = core.cost.measure_latency
+
+    def spy(model: torch.nn.Module, shape: tuple[int, ...], batch_size: int = 1, **kw: object) -> object:
+        timed.append((model, batch_size))
+        return real(model, shape, batch_size=batch_size, repeats=2, warmup=1)
+
+    monkeypatch.setattr(core.cost, "measure_latency", spy)
+    cfg = dataclasses.replace(PROXY, measure_latency=True, latency_batch=3)
+    res = evaluate(fresh(ctx, latency_memory_format=layout), cfg, uniform(ctx, 0.5))
+    assert res.status == "ok" and res.metrics["latency_ms"] > 0
+    [(program, batch)] = timed
+    assert isinstance(program, torch.jit.ScriptModule) and batch == 3
+    weights = [p for n, p in program.named_parameters() if p.dim() == 4]
+    assert [w.shape[0] for w in weights] == [8, 8, 16, 16]  # the pruned network, half of 16/16/32/32 filters
+    want = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert all(w.is_contiguous(memory_format=want) for w in weights)
+
+
 def test_finetune_is_deterministic_and_beats_proxy_on_damaged_model(ctx: EvalContext) -> None:
     damaged = uniform(ctx, 0.6)
     proxy = evaluate(fresh(ctx), PROXY, damaged)
