@@ -233,13 +233,23 @@ def cmd_export(a: argparse.Namespace) -> int:
     test = f"  test_acc {m['test_acc']:.4f} (baseline {m['base_test_acc']:.4f})" if "test_acc" in m else ""
     print(f"trial {res.trial}: val_acc {m['val_acc']:.4f}{test}  MACs {m['macs']:,} ({m['macs_ratio']:.1%})  "
           f"params {m['params']:,}")  # fmt: skip
-    print(f"latency {m['latency_ms_batch1']:.2f} ms vs {m['base_latency_ms_batch1']:.2f} ms for the baseline: "
-          f"{m['speedup_batch1']:.2f}x faster ({1 / m['macs_ratio']:.2f}x fewer MACs; {m['latency_program']}, "
-          f"batch 1, 1 CPU thread)")  # fmt: skip
+    _print_latency(m)
     for fmt, path in res.files.items():
         print(f"{fmt:<12} {path}")
     print(f"{'metrics':<12} {res.out_dir / 'metrics.json'}")
     return 0
+
+
+def _print_latency(m: dict[str, Any]) -> None:
+    """The exported program's measured speed-up and, with a latency bound, whether the export keeps it."""
+    print(f"latency {m['latency_ms_batch1']:.2f} ms vs {m['base_latency_ms_batch1']:.2f} ms for the baseline: "
+          f"{m['speedup_batch1']:.2f}x faster ({1 / m['macs_ratio']:.2f}x fewer MACs; {m['latency_program']}, "
+          f"batch 1, 1 CPU thread)")  # fmt: skip
+    if "bound_latency_ratio" in m:
+        verdict = "within it" if m["bound_latency_met"] else "EXCEEDS it (the search predicted it from core.latency)"
+        print(f"latency bound: measured {m['bound_latency_ratio']:.1%} of the baseline's at batch "
+              f"{m['bound_latency_batch']} ({m['bound_latency_ms']:.2f} vs {m['bound_base_latency_ms']:.2f} ms), "
+              f"bound {m['max_latency_ratio']:.1%}: {verdict}")  # fmt: skip
 
 
 def _method_overrides(a: argparse.Namespace) -> dict[str, Any]:
@@ -316,6 +326,7 @@ def cmd_method(a: argparse.Namespace) -> int:
     if r["max_macs"] is not None:
         verdict = "within" if r["feasible"] else "EXCEEDS"
         print(f"study MACs bound {fmt_count(r['max_macs'])}: the method's policy {verdict} it")
+    _print_latency(r)
     for key, path in run.files.items():
         print(f"{key:<12} {path}")
     return 0

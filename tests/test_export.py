@@ -261,6 +261,32 @@ def test_program_speedup_times_both_programs_as_exported(monkeypatch: pytest.Mon
     assert nhwc[6:] == [False, False]  # frozen: no parameters left to be NHWC
 
 
+def test_bound_check_times_each_program_in_its_layout_at_the_bounds_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The export's latency-bound check: the compressed program in the exported layout, the baseline's in the
+    layout the bound's table timed, both at the bound's batch size, best of the rounds."""
+    from core.cost import LatencyResult
+    from search.export import bound_check
+
+    base = randomize_bn(build_model("resnet20")).eval()
+    pruned = apply_policy(base, Policy({"layer2.0.conv1": LayerPolicy(prune_rate=0.5)}))
+    n_base = sum(p.numel() for p in base.parameters())
+    seen: list[tuple[bool, bool, int]] = []
+    clock = iter([7.0, 10.0, 6.0, 11.0])  # model, baseline, model, baseline
+
+    def fake(program: torch.nn.Module, shape: tuple[int, ...], batch_size: int, threads: int) -> LatencyResult:
+        is_base = sum(p.numel() for p in program.parameters()) == n_base
+        seen.append((is_base, program.layer2[0].conv2.weight.is_contiguous(memory_format=torch.channels_last),
+                     batch_size))  # fmt: skip
+        return LatencyResult(median_ms=next(clock), p90_ms=0.0, batch_size=batch_size, threads=threads)
+
+    monkeypatch.setattr("core.cost.measure_latency", fake)
+    got = bound_check(pruned, base, (1, 3, 32, 32), ("torchscript",), ("channels_last", "contiguous"), 64, 0.55,
+                      rounds=2)  # fmt: skip
+    assert seen == [(False, True, 64), (True, False, 64)] * 2
+    assert got == {"bound_latency_batch": 64, "bound_latency_ms": 6.0, "bound_base_latency_ms": 10.0,
+                   "bound_latency_ratio": 0.6, "max_latency_ratio": 0.55, "bound_latency_met": False}  # fmt: skip
+
+
 def test_program_speedup_auto_keeps_each_networks_faster_layout(monkeypatch: pytest.MonkeyPatch) -> None:
     """``memory_format = "auto"``: both layouts of both networks are timed; the compressed network keeps the
     layout that is faster for it (here NCHW), the baseline is compared in its own faster one (here NHWC)."""

@@ -333,6 +333,54 @@ def test_a_stored_table_is_shared_and_checked(
         LatencyTable(build_model("resnet32").eval(), R20, batch_size=2, path=other)
 
 
+def test_export_measures_the_study_latency_bound_on_its_program(
+    fake_timing: None, tmp_path: Path, baseline_ckpt: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """The search only predicts the latency bound; ``slimsearch export`` times the exported program against the
+    baseline's at the bound's batch size, records the ratio and says when it breaks the bound (the export is
+    still written: the bound was the search's, the measurement is what the user gets)."""
+    import torch
+
+    from core.cost import LatencyResult
+    from search.cli import main
+    from tests.test_runner import write_study
+
+    timed: list[tuple[int, int]] = []  # (batch size, conv weights) of every program the export times
+
+    def fake(program: nn.Module, shape: tuple[int, ...], batch_size: int = 1, **kw: object) -> LatencyResult:
+        weights = sum(p.numel() for p in program.parameters() if p.dim() == 4)
+        timed.append((batch_size, weights))
+        return LatencyResult(median_ms=1.0 + batch_size * weights / 1e4, p90_ms=0.0, batch_size=batch_size, threads=1)
+
+    monkeypatch.chdir(tmp_path)
+    torch.set_num_threads(1)
+    p = write_study(tmp_path, baseline_ckpt, n_trials=2, constraint="max_macs_ratio = 0.7\nmax_latency_ratio = 0.97\n"
+                    "latency_batch = 4", seeds='strategies = ["uniform"]\nuniform_rates = [0.5]')  # fmt: skip
+    assert main(["run", str(p), "--no-progress"]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr("core.cost.measure_latency", fake)
+    assert main(["export", str(p), "--trial", "best", "--format", "torchscript", "--out", "e"]) == 0
+    out = capsys.readouterr().out
+    m = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    base_w = max(w for _, w in timed)
+    mine_w = min(w for b, w in timed if b == 4)
+    assert mine_w < base_w and {b for b, _ in timed} == {1, 4}  # batch 1 (speed-up) and the bound's batch
+    want = (1.0 + 4 * mine_w / 1e4) / (1.0 + 4 * base_w / 1e4)
+    assert m["bound_latency_batch"] == 4 and m["bound_latency_ratio"] == pytest.approx(want)
+    assert m["max_latency_ratio"] == 0.97 and m["bound_latency_met"] == (want <= 0.97)
+    verdict = "within it" if want <= 0.97 else "EXCEEDS it"
+    assert f"latency bound: measured {want:.1%} of the baseline's at batch 4" in out and verdict in out
+
+    monkeypatch.setattr("core.cost.measure_latency", lambda *a, batch_size=1, **k: LatencyResult(2.0, 0.0, 1, 1))
+    assert main(["export", str(p), "--trial", "best", "--format", "torchscript", "--out", "f"]) == 0
+    out = capsys.readouterr().out
+    m = json.loads((tmp_path / "f" / "metrics.json").read_text())
+    assert m["bound_latency_ratio"] == 1.0 and m["bound_latency_met"] is False
+    assert "measured 100.0% of the baseline's at batch 4" in out and "bound 97.0%: EXCEEDS it" in out
+    assert (tmp_path / "f" / "model.torchscript.pt").is_file()
+
+
 def test_a_corrupt_stored_table_stops_the_run_before_the_storage_is_written(
     fake_timing: None, tmp_path: Path, baseline_ckpt: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
