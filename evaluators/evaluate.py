@@ -32,10 +32,11 @@ class EvalResult:
     """Outcome of one evaluation. ``metrics``: val_acc (ok/pruned), macs, flops (= 2·MACs), params,
     macs_ratio, params_ratio, macs_violation (macs - max_macs, when bounded), latency_pred_ms (measured
     where the table cannot predict), latency_ratio and latency_violation (ms over the bound; with a latency
-    bound), latency_ms (when
-    measured: the TorchScript program, conv weights in the context's ``latency_memory_format``, as exported) and the time split apply_s, cost_s, train_s, eval_s, wall_s. ``intermediate``:
-    (step, val_acc) of the fine-tune's periodic evaluations. ``model_digest``: ``core.apply.model_digest`` of
-    the network built (empty when none was). ``cached``: served from the cache, by policy or by network."""
+    bound), latency_ms (when measured: the TorchScript program, conv weights in the context's
+    ``latency_memory_format``, as exported) and the time split apply_s, cost_s, train_s, eval_s, wall_s.
+    ``intermediate``: (step, val_acc) of the fine-tune's periodic evaluations. ``model_digest``:
+    ``core.apply.model_digest`` of the network built (empty when none was). ``cached``: served from the cache,
+    by policy or by network."""
 
     status: str
     metrics: dict[str, float] = field(default_factory=dict)
