@@ -101,8 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torchscript | torchscript-frozen | pt2 | state; repeat or comma-separate (default: [export] formats)")  # fmt: skip
     e.add_argument("--finetune-epochs", type=_nonneg_float, help="final fine-tune before export")
     e.add_argument("--max-macs", type=_macs, help="'best' among trials with at most these MACs (e.g. 60M)")
-    e.add_argument("--top-k", type=_positive_int, default=1, metavar="K",
-                   help="fine-tune the K best trials (needs --finetune-epochs) and export the best on val after it")  # fmt: skip
+    e.add_argument("--top-k", type=_positive_int, default=None, metavar="K",
+                   help="fine-tune the K best trials (needs --finetune-epochs) and export the best on val after it "
+                        "(default: [export] top_k, 1)")  # fmt: skip
     e.add_argument("--out", type=Path, help="output folder (default: <export out>/trial-<N>)")
 
     m = sub.add_parser("method", help="run one paper method alone on the study's baseline; export its policy")

@@ -199,16 +199,17 @@ def export_trial(
     finetune_epochs: float | None = None,
     max_macs: float | None = None,
     *,
-    top_k: int = 1,
+    top_k: int | None = None,
     log: Log | None = None,
 ) -> ExportResult:
     """Export ``trial`` ("best" or a number) of ``cfg``'s study; returns the files and the metrics written.
 
     Defaults come from [export]: formats, out (``<workdir>/export``; the model goes to
-    ``<out>/trial-<n>``), finetune_epochs (a final fine-tune on the train split before export).
+    ``<out>/trial-<n>``), finetune_epochs (a final fine-tune on the train split before export), top_k.
     ``top_k`` > 1 (with "best" and a final fine-tune): the search's val accuracy after a few steps is a noisy
     ranking, so the ``top_k`` best trials (distinct networks) all get the final fine-tune and the one with
-    the best val accuracy after it is exported; ``metrics["top_k"]`` lists every candidate.
+    the best val accuracy after it is exported; ``metrics["top_k"]`` lists every candidate. The study's
+    top_k applies only where it can (trial "best", a final fine-tune); an explicit one must.
     """
     from core.policy import Policy
     from search.runner import load_optuna_study, open_storage, uses_ray
@@ -220,6 +221,8 @@ def export_trial(
         raise SlimError(f"--finetune-epochs must be >= 0, got {epochs}")
     if max_macs is not None and not max_macs > 0:
         raise SlimError(f"--max-macs must be > 0, got {max_macs}")
+    if top_k is None:
+        top_k = cfg.export.top_k if spec == "best" and epochs > 0 else 1
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise SlimError(f"--top-k must be an integer >= 1, got {top_k!r}")
     if top_k > 1 and spec != "best":

@@ -134,6 +134,7 @@ class ExportSection:
     finetune_batch_size: int = 128
     kd: bool = False
     memory_format: str = "contiguous"  # EXPORT_MEMORY_FORMATS; auto: each export times both, keeps the faster
+    top_k: int = 1  # exporting "best": final-fine-tune the K best trials, keep the best on val (needs finetune_epochs)
 
 
 @dataclass(frozen=True)
@@ -519,10 +520,13 @@ def _export(t: _Table) -> ExportSection:
         finetune_batch_size=t.get("finetune_batch_size", "an integer", 128, check=_at_least(1)),
         kd=t.get("kd", "a boolean", False),
         memory_format=t.get("memory_format", "a string", "contiguous"),
+        top_k=t.get("top_k", "an integer", 1, check=_at_least(1)),
     )
     if sec.memory_format not in EXPORT_MEMORY_FORMATS:
         allowed = ", ".join(EXPORT_MEMORY_FORMATS)
         t.fail("memory_format", f"unknown memory format {sec.memory_format!r}; allowed: {allowed}")
+    if sec.top_k > 1 and sec.finetune_epochs <= 0:
+        t.fail("top_k", "ranks the trials after the final fine-tune: set finetune_epochs > 0 too")
     t.finish()
     return sec
 

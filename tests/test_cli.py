@@ -207,6 +207,30 @@ def test_export_top_k_fine_tunes_the_best_trials_and_keeps_the_best_on_val(
     one = json.loads((tmp_path / "one" / "metrics.json").read_text())
     assert one["val_acc"] == m["val_acc"] and one["test_acc"] == m["test_acc"] and "top_k" not in one
 
+    # [export] top_k: the default of `export` (trial best, with the study's fine-tune); a single trial, an
+    # explicit --top-k or --finetune-epochs 0 override it; without a fine-tune it is a study-file error.
+    text = p.read_text()
+    p.write_text(text + "\n[export]\nfinetune_epochs = 0.3\ntop_k = 3\n")
+    code, out, err = run_cli(capsys, "export", str(p), "--out", "study")
+    assert code == 0, err
+    st = json.loads((tmp_path / "study" / "metrics.json").read_text())
+    assert st["top_k"] == ranked and st["trial"] == m["trial"] and st["val_acc"] == m["val_acc"]
+    code, _, err = run_cli(capsys, "export", str(p), "--trial", str(m["trial"]), "--out", "study1")
+    assert code == 0, err
+    assert "top_k" not in json.loads((tmp_path / "study1" / "metrics.json").read_text())
+    code, _, err = run_cli(capsys, "export", str(p), "--top-k", "2", "--out", "study2")
+    assert code == 0, err
+    assert [r["trial"] for r in json.loads((tmp_path / "study2" / "metrics.json").read_text())["top_k"]] == [
+        r["trial"] for r in ranked[:2]
+    ]
+    code, _, err = run_cli(capsys, "export", str(p), "--finetune-epochs", "0", "--out", "study0")
+    assert code == 0, err
+    assert "top_k" not in json.loads((tmp_path / "study0" / "metrics.json").read_text())
+    p.write_text(text + "\n[export]\ntop_k = 3\n")
+    code, _, err = run_cli(capsys, "export", str(p), "--out", "bad0")
+    assert_one_line_error(code, err, "[export] top_k", "finetune_epochs > 0")
+    p.write_text(text)
+
     code, _, err = run_cli(capsys, "export", str(p), "--top-k", "2", "--out", "bad1")
     assert_one_line_error(code, err, "--top-k", "--finetune-epochs")
     code, _, err = run_cli(capsys, "export", str(p), "--top-k", "2", "--trial", "1", "--finetune-epochs", "0.1",
@@ -214,7 +238,7 @@ def test_export_top_k_fine_tunes_the_best_trials_and_keeps_the_best_on_val(
     assert_one_line_error(code, err, "--top-k", "--trial best")
     code, _, err = run_cli(capsys, "export", str(p), "--top-k", "0", "--out", "bad3")
     assert code == 2 and "--top-k" in err
-    assert not any((tmp_path / d).exists() for d in ("bad1", "bad2", "bad3"))
+    assert not any((tmp_path / d).exists() for d in ("bad0", "bad1", "bad2", "bad3"))
 
 
 def test_cost_command(capsys: pytest.CaptureFixture[str]) -> None:
