@@ -130,6 +130,8 @@ def test_method_command_writes_a_consistent_result(
     for layer in rows:
         assert layer in out
     assert "evaluator calls" in out and str(d / "report.json") in out
+    assert f"latency {metrics['latency_ms_batch1']:.2f} ms vs {metrics['base_latency_ms_batch1']:.2f} ms" in out
+    assert "latency bound:" not in out  # the study has no latency bound
 
 
 def test_method_budget_caps_evaluator_calls(
