@@ -34,14 +34,13 @@ import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from core.apply import structure_only
 from core.budget import prunable_leaders
 from core.cost import measure_latency
 from core.errors import SlimError
-from core.export import MEMORY_FORMATS
+from core.export import MEMORY_FORMATS, torchscript_program
 from core.graph import ModelGraph
 from core.macs import Call, MacsTable, macs_table
 from core.policy import LayerPolicy, Policy, rate_for_removed
@@ -276,18 +275,18 @@ class LatencyTable:
 
 
 def timed_program(module: nn.Module, mode: str = "torchscript", memory_format: str = "contiguous") -> nn.Module:
-    """What to time for ``module``: its conv weights in ``memory_format`` (a copy; the module itself when that is
-    contiguous in eager mode), as TorchScript in torchscript mode (what ``core.export`` ships by default). A
-    module that does not script is timed eager, so prediction still works for models only the eager and pt2
-    exports handle."""
-    if memory_format != "contiguous" or mode == "torchscript":
-        module = copy.deepcopy(module).eval().to(memory_format=MEMORY_FORMATS[memory_format])
-    if mode != "torchscript":
+    """What to time for ``module``: in torchscript mode the program ``core.export`` ships
+    (``torchscript_program``: a copy, conv weights in ``memory_format``); in eager mode the module in that layout
+    (a copy unless contiguous). A module that neither scripts nor traces is timed eager, so prediction still works
+    for models only the eager and pt2 exports handle."""
+    if mode == "torchscript":
+        try:
+            return torchscript_program(module, memory_format=memory_format)
+        except Exception:  # no TorchScript program: time the eager module instead
+            pass
+    if memory_format == "contiguous":
         return module
-    try:
-        return torch.jit.script(module)
-    except Exception:  # any scripting failure: time the eager module instead
-        return module
+    return copy.deepcopy(module).eval().to(memory_format=MEMORY_FORMATS[memory_format])
 
 
 _TABLES: weakref.WeakKeyDictionary[ModelGraph, dict[tuple, LatencyTable]] = weakref.WeakKeyDictionary()
