@@ -147,7 +147,9 @@ def test_random_sigkills_of_driver_and_workers(
     for t in killed:
         retry = [x for x in trials if x.system_attrs.get("retry_history", [None])[-1] == t.number]
         assert len(retry) == (len(t.system_attrs.get("retry_history", [])) < MAX_RETRY), (t.number, len(retry))
-        assert all(r.params == t.params or not t.params for r in retry), t.number
+        # A worker killed while suggesting leaves the parameters it had stored (Optuna persists each suggest);
+        # the retry fixes those and samples the rest, so it keeps every parameter of the killed trial.
+        assert all(t.params.items() <= r.params.items() for r in retry), (t.number, t.params, [r.params for r in retry])
 
     # Export the best trial; the TorchScript file loads and runs with plain torch in a fresh process.
     out = tmp_path / "export"
