@@ -26,9 +26,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from slimsearch.core.models import build_model, load_checkpoint  # noqa: E402
+from slimsearch.core.train import FinetuneConfig, evaluate, finetune  # noqa: E402
+
 from benchmarks.common import CHECKPOINTS, adapted_dir, load_cifar, machine, run_script, shared_root  # noqa: E402
-from core.models import build_model, load_checkpoint  # noqa: E402
-from core.train import FinetuneConfig, evaluate, finetune  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -31,13 +31,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.apply import apply_policy  # noqa: E402
-from core.cost import count_cost, measure_latency  # noqa: E402
-from core.decompose import default_cache  # noqa: E402
-from core.export import export_model, load_exported  # noqa: E402
-from core.graph import compressible_layers, model_graph  # noqa: E402
-from core.models import build_model  # noqa: E402
-from core.policy import LayerPolicy, Policy  # noqa: E402
+from slimsearch.core.apply import apply_policy  # noqa: E402
+from slimsearch.core.cost import count_cost, measure_latency  # noqa: E402
+from slimsearch.core.decompose import default_cache  # noqa: E402
+from slimsearch.core.export import export_model, load_exported  # noqa: E402
+from slimsearch.core.graph import compressible_layers, model_graph  # noqa: E402
+from slimsearch.core.models import build_model  # noqa: E402
+from slimsearch.core.policy import LayerPolicy, Policy  # noqa: E402
 
 SHAPE = (1, 3, 32, 32)
 T0 = time.perf_counter()

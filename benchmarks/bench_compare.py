@@ -77,6 +77,19 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from slimsearch.core.apply import apply_policy  # noqa: E402
+from slimsearch.core.budget import bisect_budget, fit_macs, policy_macs, prunable_leaders  # noqa: E402
+from slimsearch.core.cost import count_cost, measure_latency  # noqa: E402
+from slimsearch.core.criteria import global_rates, group_importance  # noqa: E402
+from slimsearch.core.data import DataSplits, batches  # noqa: E402
+from slimsearch.core.errors import SlimError  # noqa: E402
+from slimsearch.core.export import MEMORY_FORMATS, export_model, load_exported  # noqa: E402
+from slimsearch.core.graph import model_graph  # noqa: E402
+from slimsearch.core.policy import LayerPolicy, Policy  # noqa: E402
+from slimsearch.core.tp_prune import pruned_rates, tp_prune  # noqa: E402
+from slimsearch.core.train import FinetuneConfig, finetune, recalibrate_bn  # noqa: E402
+from slimsearch.core.train import evaluate as accuracy  # noqa: E402
+
 from benchmarks.common import (  # noqa: E402
     CHECKPOINTS,
     SHAPE,
@@ -89,18 +102,6 @@ from benchmarks.common import (  # noqa: E402
     shared_root,
     stratified_subset,
 )
-from core.apply import apply_policy  # noqa: E402
-from core.budget import bisect_budget, fit_macs, policy_macs, prunable_leaders  # noqa: E402
-from core.cost import count_cost, measure_latency  # noqa: E402
-from core.criteria import global_rates, group_importance  # noqa: E402
-from core.data import DataSplits, batches  # noqa: E402
-from core.errors import SlimError  # noqa: E402
-from core.export import MEMORY_FORMATS, export_model, load_exported  # noqa: E402
-from core.graph import model_graph  # noqa: E402
-from core.policy import LayerPolicy, Policy  # noqa: E402
-from core.tp_prune import pruned_rates, tp_prune  # noqa: E402
-from core.train import FinetuneConfig, finetune, recalibrate_bn  # noqa: E402
-from core.train import evaluate as accuracy  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BASELINES = ("tp_l1", "tp_global", "fpgm")
@@ -404,13 +405,14 @@ def run_baseline(b: Bench, kind: str, max_macs: float) -> tuple[dict, nn.Module,
 
 def run_methods(b: Bench, names: list[str]) -> dict[str, dict]:
     """Each paper strategy once per model (the proxy as acc; no MACs target): policy, MACs, time, calls."""
+    from slimsearch.evaluators.cache import ResultCache
+    from slimsearch.evaluators.config import EvaluatorConfig
+    from slimsearch.evaluators.context import build_context
+    from slimsearch.evaluators.evaluate import evaluate
+    from slimsearch.search.methods import run_method
+    from slimsearch.search.methods.common import as_accuracy
+
     from benchmarks.bench_methods import PAPER, method_options
-    from evaluators.cache import ResultCache
-    from evaluators.config import EvaluatorConfig
-    from evaluators.context import build_context
-    from evaluators.evaluate import evaluate
-    from search.methods import run_method
-    from search.methods.common import as_accuracy
 
     a = b.args
     cfg = EvaluatorConfig(kind="proxy", bn_batches=a.bn_batches, batch_size=a.batch_size, seed=a.seed)
@@ -467,7 +469,7 @@ _GIVEN: dict[str, list[Policy]] = {}
 
 def _register_given() -> None:
     """Seed strategy ``bench_given``: the exact policies this script computed (search.study's registry)."""
-    from search.study import SEED_STRATEGIES, register_seed_strategy
+    from slimsearch.search.study import SEED_STRATEGIES, register_seed_strategy
 
     if "bench_given" in SEED_STRATEGIES:
         return
@@ -505,7 +507,7 @@ def latency_layout(a: argparse.Namespace) -> dict[str, Any]:
 
 def study_config(b: Bench, max_macs: float, tag: str, seeds: list[tuple[str, Policy]], search_seed: int) -> Any:
     """A StudyConfig like studies/<model>_cifar10.toml, with the budget, the proxy and a temp storage."""
-    from search.study import study_from_dict
+    from slimsearch.search.study import study_from_dict
 
     a = b.args
     toml = tomllib.loads((REPO / "studies" / f"{b.name}_cifar10.toml").read_text())
@@ -534,12 +536,12 @@ def run_slimsearch(
 ) -> tuple[dict, list[Any]]:
     """The search machinery of ``slimsearch run`` (one worker) on the val subset, sampler seeded with
     ``search_seed``; the row and the ``--rerank`` best feasible trials (``search.export.top_trials``), best first."""
-    from evaluators.cache import ResultCache
-    from evaluators.context import build_context
-    from search.context import StudyContext
-    from search.export import top_trials
-    from search.runner import open_storage, prepare_study, trial_line, trial_loop
-    from spaces.space import SearchSpace
+    from slimsearch.evaluators.cache import ResultCache
+    from slimsearch.evaluators.context import build_context
+    from slimsearch.search.context import StudyContext
+    from slimsearch.search.export import top_trials
+    from slimsearch.search.runner import open_storage, prepare_study, trial_line, trial_loop
+    from slimsearch.spaces.space import SearchSpace
 
     cfg = study_config(b, max_macs, tag, seeds, search_seed)
     t = time.perf_counter()

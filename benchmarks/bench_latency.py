@@ -31,17 +31,18 @@ from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from slimsearch.core.apply import apply_policy  # noqa: E402
+from slimsearch.core.cost import measure_latency  # noqa: E402
+from slimsearch.core.export import MEMORY_FORMATS, export_model, load_exported  # noqa: E402
+from slimsearch.core.latency import LatencyTable  # noqa: E402
+from slimsearch.core.macs import policy_macs  # noqa: E402
+from slimsearch.core.models import build_model  # noqa: E402
+from slimsearch.core.policy import Policy  # noqa: E402
+from slimsearch.spaces.config import SpaceConfig  # noqa: E402
+from slimsearch.spaces.space import SearchSpace  # noqa: E402
+
 from benchmarks.bench_proxy import sample_policies  # noqa: E402
 from benchmarks.common import log, machine, write_results  # noqa: E402
-from core.apply import apply_policy  # noqa: E402
-from core.cost import measure_latency  # noqa: E402
-from core.export import MEMORY_FORMATS, export_model, load_exported  # noqa: E402
-from core.latency import LatencyTable  # noqa: E402
-from core.macs import policy_macs  # noqa: E402
-from core.models import build_model  # noqa: E402
-from core.policy import Policy  # noqa: E402
-from spaces.config import SpaceConfig  # noqa: E402
-from spaces.space import SearchSpace  # noqa: E402
 
 SHAPE = (1, 3, 32, 32)
 REPO = Path(__file__).resolve().parents[1]

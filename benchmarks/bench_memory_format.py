@@ -27,13 +27,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from slimsearch.core.apply import apply_policy  # noqa: E402
+from slimsearch.core.budget import prunable_leaders  # noqa: E402
+from slimsearch.core.cost import count_cost, measure_latency  # noqa: E402
+from slimsearch.core.export import MEMORY_FORMATS, export_model, load_exported  # noqa: E402
+from slimsearch.core.models import build_model  # noqa: E402
+from slimsearch.core.policy import LayerPolicy, Policy  # noqa: E402
+
 from benchmarks.common import SHAPE, log, machine, run_script, write_results  # noqa: E402
-from core.apply import apply_policy  # noqa: E402
-from core.budget import prunable_leaders  # noqa: E402
-from core.cost import count_cost, measure_latency  # noqa: E402
-from core.export import MEMORY_FORMATS, export_model, load_exported  # noqa: E402
-from core.models import build_model  # noqa: E402
-from core.policy import LayerPolicy, Policy  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results"
 

@@ -37,20 +37,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from slimsearch.core.apply import apply_policy  # noqa: E402
+from slimsearch.core.cost import count_cost  # noqa: E402
+from slimsearch.core.data import DataSplits, batches, load_splits  # noqa: E402
+from slimsearch.core.models import build_model, load_checkpoint  # noqa: E402
+from slimsearch.core.policy import Policy  # noqa: E402
+from slimsearch.core.train import FinetuneConfig, finetune, recalibrate_bn  # noqa: E402
+from slimsearch.core.train import evaluate as accuracy  # noqa: E402
+from slimsearch.evaluators.cache import ResultCache  # noqa: E402
+from slimsearch.evaluators.config import EvaluatorConfig  # noqa: E402
+from slimsearch.evaluators.context import EvalContext, build_context  # noqa: E402
+from slimsearch.evaluators.evaluate import evaluate  # noqa: E402
+from slimsearch.search.methods import run_method  # noqa: E402
+from slimsearch.search.methods.common import as_accuracy  # noqa: E402
+
 from benchmarks.common import CHECKPOINTS, SHAPE, load_adapted, run_script, stratified_subset  # noqa: E402
-from core.apply import apply_policy  # noqa: E402
-from core.cost import count_cost  # noqa: E402
-from core.data import DataSplits, batches, load_splits  # noqa: E402
-from core.models import build_model, load_checkpoint  # noqa: E402
-from core.policy import Policy  # noqa: E402
-from core.train import FinetuneConfig, finetune, recalibrate_bn  # noqa: E402
-from core.train import evaluate as accuracy  # noqa: E402
-from evaluators.cache import ResultCache  # noqa: E402
-from evaluators.config import EvaluatorConfig  # noqa: E402
-from evaluators.context import EvalContext, build_context  # noqa: E402
-from evaluators.evaluate import evaluate  # noqa: E402
-from search.methods import run_method  # noqa: E402
-from search.methods.common import as_accuracy  # noqa: E402
 
 # What the papers report (METHODS.md / seeds/). None of them is on ResNet-20/56, so these are context, not targets.
 PAPER = {

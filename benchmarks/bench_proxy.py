@@ -155,7 +155,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def evaluator_configs(args: argparse.Namespace) -> dict[str, Any]:
     """name -> EvaluatorConfig: "proxy" and "finetune-<steps>" for each ``--ft-steps``."""
-    from evaluators.config import EvaluatorConfig
+    from slimsearch.evaluators.config import EvaluatorConfig
 
     common = {"batch_size": args.batch_size, "bn_batches": args.bn_batches, "seed": args.seed}
     cfgs = {"proxy": EvaluatorConfig(kind="proxy", **common)}
@@ -169,8 +169,7 @@ def sample_policies(model: Any, space: Any, n: int, bound: float, base_macs: flo
     """``n`` distinct random policies with MACs <= bound x base_macs: rejection sampling from the space, or with
     ``fit`` every sample over the bound scaled onto it as a search trial's is (``[constraint] fit = "scale"``)."""
     import optuna
-
-    from core.budget import fit_macs, policy_macs
+    from slimsearch.core.budget import fit_macs, policy_macs
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
@@ -203,15 +202,15 @@ def sample_policies(model: Any, space: Any, n: int, bound: float, base_macs: flo
 def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     """Sample, score with every evaluator and the final fine-tune, summarise."""
     import torch
+    from slimsearch.core.data import DataSplits
+    from slimsearch.core.models import build_model, load_checkpoint
+    from slimsearch.evaluators.config import EvaluatorConfig
+    from slimsearch.evaluators.context import build_context
+    from slimsearch.evaluators.evaluate import evaluate
+    from slimsearch.spaces.config import SpaceConfig
+    from slimsearch.spaces.space import SearchSpace
 
     from benchmarks.common import CHECKPOINTS, SHAPE, load_adapted, load_cifar, machine
-    from core.data import DataSplits
-    from core.models import build_model, load_checkpoint
-    from evaluators.config import EvaluatorConfig
-    from evaluators.context import build_context
-    from evaluators.evaluate import evaluate
-    from spaces.config import SpaceConfig
-    from spaces.space import SearchSpace
 
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()

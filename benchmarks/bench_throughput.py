@@ -5,7 +5,7 @@ For each evaluator of ``--evaluators`` and each worker count of ``--workers`` th
 to a temporary folder (``--model`` from its JPEG-adapted checkpoint, the CIFAR-10 JPEG archive with
 ``--val-size`` val images, ``max_macs_ratio = --bound``, the ``[space]`` of studies/<model>_cifar10.toml,
 ``--sampler`` sampler, a fresh SQLite storage) and runs the real runner end to end as a user would:
-``python -m search.cli run <study> --workers N --threads --threads`` (N worker processes of --threads
+``python -m slimsearch run <study> --workers N --threads --threads`` (N worker processes of --threads
 torch threads each when N > 1). Then it reads the trials back from the storage:
 
 - apply / cost / train / eval: the evaluator's own time split (``metrics`` user attr: apply_s, cost_s,
@@ -186,9 +186,8 @@ def write_study(folder: Path, name: str, ev: dict[str, Any], args: argparse.Name
 def read_trials(study_file: Path) -> list[dict[str, Any]]:
     """The finished trials of a run as plain records (epoch-second start/end, worker pid, evaluator metrics)."""
     import optuna
-
-    from search.runner import WORKER_ATTR
-    from search.study import load_study
+    from slimsearch.search.runner import WORKER_ATTR
+    from slimsearch.search.study import load_study
 
     cfg = load_study(study_file)
     study = optuna.load_study(study_name=cfg.name, storage=cfg.study.storage)
@@ -210,7 +209,7 @@ def one_run(label: str, ev: dict[str, Any], workers: int, args: argparse.Namespa
     folder = Path(tempfile.mkdtemp(prefix=f"slim-throughput-{label}-w{workers}-"))
     try:
         study_file = write_study(folder, f"tp_{label.replace('-', '_')}_w{workers}", ev, args, checkpoint)
-        cmd = [sys.executable, "-m", "search.cli", "run", str(study_file), "--workers", str(workers),
+        cmd = [sys.executable, "-m", "slimsearch", "run", str(study_file), "--workers", str(workers),
                "--threads", str(args.threads), "--no-progress"]  # fmt: skip
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
         load0 = os.getloadavg()

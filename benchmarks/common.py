@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
-
-from core.data import Dataset, DataSplits, load_splits, split_train_val
-from core.models import build_model, load_checkpoint
+from slimsearch.core.data import Dataset, DataSplits, load_splits, split_train_val
+from slimsearch.core.models import build_model, load_checkpoint
 
 CHECKPOINTS = {"resnet20": "resnet20-12fca82f.th", "resnet56": "resnet56-4bfd9763.th"}
 SHAPE = (1, 3, 32, 32)
@@ -23,7 +22,7 @@ SHAPE = (1, 3, 32, 32)
 def run_script(main: Callable[[], int | None]) -> NoReturn:
     """Exit with ``main()``'s code; bad input (a message given to SystemExit, or a SlimError) -> that one line
     on stderr and exit code 2, the project's convention, instead of 1 or a traceback."""
-    from core.errors import SlimError
+    from slimsearch.core.errors import SlimError
 
     try:
         code = main()

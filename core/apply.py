@@ -24,15 +24,14 @@ from collections.abc import Mapping, Sequence
 from functools import partial
 
 import torch
+from slimsearch.core.cost import conv_zeros
+from slimsearch.core.criteria import select_filters
+from slimsearch.core.decompose import DecompositionCache, choose_rank, decompose_conv, default_cache, layer_structure
+from slimsearch.core.errors import SlimError
+from slimsearch.core.graph import InputSpec, ModelGraph, model_graph
+from slimsearch.core.policy import LayerPolicy, Policy, replace_layer
+from slimsearch.core.prune import cut, masked_model_inplace
 from torch import nn
-
-from core.cost import conv_zeros
-from core.criteria import select_filters
-from core.decompose import DecompositionCache, choose_rank, decompose_conv, default_cache, layer_structure
-from core.errors import SlimError
-from core.graph import InputSpec, ModelGraph, model_graph
-from core.policy import LayerPolicy, Policy, replace_layer
-from core.prune import cut, masked_model_inplace
 
 __all__ = [
     "apply_policy",

@@ -11,13 +11,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+from slimsearch.core.apply import apply_policy
+from slimsearch.core.errors import SlimError
+from slimsearch.core.graph import model_graph
+from slimsearch.core.macs import policy_macs
+from slimsearch.core.policy import LayerPolicy, Policy, cp_max_rank, rate_for_removed, replace_layer
 from torch import nn
-
-from core.apply import apply_policy
-from core.errors import SlimError
-from core.graph import model_graph
-from core.macs import policy_macs
-from core.policy import LayerPolicy, Policy, cp_max_rank, rate_for_removed, replace_layer
 
 
 def prunable_leaders(model: nn.Module, input_shape: Sequence[int]) -> list[str]:

@@ -32,13 +32,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from slimsearch.core.errors import SlimError
+from slimsearch.core.train import preserved_modes
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry, shape_wrapper
-
-from core.errors import SlimError
-from core.train import preserved_modes
 
 DEFAULT_INPUT = (1, 3, 32, 32)
 
@@ -247,7 +246,7 @@ class _ShapeForward(TorchFunctionMode):
 
 # Classes whose forward calls torch only through its public, torch-function-aware API (no ``torch.ops`` calls,
 # which a TorchFunctionMode would not see): the fast counter is used only when every module is one of them.
-_KNOWN_CODE = ("torch.nn.modules.", "core.models.")
+_KNOWN_CODE = ("torch.nn.modules.", "slimsearch.core.models.")
 
 
 def _fast_countable(model: nn.Module) -> bool:

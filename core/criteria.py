@@ -14,9 +14,8 @@ import operator
 from collections.abc import Mapping, Sequence
 
 import torch
+from slimsearch.core.errors import SlimError
 from torch import Tensor
-
-from core.errors import SlimError
 
 __all__ = ["SELECT_CRITERIA", "global_rates", "group_importance", "importance", "norm_wasserstein", "select_filters"]
 
@@ -146,7 +145,7 @@ def select_filters(
         return torch.sort(torch.randperm(n, generator=gen)[:keep]).values
     if criterion == "distfit":
         return _distfit(flat, keep)
-    from core.pyramid import hpc_cluster  # local import: the pyramid module is heavier and only hpc needs it
+    from slimsearch.core.pyramid import hpc_cluster  # local import: the pyramid module is heavier and only hpc needs it
 
     result = hpc_cluster(weight, keep, **params)  # type: ignore[arg-type]
     return torch.sort(torch.as_tensor(result.representatives, dtype=torch.long)).values

@@ -36,8 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-
-from core.errors import SlimError
+from slimsearch.core.errors import SlimError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

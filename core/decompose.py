@@ -32,14 +32,13 @@ from pathlib import Path
 import numpy as np
 import tensorly as tl
 import torch
+from slimsearch.core.errors import SlimError
+from slimsearch.core.evbmf import evbmf
+from slimsearch.core.policy import cp_max_rank
 from tensorly.decomposition import parafac, partial_tucker
 from tensorly.tenalg.core_tenalg import CoreTenalgBackend
 from threadpoolctl import threadpool_limits
 from torch import nn
-
-from core.errors import SlimError
-from core.evbmf import evbmf
-from core.policy import cp_max_rank
 
 __all__ = [
     "METHODS",

@@ -43,11 +43,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from slimsearch.core.errors import SlimError
+from slimsearch.core.graph import example_input_for
+from slimsearch.core.policy import Policy
 from torch import nn
-
-from core.errors import SlimError
-from core.graph import example_input_for
-from core.policy import Policy
 
 __all__ = [
     "DEFAULT_FORMATS",
@@ -227,7 +226,7 @@ def load_state(
 ) -> nn.Module:
     """Rebuild an exported model from its state dict: apply ``policy.json`` to ``base_model`` (the model
     the policy was applied to, with its original weights) and load ``model.pt`` (``weights_only=True``)."""
-    from core.apply import apply_policy  # apply imports the heavy graph machinery; export needs it only here
+    from slimsearch.core.apply import apply_policy  # apply imports the heavy graph machinery; export needs it only here
 
     d = Path(export_dir)
     for f in ("policy.json", FILES["state"]):

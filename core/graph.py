@@ -40,10 +40,9 @@ from typing import Protocol, runtime_checkable
 
 import torch
 import torch_pruning as tp
+from slimsearch.core.errors import SlimError
 from torch import nn
 from torch_pruning import ops
-
-from core.errors import SlimError
 
 __all__ = [
     "ChannelMap",

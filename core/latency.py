@@ -34,16 +34,15 @@ import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
+from slimsearch.core.apply import structure_only
+from slimsearch.core.budget import prunable_leaders
+from slimsearch.core.cost import measure_latency
+from slimsearch.core.errors import SlimError
+from slimsearch.core.export import MEMORY_FORMATS, torchscript_program
+from slimsearch.core.graph import ModelGraph
+from slimsearch.core.macs import Call, MacsTable, macs_table
+from slimsearch.core.policy import LayerPolicy, Policy, rate_for_removed
 from torch import nn
-
-from core.apply import structure_only
-from core.budget import prunable_leaders
-from core.cost import measure_latency
-from core.errors import SlimError
-from core.export import MEMORY_FORMATS, torchscript_program
-from core.graph import ModelGraph
-from core.macs import Call, MacsTable, macs_table
-from core.policy import LayerPolicy, Policy, rate_for_removed
 
 __all__ = ["MODES", "LatencyTable", "latency_table", "policy_latency"]
 

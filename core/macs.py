@@ -23,14 +23,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from slimsearch.core.apply import pruned_leaders, structure_only
+from slimsearch.core.cost import count_cost
+from slimsearch.core.decompose import choose_rank, layer_structure
+from slimsearch.core.errors import SlimError
+from slimsearch.core.graph import ModelGraph, model_graph
+from slimsearch.core.policy import LayerPolicy, Policy
 from torch import nn
-
-from core.apply import pruned_leaders, structure_only
-from core.cost import count_cost
-from core.decompose import choose_rank, layer_structure
-from core.errors import SlimError
-from core.graph import ModelGraph, model_graph
-from core.policy import LayerPolicy, Policy
 
 __all__ = ["MacsTable", "macs_table", "policy_macs"]
 

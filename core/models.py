@@ -13,9 +13,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from slimsearch.core.errors import SlimError
 from torch import nn
-
-from core.errors import SlimError
 
 
 class OptionAShortcut(nn.Module):

@@ -21,7 +21,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from core.errors import SlimError
+from slimsearch.core.errors import SlimError
 
 if TYPE_CHECKING:  # torch is imported on use: reading a study file (and reporting its errors) stays fast
     from torch import nn

@@ -22,11 +22,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
+from slimsearch.core.errors import SlimError
+from slimsearch.core.graph import InputSpec, ModelGraph, fingerprint, model_graph
 from torch import nn
 from torch_pruning.pruner import function as tpf
-
-from core.errors import SlimError
-from core.graph import InputSpec, ModelGraph, fingerprint, model_graph
 
 __all__ = ["cut", "masked_model_inplace", "prune_layers", "resolve_plan"]
 

@@ -23,9 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from slimsearch.core.errors import SlimError
 from torch import Tensor
-
-from core.errors import SlimError
 
 __all__ = [
     "ClusterResult",

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import fields
 from typing import Any, TypeVar
 
-from core.errors import SlimError
+from slimsearch.core.errors import SlimError
 
 T = TypeVar("T")
 

@@ -11,10 +11,9 @@ import copy
 from collections.abc import Sequence
 
 import torch
+from slimsearch.core.errors import SlimError
+from slimsearch.core.graph import model_graph
 from torch import nn
-
-from core.errors import SlimError
-from core.graph import model_graph
 
 __all__ = ["kept_filters", "pruned_rates", "tp_prune", "unprunable_modules"]
 

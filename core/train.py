@@ -15,11 +15,10 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from slimsearch.core.data import Dataset, batches
+from slimsearch.core.errors import SlimError
 from torch import nn
 from torch.optim import lr_scheduler
-
-from core.data import Dataset, batches
-from core.errors import SlimError
 
 SCHEDULES = ("cosine", "onecycle", "constant")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from evaluators.evaluate import EvalResult
+    from slimsearch.evaluators.evaluate import EvalResult
 
 CACHED_STATUSES = ("ok", "infeasible")
 
@@ -52,7 +52,7 @@ class ResultCache:
         return self.path is not None and self.path.suffix == ".jsonl"
 
     def get(self, key: str) -> EvalResult | None:
-        from evaluators.evaluate import EvalResult
+        from slimsearch.evaluators.evaluate import EvalResult
 
         row = self._mem.get(key)
         if row is None and self.path is not None and not self._is_file:

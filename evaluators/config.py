@@ -9,8 +9,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from core.errors import SlimError
-from core.tables import build_checked, known_keys
+from slimsearch.core.errors import SlimError
+from slimsearch.core.tables import build_checked, known_keys
 
 KINDS = ("proxy", "finetune")
 # Fields that do not change a result (where and how fast it is computed), left out of the cache key.

@@ -9,12 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from slimsearch.core.cost import Cost, count_cost
+from slimsearch.core.errors import SlimError
+from slimsearch.core.export import MEMORY_FORMATS
+from slimsearch.evaluators.cache import ResultCache
 from torch import nn
-
-from core.cost import Cost, count_cost
-from core.errors import SlimError
-from core.export import MEMORY_FORMATS
-from evaluators.cache import ResultCache
 
 
 @dataclass
@@ -63,7 +62,7 @@ class EvalContext:
     def latency_table(self) -> Any:
         """The baseline's latency table at ``latency_batch`` (``core.latency``), stored in ``latency_dir`` when
         set, so every process of a study predicts from the same measurements."""
-        from core.latency import latency_table
+        from slimsearch.core.latency import latency_table
 
         return latency_table(self.model, self.input_shape, self.latency_batch, folder=self.latency_dir,
                              memory_format=self.latency_memory_format)  # fmt: skip
@@ -115,7 +114,7 @@ def build_context(
         bound = float(max_macs_ratio) * base.macs
     base_acc = None
     if score_baseline:
-        from core.train import evaluate
+        from slimsearch.core.train import evaluate
 
         base_acc = evaluate(model, splits.val)
     if not isinstance(cache, ResultCache):

@@ -13,12 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-
-from core.errors import SlimError
-from core.policy import Policy
-from evaluators.cache import ResultCache
-from evaluators.config import EvaluatorConfig
-from evaluators.context import EvalContext
+from slimsearch.core.errors import SlimError
+from slimsearch.core.policy import Policy
+from slimsearch.evaluators.cache import ResultCache
+from slimsearch.evaluators.config import EvaluatorConfig
+from slimsearch.evaluators.context import EvalContext
 
 STATUSES = ("ok", "infeasible", "fail", "pruned")
 TIMES = ("apply_s", "cost_s", "train_s", "eval_s", "wall_s")
@@ -169,12 +168,12 @@ def _run(
     intermediate: list[tuple[int, float]],
     built: _Built,
 ) -> tuple[str, str]:
-    from core.apply import apply_policy, model_digest, structure_only
-    from core.cost import count_cost, measure_latency
-    from core.latency import timed_program
-    from core.macs import policy_macs
-    from core.train import FinetuneConfig, finetune, recalibrate_bn
-    from core.train import evaluate as accuracy
+    from slimsearch.core.apply import apply_policy, model_digest, structure_only
+    from slimsearch.core.cost import count_cost, measure_latency
+    from slimsearch.core.latency import timed_program
+    from slimsearch.core.macs import policy_macs
+    from slimsearch.core.train import FinetuneConfig, finetune, recalibrate_bn
+    from slimsearch.core.train import evaluate as accuracy
 
     # Gate before building anything where that is cheap: factorising (CP above all) can take seconds, so a
     # decomposed policy's MACs come from ``core.macs`` first (exactly the real result's), and a latency bound

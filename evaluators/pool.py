@@ -17,12 +17,12 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from core.errors import SlimError
-from core.policy import Policy
-from evaluators.cache import ResultCache
-from evaluators.config import EvaluatorConfig
-from evaluators.context import EvalContext
-from evaluators.evaluate import EvalResult, evaluate, one_line
+from slimsearch.core.errors import SlimError
+from slimsearch.core.policy import Policy
+from slimsearch.evaluators.cache import ResultCache
+from slimsearch.evaluators.config import EvaluatorConfig
+from slimsearch.evaluators.context import EvalContext
+from slimsearch.evaluators.evaluate import EvalResult, evaluate, one_line
 
 ContextFactory = Callable[[], EvalContext]
 

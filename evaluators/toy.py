@@ -9,13 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from slimsearch.core.data import DataSplits, load_splits
+from slimsearch.core.models import SmallCNN
+from slimsearch.core.train import FinetuneConfig, finetune
+from slimsearch.evaluators.cache import ResultCache
+from slimsearch.evaluators.context import EvalContext, build_context
 from torch import nn
-
-from core.data import DataSplits, load_splits
-from core.models import SmallCNN
-from core.train import FinetuneConfig, finetune
-from evaluators.cache import ResultCache
-from evaluators.context import EvalContext, build_context
 
 
 def toy_splits(dataset: str = "digits", val_size: int | float = 0.2, seed: int = 0) -> DataSplits:

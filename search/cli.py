@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from core.errors import SlimError
-from search.study import mask_url
+from slimsearch.core.errors import SlimError
+from slimsearch.search.study import mask_url
 
 PROG = "slimsearch"
 
@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(path: Path) -> Any:
-    from search.study import load_study
+    from slimsearch.search.study import load_study
 
     return load_study(path)
 
@@ -157,7 +157,7 @@ def cmd_run(a: argparse.Namespace) -> int:
         cfg = cfg.with_n_trials(a.n_trials)
     if cfg.study.backend == "ray" or a.ray_address:
         return _run_ray(cfg, a.ray_address, progress=not a.no_progress)
-    from search.runner import run_study
+    from slimsearch.search.runner import run_study
 
     run_study(cfg, workers=a.workers, progress=not a.no_progress, threads=a.threads)
     print(f"next: slimsearch report {a.study}   |   slimsearch export {a.study} --trial best   |   "
@@ -168,7 +168,7 @@ def cmd_run(a: argparse.Namespace) -> int:
 def _run_ray(cfg: Any, address: str | None, progress: bool = True) -> int:
     """``run`` on Ray Tune (backend ray or --ray-address): ``search.ray_runner.run_ray``."""
     try:
-        from search.ray_runner import run_ray
+        from slimsearch.search.ray_runner import run_ray
     except ModuleNotFoundError as e:
         if e.name and e.name.startswith("search"):
             raise SlimError(
@@ -184,7 +184,7 @@ def _run_ray(cfg: Any, address: str | None, progress: bool = True) -> int:
 def cmd_worker(a: argparse.Namespace) -> int:
     import pickle
 
-    from search.runner import run_worker
+    from slimsearch.search.runner import run_worker
 
     if a.config_pickle is not None:  # started by `slimsearch run --workers N`: exactly the driver's config
         with open(a.config_pickle, "rb") as fh:
@@ -201,14 +201,14 @@ def cmd_worker(a: argparse.Namespace) -> int:
 
 
 def cmd_status(a: argparse.Namespace) -> int:
-    from search.report import study_status
+    from slimsearch.search.report import study_status
 
     print(study_status(_load(a.study)).text())
     return 0
 
 
 def cmd_report(a: argparse.Namespace) -> int:
-    from search.report import write_report
+    from slimsearch.search.report import write_report
 
     cfg = _load(a.study)
     rep = write_report(cfg, trial=a.trial, out_dir=a.out)
@@ -216,7 +216,7 @@ def cmd_report(a: argparse.Namespace) -> int:
     print(rep.table)
     for key, path in rep.files.items():
         print(f"{key:<12} {path}")
-    from search.runner import uses_ray
+    from slimsearch.search.runner import uses_ray
 
     if not uses_ray(cfg):
         print(f"dashboard:   optuna-dashboard {mask_url(cfg.study.storage)}")
@@ -224,7 +224,7 @@ def cmd_report(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from search.export import export_trial, parse_formats, parse_trial
+    from slimsearch.search.export import export_trial, parse_formats, parse_trial
 
     cfg = _load(a.study)
     formats = parse_formats(a.formats) if a.formats else None
@@ -305,9 +305,9 @@ def _parse_rates(text: str) -> float | dict[str, float]:
 
 
 def cmd_method(a: argparse.Namespace) -> int:
-    from search.export import parse_formats
-    from search.runner import fmt_count
-    from search.seeding import run_method_on_study
+    from slimsearch.search.export import parse_formats
+    from slimsearch.search.runner import fmt_count
+    from slimsearch.search.seeding import run_method_on_study
 
     overrides = _method_overrides(a)
     formats = parse_formats(a.formats) if a.formats else ("torchscript", "state")
@@ -337,10 +337,9 @@ def cmd_train(a: argparse.Namespace) -> int:
     import time
 
     import torch
-
-    from core.data import load_splits
-    from core.models import build_model
-    from core.train import FinetuneConfig, evaluate, finetune
+    from slimsearch.core.data import load_splits
+    from slimsearch.core.models import build_model
+    from slimsearch.core.train import FinetuneConfig, evaluate, finetune
 
     if a.epochs <= 0:
         raise SlimError("--epochs must be > 0")
@@ -392,9 +391,8 @@ def _shape(text: str | None, model: Any, name: str) -> tuple[int, ...]:
 
 def cmd_cost(a: argparse.Namespace) -> int:
     import torch
-
-    from core.cost import count_cost, measure_latency
-    from core.models import build_model, load_checkpoint
+    from slimsearch.core.cost import count_cost, measure_latency
+    from slimsearch.core.models import build_model, load_checkpoint
 
     in_ch = None
     if a.input_shape:

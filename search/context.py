@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from slimsearch.core.errors import SlimError
+from slimsearch.search.study import StudyConfig
 from torch import nn
-
-from core.errors import SlimError
-from search.study import StudyConfig
 
 Log = Callable[[str], None]
 LATENCY_WARM_S = 120.0  # longest a study start spends timing layer shapes ahead
@@ -52,7 +51,7 @@ class StudyContext:
         resumed or retried trial evaluates the same policy: the latency fit predicts from the study's stored
         table (``core.latency``), where a shape is measured once (a retry racing another process for a new
         shape may differ by a filter or two)."""
-        from core.budget import fit_cost, fit_macs
+        from slimsearch.core.budget import fit_cost, fit_macs
 
         ctx, mode = self.eval_ctx, self.cfg.constraint.fit
         if mode not in ("scale", "fill"):
@@ -109,7 +108,7 @@ def _state_sha(model: nn.Module) -> str:
 
 def load_data(cfg: StudyConfig) -> Any:
     """The study's train/val/test splits; a wrong root or dataset is a ``SlimError`` naming the file."""
-    from core.data import load_splits
+    from slimsearch.core.data import load_splits
 
     d = cfg.data
     try:
@@ -128,7 +127,7 @@ def input_shape_for(cfg: StudyConfig, splits: Any) -> tuple[int, int, int, int]:
 
 def build_baseline(cfg: StudyConfig, splits: Any) -> nn.Module:
     """The untrained model of [model], sized for the data (classes, channels)."""
-    from core.models import build_model
+    from slimsearch.core.models import build_model
 
     m = cfg.model
     num_classes = m.num_classes or splits.train.num_classes
@@ -142,7 +141,7 @@ def build_baseline(cfg: StudyConfig, splits: Any) -> nn.Module:
 
 
 def _load(model: nn.Module, path: Path, cfg: StudyConfig, key: str) -> nn.Module:
-    from core.models import load_checkpoint
+    from slimsearch.core.models import load_checkpoint
 
     try:
         return load_checkpoint(model, path)
@@ -152,7 +151,7 @@ def _load(model: nn.Module, path: Path, cfg: StudyConfig, key: str) -> nn.Module
 
 def pretrain_baseline(cfg: StudyConfig, model: nn.Module, splits: Any, log: Log) -> Path:
     """Train ``model`` for [model] pretrain_epochs and save it atomically as ``<workdir>/baseline.pt``."""
-    from core.train import FinetuneConfig, evaluate, finetune, recalibrate_bn
+    from slimsearch.core.train import FinetuneConfig, evaluate, finetune, recalibrate_bn
 
     m = cfg.model
     path = baseline_cache_path(cfg)
@@ -180,8 +179,8 @@ def build_study_context(cfg: StudyConfig, *, log: Log | None = None, allow_pretr
     ``allow_pretrain=False`` (workers) refuses to train a baseline: it must already be cached by
     ``slimsearch run``, so every process searches the same weights.
     """
-    from evaluators.context import build_context
-    from spaces.space import SearchSpace
+    from slimsearch.evaluators.context import build_context
+    from slimsearch.spaces.space import SearchSpace
 
     log = log or (lambda s: None)
     splits = load_data(cfg)

@@ -19,9 +19,8 @@ from typing import Any
 
 import torch
 from optuna.trial import FrozenTrial, TrialState
-
-from core.errors import SlimError
-from search.study import EXPORT_FORMATS, StudyConfig
+from slimsearch.core.errors import SlimError
+from slimsearch.search.study import EXPORT_FORMATS, StudyConfig
 
 Log = Callable[[str], None]
 
@@ -88,7 +87,7 @@ def select_trial(trials: Sequence[FrozenTrial], spec: str | int, max_macs: float
 def top_trials(trials: Sequence[FrozenTrial], k: int, max_macs: float | None = None) -> list[FrozenTrial]:
     """The ``k`` best feasible COMPLETE trials with distinct networks (``search.runner.ranked_feasible``);
     none at all is a SlimError."""
-    from search.runner import ranked_feasible
+    from slimsearch.search.runner import ranked_feasible
 
     ok = ranked_feasible(trials, max_macs)
     if not ok:
@@ -103,8 +102,8 @@ def rebuild_candidate(sctx: Any, cfg: StudyConfig, policy: Any) -> torch.nn.Modu
     Mirrors ``evaluators.evaluate`` step for step under the same seed, so its val accuracy reproduces
     the trial's (up to floating-point differences between thread counts).
     """
-    from core.apply import apply_policy
-    from core.train import FinetuneConfig, finetune, recalibrate_bn
+    from slimsearch.core.apply import apply_policy
+    from slimsearch.core.train import FinetuneConfig, finetune, recalibrate_bn
 
     ev = cfg.evaluator
     with torch.random.fork_rng(devices=[]):
@@ -123,7 +122,7 @@ def _best_times(
 ) -> dict[Any, float]:
     """Best median ms of each program over ``rounds`` round-robin measurements (1 CPU thread), so all of them see
     the same machine load."""
-    from core.cost import measure_latency
+    from slimsearch.core.cost import measure_latency
 
     best = dict.fromkeys(programs, math.inf)
     for _ in range(rounds):
@@ -147,7 +146,7 @@ def program_speedup(
     all programs see the same machine load. ``memory_format = "auto"`` times both layouts and keeps each
     network's faster one (``memory_format`` in the result: the one to export): channels_last runs the unpruned
     ResNets faster, but pruned or decomposed ones with odd channel counts slower at batch 1 on our CPU."""
-    from core.export import MEMORY_FORMATS, torchscript_program
+    from slimsearch.core.export import MEMORY_FORMATS, torchscript_program
 
     frozen = "torchscript-frozen" in fmts
     layouts = tuple(MEMORY_FORMATS) if memory_format == "auto" else (memory_format,)
@@ -180,7 +179,7 @@ def bound_check(
     layout) against the baseline's (in ``layouts[1]``, the layout the bound's table times) at the bound's
     batch size. The search only predicted it (``core.latency``: 3-11 % error for NCHW tables, more for NHWC
     ones), so the export says what it measures."""
-    from core.export import torchscript_program
+    from slimsearch.core.export import torchscript_program
 
     frozen = "torchscript-frozen" in fmts
     programs = {who: torchscript_program(m, input_shape, frozen=frozen, memory_format=lay)
@@ -211,8 +210,8 @@ def export_trial(
     the best val accuracy after it is exported; ``metrics["top_k"]`` lists every candidate. The study's
     top_k applies only where it can (trial "best", a final fine-tune); an explicit one must.
     """
-    from core.policy import Policy
-    from search.runner import load_optuna_study, open_storage, uses_ray
+    from slimsearch.core.policy import Policy
+    from slimsearch.search.runner import load_optuna_study, open_storage, uses_ray
 
     fmts = parse_formats(formats if formats is not None else list(cfg.export.formats))
     spec = parse_trial(trial)
@@ -247,7 +246,7 @@ def export_trial(
 
 def ray_top_numbers(cfg: StudyConfig, k: int, max_macs: float | None = None) -> list[int]:
     """Trial numbers of a Ray study's ``k`` best feasible trials (distinct networks), best first."""
-    from search.ray_runner import ranked_rows, ray_trials
+    from slimsearch.search.ray_runner import ranked_rows, ray_trials
 
     df = ray_trials(cfg)
     if max_macs is not None and len(df):
@@ -261,7 +260,7 @@ def ray_top_numbers(cfg: StudyConfig, k: int, max_macs: float | None = None) -> 
 
 def select_ray_trial(cfg: StudyConfig, spec: str | int, max_macs: float | None = None) -> tuple[int, Any, dict]:
     """(number, Policy, search metrics + the study's baseline_sha) of a Ray study's trial ("best" or a number)."""
-    from search.ray_runner import ray_best_policy, ray_study_info
+    from slimsearch.search.ray_runner import ray_best_policy, ray_study_info
 
     if spec == "best" and max_macs is not None:
         spec = ray_top_numbers(cfg, 1, max_macs)[0]
@@ -275,7 +274,7 @@ def select_ray_trial(cfg: StudyConfig, spec: str | int, max_macs: float | None =
 def finalize(sctx: Any, cfg: StudyConfig, policy: Any, epochs: float, log: Log) -> tuple[torch.nn.Module, dict]:
     """Trial's model as the evaluator scored it (val accuracy ``rebuilt_val_acc``), then the optional final
     fine-tune with fresh BN statistics; ``val_acc`` after it."""
-    from core.train import FinetuneConfig, evaluate, finetune, recalibrate_bn
+    from slimsearch.core.train import FinetuneConfig, evaluate, finetune, recalibrate_bn
 
     model = rebuild_candidate(sctx, cfg, policy)
     metrics: dict[str, Any] = {"rebuilt_val_acc": evaluate(model, sctx.splits.val)}
@@ -307,8 +306,8 @@ def export_policies(
     """Rebuild each of ``picks`` ((number, policy, the search's status / val_acc / reason), best first) as the
     evaluator scored it, optionally fine-tune, keep the best val accuracy (the first on ties), measure it and
     export it to ``out`` (default ``<export out>/trial-<n>``)."""
-    from core.cost import count_cost
-    from search.context import build_study_context
+    from slimsearch.core.cost import count_cost
+    from slimsearch.search.context import build_study_context
 
     log = log or (lambda s: None)
     if out is not None and out.exists() and not out.is_dir():
@@ -365,10 +364,10 @@ def write_export(
     (``program_speedup``) and, with a latency bound, its measured ratio (``bound_check``) to ``metrics`` (in
     place), then write the export (``core.export.export_model``, in the
     study's memory format, or the faster one with ``auto``); format -> path."""
-    from core.cost import count_cost
-    from core.export import export_model
-    from core.train import evaluate
-    from search.context import latency_layout
+    from slimsearch.core.cost import count_cost
+    from slimsearch.core.export import export_model
+    from slimsearch.core.train import evaluate
+    from slimsearch.search.context import latency_layout
 
     metrics.update(program_speedup(model, sctx.model, sctx.input_shape, fmts, cfg.export.memory_format))
     if cfg.constraint.max_latency_ratio is not None:

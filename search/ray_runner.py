@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.errors import SlimError
-from search.study import StudyConfig
+from slimsearch.core.errors import SlimError
+from slimsearch.search.study import StudyConfig
 
 Log = Callable[[str], None]
 
@@ -174,8 +174,8 @@ def _worker_context(cfg: StudyConfig) -> Any:
     key = (str(cfg.path), cfg.name)
     sctx = _CONTEXTS.get(key)
     if sctx is None:
-        from evaluators.cache import ResultCache
-        from search.context import build_study_context
+        from slimsearch.evaluators.cache import ResultCache
+        from slimsearch.search.context import build_study_context
 
         sctx = build_study_context(cfg, allow_pretrain=False)
         sctx.eval_ctx.cache = ResultCache(cfg.study.workdir / "cache")  # shared with the Optuna backend
@@ -224,8 +224,7 @@ def _trainable(config: dict[str, Any], study: StudyConfig) -> None:
     import ray
     import torch
     from ray import tune
-
-    from evaluators.evaluate import EvalResult, evaluate, one_line
+    from slimsearch.evaluators.evaluate import EvalResult, evaluate, one_line
 
     torch.set_num_threads(1)  # one CPU per trial
     extra = {"number": int(config.get("_number", -1)), "seed": str(config.get("_seed", "")),
@@ -305,7 +304,7 @@ def _search_classes() -> tuple[type, type]:
                 return super().on_trial_complete(trial_id, result, error)
             status = (result or {}).get("status")
             if result and self.bounds and any(k.endswith("_violation") for k in result):
-                from evaluators.evaluate import violations
+                from slimsearch.evaluators.evaluate import violations
 
                 cons = violations(result, self.bounds)
                 ot_trial.set_user_attr("constraint", list(cons.values()))  # read by constraints_func (optuna < 5)
@@ -394,8 +393,7 @@ def make_search_alg(cfg: StudyConfig, space: Any, seeds: list[tuple[str, Any]], 
     seed policies are ``points_to_evaluate`` (complete points: every parameter of the Ray space).
     """
     from ray.tune.search import ConcurrencyLimiter
-
-    from search.runner import bound_names, make_sampler
+    from slimsearch.search.runner import bound_names, make_sampler
 
     search_cls, gen_cls = _search_classes()
     objectives = cfg.study.objectives
@@ -581,7 +579,7 @@ def _row_metrics(row: Any) -> dict[str, Any]:
 def ray_best_policy(cfg: StudyConfig, trial: str | int = "best") -> tuple[Any, dict[str, Any]]:
     """(Policy, metrics) of a Ray trial: "best" (highest feasible val_acc), an Optuna trial number, or a
     Ray trial id. Used by ``slimsearch export`` for Ray studies; a missing or unusable trial is a SlimError."""
-    from core.policy import Policy
+    from slimsearch.core.policy import Policy
 
     df = ray_trials(cfg)
     if trial == "best":
@@ -618,8 +616,7 @@ def ray_report_frame(cfg: StudyConfig) -> Any:
     """The trial table in ``search.report.trials_frame``'s columns (trial, state as Optuna names it,
     status, metrics, seed, policy summary, duration_s, reason), so Pareto front and charts work unchanged."""
     import pandas as pd
-
-    from core.policy import Policy
+    from slimsearch.core.policy import Policy
 
     df = ray_trials(cfg)
 
@@ -670,7 +667,7 @@ def ray_status(cfg: StudyConfig) -> dict[str, Any]:
 
 
 def _trial_line(row: Mapping[str, Any]) -> str:
-    from search.runner import fmt_count
+    from slimsearch.search.runner import fmt_count
 
     parts = [f"trial {int(row.get('number', -1)):>4}", f"{row.get('status', '?'):<10}"]
     if row.get("status") in ("ok", "pruned"):
@@ -744,8 +741,8 @@ def run_ray(
     Concurrency is [evaluator] workers trials, one CPU each. Every node must see the study's files
     (data, checkpoint / ``<workdir>/baseline.pt``, ``<workdir>/ray``) at the same absolute paths.
     """
-    from search.context import build_study_context
-    from search.runner import seed_policies, study_info
+    from slimsearch.search.context import build_study_context
+    from slimsearch.search.runner import seed_policies, study_info
 
     log = log or (lambda s: print(s, flush=True))
     t0 = time.perf_counter()
@@ -882,7 +879,7 @@ def _summarise(cfg: StudyConfig, exp_dir: Path, t0: float, resumed: bool, log: L
     row = best_row(df) if len(df) else None
     best, policy = None, None
     if row is not None:
-        from core.policy import Policy
+        from slimsearch.core.policy import Policy
 
         best = _row_metrics(row)
         best["trial"] = best.get("number")

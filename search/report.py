@@ -17,9 +17,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from optuna.trial import FrozenTrial
-
-from core.errors import SlimError
-from search.runner import (
+from slimsearch.core.errors import SlimError
+from slimsearch.search.runner import (
     best_feasible,
     fmt_count,
     is_counted,
@@ -29,7 +28,7 @@ from search.runner import (
     target_trials,
     uses_ray,
 )
-from search.study import StudyConfig, mask_url
+from slimsearch.search.study import StudyConfig, mask_url
 
 COLUMNS = ["trial", "state", "status", "val_acc", "macs", "macs_ratio", "flops", "params", "params_ratio",
            "latency_ms", "latency_pred_ms", "seed", "policy", "duration_s", "reason"]  # fmt: skip
@@ -110,7 +109,7 @@ class StudyStatus:
 def study_status(cfg: StudyConfig) -> StudyStatus:
     """Counts by state, progress toward n_trials and the best feasible trial (read-only)."""
     if uses_ray(cfg):
-        from search.ray_runner import ray_status
+        from slimsearch.search.ray_runner import ray_status
 
         return StudyStatus(**ray_status(cfg))
     study = load_optuna_study(cfg, open_storage(cfg, create=False))
@@ -183,7 +182,7 @@ def plot_pareto(df: pd.DataFrame, front: pd.DataFrame, info: dict[str, Any], pat
 
 def plot_policy(trial: FrozenTrial, info: dict[str, Any], path: Path, title: str) -> Path:
     """Prune rate per conv layer (depth order) with kept/total filters; decomposed layers hatched and labelled."""
-    from core.policy import Policy
+    from slimsearch.core.policy import Policy
 
     policy = Policy.from_json(trial.user_attrs["policy"], where=f"trial {trial.number} policy")
     return plot_policy_values(policy, trial.user_attrs, info, path, title)
@@ -300,7 +299,7 @@ def write_report(cfg: StudyConfig, trial: int | None = None, out_dir: str | Path
 
 def write_ray_report(cfg: StudyConfig, trial: int | None = None, out_dir: str | Path | None = None) -> Report:
     """``write_report`` for a Ray Tune study: the same files from its results (``ray_report_frame``)."""
-    from search.ray_runner import ray_best_policy, ray_report_frame, ray_status, ray_study_info
+    from slimsearch.search.ray_runner import ray_best_policy, ray_report_frame, ray_status, ray_study_info
 
     df = ray_report_frame(cfg)  # SlimError when the study never ran
     info = ray_study_info(cfg)

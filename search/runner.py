@@ -56,9 +56,8 @@ from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
-
-from core.errors import SlimError
-from search.study import StudyConfig, mask_url, sqlite_path
+from slimsearch.core.errors import SlimError
+from slimsearch.search.study import StudyConfig, mask_url, sqlite_path
 
 WORKER_ATTR = "slimsearch:worker"
 SEED_POLICY_ATTR = "seed_policy"  # user attr of an enqueued seed trial: the exact policy JSON to evaluate
@@ -111,7 +110,7 @@ def uses_ray(cfg: StudyConfig) -> bool:
     study that was only ever run on Ray (``run --ray-address``: Ray results exist, its SQLite file does not)."""
     if cfg.study.backend == "ray":
         return True
-    from search.ray_runner import ray_meta_path
+    from slimsearch.search.ray_runner import ray_meta_path
 
     return not storage_exists(cfg) and ray_meta_path(cfg).is_file()
 
@@ -258,7 +257,7 @@ def make_sampler(cfg: StudyConfig, seed: int) -> optuna.samplers.BaseSampler:
             independent_sampler=optuna.samplers.RandomSampler(seed=seed),
         )  # fmt: skip
     if s.sampler == "local":
-        from search.local_sampler import LocalSearchSampler
+        from slimsearch.search.local_sampler import LocalSearchSampler
 
         return LocalSearchSampler(seed=seed, n_startup_trials=s.n_startup_trials)
     return optuna.samplers.RandomSampler(seed=seed)
@@ -280,7 +279,7 @@ def bound_names(cfg: StudyConfig) -> tuple[str, ...]:
 def record_constraints(trial: optuna.Trial, cfg: StudyConfig, metrics: Mapping[str, float]) -> None:
     """The bounds' violations of an evaluated trial, for the constraint-aware samplers: as the "constraint"
     user attr (Optuna < 5's ``constraints_func``) and, where Optuna has it, ``Trial.set_constraint``."""
-    from evaluators.evaluate import violations
+    from slimsearch.evaluators.evaluate import violations
 
     names = bound_names(cfg)
     if not names:
@@ -518,7 +517,7 @@ def trial_policy(trial: optuna.Trial, sctx: Any) -> Any:
     """The policy a trial evaluates: the space's suggestion (always asked, so the sampler records the
     parameters), replaced by the exact seed policy when the trial was enqueued with one. ``run_trial``
     then fits it under the MACs bound (``StudyContext.fit``)."""
-    from core.policy import Policy
+    from slimsearch.core.policy import Policy
 
     policy = sctx.space.suggest(trial)
     exact = trial.user_attrs.get(SEED_POLICY_ATTR)
@@ -533,7 +532,7 @@ def run_trial(study: optuna.Study, trial_id: int, sctx: Any, cfg: StudyConfig) -
     Evaluator failures -> FAIL with a reason (the study goes on); Ctrl-C / SIGTERM -> FAIL and
     re-enqueued for retry, then re-raised; anything else (a bug) -> FAIL with status "error", re-raised.
     """
-    from evaluators.evaluate import evaluate
+    from slimsearch.evaluators.evaluate import evaluate
 
     storage = study._storage
     trial = optuna.trial.Trial(study, trial_id)
@@ -563,7 +562,7 @@ def run_trial(study: optuna.Study, trial_id: int, sctx: Any, cfg: StudyConfig) -
         _retry_callback(cfg)(study, ft)
         raise
     except Exception as e:
-        from evaluators.evaluate import one_line
+        from slimsearch.evaluators.evaluate import one_line
 
         trial.set_user_attr("reason", f"internal error: {one_line(e)}")
         trial.set_user_attr("status", "error")
@@ -651,7 +650,7 @@ def study_info(sctx: Any) -> dict[str, Any]:
 
 def seed_policies(sctx: Any, log: Log | None = None) -> list[tuple[str, Any]]:
     """(label, Policy) for every [seeds] strategy, in order (methods within [seeds] budget evaluator calls)."""
-    from search.seeding import generate_seeds
+    from slimsearch.search.seeding import generate_seeds
 
     return generate_seeds(sctx, log=log)
 
@@ -853,10 +852,10 @@ def run_study(
     to ``search.ray_runner.run_ray``.
     """
     if cfg.study.backend == "ray":
-        from search.ray_runner import run_ray  # another module's job; imported only when asked for
+        from slimsearch.search.ray_runner import run_ray  # another module's job; imported only when asked for
 
         return run_ray(cfg, progress=progress, log=log)  # type: ignore[return-value]
-    from search.context import build_study_context
+    from slimsearch.search.context import build_study_context
 
     workers = int(workers or getattr(cfg.evaluator, "workers", 1) or 1)
     if workers < 1:
@@ -915,13 +914,13 @@ def run_study(
 
 def _attach_cache(sctx: Any, cfg: StudyConfig) -> None:
     """Results persist under <workdir>/cache (shared by the workers); created only once input is valid."""
-    from evaluators.cache import ResultCache
+    from slimsearch.evaluators.cache import ResultCache
 
     sctx.eval_ctx.cache = ResultCache(cfg.study.workdir / "cache")
 
 
 def _worker_cmd(cfg_file: Path, cfg: StudyConfig, index: int, threads: int) -> list[str]:
-    return [sys.executable, "-m", "search.cli", "worker", str(cfg.path), "--config-pickle", str(cfg_file),
+    return [sys.executable, "-m", "slimsearch", "worker", str(cfg.path), "--config-pickle", str(cfg_file),
             "--parent-pid", str(os.getpid()), "--worker-index", str(index), "--threads", str(threads)]  # fmt: skip
 
 
@@ -1005,8 +1004,7 @@ def run_worker(
     enqueues the trial slots); this works from any machine that reaches the storage URL.
     """
     import torch
-
-    from search.context import build_study_context
+    from slimsearch.search.context import build_study_context
 
     log = log or (lambda s: print(s, file=sys.stderr))
     if threads:

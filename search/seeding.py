@@ -29,10 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.criteria import global_rates, group_importance
-from core.errors import SlimError
-from core.policy import CRITERIA, Policy
-from search.study import SEED_STRATEGIES, known_seed_strategies, register_seed_strategy
+from slimsearch.core.criteria import global_rates, group_importance
+from slimsearch.core.errors import SlimError
+from slimsearch.core.policy import CRITERIA, Policy
+from slimsearch.search.study import SEED_STRATEGIES, known_seed_strategies, register_seed_strategy
 
 METHOD_STRATEGIES = ("abshpc", "mtd", "ga", "distfit")
 REJECTED = -1.0  # answer to a method's question once the evaluation budget is spent: below a0 - any tolerance
@@ -99,7 +99,7 @@ def global_seeds(ctx: Any, params: Mapping[str, Any]) -> list[Any]:
     norms (each divided by its unit's mean, ``core.criteria.global_rates``) removes ``fractions`` of all
     their filters; a unit's rate is the share of its filters below it, filters chosen by ``criterion``.
     Over-budget seeds are fitted like any sample (``[constraint] fit``)."""
-    from spaces.space import Param
+    from slimsearch.spaces.space import Param
 
     mods = dict(ctx.model.named_modules())
     scores = {u.key: group_importance([mods[n].weight for n in u.layers]) for u in ctx.space.units
@@ -120,12 +120,11 @@ def tp_global_seeds(ctx: Any, params: Mapping[str, Any]) -> list[Any]:
     bound, TP's ratio is bisected onto the bound (the allocation a user would get from Torch-Pruning at that
     budget); otherwise one seed per ratio, fitted like any sample. Units Torch-Pruning cannot trace (a
     residual stream behind an option-A shortcut) stay unpruned in the seed."""
+    from slimsearch.core.budget import bisect_budget
+    from slimsearch.core.cost import count_cost
+    from slimsearch.core.tp_prune import pruned_rates, tp_prune
+    from slimsearch.spaces.space import Param
     from torch import nn
-
-    from core.budget import bisect_budget
-    from core.cost import count_cost
-    from core.tp_prune import pruned_rates, tp_prune
-    from spaces.space import Param
 
     units = [u for u in ctx.space.units if isinstance(u.rate, Param)]
     if not units:
@@ -156,9 +155,12 @@ def tp_global_seeds(ctx: Any, params: Mapping[str, Any]) -> list[Any]:
 
 def _load_optional() -> None:
     """Register the paper strategies of ``search.methods.seeds`` (abshpc, mtd, ga, distfit) when present."""
-    if importlib.util.find_spec("search.methods") is None or importlib.util.find_spec("search.methods.seeds") is None:
+    if (
+        importlib.util.find_spec("slimsearch.search.methods") is None
+        or importlib.util.find_spec("slimsearch.search.methods.seeds") is None
+    ):
         return
-    importlib.import_module("search.methods.seeds").register()
+    importlib.import_module("slimsearch.search.methods.seeds").register()
 
 
 _load_optional()
@@ -194,7 +196,7 @@ class MethodAcc:
         return None if self.budget is None else max(0, self.budget - self.calls)
 
     def _evaluate(self, policy: Policy) -> Any:
-        from evaluators.evaluate import evaluate
+        from slimsearch.evaluators.evaluate import evaluate
 
         res = self._results.get(policy.hash)
         if res is None:
@@ -203,7 +205,7 @@ class MethodAcc:
         return res
 
     def __call__(self, policy: Policy) -> float:
-        from search.methods.common import as_accuracy
+        from slimsearch.search.methods.common import as_accuracy
 
         if policy.hash not in self._results and self.exhausted:
             self.refused += 1
@@ -227,7 +229,7 @@ def method_inputs(ctx: Any, name: str, params: Mapping[str, Any]) -> Any:
     """Normalised train images for GA's fitness (``samples`` of them, seeded); None for the other methods."""
     if name != "ga":
         return None
-    from core.data import batches
+    from slimsearch.core.data import batches
 
     n = int(params.get("samples", 256))
     x, _ = next(iter(batches(ctx.splits.train, n, shuffle=True, seed=ctx.cfg.study.seed)))
@@ -250,7 +252,7 @@ def _layer_rates(name: str, opts: dict[str, Any], layers: Sequence[str]) -> dict
 
 def run_study_method(ctx: Any, name: str, params: Mapping[str, Any], acc: MethodAcc) -> Any:
     """Run method ``name`` with ``params`` on the study context's baseline; returns its ``MethodResult``."""
-    from search.methods import run_method
+    from slimsearch.search.methods import run_method
 
     layers = method_layers(ctx, name)
     if not layers:
@@ -267,7 +269,7 @@ def method_seed_policies(ctx: Any, name: str, params: Mapping[str, Any], acc: Me
 
     The methods' own final evaluation is skipped unless asked for (the seed trial evaluates the policy).
     """
-    from search.methods import seed_policies
+    from slimsearch.search.methods import seed_policies
 
     layers = method_layers(ctx, name)
     if not layers:
@@ -310,7 +312,7 @@ _METHOD_OUT_MARKERS = ("report.json", "manifest.json")
 
 
 def _method_fn(name: str) -> Callable[..., Any]:
-    from search.methods import abshpc_search, distfit_search, ga_select, mtd_search
+    from slimsearch.search.methods import abshpc_search, distfit_search, ga_select, mtd_search
 
     return {"abshpc": abshpc_search, "mtd": mtd_search, "ga": ga_select, "distfit": distfit_search}[name]
 
@@ -355,7 +357,7 @@ def typed_params(name: str, params: Mapping[str, Any], prefix: str) -> dict[str,
     """``params`` of method ``name`` checked: known names, values of the type of the method's defaults."""
     import inspect
 
-    from search.methods.seeds import allowed_params
+    from slimsearch.search.methods.seeds import allowed_params
 
     allowed = allowed_params(name)
     sig = inspect.signature(_method_fn(name)).parameters
@@ -479,11 +481,11 @@ def run_method_on_study(
     import os
     import time
 
-    from core.cost import count_cost
-    from core.train import evaluate as accuracy
-    from evaluators.cache import ResultCache
-    from search.context import build_study_context
-    from search.export import parse_formats, rebuild_candidate, write_export
+    from slimsearch.core.cost import count_cost
+    from slimsearch.core.train import evaluate as accuracy
+    from slimsearch.evaluators.cache import ResultCache
+    from slimsearch.search.context import build_study_context
+    from slimsearch.search.export import parse_formats, rebuild_candidate, write_export
 
     log = log or (lambda s: None)
     t0 = time.perf_counter()

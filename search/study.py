@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import tomllib
-
-from core.errors import SlimError
+from slimsearch.core.errors import SlimError
 
 SAMPLERS = ("tpe", "nsga2", "cmaes", "local", "random")
 BACKENDS = ("optuna", "ray")
@@ -195,7 +194,7 @@ def register_seed_strategy(
 
 def known_seed_strategies() -> dict[str, Callable[..., list[Any]]]:
     """The registry, with the built-in and optional strategy modules imported."""
-    import search.seeding  # noqa: F401  (registers "uniform" and any optional strategies)
+    import slimsearch.search.seeding  # noqa: F401  (registers "uniform" and any optional strategies)
 
     return SEED_STRATEGIES
 
@@ -569,8 +568,8 @@ def parse_toml(path: str | Path) -> dict[str, Any]:
 
 def study_from_dict(raw: Mapping[str, Any], path: str | Path = "<study>") -> StudyConfig:
     """Validate an already-parsed study table (``parse_toml`` output)."""
-    from evaluators.config import EvaluatorConfig
-    from spaces.config import SpaceConfig
+    from slimsearch.evaluators.config import EvaluatorConfig
+    from slimsearch.spaces.config import SpaceConfig
 
     file = Path(path)
     unknown = [k for k in raw if k not in SECTIONS]

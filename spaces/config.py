@@ -7,9 +7,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from core.errors import SlimError
-from core.policy import CRITERIA, DECOMPOSITIONS
-from core.tables import build_checked, known_keys
+from slimsearch.core.errors import SlimError
+from slimsearch.core.policy import CRITERIA, DECOMPOSITIONS
+from slimsearch.core.tables import build_checked, known_keys
 
 # "mask" needs explicit keep indices (the GA's output), which a sampler cannot propose.
 SEARCHABLE_CRITERIA = tuple(c for c in CRITERIA if c != "mask")

@@ -29,11 +29,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from slimsearch.core.errors import SlimError
+from slimsearch.core.policy import LayerPolicy, Policy
+from slimsearch.spaces.config import SpaceConfig
 from torch import nn
-
-from core.errors import SlimError
-from core.policy import LayerPolicy, Policy
-from spaces.config import SpaceConfig
 
 
 @dataclass(frozen=True)
@@ -126,7 +125,7 @@ class SearchSpace:
     @classmethod
     def build(cls, model: nn.Module, cfg: SpaceConfig, input_shape: Sequence[int]) -> SearchSpace:
         """Inspect ``model`` (example input of ``input_shape``, batch dim optional) and build the space."""
-        from core.graph import compressible_layers
+        from slimsearch.core.graph import compressible_layers
 
         infos = list(compressible_layers(model, _example_input(input_shape)))
         return cls.from_layers(infos, cfg)

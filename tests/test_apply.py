@@ -1,4 +1,4 @@
-"""core.apply: apply_policy never mutates its input, shrinks cost, mixes pruning and decomposition,
+"""slimsearch.core.apply: apply_policy never mutates its input, shrinks cost, mixes pruning and decomposition,
 reuses cached decompositions, and rejects bad policies with SlimError."""
 
 from __future__ import annotations
@@ -8,16 +8,16 @@ import zlib
 
 import pytest
 import torch
+from slimsearch.core.apply import apply_policy, clone_model, kept_indices, layer_seed
+from slimsearch.core.cost import count_cost
+from slimsearch.core.criteria import select_filters
+from slimsearch.core.decompose import DecompositionCache
+from slimsearch.core.errors import SlimError
+from slimsearch.core.graph import compressible_layers
+from slimsearch.core.models import build_model
+from slimsearch.core.policy import LayerPolicy, Policy
 from torch import nn
 
-from core.apply import apply_policy, clone_model, kept_indices, layer_seed
-from core.cost import count_cost
-from core.criteria import select_filters
-from core.decompose import DecompositionCache
-from core.errors import SlimError
-from core.graph import compressible_layers
-from core.models import build_model
-from core.policy import LayerPolicy, Policy
 from tests.nets import PadNet
 from tests.test_prune import randomize_bn
 
@@ -216,7 +216,7 @@ def test_identity_policy_returns_an_equal_independent_copy() -> None:
 
 
 def test_model_digest_tells_networks_apart_by_structure_and_values() -> None:
-    from core.apply import model_digest
+    from slimsearch.core.apply import model_digest
 
     torch.manual_seed(0)
     model = build_model("smallcnn").eval()
@@ -292,7 +292,7 @@ def test_policy_on_a_group_member_prunes_the_whole_group() -> None:
 
 
 def test_output_check_skips_conv_arithmetic_but_catches_broken_surgery(monkeypatch: pytest.MonkeyPatch) -> None:
-    import core.apply as apply_mod
+    import slimsearch.core.apply as apply_mod
 
     model = build_model("resnet20").eval()
     policy = Policy({"layer1.0.conv1": LayerPolicy(prune_rate=0.5)})

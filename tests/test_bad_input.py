@@ -133,7 +133,7 @@ def save_state(name: str, model: str, seed: int = 0, in_channels: int = 1) -> Ca
     """A real ``torch.save``d state dict of a zoo model (e.g. another architecture's weights)."""
 
     def apply(d: Path) -> None:
-        from core.models import build_model
+        from slimsearch.core.models import build_model
 
         torch.manual_seed(seed)
         torch.save(build_model(model, 10, in_channels).state_dict(), d / name)
@@ -526,7 +526,7 @@ def _params() -> list:
 @pytest.fixture(scope="session")
 def base_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An (untrained, seeded) smallcnn state dict: bad-input cases never get as far as training."""
-    from core.models import build_model
+    from slimsearch.core.models import build_model
 
     p = tmp_path_factory.mktemp("bad_input_ckpt") / "base.pt"
     torch.manual_seed(0)
@@ -542,9 +542,9 @@ def prepared_study(tmp_path_factory: pytest.TempPathFactory, base_ckpt: Path) ->
     shutil.copy(base_ckpt, d / "base.pt")
     (d / S).write_text(BASE_STUDY.replace("n_trials = 3", "n_trials = 2"))
     code = (
-        "import torch, evaluators.evaluate as ev\n"
-        "from search.study import load_study\n"
-        "from search.runner import run_study\n"
+        "import torch, slimsearch.evaluators.evaluate as ev\n"
+        "from slimsearch.search.study import load_study\n"
+        "from slimsearch.search.runner import run_study\n"
         "orig = ev.evaluate\n"
         "def evaluate(ctx, cfg, policy, **kw):\n"
         "    global orig\n"
@@ -597,7 +597,7 @@ def test_bad_input_exits_2_one_line_nothing_written(
     if setup is not None:
         setup(d)
     before = snapshot(d)
-    res = subprocess.run([sys.executable, "-m", "search.cli", *argv], cwd=d, env=_env(d), capture_output=True,
+    res = subprocess.run([sys.executable, "-m", "slimsearch", *argv], cwd=d, env=_env(d), capture_output=True,
                          text=True, timeout=60)  # fmt: skip
     lines = res.stderr.splitlines()
     assert res.returncode == 2, f"exit {res.returncode}\nstdout: {res.stdout}\nstderr: {res.stderr}"
@@ -617,14 +617,14 @@ def test_case_table_is_big_and_unique() -> None:
 
 
 def test_study_dataset_names_match_core_data() -> None:
-    from core.data import DATASETS
-    from search.study import DATASETS as STUDY_DATASETS
+    from slimsearch.core.data import DATASETS
+    from slimsearch.search.study import DATASETS as STUDY_DATASETS
 
     assert STUDY_DATASETS == DATASETS
 
 
 def test_study_export_formats_match_core_export() -> None:
-    from core.export import FORMATS, MEMORY_FORMATS
-    from search.study import EXPORT_FORMATS, EXPORT_MEMORY_FORMATS
+    from slimsearch.core.export import FORMATS, MEMORY_FORMATS
+    from slimsearch.search.study import EXPORT_FORMATS, EXPORT_MEMORY_FORMATS
 
     assert EXPORT_FORMATS == FORMATS and EXPORT_MEMORY_FORMATS == (*MEMORY_FORMATS, "auto")

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from slimsearch.core.errors import SlimError
 
 from benchmarks.common import run_script
-from core.errors import SlimError
 
 
 def _exit_code(main, capsys: pytest.CaptureFixture[str]) -> tuple[int | str | None, str]:  # noqa: ANN001

@@ -8,6 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from slimsearch.core.apply import apply_policy
+from slimsearch.core.budget import bisect_budget, policy_macs, prunable_leaders
+from slimsearch.core.cost import count_cost
+from slimsearch.core.errors import SlimError
+from slimsearch.core.graph import model_graph
+from slimsearch.core.models import build_model
+from slimsearch.core.policy import LayerPolicy, Policy
+from slimsearch.core.tp_prune import tp_prune, unprunable_modules
 from torch import nn
 
 from benchmarks.bench_compare import (
@@ -16,14 +24,6 @@ from benchmarks.bench_compare import (
     project,
     uniform_policy,
 )
-from core.apply import apply_policy
-from core.budget import bisect_budget, policy_macs, prunable_leaders
-from core.cost import count_cost
-from core.errors import SlimError
-from core.graph import model_graph
-from core.models import build_model
-from core.policy import LayerPolicy, Policy
-from core.tp_prune import tp_prune, unprunable_modules
 
 SHAPE = (1, 3, 32, 32)
 
@@ -243,8 +243,9 @@ def test_export_reload_auto_gives_both_layouts(tmp_path: Path) -> None:
 def test_retime_rebuilds_each_rows_network() -> None:
     """--retime rebuilds what every row measured: its policy, Torch-Pruning at its ratio, or the unpruned
     network; a row it cannot rebuild is a clear error."""
+    from slimsearch.core.cost import count_cost
+
     import benchmarks.bench_compare as bc
-    from core.cost import count_cost
 
     base = build_model("resnet20").eval()
     settings = {"seed": 0, "tp_max_ratio": 0.9}

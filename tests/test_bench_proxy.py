@@ -114,11 +114,12 @@ def test_time_split_storage_loop_and_overhead() -> None:
 def test_sample_policies_fit_scales_samples_onto_a_deep_bound() -> None:
     """At a 30 % bound rejection sampling keeps < 1 % of the samples (27 of 6000 on ResNet-20); with ``fit`` every
     sample is scaled onto the bound, as a search trial's is."""
+    from slimsearch.core.budget import policy_macs
+    from slimsearch.core.cost import count_cost
+    from slimsearch.core.models import build_model
+    from slimsearch.spaces.space import SearchSpace, SpaceConfig
+
     from benchmarks.bench_proxy import sample_policies
-    from core.budget import policy_macs
-    from core.cost import count_cost
-    from core.models import build_model
-    from spaces.space import SearchSpace, SpaceConfig
 
     model = build_model("resnet20").eval()
     shape = (1, 3, 32, 32)

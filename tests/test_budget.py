@@ -5,15 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from slimsearch.core.apply import apply_policy
+from slimsearch.core.budget import bisect_budget, fit_macs, policy_macs, prunable_leaders, scale_kept
+from slimsearch.core.cost import count_cost
+from slimsearch.core.errors import SlimError
+from slimsearch.core.graph import model_graph
+from slimsearch.core.models import build_model
+from slimsearch.core.policy import LayerPolicy, Policy
 from torch import nn
-
-from core.apply import apply_policy
-from core.budget import bisect_budget, fit_macs, policy_macs, prunable_leaders, scale_kept
-from core.cost import count_cost
-from core.errors import SlimError
-from core.graph import model_graph
-from core.models import build_model
-from core.policy import LayerPolicy, Policy
 
 SHAPE = (1, 3, 32, 32)
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from slimsearch.search.cli import main
 
-from search.cli import main
 from tests.test_runner import make_baseline, write_study
 
 REPO = Path(__file__).resolve().parents[1]
@@ -156,7 +156,7 @@ def test_fast_end_to_end(tmp_path: Path, baseline_ckpt: Path, capsys: pytest.Cap
     shape, diff = res.stdout.strip().rsplit(" ", 1)
     assert shape == "(1, 10)" and float(diff) < 1e-5
     # ... and has exactly the MACs its metrics claim.
-    from core.cost import count_cost
+    from slimsearch.core.cost import count_cost
 
     assert count_cost(torch.jit.load(str(exp / "model.torchscript.pt")), (1, 1, 8, 8)).macs == metrics["macs"]
     frozen = torch.jit.load(str(exp / "model.frozen.torchscript.pt"))  # BN folded: same MACs, same outputs
@@ -257,7 +257,7 @@ def test_train_command_writes_a_loadable_checkpoint(tmp_path: Path, capsys: pyte
                              "--lr", "0.05")  # fmt: skip
     assert code == 0, err
     assert "val_acc" in out and "test_acc" in out
-    from core.models import build_model, load_checkpoint
+    from slimsearch.core.models import build_model, load_checkpoint
 
     load_checkpoint(build_model("smallcnn", 10, 1), tmp_path / "ck" / "base.pt")
     code, _, err = run_cli(

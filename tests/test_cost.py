@@ -7,11 +7,10 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from slimsearch.core.cost import Cost, LatencyResult, count_cost, layer_macs, measure_latency
+from slimsearch.core.errors import SlimError
+from slimsearch.core.models import build_model
 from torch import nn
-
-from core.cost import Cost, LatencyResult, count_cost, layer_macs, measure_latency
-from core.errors import SlimError
-from core.models import build_model
 
 
 class TinyNet(nn.Module):
@@ -139,9 +138,9 @@ def test_cost_is_frozen() -> None:
 
 def _zoo_variants() -> list[tuple[str, nn.Module, tuple[int, ...]]]:
     """Zoo models as built, pruned (every prunable layer at 0.5) and pruned + decomposed (a CP and a Tucker-2)."""
-    from core.apply import apply_policy
-    from core.graph import compressible_layers
-    from core.policy import LayerPolicy, Policy
+    from slimsearch.core.apply import apply_policy
+    from slimsearch.core.graph import compressible_layers
+    from slimsearch.core.policy import LayerPolicy, Policy
 
     out = []
     for name in ("resnet20", "vgg11", "alexnet", "smallcnn"):
@@ -163,9 +162,8 @@ def _zoo_variants() -> list[tuple[str, nn.Module, tuple[int, ...]]]:
 
 
 def test_fast_count_equals_the_reference_on_the_zoo() -> None:
+    from slimsearch.core.cost import _counted_forward, _fast_countable
     from torch.utils.flop_counter import FlopCounterMode
-
-    from core.cost import _counted_forward, _fast_countable
 
     for label, model, shape in _zoo_variants():
         assert _fast_countable(model), label
@@ -179,7 +177,7 @@ def test_fast_count_equals_the_reference_on_the_zoo() -> None:
 
 
 def test_fast_counter_counts_matmuls_outside_modules() -> None:
-    from core.cost import _counted_forward_once, _FlopCounter, _ShapeForward
+    from slimsearch.core.cost import _counted_forward_once, _FlopCounter, _ShapeForward
 
     class Stray(nn.Module):
         def __init__(self) -> None:
@@ -198,9 +196,8 @@ def test_fast_counter_counts_matmuls_outside_modules() -> None:
 
 
 def test_flop_free_functions_reach_no_counted_op() -> None:
+    from slimsearch.core.cost import _FLOP_FREE
     from torch.utils.flop_counter import FlopCounterMode
-
-    from core.cost import _FLOP_FREE
 
     x, y = torch.randn(2, 4, 6, 6), torch.randn(2, 4, 6, 6)
     mean, var, w, b = torch.zeros(4), torch.ones(4), torch.ones(4), torch.zeros(4)
@@ -237,7 +234,7 @@ def test_conv_zeros_vouches_only_for_calls_that_succeed_with_that_shape(
     n: int, groups: int, cin_per_group: int, cout_per_group: int, size: tuple, kernel: tuple, stride: tuple,
     padding: tuple, dilation: tuple, channel_error: int, bias: str | None,
 ) -> None:  # fmt: skip
-    from core.cost import conv_zeros
+    from slimsearch.core.cost import conv_zeros
 
     cin = max(1, groups * cin_per_group + channel_error)
     x = torch.randn(n, cin, *size)
@@ -257,7 +254,7 @@ def test_conv_zeros_vouches_only_for_calls_that_succeed_with_that_shape(
 
 
 def test_conv_zeros_declines_outside_no_grad_and_unusual_tensors() -> None:
-    from core.cost import conv_zeros
+    from slimsearch.core.cost import conv_zeros
 
     x, w = torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3)
     assert conv_zeros(x, w, None, (1, 1), (1, 1), (1, 1), 1) is None  # grad mode on

@@ -5,9 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from slimsearch.core.criteria import (
+    SELECT_CRITERIA,
+    global_rates,
+    group_importance,
+    importance,
+    norm_wasserstein,
+    select_filters,
+)
+from slimsearch.core.errors import SlimError
 
-from core.criteria import SELECT_CRITERIA, global_rates, group_importance, importance, norm_wasserstein, select_filters
-from core.errors import SlimError
 from tests.conftest import shared_path
 
 
@@ -139,7 +146,7 @@ def test_distfit_fits_the_norm_distribution_better_than_norm_and_fpgm(seed: int)
 
 
 def test_distfit_beats_l1_on_a_real_resnet56_layer() -> None:
-    from core.models import read_state_dict
+    from slimsearch.core.models import read_state_dict
 
     sd = read_state_dict(shared_path("models", "resnet56-4bfd9763.th"))
     for name in ("layer2.3.conv1.weight", "layer3.8.conv2.weight"):

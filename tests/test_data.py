@@ -1,4 +1,4 @@
-"""core.data: loaders (digits, image folders + cache, archives, CIFAR pickles, .npz, synthetic), splits,
+"""slimsearch.core.data: loaders (digits, image folders + cache, archives, CIFAR pickles, .npz, synthetic), splits,
 augmentation and batches."""
 
 from __future__ import annotations
@@ -16,9 +16,8 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-
-from core import data as D
-from core.data import (
+from slimsearch.core import data as D
+from slimsearch.core.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Dataset,
@@ -35,7 +34,8 @@ from core.data import (
     pad_crop,
     split_train_val,
 )
-from core.errors import SlimError
+from slimsearch.core.errors import SlimError
+
 from tests.conftest import shared_path
 
 # ----------------------------------------------------------------------------- helpers

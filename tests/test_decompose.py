@@ -10,10 +10,7 @@ import numpy as np
 import pytest
 import tensorly as tl
 import torch
-from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
-
-from core.decompose import (
+from slimsearch.core.decompose import (
     DecompositionCache,
     DecompositionError,
     choose_rank,
@@ -30,7 +27,9 @@ from core.decompose import (
     ranks_from_ratio,
     tucker2_layers,
 )
-from core.errors import SlimError
+from slimsearch.core.errors import SlimError
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 
 def make_conv(t: int = 16, s: int = 8, k: int | tuple[int, int] = 3, *, seed: int = 0, **kw) -> nn.Conv2d:
@@ -412,7 +411,7 @@ def test_cp_layers_rank_is_math_consistent() -> None:
 
 
 def test_diverged_cp_raises_decomposition_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    import core.decompose as dec
+    import slimsearch.core.decompose as dec
 
     def nan_parafac(w, rank, **kw):  # stands in for an ALS run that blew up
         factors = [np.full((n, rank), np.nan) for n in w.shape]

@@ -10,21 +10,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from slimsearch.core.errors import SlimError
+from slimsearch.core.policy import LayerPolicy, Policy
+from slimsearch.evaluators.cache import ResultCache
+from slimsearch.evaluators.config import EvaluatorConfig
+from slimsearch.evaluators.context import EvalContext
+from slimsearch.evaluators.evaluate import TIMES, EvalResult, evaluate
+from slimsearch.evaluators.pool import LocalPool, SerialPool
+from slimsearch.evaluators.toy import toy_context
+from slimsearch.spaces.config import SpaceConfig
+from slimsearch.spaces.space import SearchSpace
 
-import core.apply
-import core.cost
-import core.decompose
-import core.train
-from core.errors import SlimError
-from core.policy import LayerPolicy, Policy
-from evaluators.cache import ResultCache
-from evaluators.config import EvaluatorConfig
-from evaluators.context import EvalContext
-from evaluators.evaluate import TIMES, EvalResult, evaluate
-from evaluators.pool import LocalPool, SerialPool
-from evaluators.toy import toy_context
-from spaces.config import SpaceConfig
-from spaces.space import SearchSpace
+from slimsearch import core
 
 PROXY = EvaluatorConfig(bn_batches=3, batch_size=64)
 TUNE = EvaluatorConfig(kind="finetune", steps=30, batch_size=64, lr=0.05, bn_batches=3)
@@ -97,7 +94,7 @@ def test_an_import_error_is_raised_not_recorded_as_the_candidates_failure(
     ctx: EvalContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def broken(*a: object, **k: object) -> None:
-        raise ImportError("cannot import name 'x' from 'core.apply'")
+        raise ImportError("cannot import name 'x' from 'slimsearch.core.apply'")
 
     monkeypatch.setattr(core.train, "recalibrate_bn", broken)
     c = fresh(ctx)
@@ -297,7 +294,7 @@ def test_local_pool_matches_serial(ctx: EvalContext, state_path: Path) -> None:
 
 @pytest.mark.slow
 def test_ray_pool_matches_serial(ctx: EvalContext, state_path: Path) -> None:
-    from evaluators.pool import RayPool
+    from slimsearch.evaluators.pool import RayPool
 
     pols = [uniform(ctx, 0.3), uniform(ctx, 0.6)]
     factory = functools.partial(toy_context, str(state_path))

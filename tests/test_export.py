@@ -1,4 +1,4 @@
-"""core.export: self-contained TorchScript / pt2 files reload in a fresh interpreter without slimsearch,
+"""slimsearch.core.export: self-contained TorchScript / pt2 files reload in a fresh interpreter without slimsearch,
 state dicts rebuild through the policy, and exports are atomic."""
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import slimsearch.core.export as export
 import torch
+from slimsearch.core.apply import apply_policy
+from slimsearch.core.errors import SlimError
+from slimsearch.core.export import export_model, load_exported, load_state
+from slimsearch.core.models import build_model
+from slimsearch.core.policy import LayerPolicy, Policy
 
-import core.export as export
-from core.apply import apply_policy
-from core.errors import SlimError
-from core.export import export_model, load_exported, load_state
-from core.models import build_model
-from core.policy import LayerPolicy, Policy
 from tests.test_prune import randomize_bn
 
 SHAPE = (1, 1, 8, 8)
@@ -238,8 +238,8 @@ def test_bad_requests(compressed: torch.nn.Module, tmp_path: Path) -> None:
 def test_program_speedup_times_both_programs_as_exported(monkeypatch: pytest.MonkeyPatch) -> None:
     """``slimsearch export``'s speed-up: the compressed and the baseline program, made alike (frozen when
     exported frozen, the export's memory format), each the best of its alternating measurements."""
-    from core.cost import LatencyResult
-    from search.export import program_speedup
+    from slimsearch.core.cost import LatencyResult
+    from slimsearch.search.export import program_speedup
 
     nhwc: list[bool] = []
     clock = iter([5.0, 9.0, 4.0, 8.0, 6.0, 10.0, 3.0, 6.0])  # model, baseline, model, baseline, ...
@@ -249,7 +249,7 @@ def test_program_speedup_times_both_programs_as_exported(monkeypatch: pytest.Mon
         nhwc.append(bool(weights) and all(w.is_contiguous(memory_format=torch.channels_last) for w in weights))
         return LatencyResult(median_ms=next(clock), p90_ms=0.0, batch_size=batch_size, threads=threads)
 
-    monkeypatch.setattr("core.cost.measure_latency", fake)
+    monkeypatch.setattr("slimsearch.core.cost.measure_latency", fake)
     base = randomize_bn(build_model("resnet20")).eval()
     pruned = apply_policy(base, Policy({"layer2.0.conv1": LayerPolicy(prune_rate=0.5)}))
     got = program_speedup(pruned, base, (1, 3, 32, 32), ("torchscript", "state"), "channels_last")
@@ -264,8 +264,8 @@ def test_program_speedup_times_both_programs_as_exported(monkeypatch: pytest.Mon
 def test_bound_check_times_each_program_in_its_layout_at_the_bounds_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     """The export's latency-bound check: the compressed program in the exported layout, the baseline's in the
     layout the bound's table timed, both at the bound's batch size, best of the rounds."""
-    from core.cost import LatencyResult
-    from search.export import bound_check
+    from slimsearch.core.cost import LatencyResult
+    from slimsearch.search.export import bound_check
 
     base = randomize_bn(build_model("resnet20")).eval()
     pruned = apply_policy(base, Policy({"layer2.0.conv1": LayerPolicy(prune_rate=0.5)}))
@@ -279,7 +279,7 @@ def test_bound_check_times_each_program_in_its_layout_at_the_bounds_batch(monkey
                      batch_size))  # fmt: skip
         return LatencyResult(median_ms=next(clock), p90_ms=0.0, batch_size=batch_size, threads=threads)
 
-    monkeypatch.setattr("core.cost.measure_latency", fake)
+    monkeypatch.setattr("slimsearch.core.cost.measure_latency", fake)
     got = bound_check(pruned, base, (1, 3, 32, 32), ("torchscript",), ("channels_last", "contiguous"), 64, 0.55,
                       rounds=2)  # fmt: skip
     assert seen == [(False, True, 64), (True, False, 64)] * 2
@@ -290,8 +290,8 @@ def test_bound_check_times_each_program_in_its_layout_at_the_bounds_batch(monkey
 def test_program_speedup_auto_keeps_each_networks_faster_layout(monkeypatch: pytest.MonkeyPatch) -> None:
     """``memory_format = "auto"``: both layouts of both networks are timed; the compressed network keeps the
     layout that is faster for it (here NCHW), the baseline is compared in its own faster one (here NHWC)."""
-    from core.cost import LatencyResult
-    from search.export import program_speedup
+    from slimsearch.core.cost import LatencyResult
+    from slimsearch.search.export import program_speedup
 
     base = randomize_bn(build_model("resnet20")).eval()
     pruned = apply_policy(base, Policy({"layer2.0.conv1": LayerPolicy(prune_rate=0.5)}))
@@ -303,7 +303,7 @@ def test_program_speedup_auto_keeps_each_networks_faster_layout(monkeypatch: pyt
         ms = {(True, True): 6.0, (True, False): 8.0, (False, True): 5.0, (False, False): 4.0}[(is_base, nhwc)]
         return LatencyResult(median_ms=ms, p90_ms=0.0, batch_size=batch_size, threads=threads)
 
-    monkeypatch.setattr("core.cost.measure_latency", fake)
+    monkeypatch.setattr("slimsearch.core.cost.measure_latency", fake)
     got = program_speedup(pruned, base, (1, 3, 32, 32), ("torchscript",), "auto", rounds=2)
     assert got["memory_format"] == "contiguous" and got["base_memory_format"] == "channels_last"
     assert got["layout_latency_ms_batch1"] == {"contiguous": 4.0, "channels_last": 5.0}

@@ -1,14 +1,14 @@
-"""core.graph: which convs are prunable / decomposable / coupled, on the zoo and on small custom nets."""
+"""slimsearch.core.graph: which convs are prunable / decomposable / coupled, on the zoo and on small custom nets."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
+from slimsearch.core.graph import compressible_layers, coupled_groups, fingerprint
+from slimsearch.core.models import build_model
 from torch import nn
 
-from core.graph import compressible_layers, coupled_groups, fingerprint
-from core.models import build_model
 from tests.nets import PadNet
 
 
@@ -97,7 +97,7 @@ def test_graph_building_leaves_the_model_untouched() -> None:
 
 
 def test_fingerprint_cache_notices_changes_and_the_graph_is_rebuilt() -> None:
-    from core.graph import _fingerprint, model_graph
+    from slimsearch.core.graph import _fingerprint, model_graph
 
     m = build_model("smallcnn").eval()
     shape = (1, 1, 8, 8)

@@ -13,15 +13,14 @@ import weakref
 from pathlib import Path
 
 import pytest
+from slimsearch.core.apply import apply_policy
+from slimsearch.core.cost import count_cost
+from slimsearch.core.errors import SlimError
+from slimsearch.core.graph import model_graph
+from slimsearch.core.latency import LatencyTable, latency_table, policy_latency
+from slimsearch.core.models import build_model
+from slimsearch.core.policy import LayerPolicy, Policy
 from torch import nn
-
-from core.apply import apply_policy
-from core.cost import count_cost
-from core.errors import SlimError
-from core.graph import model_graph
-from core.latency import LatencyTable, latency_table, policy_latency
-from core.models import build_model
-from core.policy import LayerPolicy, Policy
 
 R20 = (1, 3, 32, 32)
 
@@ -39,12 +38,12 @@ def fake_timing(monkeypatch: pytest.MonkeyPatch) -> None:
         return fake_ms(module, shape, self.batch_size)
 
     monkeypatch.setattr(LatencyTable, "_time", _time)
-    monkeypatch.setattr("core.latency._TABLES", weakref.WeakKeyDictionary())  # no table of real timings
+    monkeypatch.setattr("slimsearch.core.latency._TABLES", weakref.WeakKeyDictionary())  # no table of real timings
 
 
 def _random_policy(model: nn.Module, rng: random.Random) -> Policy:
-    from core.budget import prunable_leaders
-    from core.graph import compressible_layers
+    from slimsearch.core.budget import prunable_leaders
+    from slimsearch.core.graph import compressible_layers
 
     layers: dict[str, LayerPolicy] = {}
     for name in prunable_leaders(model, R20):
@@ -116,8 +115,7 @@ def test_a_table_times_programs_in_the_exports_memory_format(
     memory format, as ``core.export`` ships them; a non-contiguous table is stored under its own name and
     settings, so it never serves (or is served by) a contiguous one."""
     import torch
-
-    from core.cost import LatencyResult
+    from slimsearch.core.cost import LatencyResult
 
     seen: list[tuple[bool, bool]] = []  # (NHWC, NCHW) strides of every timed conv weight
 
@@ -126,8 +124,8 @@ def test_a_table_times_programs_in_the_exports_memory_format(
         seen.extend((w.is_contiguous(memory_format=torch.channels_last), w.is_contiguous()) for w in weights)
         return LatencyResult(median_ms=1.0 + len(weights), p90_ms=1.0, batch_size=batch, threads=threads)
 
-    monkeypatch.setattr("core.latency.measure_latency", fake)
-    monkeypatch.setattr("core.latency._TABLES", weakref.WeakKeyDictionary())
+    monkeypatch.setattr("slimsearch.core.latency.measure_latency", fake)
+    monkeypatch.setattr("slimsearch.core.latency._TABLES", weakref.WeakKeyDictionary())
     model = build_model("smallcnn", 10, 1).eval()
     table = latency_table(model, (1, 1, 8, 8), folder=tmp_path, memory_format=layout)
     table.predict(model, Policy({"features.0": LayerPolicy(prune_rate=0.5)}))
@@ -145,9 +143,10 @@ def test_a_table_times_programs_in_the_exports_memory_format(
 def test_a_study_predicts_latency_in_its_export_memory_format(
     fake_timing: None, tmp_path: Path, baseline_ckpt: Path
 ) -> None:
-    from evaluators.context import build_context
-    from search.context import build_study_context
-    from search.study import load_study
+    from slimsearch.evaluators.context import build_context
+    from slimsearch.search.context import build_study_context
+    from slimsearch.search.study import load_study
+
     from tests.test_runner import write_study
 
     p = write_study(tmp_path, baseline_ckpt, constraint="max_latency_ratio = 0.9")
@@ -166,10 +165,10 @@ def test_a_study_predicts_latency_in_its_export_memory_format(
 
 
 def test_evaluate_rejects_a_policy_over_the_latency_bound_before_training(fake_timing: None) -> None:
-    from core.data import load_splits
-    from evaluators.config import EvaluatorConfig
-    from evaluators.context import build_context
-    from evaluators.evaluate import evaluate, violations
+    from slimsearch.core.data import load_splits
+    from slimsearch.evaluators.config import EvaluatorConfig
+    from slimsearch.evaluators.context import build_context
+    from slimsearch.evaluators.evaluate import evaluate, violations
 
     model = build_model("smallcnn", 10, 1).eval()
     splits = load_splits("digits", val_size=100)
@@ -198,8 +197,8 @@ def test_evaluate_rejects_a_policy_over_the_latency_bound_before_training(fake_t
 
 
 def test_bad_latency_bounds_in_build_context() -> None:
-    from core.data import load_splits
-    from evaluators.context import build_context
+    from slimsearch.core.data import load_splits
+    from slimsearch.evaluators.context import build_context
 
     model = build_model("smallcnn", 10, 1)
     splits = load_splits("digits", val_size=100)
@@ -222,9 +221,9 @@ def test_study_with_a_latency_bound_fits_every_trial_onto_it(
     """MACs and latency bounds together: every sample is scaled onto both (fit = "scale"), both violations
     reach Optuna's constraint-aware sampler, and the predicted latency is recorded per trial."""
     import torch
+    from slimsearch.search.runner import load_optuna_study, open_storage, run_study
+    from slimsearch.search.study import load_study
 
-    from search.runner import load_optuna_study, open_storage, run_study
-    from search.study import load_study
     from tests.test_runner import write_study
 
     monkeypatch.chdir(tmp_path)
@@ -254,7 +253,7 @@ def test_study_with_a_latency_bound_fits_every_trial_onto_it(
     stored = json.loads((cfg.study.workdir / "latency" / "latency_b2_t1_torchscript.json").read_text())
     assert info["base_ms"] == pytest.approx(base) == pytest.approx(stored["base_ms"])
     assert info["bound_ms"] == pytest.approx(0.5 * base) and info["batch"] == 2
-    from search.report import study_status
+    from slimsearch.search.report import study_status
 
     best = max(trials, key=lambda t: (t.user_attrs["val_acc"], -t.user_attrs["macs"]))
     line = study_status(cfg).text().splitlines()[-1]
@@ -271,10 +270,10 @@ def test_predicted_latency_as_an_objective_reaches_the_report(
     """``latency_pred_ms:min`` beside val_acc (a latency bound of 1.0 only predicts): the trials' second value
     is the prediction, and the report's Pareto front is non-dominated in accuracy, MACs and predicted latency."""
     import torch
+    from slimsearch.search.report import write_report
+    from slimsearch.search.runner import load_optuna_study, open_storage, run_study
+    from slimsearch.search.study import load_study
 
-    from search.report import write_report
-    from search.runner import load_optuna_study, open_storage, run_study
-    from search.study import load_study
     from tests.test_runner import write_study
 
     monkeypatch.chdir(tmp_path)
@@ -341,9 +340,9 @@ def test_export_measures_the_study_latency_bound_on_its_program(
     baseline's at the bound's batch size, records the ratio and says when it breaks the bound (the export is
     still written: the bound was the search's, the measurement is what the user gets)."""
     import torch
+    from slimsearch.core.cost import LatencyResult
+    from slimsearch.search.cli import main
 
-    from core.cost import LatencyResult
-    from search.cli import main
     from tests.test_runner import write_study
 
     timed: list[tuple[int, int]] = []  # (batch size, conv weights) of every program the export times
@@ -359,7 +358,7 @@ def test_export_measures_the_study_latency_bound_on_its_program(
                     "latency_batch = 4", seeds='strategies = ["uniform"]\nuniform_rates = [0.5]')  # fmt: skip
     assert main(["run", str(p), "--no-progress"]) == 0
     capsys.readouterr()
-    monkeypatch.setattr("core.cost.measure_latency", fake)
+    monkeypatch.setattr("slimsearch.core.cost.measure_latency", fake)
     assert main(["export", str(p), "--trial", "best", "--format", "torchscript", "--out", "e"]) == 0
     out = capsys.readouterr().out
     m = json.loads((tmp_path / "e" / "metrics.json").read_text())
@@ -372,7 +371,9 @@ def test_export_measures_the_study_latency_bound_on_its_program(
     verdict = "within it" if want <= 0.97 else "EXCEEDS it"
     assert f"latency bound: measured {want:.1%} of the baseline's at batch 4" in out and verdict in out
 
-    monkeypatch.setattr("core.cost.measure_latency", lambda *a, batch_size=1, **k: LatencyResult(2.0, 0.0, 1, 1))
+    monkeypatch.setattr(
+        "slimsearch.core.cost.measure_latency", lambda *a, batch_size=1, **k: LatencyResult(2.0, 0.0, 1, 1)
+    )
     assert main(["export", str(p), "--trial", "best", "--format", "torchscript", "--out", "f"]) == 0
     out = capsys.readouterr().out
     m = json.loads((tmp_path / "f" / "metrics.json").read_text())
@@ -385,8 +386,9 @@ def test_a_corrupt_stored_table_stops_the_run_before_the_storage_is_written(
     fake_timing: None, tmp_path: Path, baseline_ckpt: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
-    from search.cli import main
-    from search.study import load_study, sqlite_path
+    from slimsearch.search.cli import main
+    from slimsearch.search.study import load_study, sqlite_path
+
     from tests.test_runner import write_study
 
     monkeypatch.chdir(tmp_path)
@@ -406,7 +408,7 @@ def test_warm_times_every_one_group_shape_ahead(fake_timing: None) -> None:
     """After ``warm`` over the prunable groups, prune-only policies need no new measurement when no conv's shape
     depends on two groups (the block-inner convs; a residual stream's convs read one group and write another,
     so such combinations are timed when first met)."""
-    from core.budget import prunable_leaders
+    from slimsearch.core.budget import prunable_leaders
 
     model = build_model("resnet20").eval()
     table = LatencyTable(model, R20)

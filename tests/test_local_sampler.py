@@ -1,11 +1,10 @@
-"""search.local_sampler: new trials are small mutations of the best finished (feasible) trials."""
+"""slimsearch.search.local_sampler: new trials are small mutations of the best finished (feasible) trials."""
 
 from __future__ import annotations
 
 import optuna
 import pytest
-
-from search.local_sampler import LocalSearchSampler
+from slimsearch.search.local_sampler import LocalSearchSampler
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 CHOICES = ("l1", "fpgm", "l2")

@@ -7,15 +7,14 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from slimsearch.core.apply import apply_policy, structure_only
+from slimsearch.core.cost import count_cost
+from slimsearch.core.errors import SlimError
+from slimsearch.core.graph import model_graph
+from slimsearch.core.macs import macs_table, policy_macs
+from slimsearch.core.models import build_model
+from slimsearch.core.policy import LayerPolicy, Policy
 from torch import nn
-
-from core.apply import apply_policy, structure_only
-from core.cost import count_cost
-from core.errors import SlimError
-from core.graph import model_graph
-from core.macs import macs_table, policy_macs
-from core.models import build_model
-from core.policy import LayerPolicy, Policy
 
 
 class _Mixed(nn.Module):

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from slimsearch.core.apply import apply_policy
+from slimsearch.core.cost import count_cost
+from slimsearch.core.models import build_model, load_checkpoint
+from slimsearch.core.policy import Policy
+from slimsearch.search.cli import main
+from slimsearch.search.study import load_study
 
-from core.apply import apply_policy
-from core.cost import count_cost
-from core.models import build_model, load_checkpoint
-from core.policy import Policy
-from search.cli import main
-from search.study import load_study
 from tests.test_runner import make_baseline, trials_of, write_study
 
 BASE_MACS = 1_493_632
@@ -178,7 +178,7 @@ def test_method_bad_input_is_one_line_and_writes_nothing(
 
 
 def test_bad_seed_parameter_type_is_reported_at_load_time(tmp_path: Path, baseline_ckpt: Path) -> None:
-    from core.errors import SlimError
+    from slimsearch.core.errors import SlimError
 
     p = _study(tmp_path, baseline_ckpt, seeds='strategies = ["ga"]\nga_pop = "many"')
     with pytest.raises(SlimError, match=r"\[seeds\] ga_pop: expected int"):
@@ -192,10 +192,10 @@ def test_bad_seed_parameter_type_is_reported_at_load_time(tmp_path: Path, baseli
 
 
 def test_ga_seed_trial_evaluates_the_exact_method_policy(tmp_path: Path, baseline_ckpt: Path) -> None:
-    from evaluators.evaluate import evaluate
-    from search.context import build_study_context
-    from search.runner import run_study
-    from search.seeding import MethodAcc, method_seed_policies
+    from slimsearch.evaluators.evaluate import evaluate
+    from slimsearch.search.context import build_study_context
+    from slimsearch.search.runner import run_study
+    from slimsearch.search.seeding import MethodAcc, method_seed_policies
 
     seeds = 'strategies = ["ga"]\nga_rates = 0.5\nga_pop = 8\nga_generations = 3\nga_samples = 64'
     cfg = load_study(_study(tmp_path, baseline_ckpt, n_trials=2, seeds=seeds))
@@ -222,9 +222,9 @@ def test_ga_seed_trial_evaluates_the_exact_method_policy(tmp_path: Path, baselin
 def test_seed_budget_caps_method_evaluations(
     tmp_path: Path, baseline_ckpt: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import evaluators.evaluate as ev
-    from search.context import build_study_context
-    from search.seeding import generate_seeds
+    import slimsearch.evaluators.evaluate as ev
+    from slimsearch.search.context import build_study_context
+    from slimsearch.search.seeding import generate_seeds
 
     seeds = 'strategies = ["abshpc", "distfit"]\nbudget = 4\nabshpc_epsilon = 0.03\ndistfit_scan_rates = [0.25, 0.5]'
     cfg = load_study(_study(tmp_path, baseline_ckpt, seeds=seeds))

@@ -9,12 +9,11 @@ from fractions import Fraction
 
 import pytest
 import torch
+from slimsearch.core.errors import SlimError
+from slimsearch.core.models import build_model
+from slimsearch.core.policy import Policy, rate_for_removed
+from slimsearch.search.methods import abshpc_search, call_bound
 from torch import nn
-
-from core.errors import SlimError
-from core.models import build_model
-from core.policy import Policy, rate_for_removed
-from search.methods import abshpc_search, call_bound
 
 SIZES = [8, 16, 32, 12, 64, 5]
 
@@ -132,9 +131,9 @@ def test_bad_arguments() -> None:
 
 
 def test_smallcnn_policy_validates_and_applies() -> None:
-    pytest.importorskip("core.apply")
-    from core.apply import apply_policy
-    from core.cost import count_cost
+    pytest.importorskip("slimsearch.core.apply")
+    from slimsearch.core.apply import apply_policy
+    from slimsearch.core.cost import count_cost
 
     torch.manual_seed(0)
     model = build_model("smallcnn").eval()

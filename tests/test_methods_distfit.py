@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
+from slimsearch.core.errors import SlimError
+from slimsearch.core.models import build_model, load_checkpoint
+from slimsearch.core.policy import Policy
+from slimsearch.search.methods import METHOD_SEEDS, distfit_policy, distfit_search, seed_policies, wasserstein_report
 from torch import nn
 
-from core.errors import SlimError
-from core.models import build_model, load_checkpoint
-from core.policy import Policy
-from search.methods import METHOD_SEEDS, distfit_policy, distfit_search, seed_policies, wasserstein_report
 from tests.conftest import shared_path
 
 # block-inner convs (conv1 of a block: its filters feed only conv2) across the three stages
@@ -99,7 +99,7 @@ def test_seed_adapters() -> None:
 
 
 def test_study_registry_params_check() -> None:
-    from search.methods.seeds import allowed_params, check_params
+    from slimsearch.search.methods.seeds import allowed_params, check_params
 
     assert "epsilon" in allowed_params("abshpc") and "model" not in allowed_params("abshpc")
     assert "rates" in allowed_params("distfit") and "generations" in allowed_params("ga")

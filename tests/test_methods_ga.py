@@ -7,13 +7,13 @@ import statistics
 
 import pytest
 import torch
+from slimsearch.core.errors import SlimError
+from slimsearch.core.models import build_model, load_checkpoint
+from slimsearch.core.policy import Policy
+from slimsearch.search.methods import ga_search, ga_select, plain_consumers
+from slimsearch.search.methods.ga import _errors, capture_input, channel_gram, ga_mask, reconstruction_error
 from torch import nn
 
-from core.errors import SlimError
-from core.models import build_model, load_checkpoint
-from core.policy import Policy
-from search.methods import ga_search, ga_select, plain_consumers
-from search.methods.ga import _errors, capture_input, channel_gram, ga_mask, reconstruction_error
 from tests.conftest import shared_path
 
 
@@ -111,7 +111,7 @@ def small_sequential() -> tuple[nn.Module, list[str]]:
 
 
 def test_ga_select_with_scan_orders_by_sensitivity_and_outputs_masks() -> None:
-    pytest.importorskip("core.apply")
+    pytest.importorskip("slimsearch.core.apply")
     model, names = small_sequential()
     sens = {names[0]: 0.2, names[1]: 0.01, names[2]: 0.03, names[3]: 0.005}  # acc drop per unit rate
 
@@ -144,8 +144,8 @@ def test_ga_select_with_scan_orders_by_sensitivity_and_outputs_masks() -> None:
 
 
 def test_ga_select_given_rates_applies() -> None:
-    pytest.importorskip("core.apply")
-    from core.apply import apply_policy
+    pytest.importorskip("slimsearch.core.apply")
+    from slimsearch.core.apply import apply_policy
 
     model, names = small_sequential()
     x = torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(1))

@@ -6,12 +6,11 @@ import json
 
 import pytest
 import torch
+from slimsearch.core.errors import SlimError
+from slimsearch.core.models import build_model
+from slimsearch.core.policy import Policy
+from slimsearch.search.methods import mtd_search
 from torch import nn
-
-from core.errors import SlimError
-from core.models import build_model
-from core.policy import Policy
-from search.methods import mtd_search
 
 
 @pytest.fixture(autouse=True)
@@ -100,9 +99,9 @@ def test_params_ratio_is_whole_model_and_exact() -> None:
 
 
 def test_params_ratio_matches_applied_smallcnn() -> None:
-    pytest.importorskip("core.apply")
-    from core.apply import apply_policy
-    from core.cost import count_cost
+    pytest.importorskip("slimsearch.core.apply")
+    from slimsearch.core.apply import apply_policy
+    from slimsearch.core.cost import count_cost
 
     torch.manual_seed(0)
     model = build_model("smallcnn").eval()

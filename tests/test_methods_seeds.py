@@ -9,11 +9,11 @@ import pytest
 
 @pytest.mark.slow
 def test_study_seeds_on_toy_context() -> None:
-    from evaluators.config import EvaluatorConfig
-    from evaluators.toy import toy_context
-    from search.methods.seeds import study_seed
-    from spaces.config import SpaceConfig
-    from spaces.space import SearchSpace
+    from slimsearch.evaluators.config import EvaluatorConfig
+    from slimsearch.evaluators.toy import toy_context
+    from slimsearch.search.methods.seeds import study_seed
+    from slimsearch.spaces.config import SpaceConfig
+    from slimsearch.spaces.space import SearchSpace
 
     ectx = toy_context(steps=60, max_macs_ratio=0.5)
     space = SearchSpace.build(ectx.model, SpaceConfig(criteria=("l1", "hpc", "distfit")), ectx.input_shape)

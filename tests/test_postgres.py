@@ -18,10 +18,10 @@ import optuna
 import pytest
 import torch
 from optuna.trial import TrialState
+from slimsearch.search.cli import main
+from slimsearch.search.runner import WORKER_ATTR, engine_url, is_counted, run_study
+from slimsearch.search.study import load_study
 
-from search.cli import main
-from search.runner import WORKER_ATTR, engine_url, is_counted, run_study
-from search.study import load_study
 from tests.test_runner import make_baseline, write_study
 
 PG_URL = os.environ.get("SLIMSEARCH_PG_URL", "")
@@ -129,7 +129,7 @@ def test_worker_processes_join_a_run_and_reach_exactly_n_trials(
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
     def cli(*args: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "search.cli", *args], cwd=tmp_path, env=env,
+        return subprocess.Popen([sys.executable, "-m", "slimsearch", *args], cwd=tmp_path, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
 
     driver = cli("run", str(driver_file), "--no-progress")

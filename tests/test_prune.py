@@ -1,4 +1,4 @@
-"""core.prune: physical surgery equals masking, MACs/params fall as computed by hand, plans are checked."""
+"""slimsearch.core.prune: physical surgery equals masking, MACs/params fall as computed by hand, plans are checked."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from slimsearch.core.apply import masked_model
+from slimsearch.core.cost import count_cost
+from slimsearch.core.errors import SlimError
+from slimsearch.core.graph import model_graph
+from slimsearch.core.models import OptionAShortcut, build_model
+from slimsearch.core.prune import prune_layers, resolve_plan
 from torch import nn
 
-from core.apply import masked_model
-from core.cost import count_cost
-from core.errors import SlimError
-from core.graph import model_graph
-from core.models import OptionAShortcut, build_model
-from core.prune import prune_layers, resolve_plan
 from tests.nets import PadNet
 
 
@@ -211,7 +211,7 @@ def test_split_channels_are_not_prunable() -> None:
     ],
 )
 def test_fast_replay_equals_torch_pruning_handlers(make, shape, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
-    import core.prune as prune
+    import slimsearch.core.prune as prune
 
     fast_ops = []
     original = prune._fast_cut

@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from core.errors import SlimError
-from core.pyramid import (
+from slimsearch.core.errors import SlimError
+from slimsearch.core.pyramid import (
     assign,
     closest_centre,
     closest_centre_bruteforce,
@@ -15,6 +14,7 @@ from core.pyramid import (
     hybrid_pyramid,
     node_sizes,
 )
+
 from tests.conftest import shared_path
 
 SHAPES = [(1, 3, 3), (2, 3, 3), (3, 3, 3), (5, 3, 3), (6, 1, 1), (7, 3, 3), (12, 3, 3), (13, 5, 5), (16, 1, 3)]
@@ -195,7 +195,7 @@ def test_hpc_k_bounds() -> None:
 
 
 def test_hpc_on_real_resnet56_layer_is_exact_and_saves_work() -> None:
-    from core.models import read_state_dict
+    from slimsearch.core.models import read_state_dict
 
     sd = read_state_dict(shared_path("models", "resnet56-4bfd9763.th"))
     w = sd["layer3.8.conv2.weight"]

@@ -15,8 +15,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from slimsearch.search.cli import main
 
-from search.cli import main
 from tests.test_ray_runner import _write_study
 
 
@@ -86,7 +86,7 @@ def test_ray_run_status_report_export(tmp_path: Path, capsys: pytest.CaptureFixt
     res = subprocess.run([sys.executable, "-c", script, str(exp / "model.torchscript.pt"), str(exp / "check.pt")],
                          cwd="/", env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert res.returncode == 0 and float(res.stdout) < 1e-5, res.stderr
-    from core.cost import count_cost
+    from slimsearch.core.cost import count_cost
 
     assert count_cost(torch.jit.load(str(exp / "model.torchscript.pt")), (1, 1, 8, 8)).macs == metrics["macs"]
 

@@ -20,12 +20,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from core.errors import SlimError
-from core.models import build_model
-from core.policy import LayerPolicy, Policy
-from evaluators.evaluate import EvalResult
-from search.study import load_study
+from slimsearch.core.errors import SlimError
+from slimsearch.core.models import build_model
+from slimsearch.core.policy import LayerPolicy, Policy
+from slimsearch.evaluators.evaluate import EvalResult
+from slimsearch.search.study import load_study
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,7 +81,7 @@ def _free_port() -> int:
 
 
 def test_unreachable_address_is_a_slim_error_and_creates_nothing(tmp_path: Path) -> None:
-    from search.ray_runner import run_ray
+    from slimsearch.search.ray_runner import run_ray
 
     cfg = load_study(_write_study(tmp_path, "unreach"))
     port = _free_port()  # closed right away: nothing listens there
@@ -94,7 +93,7 @@ def test_unreachable_address_is_a_slim_error_and_creates_nothing(tmp_path: Path)
 
 
 def test_final_result_marks_infeasible_and_failed_as_worst(tmp_path: Path) -> None:
-    from search.ray_runner import fidelity, final_result
+    from slimsearch.search.ray_runner import fidelity, final_result
 
     cfg = load_study(_write_study(tmp_path, "unit"))
     assert fidelity(cfg) == (1, 1, False)  # proxy: one report at step 1
@@ -118,8 +117,7 @@ def test_final_result_marks_infeasible_and_failed_as_worst(tmp_path: Path) -> No
 
 def test_ranked_rows_keeps_one_row_per_network() -> None:
     import pandas as pd
-
-    from search.ray_runner import ranked_rows
+    from slimsearch.search.ray_runner import ranked_rows
 
     df = pd.DataFrame({
         "number": [0, 1, 2, 3, 4], "status": ["ok"] * 5, "val_acc": [0.9, 0.9, 0.8, 0.7, 0.7],
@@ -131,8 +129,7 @@ def test_ranked_rows_keeps_one_row_per_network() -> None:
 
 def test_results_csv_fallback_and_best_policy(tmp_path: Path) -> None:
     import pandas as pd
-
-    from search.ray_runner import ray_best_policy, ray_report_frame, ray_results_csv, ray_status, ray_trials
+    from slimsearch.search.ray_runner import ray_best_policy, ray_report_frame, ray_results_csv, ray_status, ray_trials
 
     cfg = load_study(_write_study(tmp_path, "csvonly"))
     with pytest.raises(SlimError, match="no Ray results"):
@@ -174,10 +171,9 @@ def test_searcher_seeds_numbers_constraint_and_states(tmp_path: Path) -> None:
     """The search algorithm alone (no Ray runtime): seeds come first as complete points with their labels,
     the MACs violation becomes an Optuna constraint, fail -> FAIL and ASHA-stopped ("partial") -> PRUNED."""
     from optuna.trial import TrialState
-
-    from search.ray_runner import make_search_alg
-    from spaces.config import SpaceConfig
-    from spaces.space import SearchSpace
+    from slimsearch.search.ray_runner import make_search_alg
+    from slimsearch.spaces.config import SpaceConfig
+    from slimsearch.spaces.space import SearchSpace
 
     cfg = load_study(_write_study(tmp_path, "searcher"))
     space = SearchSpace.build(build_model("smallcnn", 10, 1), SpaceConfig(), (1, 1, 8, 8))
@@ -205,9 +201,9 @@ def test_searcher_seeds_numbers_constraint_and_states(tmp_path: Path) -> None:
 def test_searcher_passes_macs_and_latency_constraints(tmp_path: Path) -> None:
     """With a latency bound both violations reach Optuna, in order; one not measured (the MACs gate rejected
     the policy first) counts as 0."""
-    from search.ray_runner import make_search_alg
-    from spaces.config import SpaceConfig
-    from spaces.space import SearchSpace
+    from slimsearch.search.ray_runner import make_search_alg
+    from slimsearch.spaces.config import SpaceConfig
+    from slimsearch.spaces.space import SearchSpace
 
     cfg = load_study(_write_study(tmp_path, "lat", constraint="max_latency_ratio = 0.7"))
     space = SearchSpace.build(build_model("smallcnn", 10, 1), SpaceConfig(), (1, 1, 8, 8))
@@ -227,10 +223,10 @@ def test_searcher_passes_macs_and_latency_constraints(tmp_path: Path) -> None:
 def test_searcher_with_the_local_sampler_mutates_a_finished_seed(tmp_path: Path) -> None:
     """[study] sampler = "local" through Ray's OptunaSearch: after the seeds, a suggestion is the best
     seed's parameters with a few of them changed."""
-    from search.local_sampler import LocalSearchSampler
-    from search.ray_runner import make_search_alg
-    from spaces.config import SpaceConfig
-    from spaces.space import SearchSpace
+    from slimsearch.search.local_sampler import LocalSearchSampler
+    from slimsearch.search.ray_runner import make_search_alg
+    from slimsearch.spaces.config import SpaceConfig
+    from slimsearch.spaces.space import SearchSpace
 
     path = _write_study(tmp_path, "local")
     path.write_text(
@@ -260,8 +256,7 @@ def test_searcher_with_the_local_sampler_mutates_a_finished_seed(tmp_path: Path)
 def _check_run(cfg, s, n: int) -> None:
     """Shared assertions on a finished run summary of the tiny study."""
     import pandas as pd
-
-    from search.context import build_study_context
+    from slimsearch.search.context import build_study_context
 
     df = s.table
     assert s.counted == n == len(df) and s.done and sorted(df["number"]) == list(range(n))
@@ -291,8 +286,14 @@ def _check_run(cfg, s, n: int) -> None:
 @pytest.mark.slow
 def test_local_run_then_resume_with_more_trials(tmp_path: Path) -> None:
     import ray
-
-    from search.ray_runner import ray_best_policy, ray_experiment_dir, ray_report_frame, ray_status, ray_trials, run_ray
+    from slimsearch.search.ray_runner import (
+        ray_best_policy,
+        ray_experiment_dir,
+        ray_report_frame,
+        ray_status,
+        ray_trials,
+        run_ray,
+    )
 
     cfg = load_study(_write_study(tmp_path, "local"))
     lines: list[str] = []
@@ -371,8 +372,8 @@ def _state(pid: int) -> str:
 
 _DRIVER = """
 import json, sys
-from search.study import load_study
-from search.ray_runner import run_ray
+from slimsearch.search.study import load_study
+from slimsearch.search.ray_runner import run_ray
 s = run_ray(load_study(sys.argv[1]), address=sys.argv[2], progress=False)
 print("SUMMARY " + json.dumps({"counted": s.counted, "done": s.done, "best": s.best, "csv": str(s.results_csv)}))
 """
@@ -382,7 +383,7 @@ print("SUMMARY " + json.dumps({"counted": s.counted, "done": s.done, "best": s.b
 def test_real_local_cluster_head_plus_worker_node(tmp_path: Path) -> None:
     """`ray start --head` + a second `ray start` node on loopback, then `run_ray(address=...)` as a user runs it:
     a separate driver process with RAY_AUTH_MODE=token (Ray reads it when first imported)."""
-    from search.ray_runner import ray_trials
+    from slimsearch.search.ray_runner import ray_trials
 
     temp = tempfile.mkdtemp(prefix="slimray", dir="/tmp")  # short: Ray's socket paths have a length limit
     port = _free_port()

@@ -21,12 +21,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from optuna.trial import TrialState
+from slimsearch.core.errors import SlimError
+from slimsearch.core.models import build_model
+from slimsearch.core.policy import LayerPolicy, Policy
+from slimsearch.search.runner import is_counted, load_optuna_study, open_storage, run_study, tally
+from slimsearch.search.study import load_study, mask_url
 
-from core.errors import SlimError
-from core.models import build_model
-from core.policy import LayerPolicy, Policy
-from search.runner import is_counted, load_optuna_study, open_storage, run_study, tally
-from search.study import load_study, mask_url
 from tests.test_runner import make_baseline, write_study
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,13 +50,13 @@ def trials_of(cfg) -> list[optuna.trial.FrozenTrial]:  # noqa: ANN001
 def cli(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     base.update({"PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1", **(env or {})})
-    return subprocess.run([sys.executable, "-m", "search.cli", *args], cwd=cwd, env=base, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "slimsearch", *args], cwd=cwd, env=base, capture_output=True,
                           text=True, timeout=timeout)  # fmt: skip
 
 
 def main(capsys: pytest.CaptureFixture[str], *args: str) -> subprocess.CompletedProcess:
     """``slimsearch ARGS`` in this process (the subprocess form is tests/test_bad_input.py's)."""
-    from search.cli import main as cli_main
+    from slimsearch.search.cli import main as cli_main
 
     capsys.readouterr()
     code = cli_main(list(args))
@@ -96,7 +96,7 @@ def test_nan_loss_in_every_trial_fails_them_and_the_study_still_reaches_n_trials
 def test_nan_loss_fails_one_trial_and_the_next_ones_complete(
     tmp_path: Path, baseline_ckpt: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import evaluators.evaluate as ev
+    import slimsearch.evaluators.evaluate as ev
 
     real = ev.evaluate
     calls: list[str] = []
@@ -132,7 +132,7 @@ def test_keep_count_is_always_between_1_and_n(n: int, rate: float, clusters: int
 
 
 def test_policies_removing_every_filter_are_rejected() -> None:
-    from core.apply import apply_policy
+    from slimsearch.core.apply import apply_policy
 
     model = build_model("smallcnn", 10, 1).eval()
     bad = {
@@ -155,9 +155,8 @@ def test_policies_removing_every_filter_are_rejected() -> None:
 def test_decomposition_that_does_not_converge_fails_the_trial(
     tmp_path: Path, baseline_ckpt: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import slimsearch.core.decompose as dec
     import tensorly as tl
-
-    import core.decompose as dec
 
     monkeypatch.setenv("SLIMSEARCH_CACHE", str(tmp_path / "fresh-cache"))  # no cached factors to fall back on
     calls: list[int] = []
@@ -224,7 +223,7 @@ pathlib.Path(__file__).with_name("IMPORTED").write_text(__name__)
 
 
 def make(num_classes=10, in_channels=1):
-    from core.models import build_model
+    from slimsearch.core.models import build_model
 
     return build_model("smallcnn", num_classes, in_channels)
 """
@@ -349,8 +348,7 @@ def pg_url_or_skip() -> str:
 
 def _connects(url: str) -> bool:
     import sqlalchemy as sa
-
-    from search.runner import engine_url
+    from slimsearch.search.runner import engine_url
 
     try:
         eng = sa.create_engine(engine_url(url), connect_args={"connect_timeout": 5})
@@ -361,7 +359,7 @@ def _connects(url: str) -> bool:
 
 
 def _drop_study(url: str, name: str) -> None:
-    from search.runner import engine_url
+    from slimsearch.search.runner import engine_url
 
     try:
         optuna.delete_study(study_name=name, storage=engine_url(url))
@@ -385,7 +383,7 @@ def test_four_workers_on_postgresql_reach_exactly_n_trials(tmp_path: Path, basel
     try:
         env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
         procs = [
-            subprocess.Popen([sys.executable, "-m", "search.cli", "worker", str(path), "--threads", "1"],
+            subprocess.Popen([sys.executable, "-m", "slimsearch", "worker", str(path), "--threads", "1"],
                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             for _ in range(4)
         ]  # fmt: skip
@@ -414,7 +412,7 @@ import sys, time
 import optuna
 from types import SimpleNamespace
 from optuna.trial import TrialState
-from search.runner import claim, engine_url, storage_lock, tally, top_up
+from slimsearch.search.runner import claim, engine_url, storage_lock, tally, top_up
 
 url, name, start = engine_url(sys.argv[1]), sys.argv[2], float(sys.argv[3])
 optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -440,7 +438,7 @@ print(len(mine))
 
 @pytest.mark.slow
 def test_concurrent_top_up_and_claim_on_postgresql_never_overshoot(tmp_path: Path) -> None:
-    from search.runner import engine_url
+    from slimsearch.search.runner import engine_url
 
     url = pg_url_or_skip()
     name = f"pgrace_{uuid.uuid4().hex[:8]}"
@@ -463,7 +461,7 @@ def test_concurrent_top_up_and_claim_on_postgresql_never_overshoot(tmp_path: Pat
 OPENER = """\
 import os, sys, time
 from types import SimpleNamespace
-from search.runner import open_storage
+from slimsearch.search.runner import open_storage
 
 role, db, start = sys.argv[1], sys.argv[2], float(sys.argv[3])
 study = SimpleNamespace(name="init", storage=f"sqlite:///{db}", heartbeat_interval=10, grace_period=None, max_retry=2)

@@ -18,13 +18,12 @@ import optuna
 import pytest
 import torch
 from optuna.trial import TrialState
-
-from core.apply import apply_policy
-from core.budget import policy_macs
-from core.cost import count_cost
-from core.policy import Policy
-from search.context import build_study_context
-from search.runner import (
+from slimsearch.core.apply import apply_policy
+from slimsearch.core.budget import policy_macs
+from slimsearch.core.cost import count_cost
+from slimsearch.core.policy import Policy
+from slimsearch.search.context import build_study_context
+from slimsearch.search.runner import (
     WORKER_ATTR,
     claim,
     is_counted,
@@ -36,7 +35,7 @@ from search.runner import (
     run_study,
     tally,
 )
-from search.study import load_study
+from slimsearch.search.study import load_study
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,9 +48,9 @@ def baseline_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def make_baseline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Train (once per session) and save the smallcnn digits baseline; return its path."""
-    from core.data import load_splits
-    from core.models import build_model
-    from core.train import FinetuneConfig, finetune, recalibrate_bn
+    from slimsearch.core.data import load_splits
+    from slimsearch.core.models import build_model
+    from slimsearch.core.train import FinetuneConfig, finetune, recalibrate_bn
 
     path = tmp_path_factory.getbasetemp() / "baseline" / "smallcnn_digits.pt"
     if path.is_file():  # made by another test module in this session
@@ -258,7 +257,7 @@ def test_multi_objective_nsga2(tmp_path: Path, baseline_ckpt: Path) -> None:
 
 
 def test_directions_must_match_an_existing_study(tmp_path: Path, baseline_ckpt: Path) -> None:
-    from core.errors import SlimError
+    from slimsearch.core.errors import SlimError
 
     cfg = load_study(write_study(tmp_path, baseline_ckpt, n_trials=1))
     run_study(cfg, progress=False, log=lambda s: None)
@@ -283,7 +282,7 @@ def test_samplers_are_seeded(sampler: str, tmp_path: Path, baseline_ckpt: Path) 
 
 
 def test_pruned_trial_is_recorded(tmp_path: Path, baseline_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import evaluators.evaluate as ev
+    import slimsearch.evaluators.evaluate as ev
 
     real = ev.evaluate
 
@@ -340,7 +339,7 @@ def test_claim_is_exclusive(tmp_path: Path, baseline_ckpt: Path) -> None:
 
 def _cli(*args: str, cwd: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "search.cli", *args], cwd=cwd, env=env,
+    return subprocess.Popen([sys.executable, "-m", "slimsearch", *args], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
 
 
@@ -448,7 +447,7 @@ def test_global_seed_prunes_layers_unevenly_and_is_enqueued_first(tmp_path: Path
     cfg = load_study(write_study(tmp_path, baseline_ckpt, n_trials=2, constraint="max_macs_ratio = 0.9",
                                  seeds='strategies = ["global"]\nglobal_fractions = [0.4]'))  # fmt: skip
     sctx = build_study_context(cfg)
-    from search.seeding import global_seeds
+    from slimsearch.search.seeding import global_seeds
 
     (seed,) = global_seeds(sctx, {"fractions": [0.4]})
     rates = {n: lp.prune_rate for n, lp in seed.layers.items()}
@@ -465,11 +464,11 @@ def test_global_seed_prunes_layers_unevenly_and_is_enqueued_first(tmp_path: Path
 def test_tp_global_seed_is_torch_prunings_allocation_at_the_bound(tmp_path: Path, baseline_ckpt: Path) -> None:
     """The ``tp_global`` seed keeps, in every searched layer, the filter count Torch-Pruning's global pruning
     keeps at the ratio bisected onto the MACs bound; our criterion picks the filters."""
-    from core.apply import apply_policy
-    from core.budget import bisect_budget
-    from core.cost import count_cost
-    from core.tp_prune import kept_filters, tp_prune
-    from search.seeding import tp_global_seeds
+    from slimsearch.core.apply import apply_policy
+    from slimsearch.core.budget import bisect_budget
+    from slimsearch.core.cost import count_cost
+    from slimsearch.core.tp_prune import kept_filters, tp_prune
+    from slimsearch.search.seeding import tp_global_seeds
 
     cfg = load_study(write_study(tmp_path, baseline_ckpt, n_trials=2, constraint="max_macs_ratio = 0.6",
                                  seeds='strategies = ["tp_global"]\ntp_global_criterion = "l1"'))  # fmt: skip

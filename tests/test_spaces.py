@@ -8,14 +8,13 @@ import optuna
 import pytest
 import torch
 import torch.nn.functional as F
+from slimsearch.core.errors import SlimError
+from slimsearch.core.graph import LayerInfo
+from slimsearch.core.models import build_model
+from slimsearch.core.policy import LayerPolicy, Policy
+from slimsearch.spaces.config import SpaceConfig
+from slimsearch.spaces.space import SearchSpace
 from torch import nn
-
-from core.errors import SlimError
-from core.graph import LayerInfo
-from core.models import build_model
-from core.policy import LayerPolicy, Policy
-from spaces.config import SpaceConfig
-from spaces.space import SearchSpace
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from core.errors import SlimError
-from search.study import load_study, mask_url, validate_storage_url
+from slimsearch.core.errors import SlimError
+from slimsearch.search.study import load_study, mask_url, validate_storage_url
 
 BASE = """
 [study]

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 from optuna.trial import TrialState
+from slimsearch.core.errors import SlimError
+from slimsearch.search.runner import is_counted, load_optuna_study, open_storage, tally
+from slimsearch.search.study import load_study
 
-from core.errors import SlimError
-from search.runner import is_counted, load_optuna_study, open_storage, tally
-from search.study import load_study
 from tests.test_runner import make_baseline, write_study
 from tests.torture_util import alive_in_group, children, plain_torch_output_shape
 
@@ -64,7 +64,7 @@ def test_random_sigkills_of_driver_and_workers(
     )  # fmt: skip
     cfg = load_study(path)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
-    cmd = [sys.executable, "-m", "search.cli", "run", str(path), "--workers", "2", "--threads", "1", "--no-progress"]
+    cmd = [sys.executable, "-m", "slimsearch", "run", str(path), "--workers", "2", "--threads", "1", "--no-progress"]
     log = open(tmp_path / "driver.log", "w")  # noqa: SIM115 - closed in finally
     rng = random.Random(20240607)
     groups: list[int] = []

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from slimsearch.search.study import load_study
 
-from search.study import load_study
 from tests.test_runner import make_baseline, write_study
 from tests.torture_util import kill_session, plain_torch_output_shape, session_processes
 
@@ -45,11 +45,10 @@ def test_errored_trials_get_fresh_slots_up_to_n_trials(tmp_path: Path) -> None:
     """A trial Tune gives up on (ERROR) is replaced by a fresh one, at most n_trials times; the count of
     replacements survives a restore, and a larger n_trials on restore keeps them."""
     from optuna.trial import TrialState
-
-    from core.models import build_model
-    from search.ray_runner import _write_meta, make_search_alg
-    from spaces.config import SpaceConfig
-    from spaces.space import SearchSpace
+    from slimsearch.core.models import build_model
+    from slimsearch.search.ray_runner import _write_meta, make_search_alg
+    from slimsearch.spaces.config import SpaceConfig
+    from slimsearch.spaces.space import SearchSpace
 
     cfg = _tiny_cfg(tmp_path)
     space = SearchSpace.build(build_model("smallcnn", 10, 1), SpaceConfig(), (1, 1, 8, 8))
@@ -80,7 +79,7 @@ def test_errored_trials_get_fresh_slots_up_to_n_trials(tmp_path: Path) -> None:
 
 
 def test_trial_status_of_errored_and_interrupted_trials() -> None:
-    from search.ray_runner import _trial_status
+    from slimsearch.search.ray_runner import _trial_status
 
     partial = {"status": "partial", "val_acc": 0.3, "step": 10}
     assert _trial_status("ERROR", partial) == "error"  # was "running" forever
@@ -97,7 +96,7 @@ def test_errored_trial_row_and_its_reason(tmp_path: Path) -> None:
     latest failure as reason; reading it used to raise AttributeError (``Trial.error_msg`` does not exist)."""
     from types import SimpleNamespace
 
-    from search.ray_runner import _error_line, trials_table
+    from slimsearch.search.ray_runner import _error_line, trials_table
 
     died = "The actor died unexpectedly before finishing this task."
     f = tmp_path / "error.txt"
@@ -129,7 +128,7 @@ def test_errored_trial_row_and_its_reason(tmp_path: Path) -> None:
 def test_failed_trials_are_queued_for_the_experiment_snapshot() -> None:
     """The Ray Tune workaround: after ``_process_trial_failure`` (also when it raises) the trial is marked for
     the next snapshot, once per call however often the patch is applied; Tune's own controller is patched."""
-    from search.ray_runner import snapshot_failed_trials
+    from slimsearch.search.ray_runner import snapshot_failed_trials
 
     class Controller:
         def __init__(self) -> None:
@@ -159,7 +158,7 @@ def test_failed_trials_are_queued_for_the_experiment_snapshot() -> None:
 def test_resumable_needs_an_experiment_snapshot(tmp_path: Path) -> None:
     """A driver killed after Tune wrote tuner.pkl but before its first snapshot: start afresh, because
     ``Tuner.restore`` would fail on every later run ("No experiment snapshot file")."""
-    from search.ray_runner import _resumable
+    from slimsearch.search.ray_runner import _resumable
 
     assert not _resumable(tmp_path)
     (tmp_path / "tuner.pkl").write_bytes(b"x")
@@ -174,7 +173,7 @@ def test_resumable_needs_an_experiment_snapshot(tmp_path: Path) -> None:
 def _finished_trials(exp_dir: Path) -> dict[str, str] | None:
     """trial id -> its recorded outcome (our columns and parameters, as JSON) of every finished trial in the
     experiment's newest snapshot; None while there is no snapshot. Retries a snapshot caught mid-copy."""
-    from search.ray_runner import _load_trials, trials_table
+    from slimsearch.search.ray_runner import _load_trials, trials_table
 
     if not any(exp_dir.glob("experiment_state-*.json")):
         return None
@@ -198,7 +197,7 @@ def _finished_trials(exp_dir: Path) -> dict[str, str] | None:
 def median_trial_s(exp_dir: Path, default: float = 2.0) -> float:
     """Median run time (Tune's ``time_total_s``) of the finished trials in the newest snapshot; ``default``
     before there is one."""
-    from search.ray_runner import _load_trials, trials_table
+    from slimsearch.search.ray_runner import _load_trials, trials_table
 
     if not any(exp_dir.glob("experiment_state-*.json")):
         return default
@@ -214,7 +213,7 @@ def steps_for(seconds: float, batch_size: int = 64) -> int:
     """Fine-tune steps that take about ``seconds`` on this machine (one thread, as a trial worker runs), a
     multiple of 3 (three ASHA rungs), at least 60. Fixed step counts made the study outrun the kills on a fast
     machine: it finished while the test still waited for Tune's first snapshot to kill the driver."""
-    from core.models import build_model
+    from slimsearch.core.models import build_model
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -250,7 +249,7 @@ def kill_plan(seed: int) -> list[tuple[str, float, float]]:
 def test_random_sigkills_of_ray_workers_and_driver(
     tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from search.ray_runner import COUNTED, ray_experiment_dir, ray_report_frame, ray_status, ray_trials
+    from slimsearch.search.ray_runner import COUNTED, ray_experiment_dir, ray_report_frame, ray_status, ray_trials
 
     monkeypatch.chdir(tmp_path)
     ckpt = make_baseline(tmp_path_factory)
@@ -263,7 +262,7 @@ def test_random_sigkills_of_ray_workers_and_driver(
     cfg = load_study(path)
     exp = ray_experiment_dir(cfg)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
-    cmd = [sys.executable, "-m", "search.cli", "run", str(path)]  # with progress: one line per trial event
+    cmd = [sys.executable, "-m", "slimsearch", "run", str(path)]  # with progress: one line per trial event
     log_path = tmp_path / "driver.log"
     log = open(log_path, "w")  # noqa: SIM115 - closed in finally
     sessions: list[int] = []  # every driver's pid = its session id

@@ -7,11 +7,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-from core.data import Dataset, batches
-from core.errors import SlimError
-from core.train import (
+from slimsearch.core.data import Dataset, batches
+from slimsearch.core.errors import SlimError
+from slimsearch.core.train import (
     FinetuneConfig,
     NonFiniteLoss,
     build_scheduler,
@@ -20,6 +18,7 @@ from core.train import (
     kd_loss,
     recalibrate_bn,
 )
+from torch import nn
 
 
 def stripes(n: int, seed: int = 0) -> Dataset:

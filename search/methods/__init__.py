@@ -14,15 +14,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from slimsearch.core.errors import SlimError
+from slimsearch.core.policy import Policy
+from slimsearch.search.methods.abshpc import abshpc_search, call_bound
+from slimsearch.search.methods.common import CountingAcc, MethodResult, cost_report, default_layers, sensitivity_scan
+from slimsearch.search.methods.distfit import distfit_policy, distfit_search, wasserstein_report
+from slimsearch.search.methods.ga import GAResult, ga_mask, ga_search, ga_select, plain_consumers
+from slimsearch.search.methods.mtd import mtd_search
 from torch import Tensor, nn
-
-from core.errors import SlimError
-from core.policy import Policy
-from search.methods.abshpc import abshpc_search, call_bound
-from search.methods.common import CountingAcc, MethodResult, cost_report, default_layers, sensitivity_scan
-from search.methods.distfit import distfit_policy, distfit_search, wasserstein_report
-from search.methods.ga import GAResult, ga_mask, ga_search, ga_select, plain_consumers
-from search.methods.mtd import mtd_search
 
 __all__ = [
     "METHOD_SEEDS",

@@ -29,11 +29,10 @@ from collections.abc import Callable, Sequence
 from fractions import Fraction
 from typing import Any
 
+from slimsearch.core.errors import SlimError
+from slimsearch.core.policy import LayerPolicy, Policy, rate_for_removed
+from slimsearch.search.methods.common import CountingAcc, MethodResult, conv_modules, cost_report
 from torch import nn
-
-from core.errors import SlimError
-from core.policy import LayerPolicy, Policy, rate_for_removed
-from search.methods.common import CountingAcc, MethodResult, conv_modules, cost_report
 
 
 def call_bound(sizes: Sequence[int]) -> int:

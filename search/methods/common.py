@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from slimsearch.core.errors import SlimError
+from slimsearch.core.policy import LayerPolicy, Policy, rate_for_removed
 from torch import nn
-
-from core.errors import SlimError
-from core.policy import LayerPolicy, Policy, rate_for_removed
 
 Acc = Callable[[Policy], float]
 
@@ -91,7 +90,7 @@ def default_layers(model: nn.Module, example_input: torch.Tensor, kind: str = "p
 
     Prunable means prunable alone: the methods prune one layer at a time, and a coupled group's members (e.g. a
     ResNet stage's residual stream) can only be pruned together."""
-    from core.graph import compressible_layers  # local: core.graph is only needed when layers are not given
+    from slimsearch.core.graph import compressible_layers  # local: core.graph is only needed when layers are not given
 
     if kind not in ("prunable", "decomposable"):
         raise SlimError(f"layer kind must be 'prunable' or 'decomposable', got {kind!r}")
@@ -150,7 +149,7 @@ def params_after_decomposition(model: nn.Module, policy: Policy) -> int:
     Each decomposed conv's weight (+ bias) is replaced by ``core.decompose.decomposed_params`` of its explicit
     rank; every other parameter (BN, linear, untouched convs) is kept.
     """
-    from core.decompose import choose_rank, decomposed_params
+    from slimsearch.core.decompose import choose_rank, decomposed_params
 
     convs = conv_modules(model, policy.layers)
     total = sum(p.numel() for p in model.parameters())
@@ -173,10 +172,10 @@ def cost_report(
 
     ``params_ratio`` = params(original)/params(compressed), ``macs_ratio`` = MACs(compressed)/MACs(original).
     """
-    from core.cost import count_cost
+    from slimsearch.core.cost import count_cost
 
     if apply is None:
-        from core.apply import apply_policy
+        from slimsearch.core.apply import apply_policy
 
         new_model = apply_policy(model, policy, input_shape=input_shape)
     else:

@@ -14,12 +14,10 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from torch import nn
-
-from core.criteria import norm_wasserstein, select_filters
-from core.errors import SlimError
-from core.policy import LayerPolicy, Policy, rate_for_removed
-from search.methods.common import (
+from slimsearch.core.criteria import norm_wasserstein, select_filters
+from slimsearch.core.errors import SlimError
+from slimsearch.core.policy import LayerPolicy, Policy, rate_for_removed
+from slimsearch.search.methods.common import (
     DEFAULT_SCAN_RATES,
     CountingAcc,
     MethodResult,
@@ -28,6 +26,7 @@ from search.methods.common import (
     cost_report,
     sensitivity_scan,
 )
+from torch import nn
 
 
 def _rates(layers: Sequence[str], rates: float | Mapping[str, float]) -> dict[str, float]:

@@ -24,11 +24,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
-from core.errors import SlimError
-from core.policy import LayerPolicy, Policy, rate_for_removed
-from search.methods.common import (
+from slimsearch.core.errors import SlimError
+from slimsearch.core.policy import LayerPolicy, Policy, rate_for_removed
+from slimsearch.search.methods.common import (
     DEFAULT_SCAN_RATES,
     CountingAcc,
     MethodResult,
@@ -38,6 +36,7 @@ from search.methods.common import (
     sensitivity_order,
     sensitivity_scan,
 )
+from torch import Tensor, nn
 
 # Modules/functions that act on each channel separately: removing an input channel of the consumer is then
 # the same as zeroing that channel of X.
@@ -295,7 +294,7 @@ def ga_select(
     if not layers:
         raise SlimError("ga: no layers to prune")
     if apply is None:
-        from core.apply import apply_policy
+        from slimsearch.core.apply import apply_policy
 
         example = inputs[:1]
 

@@ -24,11 +24,16 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from slimsearch.core.errors import SlimError
+from slimsearch.core.policy import LayerPolicy, Policy
+from slimsearch.search.methods.common import (
+    CountingAcc,
+    MethodResult,
+    conv_modules,
+    cost_report,
+    params_after_decomposition,
+)
 from torch import nn
-
-from core.errors import SlimError
-from core.policy import LayerPolicy, Policy
-from search.methods.common import CountingAcc, MethodResult, conv_modules, cost_report, params_after_decomposition
 
 RankSpec = int | float | tuple[int, int] | Callable[[str, nn.Conv2d], Any] | None
 
@@ -37,7 +42,7 @@ def resolve_rank(name: str, conv: nn.Conv2d, method: str, spec: RankSpec) -> int
     """Explicit rank for ``conv`` from ``spec``: None -> EVBMF, float in (0, 1] -> ratio of the full rank
     (CP: of the param-neutral rank), int (CP) / (R_in, R_out) (Tucker) -> as given (clipped to the layer),
     callable(name, conv) -> any of these."""
-    from core.decompose import choose_rank
+    from slimsearch.core.decompose import choose_rank
 
     if callable(spec):
         spec = spec(name, conv)
@@ -47,7 +52,7 @@ def resolve_rank(name: str, conv: nn.Conv2d, method: str, spec: RankSpec) -> int
         return choose_rank(conv, method, rank_ratio=spec, layer_name=name)
     t, s = conv.out_channels, conv.in_channels
     if method == "cp" and isinstance(spec, int) and not isinstance(spec, bool):
-        from core.decompose import full_ranks
+        from slimsearch.core.decompose import full_ranks
 
         return choose_rank(conv, "cp", min(spec, int(full_ranks(conv)["cp"])), layer_name=name)
     if method == "tucker" and isinstance(spec, (tuple, list)) and len(spec) == 2:

@@ -14,10 +14,10 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from core.errors import SlimError
-from core.policy import Policy
-from search.methods import METHODS, abshpc_search, distfit_search, ga_select, mtd_search, seed_policies
-from search.methods.common import as_accuracy
+from slimsearch.core.errors import SlimError
+from slimsearch.core.policy import Policy
+from slimsearch.search.methods import METHODS, abshpc_search, distfit_search, ga_select, mtd_search, seed_policies
+from slimsearch.search.methods.common import as_accuracy
 
 _FUNCS: dict[str, Callable[..., Any]] = {
     "abshpc": abshpc_search, "mtd": mtd_search, "ga": ga_select, "distfit": distfit_search,
@@ -56,8 +56,8 @@ def study_seed(name: str) -> Callable[[Any, Mapping[str, Any]], list[Policy]]:
     """Registry adapter for method ``name``: builds acc/layers/inputs from the study context."""
 
     def fn(ctx: Any, params: Mapping[str, Any]) -> list[Policy]:
-        from core.data import batches
-        from evaluators.evaluate import evaluate
+        from slimsearch.core.data import batches
+        from slimsearch.evaluators.evaluate import evaluate
 
         ectx = dataclasses.replace(ctx.eval_ctx, max_macs=None)  # new fingerprint: no MACs bound
         cfg = ctx.cfg.evaluator
@@ -81,7 +81,7 @@ def study_seed(name: str) -> Callable[[Any, Mapping[str, Any]], list[Policy]]:
 
 def register() -> None:
     """Add the four method strategies to ``search.study``'s seed registry."""
-    from search.study import register_seed_strategy
+    from slimsearch.search.study import register_seed_strategy
 
     for name in METHODS:
         register_seed_strategy(name, check=check_params(name))(study_seed(name))
