@@ -90,8 +90,8 @@ class Dataset:
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 batch -> float batch normalised with this dataset's mean/std."""
-        mean = torch.tensor(self.mean).view(1, -1, 1, 1)
-        std = torch.tensor(self.std).view(1, -1, 1, 1)
+        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
         return (x.float() / 255.0 - mean) / std
 
 
@@ -114,18 +114,25 @@ def pad_crop(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, pad: int) -> t
     """
     n, c, h, w = x.shape
     padded = F.pad(x, (pad, pad, pad, pad))
-    rows = (dy.view(n, 1) + torch.arange(h).view(1, h)).view(n, 1, h, 1)
-    cols = (dx.view(n, 1) + torch.arange(w).view(1, w)).view(n, 1, 1, w)
-    return padded[torch.arange(n).view(n, 1, 1, 1), torch.arange(c).view(1, c, 1, 1), rows, cols]
+    dev = x.device
+    rows = (dy.to(dev).view(n, 1) + torch.arange(h, device=dev).view(1, h)).view(n, 1, h, 1)
+    cols = (dx.to(dev).view(n, 1) + torch.arange(w, device=dev).view(1, w)).view(n, 1, 1, w)
+    return padded[
+        torch.arange(n, device=dev).view(n, 1, 1, 1), torch.arange(c, device=dev).view(1, c, 1, 1), rows, cols
+    ]
 
 
 def hflip(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mirror the images where ``mask`` (bool, N) is set."""
-    return torch.where(mask.view(-1, 1, 1, 1), x.flip(-1), x)
+    return torch.where(mask.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
 
 
 def augment(x: torch.Tensor, generator: torch.Generator, pad: int, flip: bool) -> torch.Tensor:
-    """Random pad-and-crop (zero padding) and optional horizontal flip of a uint8 batch."""
+    """Random pad-and-crop (zero padding) and optional horizontal flip of a uint8 batch, on ``x``'s device.
+
+    The random numbers come from the CPU ``generator`` whatever the device, so a batch is augmented alike on
+    every device (and the CPU stream is the same as before device support).
+    """
     n = x.shape[0]
     if pad > 0:
         dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
@@ -145,7 +152,11 @@ def batches(
     seed: int = 0,
     drop_last: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield normalised float batches ``(x, y)``; deterministic for a given ``seed``."""
+    """Yield normalised float batches ``(x, y)`` on the device of ``ds.x``; deterministic for a given ``seed``.
+
+    Order and augmentation draw from a CPU generator; a dataset on the GPU (``core.device.dataset_on``) is
+    gathered, augmented and normalised there, with only the batch's indices crossing from the host.
+    """
     g = torch.Generator().manual_seed(seed)
     n = len(ds)
     order = torch.randperm(n, generator=g) if shuffle else torch.arange(n)
@@ -154,10 +165,11 @@ def batches(
         idx = order[start : start + batch_size]
         if drop_last and len(idx) < batch_size:
             break
-        x = ds.x.index_select(0, idx)
+        dev_idx = idx.to(ds.x.device)
+        x = ds.x.index_select(0, dev_idx)
         if augment_data:
             x = augment(x, g, pad, ds.flip)
-        yield ds.normalize(x), ds.y.index_select(0, idx)
+        yield ds.normalize(x), ds.y.index_select(0, dev_idx.to(ds.y.device))
 
 
 # ----------------------------------------------------------------------------- helpers

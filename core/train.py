@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from slimsearch.core.data import Dataset, batches
+from slimsearch.core.device import autocast, check_amp, dataset_on, grad_scaler
 from slimsearch.core.errors import SlimError
 from torch import nn
 from torch.optim import lr_scheduler
@@ -52,13 +53,14 @@ def evaluate(model: nn.Module, ds: Dataset, batch_size: int = 256) -> float:
     """Top-1 accuracy in [0, 1] of ``model`` on ``ds`` (eval mode, no grad; modes restored)."""
     _check_nonempty(ds, "evaluate")
     device = _device(model)
-    correct = 0
+    ds = dataset_on(ds, device)  # one copy on the model's device; batches are made there
+    correct = torch.zeros((), dtype=torch.int64, device=device)
     with preserved_modes(model), torch.no_grad():
         model.eval()
         for x, y in batches(ds, batch_size):
             pred = model(x.to(device)).argmax(dim=1)
-            correct += int((pred.cpu() == y).sum())
-    return correct / len(ds)
+            correct += (pred == y.to(device)).sum()
+    return int(correct) / len(ds)
 
 
 def recalibrate_bn(
@@ -75,6 +77,7 @@ def recalibrate_bn(
     if not bns:
         return model
     device = _device(model)
+    ds = dataset_on(ds, device)
     momenta = [bn.momentum for bn in bns]
     try:
         with preserved_modes(model), torch.no_grad():
@@ -117,8 +120,10 @@ class FinetuneConfig:
     augment: bool = True
     seed: int = 0
     grad_clip: float | None = None
+    amp: str = "off"  # core.device.AMP_MODES: autocast of the training forward (bf16 / fp16)
 
     def __post_init__(self) -> None:
+        check_amp(self.amp, "fine-tune config: amp")
         problems = []
         if self.schedule not in SCHEDULES:
             problems.append(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
@@ -240,6 +245,8 @@ def finetune(
     if on_eval is not None and eval_every is None:
         raise SlimError("finetune: on_eval is given but eval_every is not, so it would never be called")
     device = _device(model)
+    train_ds = dataset_on(train_ds, device)  # the images cross to the device once, not per batch
+    scaler = grad_scaler(device, cfg.amp)
     n_steps = total_steps(cfg, len(train_ds))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(
@@ -265,13 +272,14 @@ def finetune(
         for step in range(1, n_steps + 1):
             x, y = next(data)
             x, y = x.to(device), y.to(device)
-            logits = model(x)
-            if teacher is not None:
-                with torch.no_grad():
-                    t_logits = teacher(x.to(_device(teacher))).to(device)
-                loss = kd_loss(logits, t_logits, y, cfg.kd_alpha, cfg.kd_temperature, cfg.label_smoothing)
-            else:
-                loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+            with autocast(device, cfg.amp):
+                logits = model(x)
+                if teacher is not None:
+                    with torch.no_grad():
+                        t_logits = teacher(x.to(_device(teacher))).to(device)
+                    loss = kd_loss(logits, t_logits, y, cfg.kd_alpha, cfg.kd_temperature, cfg.label_smoothing)
+                else:
+                    loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise NonFiniteLoss(
@@ -279,11 +287,17 @@ def finetune(
                     "lower the learning rate or set grad_clip"
                 )
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            if scaler is not None and cfg.grad_clip is not None:
+                scaler.unscale_(optimizer)
             if cfg.grad_clip is not None:
                 nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
             scheduler.step()
             result.lrs.append(lr)
             losses.append(value)

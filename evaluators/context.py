@@ -35,7 +35,9 @@ class EvalContext:
     latency_batch: int = 1
     latency_dir: Path | None = None
     latency_memory_format: str = "contiguous"
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where trials train and score
     _fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
+    _teacher: nn.Module | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def fingerprint(self) -> str:
@@ -58,6 +60,17 @@ class EvalContext:
             h.update(repr(bounds).encode())
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
+
+    def teacher(self) -> nn.Module:
+        """The baseline on ``device`` (the KD teacher): ``model`` itself on the CPU, else one copy made once.
+        ``model`` stays on the CPU, where policies are applied and costs and latencies measured."""
+        if self.device.type == "cpu":
+            return self.model
+        if self._teacher is None:
+            import copy
+
+            self._teacher = copy.deepcopy(self.model).to(self.device).eval()
+        return self._teacher
 
     def latency_table(self) -> Any:
         """The baseline's latency table at ``latency_batch`` (``core.latency``), stored in ``latency_dir`` when
@@ -86,10 +99,12 @@ def build_context(
     latency_batch: int = 1,
     latency_dir: str | Path | None = None,
     latency_memory_format: str = "contiguous",
+    device: torch.device | str = "cpu",
 ) -> EvalContext:
     """Measure the baseline and fix the MACs bound: ``max_macs`` (absolute) or ``max_macs_ratio`` of the
     baseline (at most one), and the latency bound ``max_latency_ratio`` of the baseline's predicted latency
-    at ``latency_batch`` (its table stored in ``latency_dir``, timed in ``latency_memory_format``). ``score_baseline`` records the baseline's val accuracy. ``cache``: a ResultCache,
+    at ``latency_batch`` (its table stored in ``latency_dir``, timed in ``latency_memory_format``). ``device``: where
+    trials train and score (``model`` stays on the CPU). ``score_baseline`` records the baseline's val accuracy. ``cache``: a ResultCache,
     or a path for a persistent one (``*.jsonl`` file or a directory)."""
     shape = tuple(int(s) for s in input_shape)
     if len(shape) == 3:
@@ -112,14 +127,14 @@ def build_context(
     bound = float(max_macs) if max_macs is not None else None
     if max_macs_ratio is not None:
         bound = float(max_macs_ratio) * base.macs
-    base_acc = None
-    if score_baseline:
-        from slimsearch.core.train import evaluate
-
-        base_acc = evaluate(model, splits.val)
     if not isinstance(cache, ResultCache):
         cache = ResultCache(cache)
     lat = float(max_latency_ratio) if max_latency_ratio is not None else None
     folder = Path(latency_dir) if latency_dir is not None else None
-    return EvalContext(model, splits, shape, base, bound, base_acc, cache, lat, latency_batch, folder,
-                       latency_memory_format)  # fmt: skip
+    ctx = EvalContext(model, splits, shape, base, bound, None, cache, lat, latency_batch, folder,
+                      latency_memory_format, torch.device(device))  # fmt: skip
+    if score_baseline:
+        from slimsearch.core.train import evaluate
+
+        ctx.base_val_acc = evaluate(ctx.teacher(), splits.val)  # the baseline on the trials' device
+    return ctx

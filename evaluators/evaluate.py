@@ -222,6 +222,7 @@ def _run(
     metrics["cost_s"] += time.perf_counter() - t
 
     train, val = ctx.splits.train, ctx.splits.val
+    model = model.to(ctx.device)  # built and costed on the CPU; trained and scored on the study's device
     t = time.perf_counter()
     # Pruning/decomposition leaves BN statistics of the old activations; recomputing them is the proxy,
     # and also the starting point of the fine-tune (so short fine-tunes do not start from stale stats).
@@ -229,7 +230,7 @@ def _run(
     acc: float | None = None
     status = "ok"
     if cfg.kind == "finetune":
-        fcfg = FinetuneConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
+        fcfg = FinetuneConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, amp=cfg.amp)
 
         def on_eval(step: int, val_acc: float) -> bool:
             intermediate.append((int(step), float(val_acc)))
@@ -240,7 +241,7 @@ def _run(
             model,
             train,
             fcfg,
-            teacher=ctx.model if cfg.kd else None,
+            teacher=ctx.teacher() if cfg.kd else None,
             val_ds=val if every else None,
             eval_every=every,
             on_eval=on_eval if every else None,

@@ -124,7 +124,7 @@ class LocalPool(_CachedPool):
     def __init__(self, context_factory: ContextFactory, cfg: EvaluatorConfig, workers: int | None = None,
                  cache: ResultCache | None = None, threads: int = 1) -> None:  # fmt: skip
         self.cfg = cfg
-        self.workers = int(workers or cfg.workers)
+        self.workers = int(workers or cfg.worker_count(0))
         if self.workers < 1:
             raise SlimError(f"[evaluator] workers: expected >= 1, got {self.workers}")
         self.cache = cache if cache is not None else ResultCache()
@@ -162,7 +162,7 @@ class RayPool(_CachedPool):
         import ray  # slow import, only when Ray is used
 
         self.cfg = cfg
-        self.workers = int(workers or cfg.workers)
+        self.workers = int(workers or cfg.worker_count(0))
         self.cache = cache if cache is not None else ResultCache()
         address = address if address is not None else cfg.ray_address
         self._started_ray = False
@@ -211,8 +211,8 @@ def make_pool(context_factory: ContextFactory, cfg: EvaluatorConfig, cache: Resu
     """The pool ``cfg`` asks for: Ray when ``ray_address`` is set, processes when ``workers > 1``, else serial."""
     if cfg.ray_address is not None:
         return RayPool(context_factory, cfg, cache=cache)
-    if cfg.workers > 1:
-        return LocalPool(context_factory, cfg, cache=cache)
+    if cfg.worker_count(0) > 1:  # "per-gpu" here: one worker (the pool's processes share this process's device)
+        return LocalPool(context_factory, cfg, workers=cfg.worker_count(0), cache=cache)
     return SerialPool(context_factory, cfg, cache=cache)
 
 

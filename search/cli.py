@@ -40,6 +40,15 @@ def _positive_int(s: str) -> int:
     return v
 
 
+def _workers(s: str) -> int | str:
+    """--workers: a positive integer or per-gpu (one worker per visible GPU)."""
+    return s if s == "per-gpu" else _positive_int(s)
+
+
+_DEVICE_HELP = ("auto | cpu | cuda | cuda:N: where trials, fine-tunes, seeds and methods run (default: [study] device, "
+                "auto = CUDA when available); latency is always measured on the CPU")  # fmt: skip
+
+
 def _nonneg_float(s: str) -> float:
     try:
         v = float(s)
@@ -70,7 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="create or resume a study and run it to n_trials (same command after a crash)")
     r.add_argument("study", type=Path, help="study file (TOML)")
-    r.add_argument("--workers", type=_positive_int, help="worker processes (default: [evaluator] workers)")
+    r.add_argument("--workers", type=_workers,
+                   help="worker processes, or per-gpu: one per visible GPU; on GPUs they are assigned round-robin, "
+                        "each seeing only its own (default: [evaluator] workers)")  # fmt: skip
+    r.add_argument("--device", help=_DEVICE_HELP)
     r.add_argument("--n-trials", type=_positive_int, help="override [study] n_trials (grow a finished study)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar (one line per trial only)")
     r.add_argument(
@@ -85,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     w.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     w.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's choice)")
+    w.add_argument("--device", help=_DEVICE_HELP + "; e.g. cuda:1 to join on the second GPU")
 
     s = sub.add_parser("status", help="trial counts by state, best so far")
     s.add_argument("study", type=Path)
@@ -105,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fine-tune the K best trials (needs --finetune-epochs) and export the best on val after it "
                         "(default: [export] top_k, 1)")  # fmt: skip
     e.add_argument("--out", type=Path, help="output folder (default: <export out>/trial-<N>)")
+    e.add_argument("--device", help=_DEVICE_HELP)
 
     m = sub.add_parser("method", help="run one paper method alone on the study's baseline; export its policy")
     m.add_argument("name", choices=("abshpc", "mtd", "ga", "distfit"), metavar="METHOD",
@@ -119,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="any other option of the method (TOML value), e.g. --set generations=20; repeatable")  # fmt: skip
     m.add_argument("--format", action="append", dest="formats", metavar="FMT",
                    help="torchscript | torchscript-frozen | pt2 | state; repeat or comma-separate (default: torchscript,state)")  # fmt: skip
+    m.add_argument("--device", help=_DEVICE_HELP)
 
     t = sub.add_parser("train", help="train a baseline checkpoint (for models without public weights)")
     t.add_argument("model", help="zoo name (resnet20, vgg16, smallcnn...) or pkg.module:fn")
@@ -145,18 +160,26 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------- commands
 
 
-def _load(path: Path) -> Any:
+def _load(path: Path, device: str | None = None) -> Any:
     from slimsearch.search.study import load_study
 
-    return load_study(path)
+    return load_study(path).with_device(device)
+
+
+def _check_device(cfg: Any) -> None:
+    """cuda / cuda:N on a machine without it: one line, exit 2, before anything is read or written."""
+    from slimsearch.core.device import resolve_device
+
+    resolve_device(cfg.study.device, f"{cfg.path}: [study] device")
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    cfg = _load(a.study)
+    cfg = _load(a.study, a.device)
     if a.n_trials:
         cfg = cfg.with_n_trials(a.n_trials)
     if cfg.study.backend == "ray" or a.ray_address:
-        return _run_ray(cfg, a.ray_address, progress=not a.no_progress)
+        return _run_ray(cfg, a.ray_address, progress=not a.no_progress)  # the Ray driver needs no GPU
+    _check_device(cfg)
     from slimsearch.search.runner import run_study
 
     run_study(cfg, workers=a.workers, progress=not a.no_progress, threads=a.threads)
@@ -188,12 +211,13 @@ def cmd_worker(a: argparse.Namespace) -> int:
 
     if a.config_pickle is not None:  # started by `slimsearch run --workers N`: exactly the driver's config
         with open(a.config_pickle, "rb") as fh:
-            cfg = pickle.load(fh)
+            cfg = pickle.load(fh).with_device(a.device)
     else:
-        cfg = _load(a.study)
+        cfg = _load(a.study, a.device)
         if cfg.study.backend == "ray":
             raise SlimError(f"{a.study}: backend ray has no `slimsearch worker`; add machines to the Ray cluster "
                             "(`ray start --address HEAD:PORT`) and run with --ray-address")  # fmt: skip
+    _check_device(cfg)
     ran = run_worker(cfg, parent_pid=a.parent_pid, worker_index=a.worker_index, threads=a.threads)
     if a.parent_pid is None:
         print(f"worker done: {ran} trials evaluated")
@@ -226,7 +250,8 @@ def cmd_report(a: argparse.Namespace) -> int:
 def cmd_export(a: argparse.Namespace) -> int:
     from slimsearch.search.export import export_trial, parse_formats, parse_trial
 
-    cfg = _load(a.study)
+    cfg = _load(a.study, a.device)
+    _check_device(cfg)
     formats = parse_formats(a.formats) if a.formats else None
     trial = parse_trial(a.trial)
     res = export_trial(cfg, trial, formats, a.out, a.finetune_epochs, a.max_macs, top_k=a.top_k, log=print)
@@ -311,7 +336,8 @@ def cmd_method(a: argparse.Namespace) -> int:
 
     overrides = _method_overrides(a)
     formats = parse_formats(a.formats) if a.formats else ("torchscript", "state")
-    cfg = _load(a.study)
+    cfg = _load(a.study, a.device)
+    _check_device(cfg)
     run = run_method_on_study(cfg, a.name, overrides, budget=a.budget, out_dir=a.out, formats=formats, log=print)
     r = run.report
     base_acc = r.get("base_val_acc")

@@ -149,8 +149,9 @@ def _load(model: nn.Module, path: Path, cfg: StudyConfig, key: str) -> nn.Module
         raise SlimError(f"{cfg.path}: [model] {key}: {e}") from None
 
 
-def pretrain_baseline(cfg: StudyConfig, model: nn.Module, splits: Any, log: Log) -> Path:
-    """Train ``model`` for [model] pretrain_epochs and save it atomically as ``<workdir>/baseline.pt``."""
+def pretrain_baseline(cfg: StudyConfig, model: nn.Module, splits: Any, log: Log, device: str = "cpu") -> Path:
+    """Train ``model`` for [model] pretrain_epochs on ``device`` and save it atomically as ``<workdir>/baseline.pt``
+    (``model`` is back on the CPU after it)."""
     from slimsearch.core.train import FinetuneConfig, evaluate, finetune, recalibrate_bn
 
     m = cfg.model
@@ -159,12 +160,14 @@ def pretrain_baseline(cfg: StudyConfig, model: nn.Module, splits: Any, log: Log)
     t0 = time.perf_counter()
     ft = FinetuneConfig(epochs=m.pretrain_epochs, lr=m.pretrain_lr, batch_size=m.pretrain_batch_size,
                         seed=cfg.study.seed)  # fmt: skip
+    model.to(device)
     finetune(model, splits.train, ft)
     # Running BN statistics of a short training lag the final weights; candidates get recalibrated
     # statistics in the evaluator, so the baseline gets them too (a fair, and better, reference).
     recalibrate_bn(model, splits.train, num_batches=20, batch_size=m.pretrain_batch_size, seed=cfg.study.seed)
     model.eval()
     acc = evaluate(model, splits.val)
+    model.cpu()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save(model.state_dict(), tmp)
@@ -179,10 +182,13 @@ def build_study_context(cfg: StudyConfig, *, log: Log | None = None, allow_pretr
     ``allow_pretrain=False`` (workers) refuses to train a baseline: it must already be cached by
     ``slimsearch run``, so every process searches the same weights.
     """
+    from slimsearch.core.device import resolve_device
     from slimsearch.evaluators.context import build_context
     from slimsearch.spaces.space import SearchSpace
 
     log = log or (lambda s: None)
+    # cuda without CUDA: one line, before anything is read or written.
+    device = resolve_device(cfg.study.device, f"{cfg.path}: [study] device")
     splits = load_data(cfg)
     model = build_baseline(cfg, splits)
     shape = input_shape_for(cfg, splits)
@@ -200,7 +206,7 @@ def build_study_context(cfg: StudyConfig, *, log: Log | None = None, allow_pretr
                 SearchSpace.build(model, cfg.space, shape)
             except SlimError as e:
                 raise SlimError(f"{cfg.path}: {e}") from None
-            pretrain_baseline(cfg, model, splits, log)
+            pretrain_baseline(cfg, model, splits, log, device=str(device))
         else:
             raise SlimError(f"{cfg.path}: no baseline at {source}; start the study with `slimsearch run` first")
     model.eval()
@@ -211,7 +217,7 @@ def build_study_context(cfg: StudyConfig, *, log: Log | None = None, allow_pretr
         ectx = build_context(model, splits, shape, max_macs_ratio=c.max_macs_ratio, max_macs=c.max_macs,
                              max_latency_ratio=c.max_latency_ratio, latency_batch=c.latency_batch,
                              latency_dir=cfg.study.workdir / "latency",
-                             latency_memory_format=latency_layout(cfg))  # fmt: skip
+                             latency_memory_format=latency_layout(cfg), device=device)  # fmt: skip
         space = SearchSpace.build(model, cfg.space, shape)
     except SlimError as e:
         raise SlimError(f"{cfg.path}: {e}") from None

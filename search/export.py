@@ -109,11 +109,12 @@ def rebuild_candidate(sctx: Any, cfg: StudyConfig, policy: Any) -> torch.nn.Modu
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(ev.seed)
         model = apply_policy(sctx.model, policy, input_shape=sctx.input_shape, seed=ev.seed)
+        model.to(sctx.eval_ctx.device)  # the study's device, as in the evaluator
         train = sctx.splits.train
         recalibrate_bn(model, train, num_batches=ev.bn_batches, batch_size=ev.batch_size, seed=ev.seed)
         if ev.kind == "finetune":
-            fcfg = FinetuneConfig(steps=ev.steps, batch_size=ev.batch_size, lr=ev.lr, seed=ev.seed)
-            finetune(model, train, fcfg, teacher=sctx.model if ev.kd else None)
+            fcfg = FinetuneConfig(steps=ev.steps, batch_size=ev.batch_size, lr=ev.lr, seed=ev.seed, amp=ev.amp)
+            finetune(model, train, fcfg, teacher=sctx.eval_ctx.teacher() if ev.kd else None)
     return model.eval()
 
 
@@ -273,7 +274,8 @@ def select_ray_trial(cfg: StudyConfig, spec: str | int, max_macs: float | None =
 
 def finalize(sctx: Any, cfg: StudyConfig, policy: Any, epochs: float, log: Log) -> tuple[torch.nn.Module, dict]:
     """Trial's model as the evaluator scored it (val accuracy ``rebuilt_val_acc``), then the optional final
-    fine-tune with fresh BN statistics; ``val_acc`` after it."""
+    fine-tune with fresh BN statistics; ``val_acc`` after it. Trained on the study's device; returned on the
+    CPU, where the export's latency is measured."""
     from slimsearch.core.train import FinetuneConfig, evaluate, finetune, recalibrate_bn
 
     model = rebuild_candidate(sctx, cfg, policy)
@@ -282,15 +284,16 @@ def finalize(sctx: Any, cfg: StudyConfig, policy: Any, epochs: float, log: Log) 
         e = cfg.export
         log(f"fine-tuning for {epochs:g} epochs (lr {e.finetune_lr}, batch {e.finetune_batch_size}"
             f"{', KD from the baseline' if e.kd else ''})")  # fmt: skip
-        fcfg = FinetuneConfig(epochs=epochs, lr=e.finetune_lr, batch_size=e.finetune_batch_size, seed=cfg.study.seed)
-        res = finetune(model, sctx.splits.train, fcfg, teacher=sctx.model if e.kd else None,
+        fcfg = FinetuneConfig(epochs=epochs, lr=e.finetune_lr, batch_size=e.finetune_batch_size, seed=cfg.study.seed,
+                              amp=cfg.evaluator.amp)  # fmt: skip
+        res = finetune(model, sctx.splits.train, fcfg, teacher=sctx.eval_ctx.teacher() if e.kd else None,
                        log=log, log_every=200)  # fmt: skip
         # Fresh BN statistics for the final weights (the running averages lag a short fine-tune).
         recalibrate_bn(model, sctx.splits.train, num_batches=20, batch_size=e.finetune_batch_size, seed=cfg.study.seed)
         model.eval()
         metrics.update(finetune_epochs=epochs, finetune_steps=res.steps, finetune_final_loss=res.final_loss)
     metrics["val_acc"] = evaluate(model, sctx.splits.val) if epochs > 0 else metrics["rebuilt_val_acc"]
-    return model, metrics
+    return model.cpu(), metrics
 
 
 def export_policies(

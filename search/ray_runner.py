@@ -226,7 +226,7 @@ def _trainable(config: dict[str, Any], study: StudyConfig) -> None:
     from ray import tune
     from slimsearch.evaluators.evaluate import EvalResult, evaluate, one_line
 
-    torch.set_num_threads(1)  # one CPU per trial
+    torch.set_num_threads(int(study.evaluator.cpus_per_trial))  # the CPUs the trial requested
     extra = {"number": int(config.get("_number", -1)), "seed": str(config.get("_seed", "")),
              "node_id": ray.get_runtime_context().get_node_id()}  # fmt: skip
     policy = None
@@ -738,7 +738,8 @@ def run_ray(
 
     ``address``: None -> [evaluator] ray_address, else a private local Ray with [evaluator] workers CPUs;
     "auto" / "host:port" / "ray://host:port" joins that cluster (unreachable: SlimError within seconds).
-    Concurrency is [evaluator] workers trials, one CPU each. Every node must see the study's files
+    Concurrency is [evaluator] workers trials, each requesting ``search.placement.ray_trial_resources``
+    ([evaluator] cpus_per_trial, gpus_per_trial; a trial on a GPU runs on ``cuda``). Every node must see the study's files
     (data, checkpoint / ``<workdir>/baseline.pt``, ``<workdir>/ray``) at the same absolute paths.
     """
     from slimsearch.search.context import build_study_context
@@ -753,7 +754,14 @@ def run_ray(
     address = address if address is not None else getattr(cfg.evaluator, "ray_address", None)
     if address is not None:
         check_reachable(address)  # before building anything
-    sctx = build_study_context(cfg, log=log)  # validates input; pre-trains and caches the baseline if asked
+    from slimsearch.search.placement import local_gpus, ray_trial_device, ray_trial_resources
+
+    ev = cfg.evaluator
+    if address is None:  # a local Ray has this machine's GPUs: a request they cannot meet fails before any write
+        ray_trial_resources(cfg.study.device, ev.cpus_per_trial, ev.gpus_per_trial, len(local_gpus(cfg.study.device)))
+    # The driver never needs a GPU: it uses one only where it has one (a pre-trained baseline).
+    driver_cfg = cfg.with_device("cpu" if cfg.study.device == "cpu" else "auto")
+    sctx = build_study_context(driver_cfg, log=log)  # validates input; pre-trains and caches the baseline if asked
     sctx.latency_info(log)  # a latency bound's table: measured (or loaded) before any write or worker
     exp_dir = ray_experiment_dir(cfg)
     resumable = _resumable(exp_dir)
@@ -768,11 +776,14 @@ def run_ray(
     import ray
     from ray import tune
 
-    started = connect(address, workers)
+    started = connect(address, workers * int(ev.cpus_per_trial))
     _search_classes()
     snapshot_failed_trials()
     try:
-        trainable = tune.with_parameters(_trainable, study=cfg)
+        resources = ray_trial_resources(cfg.study.device, ev.cpus_per_trial, ev.gpus_per_trial,
+                                        float(ray.cluster_resources().get("GPU", 0.0)))  # fmt: skip
+        trial_cfg = cfg.with_device(ray_trial_device(resources))  # Ray sets the trial's CUDA_VISIBLE_DEVICES
+        trainable = tune.with_resources(tune.with_parameters(_trainable, study=trial_cfg), resources)
         resumed = resumable and tune.Tuner.can_restore(str(exp_dir))
         if resumed:
             done_before = sum(1 for t in _load_trials(exp_dir) if t.status in ("TERMINATED", "ERROR"))
@@ -804,7 +815,8 @@ def run_ray(
                     failure_config=tune.FailureConfig(max_failures=cfg.study.max_retry),
                 ),
             )
-        where = f"Ray at {address}" if address else f"local Ray ({workers} CPUs)"
+        where = f"Ray at {address}" if address else f"local Ray ({workers * int(ev.cpus_per_trial)} CPUs)"
+        where += f", {resources['cpu']:g} CPU + {resources['gpu']:g} GPU per trial"
         log(f"study {cfg.name}: Ray Tune (OptunaSearch {cfg.study.sampler} + ASHA), {workers} concurrent trials, "
             f"{where}, experiment {exp_dir}")  # fmt: skip
         _fit_quietly(tuner, log if progress else None)

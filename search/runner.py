@@ -856,10 +856,11 @@ def run_study(
 
         return run_ray(cfg, progress=progress, log=log)  # type: ignore[return-value]
     from slimsearch.search.context import build_study_context
+    from slimsearch.search.placement import local_gpus, plan_workers
 
-    workers = int(workers or getattr(cfg.evaluator, "workers", 1) or 1)
-    if workers < 1:
-        raise SlimError(f"--workers must be >= 1, got {workers}")
+    # Workers across GPUs (round-robin, or one per GPU); cuda without CUDA is an error before anything is written.
+    plan = plan_workers(cfg.study.device, workers or cfg.evaluator.workers, local_gpus(cfg.study.device))
+    workers = len(plan)
     from rich.console import Console
 
     console = Console(highlight=False, soft_wrap=True)
@@ -903,7 +904,7 @@ def run_study(
                 )  # fmt: skip
             done = res.done
         else:
-            done = _drive_workers(cfg, study, workers, deadline, disp, threads)
+            done = _drive_workers(cfg, study, workers, deadline, disp, threads, plan)
         disp.update(study.get_trials(deepcopy=False), target_trials(study, cfg.study.n_trials))
     summary = _summary(study, cfg, t0, done)
     best = summary.best
@@ -919,14 +920,16 @@ def _attach_cache(sctx: Any, cfg: StudyConfig) -> None:
     sctx.eval_ctx.cache = ResultCache(cfg.study.workdir / "cache")
 
 
-def _worker_cmd(cfg_file: Path, cfg: StudyConfig, index: int, threads: int) -> list[str]:
+def _worker_cmd(cfg_file: Path, cfg: StudyConfig, index: int, threads: int, device: str | None = None) -> list[str]:
     return [sys.executable, "-m", "slimsearch", "worker", str(cfg.path), "--config-pickle", str(cfg_file),
-            "--parent-pid", str(os.getpid()), "--worker-index", str(index), "--threads", str(threads)]  # fmt: skip
+            "--parent-pid", str(os.getpid()), "--worker-index", str(index), "--threads", str(threads),
+            *(["--device", device] if device else [])]  # fmt: skip
 
 
 def _drive_workers(cfg: StudyConfig, study: optuna.Study, workers: int, deadline: float | None, disp: _Display,
-                   threads: int | None = None) -> bool:  # fmt: skip
-    """Start ``workers`` worker processes, show progress until the study is done, restart crashed ones."""
+                   threads: int | None = None, plan: Sequence[Any] = ()) -> bool:  # fmt: skip
+    """Start ``workers`` worker processes, show progress until the study is done, restart crashed ones.
+    ``plan``: each worker's ``search.placement.Placement`` (its device and GPU)."""
     cfg.study.workdir.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=".worker-config-", suffix=".pkl", dir=cfg.study.workdir)
     cfg_file = Path(name)
@@ -936,12 +939,20 @@ def _drive_workers(cfg: StudyConfig, study: optuna.Study, workers: int, deadline
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+    from slimsearch.search.placement import Placement, worker_env
+
+    plan = list(plan) or [Placement(i + 1, cfg.study.device) for i in range(workers)]
+    envs = [worker_env(env, p) for p in plan]  # CUDA_VISIBLE_DEVICES set before the worker imports torch
+
+    def start(i: int) -> subprocess.Popen:
+        return subprocess.Popen(_worker_cmd(cfg_file, cfg, i + 1, threads, plan[i].device), env=envs[i])
+
     procs: dict[int, subprocess.Popen] = {}
     restarts, max_restarts = 0, 3 * workers
     done = False
     try:
         for i in range(workers):
-            procs[i] = subprocess.Popen(_worker_cmd(cfg_file, cfg, i + 1, threads), env=env)
+            procs[i] = start(i)
         while True:
             trials = study.get_trials(deepcopy=False)
             target = target_trials(study, cfg.study.n_trials)
@@ -962,7 +973,7 @@ def _drive_workers(cfg: StudyConfig, study: optuna.Study, workers: int, deadline
                             f"worker processes keep failing (last exit code {rc}); see their errors above"
                         )
                     disp.console.print(f"worker {i + 1} exited with code {rc}; restarting it", markup=False)
-                    procs[i] = subprocess.Popen(_worker_cmd(cfg_file, cfg, i + 1, threads), env=env)
+                    procs[i] = start(i)
             if not procs:
                 break
             time.sleep(POLL_S)

@@ -512,7 +512,7 @@ def run_method_on_study(
     if final.status != "ok":
         raise RuntimeError(f"method {name}: evaluating its policy failed: {final.reason}")
     base_acc = acc.result(Policy())
-    model = rebuild_candidate(sctx, cfg, policy)
+    model = rebuild_candidate(sctx, cfg, policy).cpu()  # built on the study's device; exported and timed on the CPU
     cost = count_cost(model, sctx.input_shape)
     m = final.metrics
     max_macs = sctx.eval_ctx.max_macs

@@ -43,6 +43,9 @@ STORAGE_SCHEMES = ("sqlite", "postgresql", "mysql")
 # not import torch (status/report/errors answer in a fraction of the time).
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "synthetic")
 FIT_MODES = ("scale", "fill", "none")
+# core.device's names (a test checks they agree); a regex here, so that reading a study file does not import torch.
+DEVICE_RE = re.compile(r"^(auto|cpu|cuda)$|^cuda:(\d+)$")
+DEVICE_HELP = "auto, cpu, cuda or cuda:N"
 SECTIONS = ("study", "model", "data", "constraint", "space", "seeds", "evaluator", "export")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -80,6 +83,7 @@ class StudySection:
     max_retry: int = 2
     n_startup_trials: int = 10
     population_size: int = 20
+    device: str = "auto"  # trials, fine-tunes, seeds and methods run here (core.device); latency stays on the CPU
 
 
 @dataclass(frozen=True)
@@ -161,6 +165,15 @@ class StudyConfig:
     @property
     def export_dir(self) -> Path:
         return self.export.out or self.study.workdir / "export"
+
+    def with_device(self, device: str | None, where: str = "--device") -> StudyConfig:
+        """This study on ``device`` (None: unchanged); a bad name is a ``SlimError``. The device is not part of
+        any result key: a study may move between CPUs and GPUs."""
+        if device is None:
+            return self
+        if not isinstance(device, str) or not DEVICE_RE.match(device):
+            raise SlimError(f"{where}: expected {DEVICE_HELP}, got {device!r}")
+        return replace(self, study=replace(self.study, device=device))
 
     def with_n_trials(self, n: int) -> StudyConfig:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -412,6 +425,9 @@ def _study(t: _Table) -> StudySection:
         max_retry=t.get("max_retry", "an integer", 2, check=_at_least(0)),
         n_startup_trials=t.get("n_startup_trials", "an integer", 10, check=_at_least(0)),
         population_size=t.get("population_size", "an integer", 20, check=_at_least(2)),
+        device=t.get(
+            "device", "a string", "auto", check=lambda v: None if DEVICE_RE.match(v) else f"expected {DEVICE_HELP}"
+        ),
     )
     if sec.sampler in ("cmaes", "local") and len(sec.objectives) > 1:
         t.fail("sampler", f"{sec.sampler} is single-objective; use nsga2 (or tpe) with several objectives")
