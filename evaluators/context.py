@@ -64,7 +64,7 @@ class EvalContext:
     def teacher(self) -> nn.Module:
         """The baseline on ``device`` (the KD teacher): ``model`` itself on the CPU, else one copy made once.
         ``model`` stays on the CPU, where policies are applied and costs and latencies measured."""
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" or _model_device(self.model) == self.device:
             return self.model
         if self._teacher is None:
             import copy
@@ -79,6 +79,11 @@ class EvalContext:
 
         return latency_table(self.model, self.input_shape, self.latency_batch, folder=self.latency_dir,
                              memory_format=self.latency_memory_format)  # fmt: skip
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
@@ -99,12 +104,12 @@ def build_context(
     latency_batch: int = 1,
     latency_dir: str | Path | None = None,
     latency_memory_format: str = "contiguous",
-    device: torch.device | str = "cpu",
+    device: torch.device | str | None = None,
 ) -> EvalContext:
     """Measure the baseline and fix the MACs bound: ``max_macs`` (absolute) or ``max_macs_ratio`` of the
     baseline (at most one), and the latency bound ``max_latency_ratio`` of the baseline's predicted latency
     at ``latency_batch`` (its table stored in ``latency_dir``, timed in ``latency_memory_format``). ``device``: where
-    trials train and score (``model`` stays on the CPU). ``score_baseline`` records the baseline's val accuracy. ``cache``: a ResultCache,
+    trials train and score (default: ``model``'s device; a study keeps ``model`` on the CPU and names the device). ``score_baseline`` records the baseline's val accuracy. ``cache``: a ResultCache,
     or a path for a persistent one (``*.jsonl`` file or a directory)."""
     shape = tuple(int(s) for s in input_shape)
     if len(shape) == 3:
@@ -132,7 +137,7 @@ def build_context(
     lat = float(max_latency_ratio) if max_latency_ratio is not None else None
     folder = Path(latency_dir) if latency_dir is not None else None
     ctx = EvalContext(model, splits, shape, base, bound, None, cache, lat, latency_batch, folder,
-                      latency_memory_format, torch.device(device))  # fmt: skip
+                      latency_memory_format, torch.device(device) if device is not None else _model_device(model))  # fmt: skip
     if score_baseline:
         from slimsearch.core.train import evaluate
 
