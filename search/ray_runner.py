@@ -750,7 +750,7 @@ def run_ray(
     if n_trials is not None:
         cfg = cfg.with_n_trials(n_trials)
     target = cfg.study.n_trials
-    workers = int(getattr(cfg.evaluator, "workers", 1) or 1)
+    workers = cfg.evaluator.worker_count(0)  # "per-gpu": one trial per GPU of the cluster, known once connected
     address = address if address is not None else getattr(cfg.evaluator, "ray_address", None)
     if address is not None:
         check_reachable(address)  # before building anything
@@ -782,6 +782,8 @@ def run_ray(
     try:
         resources = ray_trial_resources(cfg.study.device, ev.cpus_per_trial, ev.gpus_per_trial,
                                         float(ray.cluster_resources().get("GPU", 0.0)))  # fmt: skip
+        if ev.workers == "per-gpu":
+            workers = ev.worker_count(int(ray.cluster_resources().get("GPU", 0.0)))
         trial_cfg = cfg.with_device(ray_trial_device(resources))  # Ray sets the trial's CUDA_VISIBLE_DEVICES
         trainable = tune.with_resources(tune.with_parameters(_trainable, study=trial_cfg), resources)
         resumed = resumable and tune.Tuner.can_restore(str(exp_dir))

@@ -12,6 +12,7 @@ import torch
 from slimsearch.core.data import batches, load_synthetic
 from slimsearch.core.device import autocast, dataset_on, grad_scaler, resolve_device
 from slimsearch.core.errors import SlimError
+from slimsearch.core.models import build_model
 from slimsearch.core.policy import LayerPolicy, Policy
 from slimsearch.core.train import FinetuneConfig, finetune
 from slimsearch.evaluators.config import EvaluatorConfig
@@ -315,3 +316,63 @@ def test_study_device_default_and_override(tmp_path: Path) -> None:
     assert cfg.study.device == "auto"
     assert cfg.with_device("cuda:1").study.device == "cuda:1" and cfg.with_device(None) is cfg
     assert load_study(_write_study(tmp_path, 'device = "cpu"')).study.device == "cpu"
+
+
+def _ray_study(tmp: Path, evaluator: str) -> Path:
+    ckpt = tmp / "smallcnn.pt"
+    torch.manual_seed(0)
+    torch.save(build_model("smallcnn", num_classes=10, in_channels=1).state_dict(), ckpt)
+    path = tmp / "rayg.toml"
+    path.write_text(f"""
+[study]
+name = "rayg"
+workdir = "{tmp / "runs" / "rayg"}"
+storage = "sqlite:///{tmp / "runs" / "rayg"}.db"
+n_trials = 2
+backend = "ray"
+
+[model]
+factory = "smallcnn"
+checkpoint = "{ckpt}"
+
+[data]
+dataset = "digits"
+
+[evaluator]
+kind = "proxy"
+bn_batches = 2
+workers = 1
+{evaluator}
+""")
+    return path
+
+
+@pytest.mark.skipif(not NO_CUDA, reason="checks a machine without GPUs")
+def test_ray_gpu_request_this_machine_cannot_meet_fails_before_writing(tmp_path: Path) -> None:
+    from slimsearch.search.ray_runner import run_ray
+
+    cfg = load_study(_ray_study(tmp_path, "gpus_per_trial = 0.5"))
+    with pytest.raises(SlimError, match=r"gpus_per_trial = 0.5, but the Ray cluster has 0 GPUs"):
+        run_ray(cfg, log=lambda s: None)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_ray_trials_request_their_resources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A local Ray study asks Tune for {"cpu": cpus_per_trial, "gpu": 0} here, and its trials run on the CPU."""
+    from ray import tune
+    from slimsearch.search.ray_runner import ray_trials, run_ray
+
+    asked: list[dict] = []
+    real = tune.with_resources
+
+    def spy(trainable: object, resources: dict) -> object:
+        asked.append(dict(resources))
+        return real(trainable, resources)
+
+    monkeypatch.setattr(tune, "with_resources", spy)
+    cfg = load_study(_ray_study(tmp_path, "cpus_per_trial = 2"))
+    summary = run_ray(cfg, progress=False, log=lambda s: None)
+    assert asked == [{"cpu": 2.0, "gpu": 0.0}]
+    assert summary.counted == 2
+    assert len(ray_trials(cfg)) == 2
