@@ -24,7 +24,7 @@ DEVICES = ("auto", "cpu", "cuda", "cuda:N")
 AMP_MODES = ("off", "bf16", "fp16")
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda)$|^cuda:(\d+)$")
-_KEEP = 4  # datasets kept on devices at once (a study uses train and val)
+_KEEP = 8  # datasets kept on devices at once (a study uses train and val; benchmarks a few more)
 
 
 def check_device_name(name: object, where: str = "device") -> str:
@@ -109,6 +109,8 @@ def dataset_on(ds: Dataset, device: torch.device) -> Dataset:
 
 
 def _move(ds: Dataset, device: torch.device, key: tuple[int, str]) -> Dataset:
+    for stale in [k for k, (ref, _) in _ON_DEVICE.items() if ref() is None]:  # their host images are gone
+        del _ON_DEVICE[stale]
     moved = dataclasses.replace(ds, x=ds.x.to(device), y=ds.y.to(device))
     _ON_DEVICE[key] = (weakref.ref(ds.x), moved)
     while len(_ON_DEVICE) > _KEEP:

@@ -106,6 +106,19 @@ def test_dataset_on_its_own_device_is_itself_and_batches_are_unchanged() -> None
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
+def test_dataset_crosses_to_another_device_once() -> None:
+    """Checked on the meta device (no GPU here): one copy per dataset and device, reused, labels and classes kept."""
+    meta = torch.device("meta")
+    ds = load_synthetic(n=64, size=8, channels=3)
+    first = dataset_on(ds, meta)
+    assert first.x.device == meta and first.y.device == meta and first.x.dtype == torch.uint8
+    assert first.x.shape == ds.x.shape and first.classes == ds.classes and first.mean == ds.mean
+    assert dataset_on(ds, meta) is first  # reused, not copied again
+    other = load_synthetic(n=32, size=8, channels=3, seed=1)
+    assert dataset_on(other, meta) is not first and len(dataset_on(other, meta)) == 32
+    assert ds.x.device.type == "cpu"  # the host dataset is untouched
+
+
 # ----------------------------------------------------------------------------- device = cpu == the default
 
 
