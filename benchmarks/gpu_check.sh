@@ -15,8 +15,8 @@
 #     -d .whl optuna alembic colorlog sqlalchemy mako greenlet tensorly torch-pruning cmaes
 # (ray too for backend ray; this check runs local workers, so it needs no Ray). They are installed with
 #   pip install --no-index --no-deps --target /tmp/site .whl/*.whl   and PYTHONPATH=/tmp/site.
-# slimsearch itself runs from this checkout: when it is not installed, a folder of links maps slimsearch.core,
-# .spaces, .evaluators and .search onto the repository's top-level folders (pyproject's package-dir).
+# slimsearch itself runs from this checkout (even where another copy is installed): a folder of links maps
+# slimsearch.core, .spaces, .evaluators and .search onto the repository's top-level folders (pyproject's package-dir).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -45,14 +45,13 @@ if [[ "$DEVICE" != cpu ]]; then
   fi
 fi
 
-if ! "$PY" -c "import slimsearch.core, slimsearch.search" 2> /dev/null; then
-  SHIM="$(mktemp -d)/pkg"
-  mkdir -p "$SHIM/slimsearch"
-  ln -s "$REPO"/slimsearch/*.py "$SHIM/slimsearch/"
-  for room in core spaces evaluators search; do ln -s "$REPO/$room" "$SHIM/slimsearch/$room"; done
-  export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
-fi
-"$PY" -c "import optuna, tensorly, torch_pruning, slimsearch.search.cli" || {
+# This checkout's code, whatever else is installed: links map the package onto the repository's folders.
+SHIM="$(mktemp -d)/pkg"
+mkdir -p "$SHIM/slimsearch"
+ln -s "$REPO"/slimsearch/*.py "$SHIM/slimsearch/"
+for room in core spaces evaluators search; do ln -s "$REPO/$room" "$SHIM/slimsearch/$room"; done
+export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
+"$PY" -c "import optuna, tensorly, torch_pruning, slimsearch.core.device, slimsearch.search.cli" || {
   echo "[gpu_check] error: missing packages (see the wheels note at the top of $0)" >&2
   exit 2
 }

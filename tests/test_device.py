@@ -389,3 +389,75 @@ def test_ray_trials_request_their_resources(tmp_path: Path, monkeypatch: pytest.
     assert asked == [{"cpu": 2.0, "gpu": 0.0}]
     assert summary.counted == 2
     assert len(ray_trials(cfg)) == 2
+
+
+def _cpu_study(tmp: Path, name: str, device_line: str) -> Path:
+    ckpt = tmp / "smallcnn.pt"
+    if not ckpt.exists():
+        torch.manual_seed(0)
+        torch.save(build_model("smallcnn", num_classes=10, in_channels=1).state_dict(), ckpt)
+    path = tmp / f"{name}.toml"
+    path.write_text(f"""
+[study]
+name = "{name}"
+workdir = "{tmp / "runs" / name}"
+storage = "sqlite:///{tmp / "runs" / name}.db"
+n_trials = 3
+n_startup_trials = 2
+{device_line}
+
+[model]
+factory = "smallcnn"
+checkpoint = "{ckpt}"
+
+[data]
+dataset = "digits"
+val_size = 200
+
+[constraint]
+max_macs_ratio = 0.6
+
+[evaluator]
+kind = "finetune"
+steps = 6
+batch_size = 32
+kd = true
+eval_every = 3
+workers = 1
+""")
+    return path
+
+
+def test_study_on_explicit_cpu_is_bit_for_bit_the_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A whole study (sampler, fit, KD fine-tune trials) with device = "cpu" equals one with no device key."""
+    from slimsearch.search.runner import load_optuna_study, open_storage, run_study
+
+    monkeypatch.chdir(tmp_path)
+    torch.set_num_threads(1)
+    rows = {}
+    for name, line in (("dflt", ""), ("cpu", 'device = "cpu"')):
+        cfg = load_study(_cpu_study(tmp_path, name, line))
+        run_study(cfg, progress=False, log=lambda s: None)
+        trials = load_optuna_study(cfg, open_storage(cfg, create=False)).get_trials()
+        rows[name] = [(t.state.name, t.values, t.user_attrs.get("policy"), t.user_attrs.get("val_acc"),
+                       t.user_attrs.get("intermediate")) for t in trials]  # fmt: skip
+    assert len(rows["cpu"]) == 3 and all(r[0] == "COMPLETE" for r in rows["cpu"])
+    assert rows["cpu"] == rows["dflt"]
+
+
+def test_evaluator_amp_reaches_the_fine_tune(monkeypatch: pytest.MonkeyPatch) -> None:
+    import slimsearch.core.train as train
+
+    seen: list[str] = []
+    real = train.finetune
+
+    def spy(model: torch.nn.Module, ds: object, cfg: FinetuneConfig, **kw: object) -> object:
+        seen.append(cfg.amp)
+        return real(model, ds, cfg, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(train, "finetune", spy)
+    ctx = toy_context(steps=5, cache=None)
+    names = [n for n, m in ctx.model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    res = evaluate(ctx, EvaluatorConfig(kind="finetune", steps=3, batch_size=32, amp="bf16"),
+                   Policy({names[0]: LayerPolicy(prune_rate=0.5)}), cache=None)  # fmt: skip
+    assert res.status == "ok" and seen == ["bf16"]
