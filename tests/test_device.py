@@ -149,6 +149,8 @@ def test_device_and_placement_are_not_in_the_result_cache_key() -> None:
         assert EvaluatorConfig(kind="finetune", **other).key == base.key  # type: ignore[arg-type]
     assert EvaluatorConfig(kind="finetune", amp="off").key == base.key
     assert EvaluatorConfig(kind="finetune", amp="bf16").key != base.key  # bf16 changes the numbers
+    # The keys of commit 037b2c6 (before devices): persistent result caches of existing studies stay valid.
+    assert (base.key, EvaluatorConfig().key) == ("345f90f4367dba04", "60b15ed722f62c05")
     ctx = toy_context(steps=5, cache=None)
     assert dataclasses.replace(ctx, device=torch.device("cuda")).fingerprint == ctx.fingerprint
 
