@@ -10,6 +10,7 @@ took part in the search.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -379,8 +380,8 @@ def write_export(
                                    cfg.constraint.max_latency_ratio))  # fmt: skip
     macs_ratio = count_cost(model, sctx.input_shape).macs / sctx.eval_ctx.base.macs
     metrics["export_speedup_batch1"] = metrics["speedup_batch1"] * macs_ratio
-    if sctx.splits.test is not None:
-        metrics["test_acc"] = evaluate(model, sctx.splits.test)
-        metrics["base_test_acc"] = evaluate(sctx.model, sctx.splits.test)
+    if sctx.splits.test is not None:  # scored on the study's device (``model`` itself on the CPU)
+        metrics["test_acc"] = evaluate(copy.deepcopy(model).to(sctx.eval_ctx.device), sctx.splits.test)
+        metrics["base_test_acc"] = evaluate(sctx.eval_ctx.teacher(), sctx.splits.test)
     return export_model(model, policy, out, fmts, example_input=sctx.input_shape, metrics=metrics,
                         memory_format=metrics["memory_format"])  # fmt: skip

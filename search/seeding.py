@@ -512,13 +512,15 @@ def run_method_on_study(
     if final.status != "ok":
         raise RuntimeError(f"method {name}: evaluating its policy failed: {final.reason}")
     base_acc = acc.result(Policy())
-    model = rebuild_candidate(sctx, cfg, policy).cpu()  # built on the study's device; exported and timed on the CPU
+    model = rebuild_candidate(sctx, cfg, policy)  # on the study's device
+    rebuilt_acc = accuracy(model, sctx.splits.val)
+    model = model.cpu()  # exported and timed on the CPU
     cost = count_cost(model, sctx.input_shape)
     m = final.metrics
     max_macs = sctx.eval_ctx.max_macs
     metrics: dict[str, Any] = {
         "method": name, "study": cfg.name, "val_acc": m["val_acc"], "base_val_acc": base_acc.metrics.get("val_acc"),
-        "rebuilt_val_acc": accuracy(model, sctx.splits.val),
+        "rebuilt_val_acc": rebuilt_acc,
         "macs": int(m["macs"]), "flops": int(m["flops"]), "params": int(m["params"]),
         "base_macs": int(base.macs), "base_params": int(base.params),
         "macs_ratio": m["macs"] / base.macs, "params_ratio": m["params"] / base.params,
