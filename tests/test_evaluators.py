@@ -9,6 +9,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import slimsearch.core.apply
+import slimsearch.core.cost
+import slimsearch.core.decompose
+import slimsearch.core.train
 import torch
 from slimsearch.core.errors import SlimError
 from slimsearch.core.policy import LayerPolicy, Policy
@@ -21,7 +25,7 @@ from slimsearch.evaluators.toy import toy_context
 from slimsearch.spaces.config import SpaceConfig
 from slimsearch.spaces.space import SearchSpace
 
-from slimsearch import core
+core = slimsearch.core  # the modules above, patched by attribute in the tests
 
 PROXY = EvaluatorConfig(bn_batches=3, batch_size=64)
 TUNE = EvaluatorConfig(kind="finetune", steps=30, batch_size=64, lr=0.05, bn_batches=3)
