@@ -73,8 +73,15 @@ def _macs(s: str) -> float:
     return v
 
 
+def _version() -> str:
+    from slimsearch import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="AutoML search for per-layer CNN compression policies.")
+    p.add_argument("--version", action="version", version=f"{PROG} {_version()}")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser, metavar="COMMAND")
 
     r = sub.add_parser("run", help="create or resume a study and run it to n_trials (same command after a crash)")

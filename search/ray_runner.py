@@ -127,7 +127,9 @@ def _first_line(e: BaseException) -> str:
 
 def _runtime_env() -> dict[str, Any]:
     """Workers import this package from the checkout, and see the SLIMSEARCH_* settings of the driver."""
-    root = str(Path(__file__).resolve().parents[1])
+    import slimsearch
+
+    root = str(Path(slimsearch.__file__).resolve().parents[1])  # not the package's folder: its core/ would shadow
     env = {k: v for k, v in os.environ.items() if k.startswith("SLIMSEARCH_")}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
     return {"env_vars": env}

@@ -937,7 +937,11 @@ def _drive_workers(cfg: StudyConfig, study: optuna.Study, workers: int, deadline
         pickle.dump(cfg, fh)
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
     env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[1])
+    # The folder holding the ``slimsearch`` package (the repository or site-packages), never the package's own
+    # folder: that would put its ``core``/``search`` first on the workers' path, over a user's packages so named.
+    import slimsearch
+
+    root = str(Path(slimsearch.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
     from slimsearch.search.placement import Placement, worker_env
 
