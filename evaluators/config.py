@@ -4,19 +4,140 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from slimsearch.core.errors import SlimError
-from slimsearch.core.tables import build_checked, known_keys
+from slimsearch.core.schema import Key, check_fields, read_table
+from slimsearch.core.tables import build_checked
 
 KINDS = ("proxy", "finetune")
 AMP_MODES = ("off", "bf16", "fp16")  # = core.device.AMP_MODES (not imported: reading a study file skips torch)
+PER_GPU = "per-gpu"  # workers: one per visible GPU
+SEED_MAX = 2**32 - 1  # numpy's and Optuna's seeds are 32-bit
+# The [evaluator] keys of a study file (core.schema): types, bounds, defaults and docs/study-file.md's text.
+EVALUATOR_KEYS: tuple[Key, ...] = (
+    Key(
+        "kind",
+        "choice",
+        "proxy",
+        "how a candidate is scored: `proxy` recalibrates BatchNorm on `bn_batches` train "
+        "batches and scores val accuracy (no weight update); `finetune` trains `steps` SGD steps first (with `kd`, "
+        "distilled from the baseline)",
+        choices=KINDS,
+    ),
+    Key("steps", "int", 100, "fine-tuning steps per trial (`finetune`)", lo=1, hi=1_000_000),
+    Key("batch_size", "int", 128, "train batch size of the fine-tune and of BN recalibration", lo=1, hi=65_536),
+    Key("lr", "float", 0.01, "SGD learning rate of the fine-tune", lo=0, hi=10, lo_open=True),
+    Key("kd", "bool", False, "distil from the baseline's outputs during the fine-tune"),
+    Key(
+        "bn_batches",
+        "int",
+        10,
+        "train batches that recalibrate BatchNorm statistics (`proxy`, and after a fine-tune)",
+        lo=1,
+        hi=100_000,
+    ),
+    Key(
+        "eval_every",
+        "int",
+        0,
+        "score val every N steps and report it to the pruner, which may stop a poor trial "
+        "early (`[study] pruner`); 0: only at the end",
+        lo=0,
+        hi=1_000_000,
+    ),
+    Key("val_batch_size", "int", 512, "batch size of val scoring (speed only)", lo=1, hi=65_536),
+    Key(
+        "measure_latency",
+        "bool",
+        False,
+        "time each trial's TorchScript program (conv weights in the export's "
+        "layout, one thread, `[constraint] latency_batch` images): the `latency_ms` metric and objective",
+    ),
+    Key("seed", "int", 0, "seed of batch order and augmentation in the evaluator", lo=0, hi=SEED_MAX),
+    Key(
+        "workers",
+        "int",
+        1,
+        "evaluating processes (backend optuna; `slimsearch run --workers` overrides) or "
+        'concurrent Ray trials (backend ray), or `"per-gpu"`: one per visible GPU; see docs/clusters.md',
+        lo=1,
+        hi=1024,
+        also=(PER_GPU,),
+    ),
+    Key(
+        "ray_address",
+        "str",
+        None,
+        'the Ray cluster of backend ray: `"auto"`, `"host:port"` or '
+        '`"ray://host:port"`; unset: a private local Ray (`run --ray-address` overrides); see docs/clusters.md',
+    ),
+    Key(
+        "amp", "choice", "off", "autocast of the fine-tune's forward on a GPU: `off`, `bf16`, `fp16`", choices=AMP_MODES
+    ),
+    Key("cpus_per_trial", "int", 1, "CPUs one Ray trial holds (backend ray)", lo=1, hi=1024),
+    Key(
+        "gpus_per_trial",
+        "float",
+        None,
+        "GPUs one Ray trial holds (fractions pack trials on a GPU: 0.25 runs 4); unset: 1 when `[study] device` is "
+        "cuda, else 0",
+        lo=0,
+        hi=1024,
+    ),
+)
+FIT_MODES = ("scale", "fill", "none")
+BIG = 1e15  # an upper bound for counts that have no natural one (MACs per image)
+# [constraint] (core.schema): the bounds a candidate must meet; build_context checks its arguments against it too.
+CONSTRAINT_KEYS: tuple[Key, ...] = (
+    Key(
+        "max_macs_ratio",
+        "float",
+        None,
+        "at most this fraction of the baseline's MACs (checked before any training); give this or `max_macs`",
+        lo=0,
+        hi=1,
+        lo_open=True,
+    ),
+    Key("max_macs", "float", None, "at most this many MACs per image", lo=0, hi=BIG, lo_open=True),
+    Key(
+        "fit",
+        "choice",
+        "scale",
+        "`scale`: a sampled policy over a bound has every layer it prunes scaled harder "
+        "by one factor until it fits (no trial wasted on an infeasible policy); `fill`: that, and one more than 2 % "
+        "under the MACs bound is pruned less until within 2 % (not with a macs or params objective); `none`: "
+        "evaluated as sampled, infeasible trials score 0",
+        choices=FIT_MODES,
+    ),
+    Key(
+        "max_latency_ratio",
+        "float",
+        None,
+        "predicted single-thread CPU latency of the TorchScript export (conv "
+        "weights in `[export] memory_format`, contiguous for `auto`) at most this fraction of the baseline's; "
+        "1.0 predicts without bounding (README, Latency)",
+        lo=0,
+        hi=1,
+        lo_open=True,
+    ),
+    Key(
+        "latency_batch",
+        "int",
+        1,
+        "images per forward of every latency number of the study: the bound's "
+        "prediction, `[evaluator] measure_latency` and the export's check",
+        lo=1,
+        hi=4096,
+    ),
+)
+
+# Not a study-file key: every latency number of a study uses [constraint] latency_batch, copied here.
+_KEYS_AND_BATCH = (*EVALUATOR_KEYS, Key("latency_batch", "int", 1, "", lo=1, hi=4096))
 # Fields that do not change a result (where and how fast it is computed), left out of the cache key.
 _NOT_IN_KEY = ("workers", "ray_address", "val_batch_size", "cpus_per_trial", "gpus_per_trial")
-PER_GPU = "per-gpu"  # workers: one per visible GPU
 
 
 @dataclass(frozen=True)
@@ -49,43 +170,20 @@ class EvaluatorConfig:
         self.check()
 
     def check(self, where: str = "[evaluator]") -> None:
-        """Raise ``SlimError`` naming the key when a value is wrong."""
-        if self.kind not in KINDS:
-            raise SlimError(f"{where} kind: unknown {self.kind!r}; allowed: {', '.join(KINDS)}")
-        ints = {"steps": 1, "batch_size": 1, "bn_batches": 1, "eval_every": 0, "val_batch_size": 1,
-                "latency_batch": 1, "seed": 0, "workers": 1, "cpus_per_trial": 1}  # fmt: skip
-        if self.workers == PER_GPU:
-            ints.pop("workers")
-        for key, least in ints.items():
-            v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, int) or v < least:
-                alt = f' or "{PER_GPU}"' if key == "workers" else ""
-                raise SlimError(f"{where} {key}: expected an integer >= {least}{alt}, got {v!r}")
-        lr = self.lr
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
-            raise SlimError(f"{where} lr: expected a positive number, got {lr!r}")
-        for key in ("kd", "measure_latency"):
-            if not isinstance(getattr(self, key), bool):
-                raise SlimError(f"{where} {key}: expected true or false, got {getattr(self, key)!r}")
-        if self.amp not in AMP_MODES:
-            raise SlimError(f"{where} amp: expected one of {', '.join(AMP_MODES)}, got {self.amp!r}")
-        g = self.gpus_per_trial
-        if g is not None and (
-            isinstance(g, bool) or not isinstance(g, (int, float)) or not (0 <= g and math.isfinite(g))
-        ):
-            raise SlimError(f"{where} gpus_per_trial: expected a number >= 0 (0.25 packs 4 trials on a GPU), got {g!r}")
-        if self.ray_address is not None and (not isinstance(self.ray_address, str) or not self.ray_address):
-            raise SlimError(f'{where} ray_address: expected a string such as "auto", got {self.ray_address!r}')
+        """Raise ``SlimError`` naming the key when a value is wrong (``EVALUATOR_KEYS``)."""
+        check_fields(self, _KEYS_AND_BATCH, where)
+        if self.ray_address is not None and not self.ray_address:
+            raise SlimError(f'{where} ray_address: must not be empty (e.g. "auto"), got {self.ray_address!r}')
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str = "[evaluator]") -> EvaluatorConfig:
-        """Build from a TOML table; unknown keys and bad values raise ``SlimError`` naming them."""
-        known_keys(d, cls, where)
-        kw = dict(d)
-        for key in ("lr", "gpus_per_trial"):
-            if isinstance(kw.get(key), int) and not isinstance(kw.get(key), bool):
-                kw[key] = float(kw[key])
-        return build_checked(cls, kw, where)
+    def from_dict(cls, d: Mapping[str, Any], where: str = "[evaluator]", latency_batch: int = 1) -> EvaluatorConfig:
+        """Build from a TOML table; unknown keys and bad values raise ``SlimError`` naming them. ``latency_batch``:
+        the study's ``[constraint] latency_batch`` (one batch size for every latency number)."""
+        if isinstance(d, Mapping) and "latency_batch" in d:
+            raise SlimError(f"{where} latency_batch: set it in [constraint] latency_batch (images per forward of "
+                            "every latency number: the bound, measure_latency and the export's check)")  # fmt: skip
+        kw = read_table(d, EVALUATOR_KEYS, where)
+        return build_checked(cls, {**kw, "latency_batch": latency_batch}, where)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}

@@ -12,7 +12,9 @@ import torch
 from slimsearch.core.cost import Cost, count_cost
 from slimsearch.core.errors import SlimError
 from slimsearch.core.export import MEMORY_FORMATS
+from slimsearch.core.schema import check_value
 from slimsearch.evaluators.cache import ResultCache
+from slimsearch.evaluators.config import CONSTRAINT_KEYS
 from torch import nn
 
 
@@ -115,15 +117,12 @@ def build_context(
     if len(shape) == 3:
         shape = (1, *shape)
     if max_macs is not None and max_macs_ratio is not None:
-        raise SlimError("[constraint]: give max_macs or max_macs_ratio, not both")
-    if max_macs_ratio is not None and not 0.0 < float(max_macs_ratio) <= 1.0:
-        raise SlimError(f"[constraint] max_macs_ratio: expected a number in (0, 1], got {max_macs_ratio!r}")
-    if max_macs is not None and not float(max_macs) > 0:
-        raise SlimError(f"[constraint] max_macs: expected a positive number, got {max_macs!r}")
-    if max_latency_ratio is not None and not 0.0 < float(max_latency_ratio) <= 1.0:
-        raise SlimError(f"[constraint] max_latency_ratio: expected a number in (0, 1], got {max_latency_ratio!r}")
-    if isinstance(latency_batch, bool) or not isinstance(latency_batch, int) or latency_batch < 1:
-        raise SlimError(f"[constraint] latency_batch: expected an integer >= 1, got {latency_batch!r}")
+        raise SlimError("[constraint]: give max_macs_ratio or max_macs, not both")
+    given = {"max_macs_ratio": max_macs_ratio, "max_macs": max_macs, "max_latency_ratio": max_latency_ratio,
+             "latency_batch": latency_batch}  # fmt: skip
+    for key in CONSTRAINT_KEYS:  # the study file's [constraint] table (a study file is checked by it already)
+        if key.name in given:
+            check_value(key, given[key.name], "[constraint]")
     if latency_memory_format not in MEMORY_FORMATS:
         raise SlimError(f"[export] memory_format: expected one of {', '.join(MEMORY_FORMATS)}, got "
                         f"{latency_memory_format!r}")  # fmt: skip

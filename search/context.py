@@ -7,6 +7,7 @@ in ``<workdir>/baseline.pt`` (reused on resume and by every worker).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import time
@@ -111,6 +112,8 @@ def load_data(cfg: StudyConfig) -> Any:
     from slimsearch.core.data import load_splits
 
     d = cfg.data
+    if d.splits is not None:  # given in Python (slimsearch.load_study(..., data=...))
+        return d.splits
     try:
         return load_splits(d.dataset, d.root, d.val_size, d.seed)
     except SlimError as e:
@@ -130,6 +133,8 @@ def build_baseline(cfg: StudyConfig, splits: Any) -> nn.Module:
     from slimsearch.core.models import build_model
 
     m = cfg.model
+    if m.module is not None:  # given in Python: a copy, so pre-training and eval() leave the caller's alone
+        return copy.deepcopy(m.module)
     num_classes = m.num_classes or splits.train.num_classes
     in_channels = m.in_channels or splits.train.in_channels
     try:
@@ -196,6 +201,8 @@ def build_study_context(cfg: StudyConfig, *, log: Log | None = None, allow_pretr
     if cfg.model.checkpoint is not None:
         source = cfg.model.checkpoint
         _load(model, source, cfg, "checkpoint")
+    elif cfg.model.module is not None and cfg.model.pretrain_epochs <= 0:
+        source = None  # an nn.Module given in Python: its weights are the baseline
     else:
         source = baseline_cache_path(cfg)
         if source.is_file():

@@ -9,7 +9,6 @@ started elsewhere see the same files).
 from __future__ import annotations
 
 import difflib
-import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -19,10 +18,20 @@ from typing import Any
 
 import tomllib
 from slimsearch.core.errors import SlimError
+from slimsearch.core.schema import Key, check_value, fail, read_table, tname
+from slimsearch.search.schema import (  # noqa: F401  (re-exported: the names other modules import from here)
+    BACKENDS,
+    DATASETS,
+    EXPORT_FORMATS,
+    EXPORT_MEMORY_FORMATS,
+    FIT_MODES,
+    PRUNERS,
+    SAMPLERS,
+)
+from slimsearch.search.schema import (
+    SECTIONS as SECTION_KEYS,
+)
 
-SAMPLERS = ("tpe", "nsga2", "cmaes", "local", "random")
-BACKENDS = ("optuna", "ray")
-PRUNERS = ("median", "none")
 # Metrics an objective may name (keys of evaluators' EvalResult.metrics).
 OBJECTIVE_METRICS = (
     "val_acc",
@@ -35,18 +44,11 @@ OBJECTIVE_METRICS = (
     "latency_pred_ms",
 )
 DIRECTIONS = {"max": "maximize", "min": "minimize"}
-# = core.export.FORMATS (a test checks it), for the same reason as DATASETS below.
-EXPORT_FORMATS = ("torchscript", "torchscript-frozen", "pt2", "state")
-EXPORT_MEMORY_FORMATS = ("contiguous", "channels_last", "auto")  # core.export.MEMORY_FORMATS, or the faster
 STORAGE_SCHEMES = ("sqlite", "postgresql", "mysql")
-# = core.data.DATASETS (a test checks it); not imported from there, so that reading a study file does
-# not import torch (status/report/errors answer in a fraction of the time).
-DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "synthetic")
-FIT_MODES = ("scale", "fill", "none")
+SECTIONS = tuple(SECTION_KEYS)
 # core.device's names (a test checks they agree); a regex here, so that reading a study file does not import torch.
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda)$|^cuda:(\d+)$")
 DEVICE_HELP = "auto, cpu, cuda or cuda:N"
-SECTIONS = ("study", "model", "data", "constraint", "space", "seeds", "evaluator", "export")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -96,6 +98,9 @@ class ModelSection:
     pretrain_epochs: float = 0.0
     pretrain_lr: float = 0.05
     pretrain_batch_size: int = 128
+    # An nn.Module given in Python (``slimsearch.load_study(..., model=net)``) in place of factory/checkpoint:
+    # its weights are the baseline (or its start, with pretrain_epochs). Lives in this process only.
+    module: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,8 @@ class DataSection:
     root: Path | None = None
     val_size: int | float = 0.1
     seed: int = 0
+    # A core.data.DataSplits given in Python (``slimsearch.load_study(..., data=splits)``) in place of dataset.
+    splits: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -285,273 +292,155 @@ def sqlite_path(url: str) -> Path | None:
     return None
 
 
-class _Table:
-    """Typed access to one TOML table; records which keys were read to report unknown ones."""
-
-    def __init__(self, data: Any, section: str, file: Path) -> None:
-        self.file = file
-        self.section = section
-        if not isinstance(data, dict):
-            self.fail(None, f"must be a table, got {_tname(data)}")
-        self.data: dict[str, Any] = data
-        self.used: set[str] = set()
-
-    def where(self, key: str | None) -> str:
-        return f"{self.file}: [{self.section}]" + (f" {key}" if key else "")
-
-    def fail(self, key: str | None, msg: str) -> None:
-        raise SlimError(f"{self.where(key)}: {msg}")
-
-    def get(self, key: str, kind: str, default: Any = None, *, required: bool = False,
-            check: Callable[[Any], str | None] | None = None) -> Any:  # fmt: skip
-        self.used.add(key)
-        if key not in self.data:
-            if required:
-                self.fail(key, f"is required ({kind})")
-            return default
-        val = _coerce(self.data[key], kind)
-        if val is _BAD:
-            self.fail(key, f"expected {kind}, got {_tname(self.data[key])} {self.data[key]!r}")
-        if check is not None and (msg := check(val)):
-            self.fail(key, f"{msg}, got {val!r}")
-        return val
-
-    def choice(self, key: str, allowed: tuple[str, ...], default: str | None) -> str:
-        val = self.get(key, "a string", default, required=default is None)
-        if val not in allowed:
-            self.fail(key, f"unknown value {val!r}; allowed: {', '.join(allowed)}")
-        return val
-
-    def path(self, key: str) -> Path | None:
-        val = self.get(key, "a path string", None, check=lambda v: "must not be empty" if not v else None)
-        return _abspath(val) if val is not None else None
-
-    def finish(self, allowed_extra: tuple[str, ...] = ()) -> None:
-        unknown = [k for k in self.data if k not in self.used and k not in allowed_extra]
-        if unknown:
-            allowed = sorted(self.used | set(allowed_extra))
-            close = difflib.get_close_matches(unknown[0], allowed, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            self.fail(None, f"unknown key {unknown[0]!r}{hint}; allowed: {', '.join(allowed)}")
-
-
-_BAD = object()
-
-
-def _tname(v: Any) -> str:
-    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "list", dict: "table"}.get(
-        type(v), type(v).__name__
-    )
-
-
-def _coerce(v: Any, kind: str) -> Any:
-    """TOML value -> Python value of ``kind``, or _BAD. Booleans are never numbers."""
-    num = isinstance(v, (int, float)) and not isinstance(v, bool)
-    if kind.startswith("an integer or a fraction"):
-        return v if num else _BAD
-    if kind.startswith("an integer"):
-        return v if isinstance(v, int) and not isinstance(v, bool) else _BAD
-    if kind.startswith("a number"):
-        return float(v) if num and math.isfinite(v) else _BAD
-    if kind.startswith("a boolean"):
-        return v if isinstance(v, bool) else _BAD
-    if kind.startswith("a list of strings"):
-        if isinstance(v, str):
-            return (v,)
-        return tuple(v) if isinstance(v, list) and all(isinstance(s, str) for s in v) else _BAD
-    if kind.startswith("a list of numbers"):
-        ok = isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
-        return tuple(float(x) for x in v) if ok else _BAD
-    return v if isinstance(v, str) else _BAD  # strings and paths
-
-
 def _abspath(p: str) -> Path:
     path = Path(p).expanduser()
     return path if path.is_absolute() else Path.cwd() / path
 
 
-def _positive(v: Any) -> str | None:
-    return None if v > 0 else "must be > 0"
-
-
-def _at_least(n: int) -> Callable[[Any], str | None]:
-    return lambda v: None if v >= n else f"must be >= {n}"
+def _read(data: Any, section: str, file: Path, extra: tuple[str, ...] = (), keys: tuple[Key, ...] | None = None
+          ) -> tuple[dict[str, Any], str]:  # fmt: skip
+    """The section's keys checked against its table in ``search.schema`` (or ``keys``), and its ``where``."""
+    where = f"{file}: [{section}]"
+    return read_table(data, SECTION_KEYS[section] if keys is None else keys, where, extra), where
 
 
 # ----------------------------------------------------------------------------- sections
 
 
-def _objectives(t: _Table) -> tuple[Objective, ...]:
-    specs = t.get("objectives", 'a list of strings like "val_acc:max"', ("val_acc:max",))
+def _objectives(specs: tuple[str, ...], where: str) -> tuple[Objective, ...]:
     allowed = ", ".join(f"{m}:max|min" for m in OBJECTIVE_METRICS)
     if not specs:
-        t.fail("objectives", f"needs at least one objective; allowed: {allowed}")
+        fail(where, "objectives", f"needs at least one objective; allowed: {allowed}")
     out: list[Objective] = []
     for spec in specs:
         metric, _, d = spec.partition(":")
         if metric not in OBJECTIVE_METRICS or d not in DIRECTIONS:
-            t.fail("objectives", f"bad objective {spec!r}; expected METRIC:max or METRIC:min with METRIC one of "
-                                 f"{', '.join(OBJECTIVE_METRICS)}")  # fmt: skip
+            fail(where, "objectives", f"bad objective {spec!r}; expected METRIC:max or METRIC:min with METRIC one of "
+                                      f"{', '.join(OBJECTIVE_METRICS)}")  # fmt: skip
         if any(o.metric == metric for o in out):
-            t.fail("objectives", f"metric {metric!r} appears twice")
+            fail(where, "objectives", f"metric {metric!r} appears twice")
         out.append(Objective(metric, DIRECTIONS[d]))
     return tuple(out)
 
 
-def _study(t: _Table) -> StudySection:
-    name = t.get("name", "a string", required=True)
+def _study(data: Any, file: Path) -> StudySection:
+    v, where = _read(data, "study", file)
+    name = v["name"]
     if not _NAME_RE.match(name):
-        t.fail("name", f"{name!r} must be 1-100 characters of letters, digits, '.', '_' or '-' (it names files)")
-    storage = t.get("storage", "a storage URL string", f"sqlite:///runs/{name}.db")
-    storage = validate_storage_url(storage, t.where("storage"))
-    workdir = t.path("workdir") or _abspath(f"runs/{name}")
-    hb = t.get("heartbeat_interval", "an integer (seconds)", 10, check=_at_least(1))
-    grace = t.get("grace_period", "an integer (seconds)", None, check=_at_least(1))
+        fail(where, "name", f"{name!r} must be 1-100 characters of letters, digits, '.', '_' or '-' (it names files)")
+    storage = validate_storage_url(data.get("storage", f"sqlite:///runs/{name}.db"), f"{where} storage")
+    if not DEVICE_RE.match(v["device"]):
+        fail(where, "device", f"expected {DEVICE_HELP}, got {v['device']!r}")
+    hb, grace = v["heartbeat_interval"], v["grace_period"]
     if grace is not None and grace <= hb:
-        t.fail("grace_period", f"must be larger than heartbeat_interval ({hb} s), got {grace}")
+        fail(where, "grace_period", f"must be larger than heartbeat_interval ({hb} s), got {grace}")
     sec = StudySection(
         name=name,
         storage=storage,
-        workdir=workdir,
-        sampler=t.choice("sampler", SAMPLERS, "tpe"),
-        objectives=_objectives(t),
-        n_trials=t.get("n_trials", "an integer", 50, check=_at_least(1)),
-        backend=t.choice("backend", BACKENDS, "optuna"),
-        seed=t.get("seed", "an integer", 0, check=_at_least(0)),
-        timeout=t.get("timeout", "a number (seconds)", None, check=_positive),
-        pruner=t.choice("pruner", PRUNERS, "median"),
+        workdir=v["workdir"] if "workdir" in data else _abspath(f"runs/{name}"),
+        sampler=v["sampler"],
+        objectives=_objectives(v["objectives"], where),
+        n_trials=v["n_trials"],
+        backend=v["backend"],
+        seed=v["seed"],
+        timeout=v["timeout"],
+        pruner=v["pruner"],
         heartbeat_interval=hb,
         grace_period=grace,
-        max_retry=t.get("max_retry", "an integer", 2, check=_at_least(0)),
-        n_startup_trials=t.get("n_startup_trials", "an integer", 10, check=_at_least(0)),
-        population_size=t.get("population_size", "an integer", 20, check=_at_least(2)),
-        device=t.get(
-            "device", "a string", "auto", check=lambda v: None if DEVICE_RE.match(v) else f"expected {DEVICE_HELP}"
-        ),
+        max_retry=v["max_retry"],
+        n_startup_trials=v["n_startup_trials"],
+        population_size=v["population_size"],
+        device=v["device"],
     )
     if sec.sampler in ("cmaes", "local") and len(sec.objectives) > 1:
-        t.fail("sampler", f"{sec.sampler} is single-objective; use nsga2 (or tpe) with several objectives")
-    t.finish()
+        fail(where, "sampler", f"{sec.sampler} is single-objective; use nsga2 (or tpe) with several objectives")
     return sec
 
 
-def _model(t: _Table) -> ModelSection:
-    sec = ModelSection(
-        factory=t.get("factory", 'a model name (e.g. resnet56) or "pkg.module:fn"', required=True),
-        checkpoint=t.path("checkpoint"),
-        num_classes=t.get("num_classes", "an integer", None, check=_at_least(2)),
-        in_channels=t.get("in_channels", "an integer", None, check=_at_least(1)),
-        input_size=t.get("input_size", "an integer (pixels)", None, check=_at_least(1)),
-        pretrain_epochs=t.get("pretrain_epochs", "a number", 0.0, check=_at_least(0)),
-        pretrain_lr=t.get("pretrain_lr", "a number", 0.05, check=_positive),
-        pretrain_batch_size=t.get("pretrain_batch_size", "an integer", 128, check=_at_least(1)),
-    )
-    if sec.checkpoint is None and sec.pretrain_epochs <= 0:
-        t.fail(None, "needs a checkpoint, or pretrain_epochs > 0 to train a baseline first "
-                     "(or make one with `slimsearch train`)")  # fmt: skip
-    t.finish()
+def _model(data: Any, file: Path, module: Any = None) -> ModelSection:
+    keys = SECTION_KEYS["model"]
+    if module is not None:  # an nn.Module given in Python: no factory needed; its class name labels it
+        keys = tuple(Key(k.name, k.type, f"<in-memory {type(module).__name__}>", k.doc) if k.name == "factory" else k
+                     for k in keys)  # fmt: skip
+    v, where = _read(data, "model", file, keys=keys)
+    sec = ModelSection(**v)
+    if module is not None:
+        sec = replace(sec, module=module)
+    elif sec.checkpoint is None and sec.pretrain_epochs <= 0:
+        fail(where, None, "needs a checkpoint, or pretrain_epochs > 0 to train a baseline first "
+                          "(or make one with `slimsearch train`)")  # fmt: skip
     return sec
 
 
-def _data(t: _Table) -> DataSection:
-    def val_check(v: Any) -> str | None:
-        if isinstance(v, int) and v >= 1:
-            return None
-        if isinstance(v, float) and 0 < v < 1:
-            return None
-        return "must be a count >= 1 or a fraction in (0, 1)"
-
-    sec = DataSection(
-        dataset=t.choice("dataset", DATASETS, "digits"),
-        root=t.path("root"),
-        val_size=t.get("val_size", "an integer or a fraction", 0.1, check=val_check),
-        seed=t.get("seed", "an integer", 0, check=_at_least(0)),
-    )
-    if sec.dataset not in ("digits", "synthetic") and sec.root is None:
-        t.fail("root", f"is required for dataset {sec.dataset!r} (a folder or archive)")
+def _data(data: Any, file: Path, splits: Any = None) -> DataSection:
+    v, where = _read(data, "data", file)
+    sec = DataSection(**v)
+    if sec.dataset not in ("digits", "synthetic") and sec.root is None and splits is None:
+        fail(where, "root", f"is required for dataset {sec.dataset!r} (a folder or archive)")
     if sec.root is not None and not sec.root.exists():
-        t.fail("root", f"{sec.root} does not exist")
-    t.finish()
-    return sec
+        fail(where, "root", f"{sec.root} does not exist")
+    return sec if splits is None else replace(sec, dataset="<in-memory>", splits=splits)
 
 
-def _constraint(t: _Table) -> ConstraintSection:
-    ratio = t.get("max_macs_ratio", "a number", None, check=lambda v: None if 0 < v <= 1 else "must be in (0, 1]")
-    macs = t.get("max_macs", "a number (MACs per image)", None, check=_positive)
-    if ratio is not None and macs is not None:
-        t.fail(None, "give max_macs_ratio or max_macs, not both")
-    fit = t.choice("fit", FIT_MODES, "scale")
-    lat = t.get("max_latency_ratio", "a number", None, check=lambda v: None if 0 < v <= 1 else "must be in (0, 1]")
-    batch = t.get("latency_batch", "an integer", 1, check=_at_least(1))
-    t.finish()
-    return ConstraintSection(max_macs_ratio=ratio, max_macs=macs, fit=fit, max_latency_ratio=lat, latency_batch=batch)
+def _constraint(data: Any, file: Path) -> ConstraintSection:
+    v, where = _read(data, "constraint", file)
+    if v["max_macs_ratio"] is not None and v["max_macs"] is not None:
+        fail(where, None, "give max_macs_ratio or max_macs, not both")
+    return ConstraintSection(**v)
 
 
-def _seeds(t: _Table) -> SeedsSection:
-    if not t.data:  # no seeds: skip importing the strategies (and torch with them)
+def _seeds(data: Any, file: Path) -> SeedsSection:
+    where = f"{file}: [seeds]"
+    if not isinstance(data, Mapping):
+        fail(where, None, f"must be a table, got {tname(data)}")
+    if not data:  # no seeds: skip importing the strategies (and torch with them)
         return SeedsSection()
     registry = known_seed_strategies()
-    names = t.get("strategies", "a list of strings", ())
+    strategies_key = next(k for k in SECTION_KEYS["seeds"] if k.name == "strategies")
+    names = check_value(strategies_key, data.get("strategies", ()), where)
     for n in names:
         if n not in registry:
-            t.fail("strategies", f"unknown seed strategy {n!r}; known: {', '.join(sorted(registry))}")
+            fail(where, "strategies", f"unknown seed strategy {n!r}; known: {', '.join(sorted(registry))}")
     params: dict[str, dict[str, Any]] = {n: {} for n in names}
     extra: list[str] = []
-    for key, val in t.data.items():
-        if key == "strategies":
+    for key, val in data.items():
+        if key in ("strategies", "budget"):
             continue
         if isinstance(val, dict) and key in registry:  # [seeds.<name>] table
             if key not in params:
-                t.fail(key, f"parameters for {key!r}, which is not in strategies {list(names)}")
+                fail(where, key, f"parameters for {key!r}, which is not in strategies {list(names)}")
             params[key].update(val)
             extra.append(key)
             continue
         owner = next((n for n in sorted(registry, key=len, reverse=True) if key.startswith(n + "_")), None)
         if owner is None:
-            continue  # reported as unknown by finish()
+            continue  # reported as unknown by read_table
         if owner not in params:
-            t.fail(key, f"is a parameter of seed strategy {owner!r}, which is not in strategies {list(names)}")
+            fail(where, key, f"is a parameter of seed strategy {owner!r}, which is not in strategies {list(names)}")
         params[owner][key[len(owner) + 1 :]] = val
         extra.append(key)
-    budget = t.get("budget", "an integer (evaluator calls)", None, check=_at_least(1))
-    t.finish(tuple(extra))
+    v, _ = _read(data, "seeds", file, tuple(extra))
     for n in names:
         check = SEED_PARAM_CHECKS.get(n)
         if check is not None:
-            check(params[n], t.where(None))
-    return SeedsSection(strategies=tuple(names), params=params, budget=budget)
+            check(params[n], where)
+    return SeedsSection(strategies=tuple(names), params=params, budget=v["budget"])
 
 
-def _export(t: _Table) -> ExportSection:
-    formats = t.get("formats", "a list of strings", ("torchscript",))
-    for f in formats:
-        if f not in EXPORT_FORMATS:
-            t.fail("formats", f"unknown format {f!r}; allowed: {', '.join(EXPORT_FORMATS)}")
-    sec = ExportSection(
-        formats=tuple(formats),
-        out=t.path("out"),
-        finetune_epochs=t.get("finetune_epochs", "a number", 0.0, check=_at_least(0)),
-        finetune_lr=t.get("finetune_lr", "a number", 0.01, check=_positive),
-        finetune_batch_size=t.get("finetune_batch_size", "an integer", 128, check=_at_least(1)),
-        kd=t.get("kd", "a boolean", False),
-        memory_format=t.get("memory_format", "a string", "contiguous"),
-        top_k=t.get("top_k", "an integer", 1, check=_at_least(1)),
-    )
-    if sec.memory_format not in EXPORT_MEMORY_FORMATS:
-        allowed = ", ".join(EXPORT_MEMORY_FORMATS)
-        t.fail("memory_format", f"unknown memory format {sec.memory_format!r}; allowed: {allowed}")
+def _export(data: Any, file: Path) -> ExportSection:
+    v, where = _read(data, "export", file)
+    sec = ExportSection(**v)
     if sec.top_k > 1 and sec.finetune_epochs <= 0:
-        t.fail("top_k", "ranks the trials after the final fine-tune: set finetune_epochs > 0 too")
-    t.finish()
+        fail(where, "top_k", "ranks the trials after the final fine-tune: set finetune_epochs > 0 too")
     return sec
 
 
-def _delegate(builder: Callable[..., Any], data: Any, section: str, file: Path) -> Any:
+def _delegate(builder: Callable[..., Any], data: Any, section: str, file: Path, **kw: Any) -> Any:
     """Call a spaces/evaluators ``from_dict`` and prefix its errors with the file name."""
     if not isinstance(data, dict):
-        raise SlimError(f"{file}: [{section}]: must be a table, got {_tname(data)}")
+        raise SlimError(f"{file}: [{section}]: must be a table, got {tname(data)}")
     try:
-        return builder(data, where=f"[{section}]")
+        return builder(data, where=f"[{section}]", **kw)
     except SlimError as e:
         raise SlimError(f"{file}: {e}") from None
 
@@ -582,8 +471,10 @@ def parse_toml(path: str | Path) -> dict[str, Any]:
         ) from None
 
 
-def study_from_dict(raw: Mapping[str, Any], path: str | Path = "<study>") -> StudyConfig:
-    """Validate an already-parsed study table (``parse_toml`` output)."""
+def study_from_dict(raw: Mapping[str, Any], path: str | Path = "<study>", *, module: Any = None,
+                    splits: Any = None) -> StudyConfig:  # fmt: skip
+    """Validate an already-parsed study table (``parse_toml`` output). ``module`` (an ``nn.Module``) and ``splits``
+    (a ``core.data.DataSplits``) given in Python replace [model] factory/checkpoint and [data] dataset/root."""
     from slimsearch.evaluators.config import EvaluatorConfig
     from slimsearch.spaces.config import SpaceConfig
 
@@ -593,21 +484,30 @@ def study_from_dict(raw: Mapping[str, Any], path: str | Path = "<study>") -> Stu
         close = difflib.get_close_matches(unknown[0], SECTIONS, n=1)
         hint = f" (did you mean [{close[0]}]?)" if close else ""
         raise SlimError(f"{file}: unknown section [{unknown[0]}]{hint}; allowed: {', '.join(SECTIONS)}")
-    for s in ("study", "model"):
+    for s in ("study",) if module is not None else ("study", "model"):
         if s not in raw:
             raise SlimError(f"{file}: missing section [{s}]")
     data = {k: _expand_all(v, f"{file}: [{k}]") for k, v in raw.items()}
-    study = _study(_Table(data["study"], "study", file))
+    study = _study(data["study"], file)
+    model = _model(data.get("model", {}), file, module)
+    data_sec = _data(data.get("data", {}), file, splits)
+    constraint = _constraint(data.get("constraint", {}), file)
     cfg = StudyConfig(
         path=file,
         study=study,
-        model=_model(_Table(data["model"], "model", file)),
-        data=_data(_Table(data.get("data", {}), "data", file)),
-        constraint=_constraint(_Table(data.get("constraint", {}), "constraint", file)),
+        model=model,
+        data=data_sec,
+        constraint=constraint,
         space=_delegate(SpaceConfig.from_dict, data.get("space", {}), "space", file),
-        seeds=_seeds(_Table(data.get("seeds", {}), "seeds", file)),
-        evaluator=_delegate(EvaluatorConfig.from_dict, data.get("evaluator", {}), "evaluator", file),
-        export=_export(_Table(data.get("export", {}), "export", file)),
+        seeds=_seeds(data.get("seeds", {}), file),
+        evaluator=_delegate(
+            EvaluatorConfig.from_dict,
+            data.get("evaluator", {}),
+            "evaluator",
+            file,
+            latency_batch=constraint.latency_batch,
+        ),  # fmt: skip
+        export=_export(data.get("export", {}), file),
     )
     if any(o.metric == "latency_ms" for o in study.objectives) and not getattr(cfg.evaluator, "measure_latency", False):
         raise SlimError(f"{file}: [study] objectives: latency_ms needs [evaluator] measure_latency = true")

@@ -2,17 +2,76 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
 from slimsearch.core.errors import SlimError
 from slimsearch.core.policy import CRITERIA, DECOMPOSITIONS
-from slimsearch.core.tables import build_checked, known_keys
+from slimsearch.core.schema import Key, check_fields, read_table
+from slimsearch.core.tables import build_checked
 
 # "mask" needs explicit keep indices (the GA's output), which a sampler cannot propose.
 SEARCHABLE_CRITERIA = tuple(c for c in CRITERIA if c != "mask")
+# The [space] keys of a study file (core.schema): types, bounds, defaults and docs/study-file.md's text.
+SPACE_KEYS: tuple[Key, ...] = (
+    Key(
+        "prune_rate",
+        "range",
+        (0.0, 0.8),
+        "range of each searched layer's filter prune rate (the fraction of its filters removed)",
+        lo=0,
+        hi=1,
+        hi_open=True,
+    ),
+    Key(
+        "criteria",
+        "choices",
+        ("l1",),
+        "filter selection criteria to search: `l1`, `l2` (weight norms), `fpgm` "
+        "(geometric median), `hpc` (hybrid-pyramid clustering), `distfit` (distribution fitting), `random`",
+        choices=SEARCHABLE_CRITERIA,
+    ),
+    Key(
+        "decomposition",
+        "choices",
+        ("none",),
+        "low-rank decompositions to search per layer: `none`, `cp` (CP by ALS), `tucker` (Tucker-2 by HOOI)",
+        choices=DECOMPOSITIONS,
+    ),
+    Key(
+        "rank_ratio",
+        "range",
+        (0.1, 0.9),
+        "range of a decomposed layer's rank, as a fraction of its full rank",
+        lo=0,
+        hi=1,
+        lo_open=True,
+    ),
+    Key("include", "strs", ("*",), "fnmatch patterns of the conv layers to search (others stay as they are)"),
+    Key("exclude", "strs", (), "fnmatch patterns of conv layers never to search (each must match a layer)"),
+    Key("monotone", "bool", False, "prune rates never decrease with depth"),
+    Key(
+        "rate_step",
+        "float",
+        None,
+        "quantise sampled rates to multiples of this step (e.g. 0.05); unset: continuous",
+        lo=0,
+        hi=1,
+        lo_open=True,
+        hi_open=True,
+    ),
+    Key(
+        "coupled",
+        "bool",
+        True,
+        "prune coupled groups (convs whose outputs are tied by residual adds, e.g. a "
+        "ResNet stage's stream) as one unit with one rate; false keeps them whole",
+    ),
+    Key(
+        "coupled_rate", "range", None, "the rate range of coupled groups; unset: `prune_rate`", lo=0, hi=1, hi_open=True
+    ),
+)
 
 
 @dataclass(frozen=True)
@@ -42,46 +101,20 @@ class SpaceConfig:
         self.check()
 
     def check(self, where: str = "[space]") -> None:
-        """Raise ``SlimError`` naming the key and the allowed values when a value is out of range."""
-        lo, hi = _pair(self.prune_rate, f"{where} prune_rate")
-        if not 0.0 <= lo <= hi < 1.0:
-            raise SlimError(f"{where} prune_rate: need 0 <= low <= high < 1, got [{lo}, {hi}]")
-        if self.coupled_rate is not None:
-            lo, hi = _pair(self.coupled_rate, f"{where} coupled_rate")
-            if not 0.0 <= lo <= hi < 1.0:
-                raise SlimError(f"{where} coupled_rate: need 0 <= low <= high < 1, got [{lo}, {hi}]")
-        lo, hi = _pair(self.rank_ratio, f"{where} rank_ratio")
-        if not 0.0 < lo <= hi <= 1.0:
-            raise SlimError(f"{where} rank_ratio: need 0 < low <= high <= 1, got [{lo}, {hi}]")
-        _choices(self.criteria, SEARCHABLE_CRITERIA, f"{where} criteria")
-        _choices(self.decomposition, DECOMPOSITIONS, f"{where} decomposition")
+        """Raise ``SlimError`` naming the key and the allowed values when a value is out of range (``SPACE_KEYS``)."""
+        check_fields(self, SPACE_KEYS, where)
         for key in ("include", "exclude"):
-            val = getattr(self, key)
-            if not isinstance(val, tuple) or not all(isinstance(p, str) and p for p in val):
-                raise SlimError(f"{where} {key}: expected a list of non-empty fnmatch patterns, got {val!r}")
+            if not all(getattr(self, key)):
+                raise SlimError(
+                    f"{where} {key}: expected a list of non-empty fnmatch patterns, got {getattr(self, key)!r}"
+                )
         if not self.include:
             raise SlimError(f'{where} include: needs at least one pattern (use ["*"] for every layer)')
-        for key in ("monotone", "coupled"):
-            if not isinstance(getattr(self, key), bool):
-                raise SlimError(f"{where} {key}: expected true or false, got {getattr(self, key)!r}")
-        if self.rate_step is not None:
-            step = self.rate_step
-            if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0.0 < step < 1.0:
-                raise SlimError(f"{where} rate_step: expected a number in (0, 1), got {step!r}")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "[space]") -> SpaceConfig:
         """Build from a TOML table: lists become tuples, a single string counts as a one-item list."""
-        known_keys(d, cls, where)
-        kw: dict[str, Any] = {}
-        for key, val in d.items():
-            if key in ("prune_rate", "rank_ratio", "coupled_rate"):
-                kw[key] = tuple(_pair(val, f"{where} {key}"))
-            elif key in ("criteria", "decomposition", "include", "exclude"):
-                kw[key] = (val,) if isinstance(val, str) else tuple(val) if isinstance(val, (list, tuple)) else val
-            else:
-                kw[key] = val
-        return build_checked(cls, kw, where)
+        return build_checked(cls, read_table(d, SPACE_KEYS, where), where)
 
     def to_dict(self) -> dict[str, Any]:
         """TOML/JSON-friendly form (tuples as lists, ``rate_step`` omitted when unset)."""
@@ -92,24 +125,3 @@ class SpaceConfig:
                 continue
             d[f.name] = list(val) if isinstance(val, tuple) else val
         return d
-
-
-def _pair(val: Any, where: str) -> tuple[float, float]:
-    ok = (
-        isinstance(val, (list, tuple))
-        and len(val) == 2
-        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in val)
-    )
-    if not ok:
-        raise SlimError(f"{where}: expected [low, high] (two numbers), got {val!r}")
-    return float(val[0]), float(val[1])
-
-
-def _choices(val: Any, allowed: tuple[str, ...], where: str) -> None:
-    if not isinstance(val, tuple) or not val:
-        raise SlimError(f"{where}: expected a non-empty list of names from: {', '.join(allowed)}; got {val!r}")
-    for v in val:
-        if v not in allowed:
-            raise SlimError(f"{where}: unknown value {v!r}; allowed: {', '.join(allowed)}")
-    if len(set(val)) != len(val):
-        raise SlimError(f"{where}: duplicate values in {list(val)}")

@@ -202,9 +202,9 @@ def test_bad_latency_bounds_in_build_context() -> None:
 
     model = build_model("smallcnn", 10, 1)
     splits = load_splits("digits", val_size=100)
-    with pytest.raises(SlimError, match=r"max_latency_ratio: expected a number in \(0, 1\]"):
+    with pytest.raises(SlimError, match=r"max_latency_ratio: must be in \(0, 1\], got 1.5"):
         build_context(model, splits, (1, 1, 8, 8), max_latency_ratio=1.5, score_baseline=False)
-    with pytest.raises(SlimError, match="latency_batch: expected an integer >= 1"):
+    with pytest.raises(SlimError, match=r"latency_batch: must be in \[1, 4096\], got 0"):
         build_context(model, splits, (1, 1, 8, 8), max_latency_ratio=0.5, latency_batch=0, score_baseline=False)
 
 

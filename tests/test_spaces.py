@@ -240,7 +240,7 @@ def test_space_config_from_dict() -> None:
     cfg = SpaceConfig.from_dict({"prune_rate": [0, 0.5], "criteria": "fpgm", "exclude": ["conv1"], "monotone": True})
     assert cfg == SpaceConfig(prune_rate=(0.0, 0.5), criteria=("fpgm",), exclude=("conv1",), monotone=True)
     assert SpaceConfig.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(SlimError, match=r"\[space\]: unknown key 'rates'; allowed: prune_rate"):
+    with pytest.raises(SlimError, match=r"\[space\]: unknown key 'rates' \(did you mean .*\?\); allowed: prune_rate"):
         SpaceConfig.from_dict({"rates": [0, 1]})
     with pytest.raises(SlimError, match=r"\[space\] criteria: unknown value 'l3'; allowed: l1, l2, fpgm"):
         SpaceConfig.from_dict({"criteria": ["l1", "l3"]})
