@@ -171,9 +171,7 @@ def test_finetune_is_deterministic_and_beats_proxy_on_damaged_model(ctx: EvalCon
 
 
 def test_nan_loss_and_errors_are_failures(ctx: EvalContext, monkeypatch: pytest.MonkeyPatch) -> None:
-    diverging = dataclasses.replace(TUNE)
-    object.__setattr__(diverging, "lr", 1e30)  # above [evaluator] lr's bound: a study file cannot give it
-    res = evaluate(fresh(ctx), diverging, uniform(ctx, 0.3))
+    res = evaluate(fresh(ctx), dataclasses.replace(TUNE, lr=1e30), uniform(ctx, 0.3))
     assert res.status == "fail" and "loss is nan" in res.reason and "\n" not in res.reason
     assert res.metrics["macs"] > 0  # the cost is known even for a failed candidate
     res = evaluate(fresh(ctx), PROXY, Policy({"features.99": LayerPolicy(0.5)}))

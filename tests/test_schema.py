@@ -32,7 +32,7 @@ def test_every_key_is_documented_and_every_number_bounded() -> None:
             assert "|" not in k.doc, f"[{section}] {k.name}: '|' breaks the markdown table"
             if k.type in NUMBER_TYPES:
                 assert k.lo is not None and k.hi is not None, f"[{section}] {k.name}: unbounded"
-                assert k.hi < 1e16, f"[{section}] {k.name}: no sane upper bound"
+                assert k.hi <= 1e30, f"[{section}] {k.name}: no finite upper bound"
             if k.type in ("choice", "choices") and section != "seeds":
                 assert k.choices, f"[{section}] {k.name}: no choices"
     documented = {k.name for k in SECTIONS["study"]} | {k.name for k in SECTIONS["evaluator"]}
