@@ -113,3 +113,16 @@ def test_check_value_converts_and_rejects() -> None:
         read_table([], keys, "[x]")
     with pytest.raises(ValueError, match="every number needs both bounds"):
         Key("n", "int", 0, "a number with no upper bound", lo=0)
+
+
+def test_readme_study_file_is_valid_and_short(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import re
+
+    monkeypatch.chdir(tmp_path)
+    block = re.search(r"```toml\n(.*?)```", (REPO / "README.md").read_text(), re.S).group(1)
+    assert len(block.strip().splitlines()) <= 16
+    p = tmp_path / "readme.toml"
+    p.write_text(block)
+    cfg = load_study(p)
+    assert cfg.constraint.max_macs_ratio == 0.5 and cfg.space.decomposition == ("none", "tucker")
+    assert not (tmp_path / "runs").exists()
