@@ -1,4 +1,4 @@
-"""Turning a TOML table into a frozen, checked config dataclass (shared by spaces/ and evaluators/)."""
+"""Turning a checked TOML table (``core.schema.read_table``) into a frozen config dataclass (spaces/, evaluators/)."""
 
 from __future__ import annotations
 
@@ -6,19 +6,7 @@ from collections.abc import Mapping
 from dataclasses import fields
 from typing import Any, TypeVar
 
-from slimsearch.core.errors import SlimError
-
 T = TypeVar("T")
-
-
-def known_keys(d: Any, cls: type, where: str) -> None:
-    """Raise ``SlimError`` unless ``d`` is a table whose keys are all fields of ``cls``."""
-    if not isinstance(d, Mapping):
-        raise SlimError(f"{where}: expected a table, got {type(d).__name__}")
-    known = [f.name for f in fields(cls)]
-    for key in d:
-        if key not in known:
-            raise SlimError(f"{where}: unknown key {key!r}; allowed: {', '.join(known)}")
 
 
 def build_checked(cls: type[T], kw: Mapping[str, Any], where: str) -> T:
