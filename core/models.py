@@ -7,8 +7,12 @@ checkpoints once the ``module.`` prefix is stripped (see ``load_checkpoint``).
 from __future__ import annotations
 
 import importlib
+import inspect
+import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import torch
@@ -226,24 +230,43 @@ ZOO: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def build_model(name: str, num_classes: int = 10, in_channels: int | None = None) -> nn.Module:
+FACTORY_PARAMS = ("num_classes", "in_channels", "input_size")  # what a user factory may declare
+
+
+def build_model(
+    name: str,
+    num_classes: int = 10,
+    in_channels: int | None = None,
+    input_size: int | tuple[int, int] | None = None,
+    search_dir: str | Path | None = None,
+) -> nn.Module:
     """Build a zoo model by name, or call a user factory given as ``"pkg.module:fn"``.
 
-    A factory is called as ``fn(num_classes=..., in_channels=...)`` when it accepts those
-    keywords, else with no arguments.
+    A factory gets exactly the parameters of ``FACTORY_PARAMS`` its signature declares (``num_classes``,
+    ``in_channels``, ``input_size``: an int side, or ``(H, W)`` when not square), so a factory that cannot
+    size its head is never silently called without the class count. ``search_dir`` (the study file's
+    folder) is appended to the END of ``sys.path`` before importing, so a local module never shadows a library.
     """
+    if ":" in name:
+        values = {"num_classes": num_classes, "in_channels": in_channels, "input_size": input_size}
+        return call_factory(name, values, search_dir)
+    if name not in ZOO:
+        raise SlimError(f"unknown model {name!r}; known: {', '.join(sorted(ZOO))} or 'pkg.module:fn'")
     kwargs: dict[str, Any] = {"num_classes": num_classes}
     if in_channels is not None:
         kwargs["in_channels"] = in_channels
-    if ":" in name:
-        return _call_factory(name, kwargs)
-    if name not in ZOO:
-        raise SlimError(f"unknown model {name!r}; known: {', '.join(sorted(ZOO))} or 'pkg.module:fn'")
     return ZOO[name](**kwargs)
 
 
-def _call_factory(spec: str, kwargs: dict[str, Any]) -> nn.Module:
+def import_factory(spec: str, search_dir: str | Path | None = None) -> Callable[..., Any]:
+    """The callable named by ``"pkg.module:fn"``, importable from ``sys.path`` or, after it, ``search_dir``."""
     mod_name, _, fn_name = spec.partition(":")
+    if not mod_name or not fn_name:
+        raise SlimError(f"model factory {spec!r}: expected 'pkg.module:fn'")
+    if search_dir is not None:
+        folder = str(Path(search_dir).resolve())
+        if folder not in sys.path:
+            sys.path.append(folder)  # last: a local module never shadows an installed one
     try:
         module = importlib.import_module(mod_name)
     except Exception as e:  # any import-time failure is the user's factory, not us
@@ -251,17 +274,67 @@ def _call_factory(spec: str, kwargs: dict[str, Any]) -> nn.Module:
     fn = getattr(module, fn_name, None)
     if not callable(fn):
         raise SlimError(f"model factory {spec!r}: {mod_name!r} has no callable {fn_name!r}")
+    return fn
+
+
+def factory_kwargs(spec: str, fn: Callable[..., Any], values: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments ``fn`` declares among ``values`` (``FACTORY_PARAMS``), and nothing else.
+
+    A declared parameter without a default that slimsearch cannot supply (unknown name, or a value not
+    known here) is a ``SlimError`` before the call, rather than a ``TypeError`` from inside it.
+    """
     try:
-        try:
-            model = fn(**kwargs)
-        except TypeError:
-            model = fn()
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # builtins/extension callables: nothing to inspect, pass nothing
+        return {}
+    out: dict[str, Any] = {}
+    for p in sig.parameters.values():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        value = values.get(p.name)
+        if p.name in values and value is not None and p.kind != p.POSITIONAL_ONLY:
+            out[p.name] = value
+        elif p.default is p.empty:
+            why = "its value is not known here" if p.name in values else "slimsearch does not supply it"
+            raise SlimError(f"model factory {spec!r} requires parameter {p.name!r}, but {why} "
+                            f"(a factory may declare {', '.join(FACTORY_PARAMS)}; give others defaults)")  # fmt: skip
+    return out
+
+
+def _user_frame(tb: TracebackType | None) -> str:
+    """' at FILE:LINE' of the innermost traceback frame outside this module (where the user's code raised)."""
+    where = ""
+    for frame, line in traceback.walk_tb(tb):
+        if frame.f_code.co_filename != __file__:
+            where = f" at {Path(frame.f_code.co_filename).name}:{line}"
+    return where
+
+
+def call_factory(spec: str, values: dict[str, Any], search_dir: str | Path | None = None) -> nn.Module:
+    """Import and call a user factory with the parameters it declares (``factory_kwargs``).
+
+    An exception raised inside the factory is never retried or replaced by another call: it is reported as a
+    ``SlimError`` with its type, message and the file:line where it was raised (chained, for the traceback).
+    """
+    fn = import_factory(spec, search_dir)
+    kwargs = factory_kwargs(spec, fn, values)
+    try:
+        model = fn(**kwargs)
     except Exception as e:  # the user's code: report it as their input, in one line
         msg = " ".join(str(e).split())[:200]
-        raise SlimError(f"model factory {spec!r} raised {type(e).__name__}: {msg}") from None
+        raise SlimError(f"model factory {spec!r} raised {type(e).__name__}{_user_frame(e.__traceback__)}: {msg}") from e
     if not isinstance(model, nn.Module):
         raise SlimError(f"model factory {spec!r} returned {type(model).__name__}, not an nn.Module")
     return model
+
+
+def check_num_classes(out_features: int, num_classes: int, spec: str) -> None:
+    """One line naming ``[model] factory`` and both numbers when the model's output size is not the class count."""
+    if out_features != num_classes:
+        raise SlimError(
+            f"[model] factory {spec!r} outputs {out_features} classes but the data has {num_classes}; "
+            f"declare a num_classes parameter in the factory (it is passed {num_classes}) or set [model] num_classes"
+        )
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

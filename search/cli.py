@@ -387,7 +387,8 @@ def cmd_train(a: argparse.Namespace) -> int:
         raise SlimError(f"--device {a.device}: CUDA is not available on this machine")
     splits = load_splits(a.data, a.root, val_size, a.seed)
     model = build_model(a.model, num_classes=a.num_classes or splits.train.num_classes,
-                        in_channels=splits.train.in_channels).to(a.device)  # fmt: skip
+                        in_channels=splits.train.in_channels, input_size=splits.train.image_size,
+                        search_dir=Path.cwd()).to(a.device)  # fmt: skip
     cfg = FinetuneConfig(epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, seed=a.seed)
     print(f"training {a.model} on {a.data} ({len(splits.train)} train / {len(splits.val)} val) for {a.epochs:g} epochs")
     t0 = time.perf_counter()

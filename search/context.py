@@ -136,11 +136,13 @@ def build_baseline(cfg: StudyConfig, splits: Any) -> nn.Module:
     if m.module is not None:  # given in Python: a copy, so pre-training and eval() leave the caller's alone
         return copy.deepcopy(m.module)
     num_classes = m.num_classes or splits.train.num_classes
-    in_channels = m.in_channels or splits.train.in_channels
+    _, in_channels, h, w = input_shape_for(cfg, splits)
+    study_dir = Path(cfg.path).resolve().parent if Path(cfg.path).is_file() else None
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.study.seed)  # same initial weights in every process (pre-training)
-            return build_model(m.factory, num_classes=num_classes, in_channels=in_channels)
+            return build_model(m.factory, num_classes=num_classes, in_channels=in_channels,
+                               input_size=h if h == w else (h, w), search_dir=study_dir)  # fmt: skip
     except SlimError as e:
         raise SlimError(f"{cfg.path}: [model] factory: {e}") from None
 
@@ -197,6 +199,7 @@ def build_study_context(cfg: StudyConfig, *, log: Log | None = None, allow_pretr
     splits = load_data(cfg)
     model = build_baseline(cfg, splits)
     shape = input_shape_for(cfg, splits)
+    classes = cfg.model.num_classes or splits.train.num_classes
     source: Path | None
     if cfg.model.checkpoint is not None:
         source = cfg.model.checkpoint
@@ -208,7 +211,7 @@ def build_study_context(cfg: StudyConfig, *, log: Log | None = None, allow_pretr
         if source.is_file():
             _load(model, source, cfg, f"pretrained baseline (delete {source} to retrain it)")
         elif allow_pretrain:
-            check_forward(model, shape, cfg)
+            check_forward(model, shape, cfg, classes)
             try:  # the space depends on the structure only: a bad [space] must fail before training writes
                 SearchSpace.build(model, cfg.space, shape)
             except SlimError as e:
@@ -217,7 +220,7 @@ def build_study_context(cfg: StudyConfig, *, log: Log | None = None, allow_pretr
         else:
             raise SlimError(f"{cfg.path}: no baseline at {source}; start the study with `slimsearch run` first")
     model.eval()
-    check_forward(model, shape, cfg)
+    check_forward(model, shape, cfg, classes)
     c = cfg.constraint
     try:
         # In-memory result cache here; the runner attaches the persistent one once the input is valid.
@@ -237,8 +240,9 @@ def latency_layout(cfg: StudyConfig) -> str:
     return "contiguous" if cfg.export.memory_format == "auto" else cfg.export.memory_format
 
 
-def check_forward(model: nn.Module, shape: tuple[int, ...], cfg: StudyConfig) -> None:
-    """One forward pass on zeros, so a model/data mismatch is reported before any search starts."""
+def check_forward(model: nn.Module, shape: tuple[int, ...], cfg: StudyConfig, num_classes: int | None = None) -> None:
+    """One forward pass on zeros, so a model/data mismatch (input shape, ``num_classes`` outputs) is reported
+    before any search starts."""
     try:
         with torch.no_grad():
             was = model.training
@@ -252,3 +256,10 @@ def check_forward(model: nn.Module, shape: tuple[int, ...], cfg: StudyConfig) ->
         raise SlimError(
             f"{cfg.path}: [model] {cfg.model.factory} returns shape {list(out.shape)}, expected [batch, classes]"
         )
+    if num_classes is not None:
+        from slimsearch.core.models import check_num_classes
+
+        try:
+            check_num_classes(int(out.shape[1]), num_classes, cfg.model.factory)
+        except SlimError as e:
+            raise SlimError(f"{cfg.path}: {e}") from None
