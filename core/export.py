@@ -15,7 +15,8 @@ sees a half-written export; an existing directory is replaced only after the new
   zoo model's, so rebuild the architecture first: ``load_state(base_model, dir)`` re-applies
   ``policy.json`` to the base model (same architecture and original weights, which fix the EVBMF ranks
   and hence the shapes) and loads ``model.pt`` into it.
-- ``policy.json``, ``metrics.json``, ``manifest.json`` (files, input shape, torch version) and
+- ``policy.json``, ``metrics.json``, ``manifest.json`` (files, input shape, torch version, and the input
+  pipeline under ``preprocessing``: channel order, size, mean/std, class names, dataset) and
   ``check.pt`` (an input and the expected output, used to verify reloads).
 
 Every exported program is reloaded and compared with the model's own output before the directory is
@@ -142,11 +143,13 @@ def export_model(
     *,
     atol: float = 1e-5,
     memory_format: str = "contiguous",
+    preprocessing: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Write ``model`` in ``formats`` (torchscript, torchscript-frozen, pt2, state; by default all but the frozen
     one) plus policy/metrics/manifest JSON to ``out_dir`` atomically; return format -> file path. ``model`` is
     not modified (a copy is exported in eval mode). ``example_input`` (tensor or shape, batch first) defaults to 1×C×32×32.
-    ``memory_format`` (``MEMORY_FORMATS``): how the TorchScript programs lay out their weights (module docstring)."""
+    ``memory_format`` (``MEMORY_FORMATS``): how the TorchScript programs lay out their weights (module docstring).
+    ``preprocessing`` (``core.preprocess.preprocessing``): how to feed the programs an image, kept in the manifest."""
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
         raise SlimError(f"export: unknown format {bad[0] if bad else '(none)'!r}; allowed: {', '.join(FORMATS)}")
@@ -188,6 +191,8 @@ def export_model(
             "torch": torch.__version__,
             "self_contained": [f for f in written if f != "state"],
         }
+        if preprocessing is not None:
+            manifest["preprocessing"] = dict(preprocessing)
         (tmp / "manifest.json").write_text(_json(manifest) + "\n")
         _publish(tmp, out)
     finally:

@@ -384,4 +384,13 @@ def write_export(
         metrics["test_acc"] = evaluate(copy.deepcopy(model).to(sctx.eval_ctx.device), sctx.splits.test)
         metrics["base_test_acc"] = evaluate(sctx.eval_ctx.teacher(), sctx.splits.test)
     return export_model(model, policy, out, fmts, example_input=sctx.input_shape, metrics=metrics,
-                        memory_format=metrics["memory_format"])  # fmt: skip
+                        memory_format=metrics["memory_format"], preprocessing=study_preprocessing(sctx))  # fmt: skip
+
+
+def study_preprocessing(sctx: Any) -> dict[str, Any]:
+    """The input pipeline of the study's training data, for the export's manifest (``core.preprocess``)."""
+    from slimsearch.core.preprocess import preprocessing
+
+    d, train = sctx.cfg.data, sctx.splits.train
+    return preprocessing(sctx.input_shape, train.mean, train.std, train.classes, d.dataset,
+                         str(d.root) if d.root is not None else None)  # fmt: skip
