@@ -1,4 +1,4 @@
-"""``slimsearch`` command line: run / worker / status / report / export / method / train / cost.
+"""``slimsearch`` command line: run / worker / status / report / export / method / train / cost / space.
 
 Studies with ``[study] backend = "ray"`` (or run with ``--ray-address``) run on Ray Tune; status, report
 and export then read the Ray results (``search.runner.uses_ray``).
@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--num-classes", type=_positive_int)
     t.add_argument("--device", default="cpu", help="cpu | cuda")
+
+    sp = sub.add_parser("space", help="the whole search space: layers, coupled groups, choices, exclusions and why")
+    sp.add_argument("study", type=Path)
 
     c = sub.add_parser("cost", help="MACs, FLOPs, params and CPU latency of a model")
     c.add_argument("model")
@@ -453,8 +456,27 @@ def cmd_cost(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_space(a: argparse.Namespace) -> int:
+    """Build the study's space on its (untrained) model: needs the data and the factory, no checkpoint or training."""
+    from slimsearch.search.context import build_baseline, check_forward, input_shape_for, load_data
+    from slimsearch.spaces.describe import describe_space
+    from slimsearch.spaces.space import SearchSpace
+
+    cfg = _load(a.study)
+    splits = load_data(cfg)
+    model, shape = build_baseline(cfg, splits), input_shape_for(cfg, splits)
+    check_forward(model, shape, cfg, cfg.model.num_classes or splits.train.num_classes)
+    try:
+        space = SearchSpace.build(model, cfg.space, shape)
+    except SlimError as e:
+        raise SlimError(f"{a.study}: {e}") from None
+    print(f"model {cfg.model.factory}, input {'x'.join(map(str, shape[1:]))}")
+    print(describe_space(space))
+    return 0
+
+
 COMMANDS = {"run": cmd_run, "worker": cmd_worker, "status": cmd_status, "report": cmd_report, "export": cmd_export,
-            "method": cmd_method, "train": cmd_train, "cost": cmd_cost}  # fmt: skip
+            "method": cmd_method, "train": cmd_train, "cost": cmd_cost, "space": cmd_space}  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

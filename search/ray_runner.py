@@ -765,6 +765,9 @@ def run_ray(
     driver_cfg = cfg.with_device("cpu" if cfg.study.device == "cpu" else "auto")
     sctx = build_study_context(driver_cfg, log=log)  # validates input; pre-trains and caches the baseline if asked
     sctx.latency_info(log)  # a latency bound's table: measured (or loaded) before any write or worker
+    from slimsearch.spaces.describe import log_exclusions
+
+    log_exclusions(sctx.space, log)  # once per run: which conv layers the search leaves alone, and why
     exp_dir = ray_experiment_dir(cfg)
     resumable = _resumable(exp_dir)
     meta = _read_meta(ray_meta_path(cfg)) if resumable else {}

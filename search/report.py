@@ -188,42 +188,74 @@ def plot_policy(trial: FrozenTrial, info: dict[str, Any], path: Path, title: str
     return plot_policy_values(policy, trial.user_attrs, info, path, title)
 
 
+def policy_rows(policy: Any, layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per conv layer (depth order) for the policy chart: ``rate`` (fraction of filters removed),
+    ``label``, ``kind`` (none, cp, tucker, or ``excluded`` for a layer the search leaves alone, with its
+    ``reason``): an excluded layer is not a 0 % choice."""
+    rows = []
+    for layer in layers:
+        name, n = layer["name"], layer.get("out_channels")
+        if name not in policy.layers:
+            rows.append({"name": name, "rate": 0.0, "kind": "excluded", "label": f"{n}/{n}" if n else "",
+                         "reason": layer.get("excluded") or "not searched"})  # fmt: skip
+            continue
+        lp = policy.get(name)
+        keep = lp.keep_count(n) if n else None
+        lab = f"{keep}/{n}" if n else ""
+        if lp.decomposition != "none":
+            lab += f" {lp.decomposition}" + (f" r{lp.rank_ratio:.2f}" if lp.rank_ratio is not None else "")
+        rows.append({"name": name, "rate": 1.0 - keep / n if n else lp.prune_rate, "kind": lp.decomposition,
+                     "label": lab, "reason": None})  # fmt: skip
+    return rows
+
+
+COLORS = {"none": "tab:blue", "cp": "tab:green", "tucker": "tab:purple", "excluded": "0.85"}
+
+
+def policy_figure(rows: list[dict[str, Any]], title: str) -> Any:
+    """The policy chart as a matplotlib figure: one horizontal bar per layer, top to bottom in depth order, so
+    that 60 layers stay readable (the height grows with the count); excluded layers are a grey row saying so."""
+    plt = _plt()
+    from matplotlib.patches import Patch
+
+    n = len(rows)
+    fig, ax = plt.subplots(figsize=(9.5, max(3.5, 0.2 * n + 1.6)), dpi=120)
+    y = np.arange(n)
+    for yi, r in zip(y, rows, strict=True):
+        if r["kind"] == "excluded":
+            ax.axhspan(yi - 0.45, yi + 0.45, color=COLORS["excluded"], zorder=0)
+            ax.text(0.005, yi, f"excluded: {r['reason']}", va="center", fontsize=6, color="0.3", style="italic")
+        else:
+            ax.barh(yi, r["rate"], color=COLORS[r["kind"]], edgecolor="black", linewidth=0.5,
+                    hatch="" if r["kind"] == "none" else "//")  # fmt: skip
+            ax.text(r["rate"] + 0.01, yi, r["label"], va="center", fontsize=6)
+    ax.set_yticks(y, [r["name"] for r in rows], fontsize=7)
+    for tick, r in zip(ax.get_yticklabels(), rows, strict=True):
+        if r["kind"] == "excluded":
+            tick.set_color("0.45")
+    ax.set_ylim(n - 0.5, -0.5)  # first layer on top
+    ax.set_xlim(0, 1.25)
+    ax.set_xlabel("fraction of filters removed (labels: kept / total filters)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(handles=[Patch(color=COLORS["none"], label="pruned only"),
+                       Patch(facecolor=COLORS["cp"], hatch="//", label="CP"),
+                       Patch(facecolor=COLORS["tucker"], hatch="//", label="Tucker-2"),
+                       Patch(color=COLORS["excluded"], label="excluded from the search")],
+              fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # fmt: skip
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 def plot_policy_values(policy: Any, ua: dict[str, Any], info: dict[str, Any], path: Path, title: str) -> Path:
     """``plot_policy`` for a Policy and its metrics (val_acc, macs, macs_ratio) from any backend."""
     plt = _plt()
     layers = info.get("layers") or [{"name": n, "out_channels": None} for n in policy.layers]
-    names = [layer["name"] for layer in layers]
-    rates, labels, colors, hatches = [], [], [], []
-    for layer in layers:
-        lp = policy.get(layer["name"])
-        n = layer.get("out_channels")
-        keep = lp.keep_count(n) if n else None
-        rates.append(1.0 - keep / n if n else lp.prune_rate)
-        lab = f"{keep}/{n}" if n else ""
-        if lp.decomposition != "none":
-            rr = f" r{lp.rank_ratio:.2f}" if lp.rank_ratio is not None else ""
-            lab += f"\n{lp.decomposition}{rr}"
-        labels.append(lab)
-        colors.append({"none": "tab:blue", "cp": "tab:green", "tucker": "tab:purple"}[lp.decomposition])
-        hatches.append("" if lp.decomposition == "none" else "//")
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.38 * len(names) + 2), 4.5), dpi=120)
-    x = np.arange(len(names))
-    bars = ax.bar(x, rates, color=colors, edgecolor="black", linewidth=0.5)
-    for b, h in zip(bars, hatches, strict=True):
-        b.set_hatch(h)
-    for xi, r, lab in zip(x, rates, labels, strict=True):
-        ax.text(xi, r + 0.01, lab, ha="center", va="bottom", fontsize=6, rotation=90 if len(names) > 24 else 0)
-    ax.set_xticks(x, names, rotation=90, fontsize=7)
-    ax.set_ylim(0, 1.15)
-    ax.set_ylabel("fraction of filters removed\n(bar labels: kept / total filters)")
-    sub = f"val_acc {ua.get('val_acc', float('nan')):.4f}, MACs {fmt_count(ua.get('macs', 0))} ({ua.get('macs_ratio', float('nan')):.1%})"
-    ax.set_title(f"{title}\n{sub}", fontsize=10)
-    from matplotlib.patches import Patch
-
-    ax.legend(handles=[Patch(color="tab:blue", label="pruned only"), Patch(color="tab:green", hatch="//", label="CP"),
-                       Patch(color="tab:purple", hatch="//", label="Tucker-2")], fontsize=7, loc="upper right")  # fmt: skip
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
+    rows = policy_rows(policy, layers)
+    searched = sum(r["kind"] != "excluded" for r in rows)
+    sub = (f"{searched} of {len(rows)} conv layers searched; val_acc {ua.get('val_acc', float('nan')):.4f}, "
+           f"MACs {fmt_count(ua.get('macs', 0))} ({ua.get('macs_ratio', float('nan')):.1%})")  # fmt: skip
+    fig = policy_figure(rows, f"{title}\n{sub}")
     fig.savefig(path)
     plt.close(fig)
     return path

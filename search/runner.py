@@ -623,7 +623,9 @@ def trial_loop(
 
 def study_info(sctx: Any) -> dict[str, Any]:
     """What status/report need without rebuilding the model: baseline cost, bound, layer shapes."""
-    e = sctx.eval_ctx
+    from slimsearch.spaces.describe import exclusions
+
+    e, excluded = sctx.eval_ctx, exclusions(sctx.space)
     return {
         "base": {
             "macs": int(e.base.macs),
@@ -639,6 +641,7 @@ def study_info(sctx: Any) -> dict[str, Any]:
                 "out_channels": int(i.out_channels),
                 "prunable": bool(i.prunable),
                 "decomposable": bool(i.decomposable),
+                "excluded": excluded.get(i.name),  # why the search leaves it alone (None: searched)
             }  # fmt: skip
             for i in sctx.space.all_layers
         ],
@@ -871,6 +874,9 @@ def run_study(
     check_sqlite_target(cfg)
     sctx = build_study_context(cfg, log=log)
     sctx.latency_info(log)  # a latency bound's table: measured (or loaded) before any write or worker
+    from slimsearch.spaces.describe import log_exclusions
+
+    log_exclusions(sctx.space, log)  # once per run: which conv layers the search leaves alone, and why
     storage = storage or open_storage(cfg)
     _attach_cache(sctx, cfg)
     study = prepare_study(cfg, sctx, storage, log=log)
