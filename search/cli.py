@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("study", type=Path)
 
     c = sub.add_parser("cost", help="MACs, FLOPs, params and CPU latency of a model")
-    c.add_argument("model")
+    c.add_argument("model", help="zoo name, pkg.module:fn, or an exported .pt2 / TorchScript file")
     c.add_argument("--input-shape", help="C,H,W or N,C,H,W (default: 3x32x32; 1x8x8 for smallcnn)")
     c.add_argument("--checkpoint", type=Path)
     c.add_argument("--num-classes", type=_positive_int, default=10)
@@ -428,13 +428,16 @@ def _shape(text: str | None, model: Any, name: str) -> tuple[int, ...]:
 
 def cmd_cost(a: argparse.Namespace) -> int:
     import torch
-    from slimsearch.core.cost import count_cost, measure_latency
+    from slimsearch.core.cost import count_cost
     from slimsearch.core.models import build_model, load_checkpoint
+    from slimsearch.core.program import looks_like_program
 
+    if looks_like_program(a.model):
+        return _cost_of_program(a)
     in_ch = None
     if a.input_shape:
         in_ch = _shape(a.input_shape, None, a.model)[1]
-    model = build_model(a.model, num_classes=a.num_classes, in_channels=in_ch)
+    model = build_model(a.model, num_classes=a.num_classes, in_channels=in_ch, search_dir=Path.cwd())
     if a.checkpoint is not None:
         load_checkpoint(model, a.checkpoint)
     shape = _shape(a.input_shape, model, a.model)
@@ -445,15 +448,47 @@ def cmd_cost(a: argparse.Namespace) -> int:
     except Exception as e:
         raise SlimError(f"{a.model} fails on input {list(shape)}: {str(e).splitlines()[0][:200]}") from None
     cost = count_cost(model, shape)
-    lat1 = measure_latency(model, shape, batch_size=1, threads=a.threads)
-    lat64 = measure_latency(model, shape, batch_size=64, threads=a.threads, repeats=5, warmup=1)
-    print(f"model   {a.model}   input {'x'.join(map(str, shape))}")
-    print(f"MACs    {cost.macs / 1e6:10.3f} M  ({cost.macs:,} multiply-accumulates per image)")
-    print(f"FLOPs   {cost.flops / 1e6:10.3f} M  (= 2 x MACs)")
-    print(f"params  {cost.params / 1e6:10.3f} M  ({cost.params:,})")
-    print(f"latency {lat1.median_ms:10.3f} ms at batch 1,  {lat64.median_ms:.2f} ms at batch 64 "
-          f"({lat64.median_ms / 64:.3f} ms/image; CPU, {a.threads} thread{'s' if a.threads > 1 else ''}, median)")  # fmt: skip
+    _print_cost(a.model, model, shape, cost.macs, cost.params, a.threads)
     return 0
+
+
+def _cost_of_program(a: argparse.Namespace) -> int:
+    """``slimsearch cost FILE``: MACs, params and latency of an exported TorchScript / .pt2 program."""
+    import torch
+    from slimsearch.core.cost import count_cost
+    from slimsearch.core.program import load_program
+
+    if a.checkpoint is not None:
+        raise SlimError(f"--checkpoint applies to a model name, not to the exported file {a.model}")
+    prog = load_program(a.model)
+    if a.input_shape:
+        shape = _shape(a.input_shape, None, a.model)
+    elif prog.input_shape is not None:
+        shape = prog.input_shape
+    else:
+        raise SlimError(f"{a.model}: give --input-shape C,H,W (no manifest.json with an input shape next to it)")
+    try:
+        with torch.no_grad():
+            prog.module(torch.zeros(shape))
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise SlimError(f"{a.model} fails on input {list(shape)}: {first}") from None
+    macs = count_cost(prog.module, shape).macs
+    _print_cost(f"{a.model} ({prog.kind})", prog.module, shape, macs, prog.params, a.threads)
+    return 0
+
+
+def _print_cost(name: str, model: Any, shape: tuple[int, ...], macs: int, params: int, threads: int) -> None:
+    from slimsearch.core.cost import measure_latency
+
+    lat1 = measure_latency(model, shape, batch_size=1, threads=threads)
+    lat64 = measure_latency(model, shape, batch_size=64, threads=threads, repeats=5, warmup=1)
+    print(f"model   {name}   input {'x'.join(map(str, shape))}")
+    print(f"MACs    {macs / 1e6:10.3f} M  ({macs:,} multiply-accumulates per image)")
+    print(f"FLOPs   {2 * macs / 1e6:10.3f} M  (= 2 x MACs)")
+    print(f"params  {params / 1e6:10.3f} M  ({params:,})")
+    print(f"latency {lat1.median_ms:10.3f} ms at batch 1,  {lat64.median_ms:.2f} ms at batch 64 "
+          f"({lat64.median_ms / 64:.3f} ms/image; CPU, {threads} thread{'s' if threads > 1 else ''}, median)")  # fmt: skip
 
 
 def cmd_space(a: argparse.Namespace) -> int:
