@@ -411,13 +411,15 @@ class _Listing:
     stats: str  # "count|total size|newest mtime" of the files and folders
 
 
-def _cache_key(root: Path, fingerprint: str, frozen: bool) -> str:
+def _cache_key(root: Path, fingerprint: str, frozen: bool, size: tuple[int, int] | None = None) -> str:
     """Cache file stem ``<hash of path>-<hash of path and content fingerprint>``; the prefix finds stale files.
 
-    ``frozen`` (caller-given fingerprints) get their own prefix so the two kinds never evict each other.
+    ``frozen`` (caller-given fingerprints) get their own prefix so the two kinds never evict each other, and so
+    does each resize ``size`` (one cache per size: a study at another image_size keeps the first one's).
     """
     resolved = str(root.resolve())
-    prefix = _digest(f"{'frozen' if frozen else 'stat'}|{resolved}", 12)
+    sized = "" if size is None else f"|{size[0]}x{size[1]}"
+    prefix = _digest(f"{'frozen' if frozen else 'stat'}|{resolved}{sized}", 12)
     return f"{prefix}-{_digest(f'v{_CACHE_VERSION}|{resolved}|{fingerprint}')}"
 
 
@@ -452,23 +454,29 @@ def _list_image_folder(root: Path) -> _Listing:
     return _Listing(root, classes, tuple(files), np.asarray(labels, dtype=np.int64), f"{len(files)}|{total}|{newest}")
 
 
-def _decode(path: str) -> np.ndarray:
+def _decode(path: str, size: tuple[int, int] | None = None) -> np.ndarray:
+    """H×W×3 RGB uint8 of one image file; resized (bilinear) to ``size`` = (H, W) when given and different."""
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+            rgb = im.convert("RGB")
+            if size is not None and rgb.size != (size[1], size[0]):
+                rgb = rgb.resize((size[1], size[0]), Image.BILINEAR)
+            return np.asarray(rgb)
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... on corrupt files
         raise SlimError(f"cannot decode image {path}: {_one_line(e)}") from None
 
 
-def _decode_chunk(paths: list[str], first: str, shape: tuple[int, ...]) -> np.ndarray:
+def _decode_chunk(
+    paths: list[str], first: str, shape: tuple[int, ...], size: tuple[int, int] | None = None
+) -> np.ndarray:
     """Decode ``paths`` into one H×W×3 array per image; every image must have the shape of ``first``."""
     out = np.empty((len(paths), *shape), dtype=np.uint8)
     for i, p in enumerate(paths):
-        a = _decode(p)
+        a = _decode(p, size)
         if a.shape != shape:
             raise SlimError(
                 f"image {p} is {a.shape[1]}x{a.shape[0]} but {first} is {shape[1]}x{shape[0]}; "
-                "all images must have one size"
+                "all images must have one size, or set [data] image_size = [H, W] to resize them"
             )
         out[i] = a
     return out
@@ -484,19 +492,20 @@ def _workers() -> int:
     return min(cpus, 8)
 
 
-def _decode_all(files: tuple[str, ...]) -> np.ndarray:
-    """N×3×H×W uint8 of all files; a process pool over chunks when there are many (PIL decoding holds the GIL)."""
+def _decode_all(files: tuple[str, ...], size: tuple[int, int] | None = None) -> np.ndarray:
+    """N×3×H×W uint8 of all files (resized to ``size``, when given); a process pool over chunks when there are
+    many (PIL decoding holds the GIL)."""
     first = files[0]
-    shape = _decode(first).shape
+    shape = _decode(first, size).shape
     chunks = [list(files[i : i + _DECODE_CHUNK]) for i in range(0, len(files), _DECODE_CHUNK)]
     workers = min(_workers(), len(chunks))
     if workers > 1 and len(files) >= _PARALLEL_MIN_FILES:
         # fork: workers need only PIL and numpy, and must not pay for re-importing torch.
         ctx = multiprocessing.get_context("fork") if "fork" in multiprocessing.get_all_start_methods() else None
         with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            parts = list(pool.map(_decode_chunk, chunks, repeat(first), repeat(shape)))
+            parts = list(pool.map(_decode_chunk, chunks, repeat(first), repeat(shape), repeat(size)))
     else:
-        parts = [_decode_chunk(c, first, shape) for c in chunks]
+        parts = [_decode_chunk(c, first, shape, size) for c in chunks]
     x = np.empty((len(files), shape[2], shape[0], shape[1]), dtype=np.uint8)
     start = 0
     for part in parts:
@@ -539,23 +548,27 @@ def _write_cache(key: str, root: Path, ds: Dataset) -> None:
                 old.unlink()
 
 
-def load_image_folder(root: str | Path, fingerprint: str | None = None) -> Dataset:
+def load_image_folder(
+    root: str | Path, fingerprint: str | None = None, image_size: tuple[int, int] | None = None
+) -> Dataset:
     """Images under ``root/<class>/*.{jpg,jpeg,png}`` as RGB uint8; labels follow sorted class names.
 
     Decoded once, then cached under ``cache_dir()`` keyed by (resolved path, file count, total size,
     newest mtime): adding, removing or touching a file invalidates the cache. A caller that knows the
     folder is immutable (an extracted archive) passes its own ``fingerprint`` instead, so a cached load
-    need not stat every file. mean/std are this folder's per-channel statistics.
+    need not stat every file. mean/std are this folder's per-channel statistics. ``image_size`` = (H, W)
+    resizes every image (bilinear) as it is decoded; each size has its own cache.
     """
     p = _existing(root, "image folder")
-    if fingerprint is not None and (hit := _read_cached(_cache_key(p, fingerprint, True), p.name)) is not None:
+    size = None if image_size is None else (int(image_size[0]), int(image_size[1]))
+    if fingerprint is not None and (hit := _read_cached(_cache_key(p, fingerprint, True, size), p.name)) is not None:
         return hit
     listing = _list_image_folder(p)
-    key = _cache_key(p, listing.stats, False) if fingerprint is None else _cache_key(p, fingerprint, True)
+    key = _cache_key(p, listing.stats if fingerprint is None else fingerprint, fingerprint is not None, size)
     hit = _read_cached(key, p.name)
     if hit is not None and hit.classes == listing.classes and np.array_equal(hit.y.numpy(), listing.labels):
         return hit
-    x = torch.from_numpy(_decode_all(listing.files))
+    x = torch.from_numpy(_decode_all(listing.files, size))
     mean, std = channel_stats(x)
     ds = Dataset(x, torch.from_numpy(listing.labels), listing.classes, mean, std, p.name)
     _write_cache(key, p, ds)
@@ -626,28 +639,62 @@ def _resolve_root(root: Path) -> tuple[Path, str | None]:
         return root, archive_id
 
 
-def load_train_test(root: str | Path) -> tuple[Dataset, Dataset | None]:
-    """(train, test) from a CIFAR pickle folder, a folder with train/ (and test/) image folders,
-    a folder of class folders (train only: test is None), or an archive holding any of these.
+SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
 
-    Image-folder test sets are normalised with the train set's mean/std.
+
+def split_folders(root: Path) -> dict[str, Path]:
+    """The split sub-folders of ``root`` (``SPLIT_FOLDERS``: train/, val/ (or valid/, validation/), test/) that exist."""
+    found: dict[str, Path] = {}
+    for split, names in SPLIT_FOLDERS.items():
+        hits = [root / n for n in names if (root / n).is_dir()]
+        if len(hits) > 1:
+            raise SlimError(f"{root} has both {hits[0].name}/ and {hits[1].name}/; keep one validation folder")
+        if hits:
+            found[split] = hits[0]
+    return found
+
+
+def load_layout(
+    root: str | Path, image_size: tuple[int, int] | None = None
+) -> tuple[Dataset, Dataset | None, Dataset | None]:
+    """(train, val, test) from a CIFAR pickle folder, a folder with train/ and any of val/, test/ (class folders
+    in each), a folder of class folders (train only), or an archive holding any of these. val and test are None
+    when absent. Image-folder val and test sets are normalised with the train set's mean/std and must have its
+    class folders. ``image_size`` = (H, W) resizes image folders as they are decoded (``load_image_folder``).
     """
     p, archive_id = _resolve_root(_existing(root, "data path"))
     if _pickle_kind(p):
-        return load_cifar_pickle(p)
+        if image_size is not None:
+            raise SlimError(f"{p} holds CIFAR pickles (32x32 arrays): image_size applies to image folders")
+        train, test = load_cifar_pickle(p)
+        return train, None, test
 
     def folder(sub: Path) -> Dataset:
-        return load_image_folder(sub, None if archive_id is None else f"archive:{archive_id}:{sub.name}")
+        return load_image_folder(sub, None if archive_id is None else f"archive:{archive_id}:{sub.name}", image_size)
 
-    if not (p / "train").is_dir():
-        return folder(p), None
-    train = dataclasses.replace(folder(p / "train"), name=p.name)
-    if not (p / "test").is_dir():
-        return train, None
-    test = folder(p / "test")
-    if test.classes != train.classes:
-        raise SlimError(f"class folders differ between {p / 'train'} and {p / 'test'}")
-    return train, dataclasses.replace(test, mean=train.mean, std=train.std, name=p.name)
+    splits = split_folders(p)
+    if "train" not in splits:
+        if splits:
+            names = ", ".join(f"{d.name}/" for d in splits.values())
+            raise SlimError(f"{p} has {names} but no train/ folder (train/ is needed next to val/ or test/)")
+        return folder(p), None, None
+    train = dataclasses.replace(folder(splits["train"]), name=p.name)
+    out: list[Dataset | None] = []
+    for split in ("val", "test"):
+        if split not in splits:
+            out.append(None)
+            continue
+        ds = folder(splits[split])
+        if ds.classes != train.classes:
+            raise SlimError(f"class folders differ between {splits['train']} and {splits[split]}")
+        out.append(dataclasses.replace(ds, mean=train.mean, std=train.std, name=p.name))
+    return train, out[0], out[1]
+
+
+def load_train_test(root: str | Path) -> tuple[Dataset, Dataset | None]:
+    """(train, test) of ``load_layout`` (a val/ folder is left out: use ``load_layout`` or ``load_splits``)."""
+    train, _, test = load_layout(root)
+    return train, test
 
 
 # ----------------------------------------------------------------------------- splits
@@ -688,25 +735,33 @@ def split_train_val(ds: Dataset, val_size: int | float, seed: int = 0) -> tuple[
 
 
 def load_splits(
-    dataset: str = "digits", root: str | Path | None = None, val_size: int | float = 0.1, seed: int = 0
+    dataset: str = "digits",
+    root: str | Path | None = None,
+    val_size: int | float = 0.1,
+    seed: int = 0,
+    image_size: tuple[int, int] | None = None,
 ) -> DataSplits:
     """Train/val/test for a study. val comes out of the train set (by ``seed``); search scores on val only.
 
     digits/synthetic: a fixed 20 % test split (seed 0), then val from the rest. cifar10/cifar100/
-    imagefolder: ``root`` is a pickle folder, an image folder (with train/ and test/ or class folders
-    only: no test) or an archive of one. CIFAR uses ImageNet mean/std (what the pretrained checkpoints
-    expect); other image folders use their train set's per-channel statistics.
+    imagefolder: ``root`` is a pickle folder, an image folder (train/ with any of val/ and test/, or class
+    folders only: no test) or an archive of one; an explicit val/ folder is the val split (``val_size`` is
+    then unused). CIFAR uses ImageNet mean/std (what the pretrained checkpoints expect); other image folders
+    use their train set's per-channel statistics. ``image_size`` = (H, W): image folders resized on decode.
     """
     if dataset not in DATASETS:
         raise SlimError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
     test: Dataset | None
+    val: Dataset | None = None
     if dataset in ("digits", "synthetic"):
+        if image_size is not None:
+            raise SlimError(f"image_size applies to image folders, not to the built-in {dataset} dataset")
         full = load_digits_dataset() if dataset == "digits" else load_synthetic()
         train, test = split_train_val(full, 0.2, seed=0)
     else:
         if root is None:
             raise SlimError(f"dataset {dataset} needs a data root (pickle folder, image folder or archive)")
-        train, test = load_train_test(root)
+        train, val, test = load_layout(root, image_size)
         if dataset != "imagefolder":
             want = 10 if dataset == "cifar10" else 100
             if train.num_classes != want:
@@ -714,5 +769,25 @@ def load_splits(
             train = dataclasses.replace(train, mean=IMAGENET_MEAN, std=IMAGENET_STD, name=dataset)
             if test is not None:
                 test = dataclasses.replace(test, mean=IMAGENET_MEAN, std=IMAGENET_STD, name=dataset)
-    train, val = split_train_val(train, val_size, seed)
+            if val is not None:
+                val = dataclasses.replace(val, mean=IMAGENET_MEAN, std=IMAGENET_STD, name=dataset)
+    if val is None:
+        train, val = split_train_val(train, val_size, seed)
+    else:
+        val = interleave_classes(val, seed)
     return DataSplits(train, val, test)
+
+
+def interleave_classes(ds: Dataset, seed: int = 0) -> Dataset:
+    """All of ``ds`` in split_train_val's val order: classes interleaved by a seeded permutation, so any prefix
+    (a search's val subset) is class-balanced, as a val split cut from train is."""
+    n = len(ds)
+    perm = np.random.default_rng(seed).permutation(n)
+    y = ds.y.numpy()[perm]
+    counts = np.bincount(y)
+    seen = np.zeros_like(counts)
+    rank = np.empty(n, dtype=np.float64)
+    for i, c in enumerate(y):  # rank of each image within its class, in permuted order
+        rank[i], seen[c] = seen[c], seen[c] + 1
+    key = (rank + 0.5) / counts[y]
+    return ds.subset(torch.from_numpy(perm[np.lexsort((np.arange(n), key))]))

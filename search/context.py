@@ -115,7 +115,7 @@ def load_data(cfg: StudyConfig) -> Any:
     if d.splits is not None:  # given in Python (slimsearch.load_study(..., data=...))
         return d.splits
     try:
-        return load_splits(d.dataset, d.root, d.val_size, d.seed)
+        return load_splits(d.dataset, d.root, d.val_size, d.seed, image_size=d.image_size)
     except SlimError as e:
         raise SlimError(f"{cfg.path}: [data]: {e}") from None
 
@@ -124,8 +124,9 @@ def input_shape_for(cfg: StudyConfig, splits: Any) -> tuple[int, int, int, int]:
     """(1, C, H, W) from the data, with [model] in_channels / input_size overriding."""
     ds = splits.train
     c = cfg.model.in_channels or ds.in_channels
-    hw = cfg.model.input_size or ds.image_size
-    return (1, int(c), int(hw), int(hw))
+    if cfg.model.input_size:
+        return (1, int(c), int(cfg.model.input_size), int(cfg.model.input_size))
+    return (1, int(c), int(ds.x.shape[-2]), int(ds.x.shape[-1]))
 
 
 def build_baseline(cfg: StudyConfig, splits: Any) -> nn.Module:

@@ -166,7 +166,7 @@ DATA_KEYS: tuple[Key, ...] = (
         "choice",
         "digits",
         "`digits` (scikit-learn's 8x8 digits, shipped), `synthetic`, `cifar10`, "
-        "`cifar100`, `imagefolder` (class folders, or train/ and test/); the last three need `root`",
+        "`cifar100`, `imagefolder` (class folders, or train/ with any of val/ and test/); the last three need `root`",
         choices=DATASETS,
     ),
     Key(
@@ -181,11 +181,20 @@ DATA_KEYS: tuple[Key, ...] = (
         "count_or_fraction",
         0.1,
         "images taken out of the train split for validation (search scores "
-        "use val only; the test split only reports the export)",
+        "use val only; the test split only reports the export); unused with an explicit val/ folder",
         lo=1,
         hi=10_000_000,
     ),
     Key("seed", "int", 0, "seed of the train/val split", lo=0, hi=SEED_MAX),
+    Key(
+        "image_size",
+        "floats",
+        None,
+        "`[H, W]`: resize every image of an image folder (bilinear) as it is first decoded; each size is "
+        "cached separately (without it, images of different sizes are refused)",
+        lo=1,
+        hi=4096,
+    ),
 )
 
 SEEDS_KEYS: tuple[Key, ...] = (

@@ -111,6 +111,7 @@ class DataSection:
     seed: int = 0
     # A core.data.DataSplits given in Python (``slimsearch.load_study(..., data=splits)``) in place of dataset.
     splits: Any = field(default=None, compare=False, repr=False)
+    image_size: tuple[int, int] | None = None  # (H, W): image folders resized on first decode
 
 
 @dataclass(frozen=True)
@@ -374,6 +375,13 @@ def _model(data: Any, file: Path, module: Any = None) -> ModelSection:
 
 def _data(data: Any, file: Path, splits: Any = None) -> DataSection:
     v, where = _read(data, "data", file)
+    if v["image_size"] is not None:
+        size = v["image_size"]
+        if len(size) != 2 or any(x != int(x) for x in size):
+            fail(where, "image_size", f"must be [H, W], two integers, got {list(size)}")
+        if v["dataset"] in ("digits", "synthetic"):
+            fail(where, "image_size", f"applies to image folders, not to the built-in {v['dataset']} dataset")
+        v["image_size"] = (int(size[0]), int(size[1]))
     sec = DataSection(**v)
     if sec.dataset not in ("digits", "synthetic") and sec.root is None and splits is None:
         fail(where, "root", f"is required for dataset {sec.dataset!r} (a folder or archive)")
