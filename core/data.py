@@ -23,6 +23,7 @@ import re
 import shutil
 import tarfile
 import tempfile
+import time
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
@@ -173,6 +174,43 @@ def batches(
 
 
 # ----------------------------------------------------------------------------- helpers
+
+_PROGRESS: list[Callable[[str], None]] = []  # innermost last: where extraction/decoding progress lines go
+PROGRESS_EVERY_S = 5.0
+
+
+@contextlib.contextmanager
+def progress_to(log: Callable[[str], None]) -> Iterator[None]:
+    """Within the block, archive extraction and first decodes (the slow, one-time steps) report progress to
+    ``log``: a line when they start, about every ``PROGRESS_EVERY_S`` seconds, and when they end."""
+    _PROGRESS.append(log)
+    try:
+        yield
+    finally:
+        _PROGRESS.pop()
+
+
+class _Progress:
+    """Progress lines of one long step: ``update(done)`` logs at most every ``PROGRESS_EVERY_S`` seconds."""
+
+    def __init__(self, what: str, total: int | None, unit: str) -> None:
+        self.what, self.total, self.unit = what, total, unit
+        self.t0 = self.last = time.perf_counter()
+        self.log = _PROGRESS[-1] if _PROGRESS else None
+
+    def update(self, done: int, final: bool = False) -> None:
+        now = time.perf_counter()
+        if self.log is None or (not final and now - self.last < PROGRESS_EVERY_S):
+            return
+        self.last, elapsed = now, now - self.t0
+        if final:
+            self.log(f"{self.what}: {done} {self.unit} in {elapsed:.1f}s")
+        elif self.total:
+            eta = elapsed / max(done, 1) * (self.total - done)
+            self.log(f"{self.what}: {done}/{self.total} {self.unit} ({done / self.total:.0%}, {elapsed:.0f}s, "
+                     f"ETA {eta:.0f}s)")  # fmt: skip
+        else:
+            self.log(f"{self.what}: {done} {self.unit} ({elapsed:.0f}s)")
 
 
 def cache_dir() -> Path:
@@ -499,13 +537,23 @@ def _decode_all(files: tuple[str, ...], size: tuple[int, int] | None = None) -> 
     shape = _decode(first, size).shape
     chunks = [list(files[i : i + _DECODE_CHUNK]) for i in range(0, len(files), _DECODE_CHUNK)]
     workers = min(_workers(), len(chunks))
+    progress = _Progress(f"decoding {Path(first).parent.parent}", len(files), "images")
+    if progress.log is not None:
+        progress.log(f"decoding {len(files)} images under {Path(first).parent.parent} once (then cached)")
     if workers > 1 and len(files) >= _PARALLEL_MIN_FILES:
         # fork: workers need only PIL and numpy, and must not pay for re-importing torch.
         ctx = multiprocessing.get_context("fork") if "fork" in multiprocessing.get_all_start_methods() else None
         with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            parts = list(pool.map(_decode_chunk, chunks, repeat(first), repeat(shape), repeat(size)))
+            parts = []
+            for part in pool.map(_decode_chunk, chunks, repeat(first), repeat(shape), repeat(size)):
+                parts.append(part)
+                progress.update(sum(len(p) for p in parts))
     else:
-        parts = [_decode_chunk(c, first, shape, size) for c in chunks]
+        parts = []
+        for c in chunks:
+            parts.append(_decode_chunk(c, first, shape, size))
+            progress.update(sum(len(p) for p in parts))
+    progress.update(len(files), final=True)
     x = np.empty((len(files), shape[2], shape[0], shape[1]), dtype=np.uint8)
     start = 0
     for part in parts:
@@ -592,17 +640,28 @@ def extract_archive(path: str | Path) -> Path:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
+    progress = _Progress(f"extracting {p.name}", None, "files")
+    if progress.log is not None:
+        progress.log(f"extracting {p} ({st.st_size / 1e6:.0f} MB) once into {dest.parent}")
     try:
         try:
+            n = 0
             if p.name.lower().endswith(".zip"):
                 with zipfile.ZipFile(p) as z:
-                    z.extractall(tmp)  # zipfile drops absolute paths and '..' itself
+                    names = z.namelist()
+                    progress.total = len(names)
+                    for n, name in enumerate(names, 1):
+                        z.extract(name, tmp)  # zipfile drops absolute paths and '..' itself
+                        progress.update(n)
             else:
                 with tarfile.open(p) as t:
-                    if hasattr(tarfile, "data_filter"):
-                        t.extractall(tmp, filter="data")  # refuses links/paths escaping tmp
-                    else:
-                        t.extractall(tmp)
+                    for n, member in enumerate(t, 1):  # streamed: a .tar.gz is read once
+                        if hasattr(tarfile, "data_filter"):
+                            t.extract(member, tmp, filter="data")  # refuses links/paths escaping tmp
+                        else:
+                            t.extract(member, tmp)
+                        progress.update(n)
+            progress.update(n, final=True)
         except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError) as e:
             raise SlimError(f"cannot extract archive {p}: {_one_line(e)}") from None
         try:

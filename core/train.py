@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -228,6 +229,9 @@ def finetune(
     on_eval: Callable[[int, float], bool] | None = None,
     log: Callable[[str], None] | None = None,
     log_every: int = 50,
+    checkpoint: Callable[[dict[str, Any]], None] | None = None,
+    checkpoint_every: int = 0,
+    resume: Mapping[str, Any] | None = None,
 ) -> FinetuneResult:
     """Train ``model`` IN PLACE with SGD (+Nesterov) under ``cfg``'s lr schedule; return what happened.
 
@@ -236,6 +240,11 @@ def finetune(
     called; it returning True stops training (early stop / Optuna pruning). ``log`` receives a line
     every ``log_every`` steps. Deterministic for a given ``cfg.seed`` (global RNG state is restored).
     A NaN/inf loss raises ``NonFiniteLoss``; the model is then left mid-training.
+
+    ``checkpoint(state)`` is called every ``checkpoint_every`` steps (not after the last) with everything a
+    rerun needs; ``resume=state`` continues from it: the same model, optimizer, schedule, RNG and batches
+    (the data stream is replayed up to the step), so a resumed run ends with the weights of an
+    uninterrupted one.
     """
     cfg = cfg or FinetuneConfig()
     _check_nonempty(train_ds, "finetune")
@@ -269,7 +278,13 @@ def finetune(
         if teacher is not None:
             teacher.eval()
         data = _train_batches(train_ds, cfg)
-        for step in range(1, n_steps + 1):
+        start = 0
+        if resume is not None:
+            start = _restore(resume, model, optimizer, scheduler, n_steps)
+            for _ in range(start):  # the batches an uninterrupted run would have taken
+                next(data)
+            losses = list(resume.get("losses", []))
+        for step in range(start + 1, n_steps + 1):
             x, y = next(data)
             x, y = x.to(device), y.to(device)
             with autocast(device, cfg.amp):
@@ -303,9 +318,13 @@ def finetune(
             losses.append(value)
             since_eval.append(value)
             result.steps = step
+            if checkpoint is not None and checkpoint_every > 0 and step % checkpoint_every == 0 and step < n_steps:
+                checkpoint({"step": step, "n_steps": n_steps, "model": model.state_dict(),
+                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                            "rng": torch.get_rng_state(), "losses": losses[-20:]})  # fmt: skip
             if log is not None and (step % log_every == 0 or step == n_steps):
                 elapsed = time.perf_counter() - t0
-                eta = elapsed / step * (n_steps - step)
+                eta = elapsed / (step - start) * (n_steps - step)
                 log(f"step {step}/{n_steps} loss {value:.4f} lr {lr:.4g} eta {eta:.0f}s")
             if eval_every is not None and val_ds is not None and step % eval_every == 0:
                 acc = evaluate(model, val_ds)
@@ -316,5 +335,18 @@ def finetune(
                     result.stopped_early = True
                     break
     tail = losses[-20:]
-    result.final_loss = sum(tail) / len(tail)
+    result.final_loss = sum(tail) / len(tail) if tail else float("nan")
     return result
+
+
+def _restore(state: Mapping[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+             scheduler: lr_scheduler.LRScheduler, n_steps: int) -> int:  # fmt: skip
+    """Load a ``finetune`` checkpoint state into the training objects; return its step."""
+    step = int(state["step"])
+    if int(state["n_steps"]) != n_steps or not 0 < step < n_steps:
+        raise SlimError(f"fine-tune checkpoint at step {step} of {state['n_steps']} does not fit a run of {n_steps}")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    return step

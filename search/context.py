@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -120,6 +119,11 @@ def load_data(cfg: StudyConfig) -> Any:
         raise SlimError(f"{cfg.path}: [data]: {e}") from None
 
 
+def study_dir(cfg: StudyConfig) -> Path | None:
+    """The study file's folder: where ``module:fn`` names of the study's user code are also looked up."""
+    return Path(cfg.path).resolve().parent if Path(cfg.path).is_file() else None
+
+
 def input_shape_for(cfg: StudyConfig, splits: Any) -> tuple[int, int, int, int]:
     """(1, C, H, W) from the data, with [model] in_channels / input_size overriding."""
     ds = splits.train
@@ -138,12 +142,11 @@ def build_baseline(cfg: StudyConfig, splits: Any) -> nn.Module:
         return copy.deepcopy(m.module)
     num_classes = m.num_classes or splits.train.num_classes
     _, in_channels, h, w = input_shape_for(cfg, splits)
-    study_dir = Path(cfg.path).resolve().parent if Path(cfg.path).is_file() else None
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.study.seed)  # same initial weights in every process (pre-training)
             return build_model(m.factory, num_classes=num_classes, in_channels=in_channels,
-                               input_size=h if h == w else (h, w), search_dir=study_dir)  # fmt: skip
+                               input_size=h if h == w else (h, w), search_dir=study_dir(cfg))  # fmt: skip
     except SlimError as e:
         raise SlimError(f"{cfg.path}: [model] factory: {e}") from None
 
@@ -157,30 +160,15 @@ def _load(model: nn.Module, path: Path, cfg: StudyConfig, key: str) -> nn.Module
         raise SlimError(f"{cfg.path}: [model] {key}: {e}") from None
 
 
-def pretrain_baseline(cfg: StudyConfig, model: nn.Module, splits: Any, log: Log, device: str = "cpu") -> Path:
-    """Train ``model`` for [model] pretrain_epochs on ``device`` and save it atomically as ``<workdir>/baseline.pt``
-    (``model`` is back on the CPU after it)."""
-    from slimsearch.core.train import FinetuneConfig, evaluate, finetune, recalibrate_bn
+def pretrain_baseline(
+    cfg: StudyConfig, model: nn.Module, splits: Any, log: Log, fingerprint: str = "", device: str = "cpu"
+) -> Path:
+    """Train ``model`` for [model] pretrain_epochs on ``device`` (resumable, ``search.pretrain``) and save it
+    atomically as ``<workdir>/baseline.pt`` with the recipe's ``fingerprint`` (``model`` is back on the CPU)."""
+    from slimsearch.search.pretrain import pretrain
 
-    m = cfg.model
     path = baseline_cache_path(cfg)
-    log(f"pre-training a {m.factory} baseline for {m.pretrain_epochs:g} epochs (cached in {path})")
-    t0 = time.perf_counter()
-    ft = FinetuneConfig(epochs=m.pretrain_epochs, lr=m.pretrain_lr, batch_size=m.pretrain_batch_size,
-                        seed=cfg.study.seed)  # fmt: skip
-    model.to(device)
-    finetune(model, splits.train, ft)
-    # Running BN statistics of a short training lag the final weights; candidates get recalibrated
-    # statistics in the evaluator, so the baseline gets them too (a fair, and better, reference).
-    recalibrate_bn(model, splits.train, num_batches=20, batch_size=m.pretrain_batch_size, seed=cfg.study.seed)
-    model.eval()
-    acc = evaluate(model, splits.val)
-    model.cpu()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)
-    log(f"baseline trained in {time.perf_counter() - t0:.1f}s: val_acc {acc:.4f}")
+    pretrain(cfg, model, splits, path, fingerprint, log, device)
     return path
 
 
@@ -190,6 +178,7 @@ def build_study_context(cfg: StudyConfig, *, log: Log | None = None, allow_pretr
     ``allow_pretrain=False`` (workers) refuses to train a baseline: it must already be cached by
     ``slimsearch run``, so every process searches the same weights.
     """
+    from slimsearch.core.data import progress_to
     from slimsearch.core.device import resolve_device
     from slimsearch.evaluators.context import build_context
     from slimsearch.spaces.space import SearchSpace
@@ -197,7 +186,8 @@ def build_study_context(cfg: StudyConfig, *, log: Log | None = None, allow_pretr
     log = log or (lambda s: None)
     # cuda without CUDA: one line, before anything is read or written.
     device = resolve_device(cfg.study.device, f"{cfg.path}: [study] device")
-    splits = load_data(cfg)
+    with progress_to(log):  # archive extraction and first decode say how far they are
+        splits = load_data(cfg)
     model = build_baseline(cfg, splits)
     shape = input_shape_for(cfg, splits)
     classes = cfg.model.num_classes or splits.train.num_classes
@@ -208,8 +198,18 @@ def build_study_context(cfg: StudyConfig, *, log: Log | None = None, allow_pretr
     elif cfg.model.module is not None and cfg.model.pretrain_epochs <= 0:
         source = None  # an nn.Module given in Python: its weights are the baseline
     else:
+        from slimsearch.search.pretrain import recipe_fingerprint, stored_fingerprint
+
         source = baseline_cache_path(cfg)
-        if source.is_file():
+        fp = recipe_fingerprint(cfg, shape, splits)
+        stored = stored_fingerprint(source) if source.is_file() else None
+        if source.is_file() and stored not in (None, fp):  # None: an older file without one, reused as before
+            if not allow_pretrain:
+                raise SlimError(f"{cfg.path}: the baseline at {source} was pre-trained with another recipe; "
+                                "run `slimsearch run` first to train this one")  # fmt: skip
+            log(f"the pre-training recipe changed since {source} was trained ([model], [data] or the factory's "
+                "code): training a new baseline")  # fmt: skip
+        if source.is_file() and stored in (None, fp):
             _load(model, source, cfg, f"pretrained baseline (delete {source} to retrain it)")
         elif allow_pretrain:
             check_forward(model, shape, cfg, classes)
@@ -217,7 +217,7 @@ def build_study_context(cfg: StudyConfig, *, log: Log | None = None, allow_pretr
                 SearchSpace.build(model, cfg.space, shape)
             except SlimError as e:
                 raise SlimError(f"{cfg.path}: {e}") from None
-            pretrain_baseline(cfg, model, splits, log, device=str(device))
+            pretrain_baseline(cfg, model, splits, log, fp, device=str(device))
         else:
             raise SlimError(f"{cfg.path}: no baseline at {source}; start the study with `slimsearch run` first")
     model.eval()

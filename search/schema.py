@@ -151,13 +151,22 @@ MODEL_KEYS: tuple[Key, ...] = (
         "pretrain_epochs",
         "float",
         0.0,
-        "without a checkpoint: train the baseline this long first (cached in "
-        "the workdir's baseline.pt, reused on resume and by workers)",
+        "without a checkpoint: train the baseline this long first (cached in the workdir's baseline.pt with a "
+        "fingerprint of the recipe: reused on resume and by workers, retrained when the recipe changes)",
         lo=0,
         hi=10_000,
     ),
     Key("pretrain_lr", "float", 0.05, "learning rate of that pre-training", lo=0, hi=10, lo_open=True),
     Key("pretrain_batch_size", "int", 128, "batch size of that pre-training", lo=1, hi=65_536),
+    Key(
+        "pretrain_checkpoint_steps",
+        "int",
+        100,
+        "save the pre-training every this many steps (atomically, in the workdir's baseline.partial.pt): a rerun "
+        "after a kill continues from there",
+        lo=1,
+        hi=10_000_000,
+    ),
 )
 
 DATA_KEYS: tuple[Key, ...] = (

@@ -98,6 +98,7 @@ class ModelSection:
     pretrain_epochs: float = 0.0
     pretrain_lr: float = 0.05
     pretrain_batch_size: int = 128
+    pretrain_checkpoint_steps: int = 100  # a resumable checkpoint of the pre-training every this many steps
     # An nn.Module given in Python (``slimsearch.load_study(..., model=net)``) in place of factory/checkpoint:
     # its weights are the baseline (or its start, with pretrain_epochs). Lives in this process only.
     module: Any = field(default=None, compare=False, repr=False)
