@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import sys
+import sysconfig
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -258,11 +259,12 @@ def build_model(
     return ZOO[name](**kwargs)
 
 
-def import_factory(spec: str, search_dir: str | Path | None = None) -> Callable[..., Any]:
-    """The callable named by ``"pkg.module:fn"``, importable from ``sys.path`` or, after it, ``search_dir``."""
+def import_factory(spec: str, search_dir: str | Path | None = None, what: str = "model factory") -> Callable[..., Any]:
+    """The callable named by ``"pkg.module:fn"``, importable from ``sys.path`` or, after it, ``search_dir``
+    (``what`` names it in errors: model factory, data factory, custom evaluator)."""
     mod_name, _, fn_name = spec.partition(":")
     if not mod_name or not fn_name:
-        raise SlimError(f"model factory {spec!r}: expected 'pkg.module:fn'")
+        raise SlimError(f"{what} {spec!r}: expected 'pkg.module:fn'")
     if search_dir is not None:
         folder = str(Path(search_dir).resolve())
         if folder not in sys.path:
@@ -270,14 +272,16 @@ def import_factory(spec: str, search_dir: str | Path | None = None) -> Callable[
     try:
         module = importlib.import_module(mod_name)
     except Exception as e:  # any import-time failure is the user's factory, not us
-        raise SlimError(f"model factory {spec!r}: cannot import {mod_name!r} ({type(e).__name__}: {e})") from None
+        raise SlimError(f"{what} {spec!r}: cannot import {mod_name!r} ({type(e).__name__}: {e})") from None
     fn = getattr(module, fn_name, None)
     if not callable(fn):
-        raise SlimError(f"model factory {spec!r}: {mod_name!r} has no callable {fn_name!r}")
+        raise SlimError(f"{what} {spec!r}: {mod_name!r} has no callable {fn_name!r}")
     return fn
 
 
-def factory_kwargs(spec: str, fn: Callable[..., Any], values: dict[str, Any]) -> dict[str, Any]:
+def factory_kwargs(
+    spec: str, fn: Callable[..., Any], values: dict[str, Any], what: str = "model factory"
+) -> dict[str, Any]:
     """The keyword arguments ``fn`` declares among ``values`` (``FACTORY_PARAMS``), and nothing else.
 
     A declared parameter without a default that slimsearch cannot supply (unknown name, or a value not
@@ -296,18 +300,23 @@ def factory_kwargs(spec: str, fn: Callable[..., Any], values: dict[str, Any]) ->
             out[p.name] = value
         elif p.default is p.empty:
             why = "its value is not known here" if p.name in values else "slimsearch does not supply it"
-            raise SlimError(f"model factory {spec!r} requires parameter {p.name!r}, but {why} "
-                            f"(a factory may declare {', '.join(FACTORY_PARAMS)}; give others defaults)")  # fmt: skip
+            raise SlimError(f"{what} {spec!r} requires parameter {p.name!r}, but {why} "
+                            f"(it may declare {', '.join(values)}; give others defaults)")  # fmt: skip
     return out
 
 
-def _user_frame(tb: TracebackType | None) -> str:
-    """' at FILE:LINE' of the innermost traceback frame outside this module (where the user's code raised)."""
-    where = ""
-    for frame, line in traceback.walk_tb(tb):
-        if frame.f_code.co_filename != __file__:
-            where = f" at {Path(frame.f_code.co_filename).name}:{line}"
-    return where
+def user_frame(tb: TracebackType | None) -> str:
+    """' at FILE:LINE' of the innermost traceback frame in the user's code: outside slimsearch, the standard
+    library and installed packages (else the innermost frame)."""
+    root = Path(__file__).resolve().parents[1]  # the folder of core/, spaces/, evaluators/, search/
+    ours = tuple(f"{root / d}/" for d in ("core", "spaces", "evaluators", "search", "slimsearch"))
+    skip = (*ours, sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"])
+    frames = [(frame.f_code.co_filename, line) for frame, line in traceback.walk_tb(tb)]
+    mine = [(f, n) for f, n in frames if not str(Path(f).resolve()).startswith(skip)]
+    if not (mine or frames):
+        return ""
+    f, n = (mine or frames)[-1]
+    return f" at {Path(f).name}:{n}"
 
 
 def call_factory(spec: str, values: dict[str, Any], search_dir: str | Path | None = None) -> nn.Module:
@@ -322,7 +331,7 @@ def call_factory(spec: str, values: dict[str, Any], search_dir: str | Path | Non
         model = fn(**kwargs)
     except Exception as e:  # the user's code: report it as their input, in one line
         msg = " ".join(str(e).split())[:200]
-        raise SlimError(f"model factory {spec!r} raised {type(e).__name__}{_user_frame(e.__traceback__)}: {msg}") from e
+        raise SlimError(f"model factory {spec!r} raised {type(e).__name__}{user_frame(e.__traceback__)}: {msg}") from e
     if not isinstance(model, nn.Module):
         raise SlimError(f"model factory {spec!r} returned {type(model).__name__}, not an nn.Module")
     return model

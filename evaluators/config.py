@@ -12,7 +12,7 @@ from slimsearch.core.errors import SlimError
 from slimsearch.core.schema import Key, check_fields, read_table
 from slimsearch.core.tables import build_checked
 
-KINDS = ("proxy", "finetune")
+KINDS = ("proxy", "finetune", "custom")
 AMP_MODES = ("off", "bf16", "fp16")  # = core.device.AMP_MODES (not imported: reading a study file skips torch)
 PER_GPU = "per-gpu"  # workers: one per visible GPU
 SEED_MAX = 2**32 - 1  # numpy's and Optuna's seeds are 32-bit
@@ -24,7 +24,7 @@ EVALUATOR_KEYS: tuple[Key, ...] = (
         "proxy",
         "how a candidate is scored: `proxy` recalibrates BatchNorm on `bn_batches` train "
         "batches and scores val accuracy (no weight update); `finetune` trains `steps` SGD steps first (with `kd`, "
-        "distilled from the baseline)",
+        "distilled from the baseline); `custom` calls your `fn` (README, Own scoring)",
         choices=KINDS,
     ),
     Key("steps", "int", 100, "fine-tuning steps per trial (`finetune`)", lo=1, hi=1_000_000),
@@ -96,6 +96,13 @@ EVALUATOR_KEYS: tuple[Key, ...] = (
         lo=0,
         hi=1024,
     ),
+    Key(
+        "fn",
+        "str",
+        None,
+        '`kind = "custom"`: `"pkg.module:score"`, called as `score(model, data, budget)` and returning '
+        '`{"val_acc": ...}` (found next to the study file too)',
+    ),
 )
 FIT_MODES = ("scale", "fill", "none")
 BIG = 1e15  # an upper bound for counts that have no natural one (MACs per image)
@@ -156,7 +163,9 @@ class EvaluatorConfig:
     steps reported to the search (0 = only at the end). ``amp``: autocast of the fine-tune's forward (bf16 /
     fp16 / off). ``workers``: a count or "per-gpu"; ``cpus_per_trial`` / ``gpus_per_trial`` (fractions pack
     trials on a GPU): the Ray resources of one trial (None = 0, or 1 when the study's device is cuda). Where
-    trials run (the study's device, workers, resources) is not part of the result cache key; ``amp`` is."""
+    trials run (the study's device, workers, resources) is not part of the result cache key; ``amp`` is.
+    custom: BN recalibration, then the user's ``fn`` (``"pkg.module:score"``) scores the candidate
+    (``evaluators.custom``)."""
 
     kind: str = "proxy"
     steps: int = 100
@@ -174,6 +183,7 @@ class EvaluatorConfig:
     amp: str = "off"
     cpus_per_trial: int = 1
     gpus_per_trial: float | None = None
+    fn: str | None = None  # kind = "custom": "pkg.module:score", called as score(model, data, budget)
 
     def __post_init__(self) -> None:
         self.check()
@@ -183,6 +193,10 @@ class EvaluatorConfig:
         check_fields(self, _KEYS_AND_BATCH, where)
         if self.ray_address is not None and not self.ray_address:
             raise SlimError(f'{where} ray_address: must not be empty (e.g. "auto"), got {self.ray_address!r}')
+        if self.kind == "custom" and not (isinstance(self.fn, str) and ":" in self.fn):
+            raise SlimError(f'{where} fn: kind = "custom" needs fn = "pkg.module:score", got {self.fn!r}')
+        if self.kind != "custom" and self.fn is not None:
+            raise SlimError(f'{where} fn: applies to kind = "custom" only (kind is {self.kind!r})')
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "[evaluator]", latency_batch: int = 1) -> EvaluatorConfig:
@@ -203,6 +217,8 @@ class EvaluatorConfig:
         relevant = {k: v for k, v in asdict(self).items() if k not in _NOT_IN_KEY}
         if relevant["amp"] == "off":  # the keys written before amp existed stay valid
             relevant.pop("amp")
+        if relevant["fn"] is None:  # likewise fn (kind = "custom" only)
+            relevant.pop("fn")
         if self.kind == "proxy":  # fine-tune settings do not matter to the proxy
             for k in ("steps", "batch_size", "lr", "kd", "eval_every"):
                 relevant.pop(k)

@@ -229,6 +229,16 @@ def _run(
     recalibrate_bn(model, train, num_batches=cfg.bn_batches, batch_size=cfg.batch_size, seed=cfg.seed)
     acc: float | None = None
     status = "ok"
+    if cfg.kind == "custom":
+        from slimsearch.evaluators.custom import score
+
+        extra = score(cfg, model, ctx.splits, ctx.model)
+        metrics["train_s"] = time.perf_counter() - t
+        clash = sorted((set(extra) - {"val_acc"}) & set(metrics))
+        if clash:
+            raise SlimError(f"custom evaluator {cfg.fn!r} returned {clash[0]!r}, a metric slimsearch sets itself")
+        metrics.update(extra)
+        return "ok", ""
     if cfg.kind == "finetune":
         fcfg = FinetuneConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, amp=cfg.amp)
 

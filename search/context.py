@@ -113,6 +113,8 @@ def load_data(cfg: StudyConfig) -> Any:
     d = cfg.data
     if d.splits is not None:  # given in Python (slimsearch.load_study(..., data=...))
         return d.splits
+    if d.factory is not None:
+        return load_factory_data(cfg)
     try:
         return load_splits(d.dataset, d.root, d.val_size, d.seed, image_size=d.image_size)
     except SlimError as e:
@@ -122,6 +124,31 @@ def load_data(cfg: StudyConfig) -> Any:
 def study_dir(cfg: StudyConfig) -> Path | None:
     """The study file's folder: where ``module:fn`` names of the study's user code are also looked up."""
     return Path(cfg.path).resolve().parent if Path(cfg.path).is_file() else None
+
+
+def load_factory_data(cfg: StudyConfig) -> Any:
+    """``[data] factory``: call the user's function (with the parameters it declares among root, seed, val_size)
+    and take its splits (``core.user_data``); what it raises is reported with its file and line."""
+    from slimsearch.core.models import factory_kwargs, import_factory, user_frame
+    from slimsearch.core.user_data import to_splits
+
+    d, what = cfg.data, "[data] factory"
+    spec = str(d.factory)
+    try:
+        fn = import_factory(spec, study_dir(cfg), what)
+        kwargs = factory_kwargs(spec, fn, {"root": d.root, "seed": d.seed, "val_size": d.val_size}, what)
+    except SlimError as e:
+        raise SlimError(f"{cfg.path}: {e}") from None
+    try:
+        result = fn(**kwargs)
+    except Exception as e:  # the user's code: one line with where it raised, the traceback chained
+        msg = " ".join(str(e).split())[:200]
+        raise SlimError(f"{cfg.path}: {what} {spec!r} raised {type(e).__name__}{user_frame(e.__traceback__)}: "
+                        f"{msg}") from e  # fmt: skip
+    try:
+        return to_splits(result, spec)
+    except SlimError as e:
+        raise SlimError(f"{cfg.path}: {e}") from None
 
 
 def input_shape_for(cfg: StudyConfig, splits: Any) -> tuple[int, int, int, int]:
@@ -186,6 +213,13 @@ def build_study_context(cfg: StudyConfig, *, log: Log | None = None, allow_pretr
     log = log or (lambda s: None)
     # cuda without CUDA: one line, before anything is read or written.
     device = resolve_device(cfg.study.device, f"{cfg.path}: [study] device")
+    if cfg.evaluator.kind == "custom":  # importable here (study folder on sys.path) before anything runs
+        from slimsearch.core.models import import_factory
+
+        try:
+            import_factory(str(cfg.evaluator.fn), study_dir(cfg), "[evaluator] fn")
+        except SlimError as e:
+            raise SlimError(f"{cfg.path}: {e}") from None
     with progress_to(log):  # archive extraction and first decode say how far they are
         splits = load_data(cfg)
     model = build_baseline(cfg, splits)

@@ -51,7 +51,8 @@ def recipe_fingerprint(cfg: StudyConfig, input_shape: tuple[int, ...], splits: A
         "factory_source": _factory_source_sha(m.factory),
         "num_classes": m.num_classes or train.num_classes,
         "input_shape": list(input_shape),
-        "data": [d.dataset, str(d.root) if d.root else None, d.val_size, d.seed, d.image_size],
+        "data": [d.dataset, str(d.root) if d.root else None, d.val_size, d.seed, d.image_size, d.factory],
+        "data_source": _factory_source_sha(d.factory) if d.factory else None,
         "train": [len(train), list(train.classes)],
         "recipe": [m.pretrain_epochs, m.pretrain_lr, m.pretrain_batch_size, cfg.study.seed],
     }

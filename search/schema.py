@@ -204,6 +204,13 @@ DATA_KEYS: tuple[Key, ...] = (
         lo=1,
         hi=4096,
     ),
+    Key(
+        "factory",
+        "str",
+        None,
+        '`"pkg.module:fn"` returning your own `(train, val[, test])` splits (tensors or torch Datasets; README, '
+        "Own data) instead of `dataset`; it gets the parameters it declares among `root`, `seed`, `val_size`",
+    ),
 )
 
 SEEDS_KEYS: tuple[Key, ...] = (

@@ -113,6 +113,7 @@ class DataSection:
     # A core.data.DataSplits given in Python (``slimsearch.load_study(..., data=splits)``) in place of dataset.
     splits: Any = field(default=None, compare=False, repr=False)
     image_size: tuple[int, int] | None = None  # (H, W): image folders resized on first decode
+    factory: str | None = None  # "pkg.module:fn" returning the splits (core.user_data); replaces dataset
 
 
 @dataclass(frozen=True)
@@ -376,6 +377,12 @@ def _model(data: Any, file: Path, module: Any = None) -> ModelSection:
 
 def _data(data: Any, file: Path, splits: Any = None) -> DataSection:
     v, where = _read(data, "data", file)
+    if v["factory"] is not None:
+        if ":" not in v["factory"]:
+            fail(where, "factory", f"must be 'pkg.module:fn', got {v['factory']!r}")
+        for key in ("dataset", "image_size"):
+            if isinstance(data, Mapping) and key in data:
+                fail(where, key, "does not apply with [data] factory (the factory returns the data)")
     if v["image_size"] is not None:
         size = v["image_size"]
         if len(size) != 2 or any(x != int(x) for x in size):
@@ -384,7 +391,7 @@ def _data(data: Any, file: Path, splits: Any = None) -> DataSection:
             fail(where, "image_size", f"applies to image folders, not to the built-in {v['dataset']} dataset")
         v["image_size"] = (int(size[0]), int(size[1]))
     sec = DataSection(**v)
-    if sec.dataset not in ("digits", "synthetic") and sec.root is None and splits is None:
+    if sec.factory is None and sec.dataset not in ("digits", "synthetic") and sec.root is None and splits is None:
         fail(where, "root", f"is required for dataset {sec.dataset!r} (a folder or archive)")
     if sec.root is not None and not sec.root.exists():
         fail(where, "root", f"{sec.root} does not exist")
