@@ -469,7 +469,7 @@ _GIVEN: dict[str, list[Policy]] = {}
 
 def _register_given() -> None:
     """Seed strategy ``bench_given``: the exact policies this script computed (search.study's registry)."""
-    from slimsearch.search.study import SEED_STRATEGIES, register_seed_strategy
+    from slimsearch.search.seed_params import SEED_STRATEGIES, register_seed_strategy
 
     if "bench_given" in SEED_STRATEGIES:
         return
@@ -540,7 +540,9 @@ def run_slimsearch(
     from slimsearch.evaluators.context import build_context
     from slimsearch.search.context import StudyContext
     from slimsearch.search.export import top_trials
-    from slimsearch.search.runner import open_storage, prepare_study, trial_line, trial_loop
+    from slimsearch.search.optuna_study import record_from_trial
+    from slimsearch.search.records import trial_line
+    from slimsearch.search.runner import open_storage, prepare_study, trial_loop
     from slimsearch.spaces.space import SearchSpace
 
     cfg = study_config(b, max_macs, tag, seeds, search_seed)
@@ -551,9 +553,10 @@ def run_slimsearch(
     sha = hashlib.sha256(b"".join(v.detach().cpu().numpy().tobytes() for v in b.base.state_dict().values()))
     sctx = StudyContext(cfg, b.base, b.splits, SHAPE, ectx, space, cfg.model.checkpoint, sha.hexdigest()[:16])
     study = prepare_study(cfg, sctx, open_storage(cfg), log=lambda s: b.log(f"    {s}"))
-    trial_loop(study, sctx, cfg, on_trial=lambda ft: b.log(f"    {trial_line(ft)}"))
+    trial_loop(study, sctx, cfg, on_trial=lambda ft: b.log(f"    {trial_line(record_from_trial(ft))}"))
     trials = study.get_trials(deepcopy=False)
-    ranked = top_trials(trials, max(1, b.args.rerank))
+    by_number = {tr.number: tr for tr in trials}
+    ranked = [by_number[r.number] for r in top_trials([record_from_trial(tr) for tr in trials], max(1, b.args.rerank))]
     best = ranked[0]
     states: dict[str, int] = {}
     for tr in trials:

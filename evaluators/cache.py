@@ -13,10 +13,8 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from slimsearch.evaluators.evaluate import EvalResult
+from slimsearch.evaluators.result import EvalResult
 
 CACHED_STATUSES = ("ok", "infeasible")
 
@@ -52,8 +50,6 @@ class ResultCache:
         return self.path is not None and self.path.suffix == ".jsonl"
 
     def get(self, key: str) -> EvalResult | None:
-        from slimsearch.evaluators.evaluate import EvalResult
-
         row = self._mem.get(key)
         if row is None and self.path is not None and not self._is_file:
             f = self.path / f"{key}.json"

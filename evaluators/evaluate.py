@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,58 +18,13 @@ from slimsearch.core.policy import Policy
 from slimsearch.evaluators.cache import ResultCache
 from slimsearch.evaluators.config import EvaluatorConfig
 from slimsearch.evaluators.context import EvalContext
+from slimsearch.evaluators.result import EvalResult
 
 STATUSES = ("ok", "infeasible", "fail", "pruned")
 TIMES = ("apply_s", "cost_s", "train_s", "eval_s", "wall_s")
 _USE_CONTEXT_CACHE: Any = object()
 
 Report = Callable[[int, float], bool]
-
-
-@dataclass
-class EvalResult:
-    """Outcome of one evaluation. ``metrics``: val_acc (ok/pruned), macs, flops (= 2·MACs), params,
-    macs_ratio, params_ratio, macs_violation (macs - max_macs, when bounded), latency_pred_ms (measured
-    where the table cannot predict), latency_ratio and latency_violation (ms over the bound; with a latency
-    bound), latency_ms (when measured: the TorchScript program, conv weights in the context's
-    ``latency_memory_format``, as exported) and the time split apply_s, cost_s, train_s, eval_s, wall_s.
-    ``intermediate``: (step, val_acc) of the fine-tune's periodic evaluations. ``model_digest``:
-    ``core.apply.model_digest`` of the network built (empty when none was). ``cached``: served from the cache,
-    by policy or by network."""
-
-    status: str
-    metrics: dict[str, float] = field(default_factory=dict)
-    reason: str = ""
-    intermediate: list[tuple[int, float]] = field(default_factory=list)
-    policy_hash: str = ""
-    cached: bool = False
-    model_digest: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "status": self.status,
-            "metrics": dict(self.metrics),
-            "reason": self.reason,
-            "intermediate": [[int(s), float(a)] for s, a in self.intermediate],
-            "policy_hash": self.policy_hash,
-            "model_digest": self.model_digest,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], cached: bool = False) -> EvalResult:
-        return cls(
-            status=d["status"],
-            metrics={k: float(v) for k, v in d.get("metrics", {}).items()},
-            reason=d.get("reason", ""),
-            intermediate=[(int(s), float(a)) for s, a in d.get("intermediate", [])],
-            policy_hash=d.get("policy_hash", ""),
-            cached=cached,
-            model_digest=d.get("model_digest", ""),
-        )
 
 
 # A bound's name -> the metric holding its violation (<= 0: within the bound).

@@ -1,7 +1,7 @@
 """``slimsearch`` command line: run / worker / status / report / export / method / train / cost / space.
 
 Studies with ``[study] backend = "ray"`` (or run with ``--ray-address``) run on Ray Tune; status, report
-and export then read the Ray results (``search.runner.uses_ray``).
+and export read whichever backend holds the results (``search.backend.backend_for``).
 
 Exit codes: 0 ok; 2 bad input (one line ``slimsearch: error: ...`` on stderr, nothing created);
 1 internal error (traceback); 130 interrupted (rerun the same command to resume).
@@ -10,7 +10,9 @@ Exit codes: 0 ok; 2 bad input (one line ``slimsearch: error: ...`` on stderr, no
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import pickle
 import sys
 import traceback
 from collections.abc import Sequence
@@ -18,7 +20,11 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from slimsearch.core.errors import SlimError
-from slimsearch.search.study import mask_url
+from slimsearch.search.records import fmt_count
+from slimsearch.search.study import StudyConfig, load_study, mask_url
+
+# The commands import their modules when they run: ``--help`` and a bad study file answer without importing
+# torch, Optuna and matplotlib.
 
 PROG = "slimsearch"
 
@@ -108,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("status", help="trial counts by state, best so far")
     s.add_argument("study", type=Path)
+    s.add_argument("--json", action="store_true", help="print the status as one JSON object")
 
     rep = sub.add_parser("report", help="Pareto table + CSV + PNG charts")
     rep.add_argument("study", type=Path)
@@ -170,13 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------- commands
 
 
-def _load(path: Path, device: str | None = None) -> Any:
-    from slimsearch.search.study import load_study
-
+def _load(path: Path, device: str | None = None) -> StudyConfig:
     return load_study(path).with_device(device)
 
 
-def _check_device(cfg: Any) -> None:
+def _check_device(cfg: StudyConfig) -> None:
     """cuda / cuda:N on a machine without it: one line, exit 2, before anything is read or written."""
     from slimsearch.core.device import resolve_device
 
@@ -184,39 +189,26 @@ def _check_device(cfg: Any) -> None:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
+    from slimsearch.search.backend import backend_for
+
     cfg = _load(a.study, a.device)
     if a.n_trials:
         cfg = cfg.with_n_trials(a.n_trials)
-    if cfg.study.backend == "ray" or a.ray_address:
-        return _run_ray(cfg, a.ray_address, progress=not a.no_progress)  # the Ray driver needs no GPU
-    _check_device(cfg)
-    from slimsearch.search.runner import run_study
-
-    run_study(cfg, workers=a.workers, progress=not a.no_progress, threads=a.threads)
-    print(f"next: slimsearch report {a.study}   |   slimsearch export {a.study} --trial best   |   "
-          f"optuna-dashboard {mask_url(cfg.study.storage)}")  # fmt: skip
-    return 0
-
-
-def _run_ray(cfg: Any, address: str | None, progress: bool = True) -> int:
-    """``run`` on Ray Tune (backend ray or --ray-address): ``search.ray_runner.run_ray``."""
-    try:
-        from slimsearch.search.ray_runner import run_ray
-    except ModuleNotFoundError as e:
-        if e.name and e.name.startswith("search"):
-            raise SlimError(
-                "backend ray is not available in this installation (search/ray_runner.py is missing)"
-            ) from None
-        raise
-    run_ray(cfg, address=address, progress=progress)
-    print(f"next: slimsearch status {cfg.path}   |   slimsearch report {cfg.path}   |   "
-          f"slimsearch export {cfg.path} --trial best")  # fmt: skip
+    backend = backend_for(cfg, ray_address=a.ray_address, to_run=True)
+    if backend.driver_needs_device:  # a Ray driver needs no GPU: its trials ask Ray for theirs
+        _check_device(cfg)
+    backend.run(workers=a.workers, progress=not a.no_progress, threads=a.threads)
+    steps = [
+        f"slimsearch status {a.study}",
+        f"slimsearch report {a.study}",
+        f"slimsearch export {a.study} --trial best",
+    ]
+    print("next: " + "   |   ".join(steps + ([backend.dashboard] if backend.dashboard else [])))
     return 0
 
 
 def cmd_worker(a: argparse.Namespace) -> int:
-    import pickle
-
+    from slimsearch.search.backend import OptunaBackend, backend_for
     from slimsearch.search.runner import run_worker
 
     if a.config_pickle is not None:  # started by `slimsearch run --workers N`: exactly the driver's config
@@ -224,9 +216,9 @@ def cmd_worker(a: argparse.Namespace) -> int:
             cfg = pickle.load(fh).with_device(a.device)
     else:
         cfg = _load(a.study, a.device)
-        if cfg.study.backend == "ray":
-            raise SlimError(f"{a.study}: backend ray has no `slimsearch worker`; add machines to the Ray cluster "
-                            "(`ray start --address HEAD:PORT`) and run with --ray-address")  # fmt: skip
+        if not isinstance(backend_for(cfg, to_run=True), OptunaBackend):
+            raise SlimError(f"{a.study}: backend {cfg.study.backend} has no `slimsearch worker`; add machines to "
+                            "its cluster (`ray start --address HEAD:PORT`) and run with --ray-address")  # fmt: skip
     _check_device(cfg)
     ran = run_worker(cfg, parent_pid=a.parent_pid, worker_index=a.worker_index, threads=a.threads)
     if a.parent_pid is None:
@@ -237,11 +229,13 @@ def cmd_worker(a: argparse.Namespace) -> int:
 def cmd_status(a: argparse.Namespace) -> int:
     from slimsearch.search.report import study_status
 
-    print(study_status(_load(a.study)).text())
+    st = study_status(_load(a.study))
+    print(json.dumps(st.to_dict(), default=str) if a.json else st.text())
     return 0
 
 
 def cmd_report(a: argparse.Namespace) -> int:
+    from slimsearch.search.backend import backend_for
     from slimsearch.search.report import write_report
 
     cfg = _load(a.study)
@@ -250,10 +244,9 @@ def cmd_report(a: argparse.Namespace) -> int:
     print(rep.table)
     for key, path in rep.files.items():
         print(f"{key:<12} {path}")
-    from slimsearch.search.runner import uses_ray
-
-    if not uses_ray(cfg):
-        print(f"dashboard:   optuna-dashboard {mask_url(cfg.study.storage)}")
+    dashboard = backend_for(cfg).dashboard
+    if dashboard:
+        print(f"dashboard:   {dashboard}")
     return 0
 
 
@@ -341,8 +334,7 @@ def _parse_rates(text: str) -> float | dict[str, float]:
 
 def cmd_method(a: argparse.Namespace) -> int:
     from slimsearch.search.export import parse_formats
-    from slimsearch.search.runner import fmt_count
-    from slimsearch.search.seeding import run_method_on_study
+    from slimsearch.search.method_cmd import run_method_on_study
 
     overrides = _method_overrides(a)
     formats = parse_formats(a.formats) if a.formats else ("torchscript", "state")

@@ -16,8 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from slimsearch.core.budget import fit_cost, fit_macs
+from slimsearch.core.data import DataSplits, load_splits, progress_to
+from slimsearch.core.device import resolve_device
 from slimsearch.core.errors import SlimError
+from slimsearch.core.models import build_model, load_checkpoint
+from slimsearch.core.policy import Policy
+from slimsearch.evaluators.context import EvalContext, build_context
 from slimsearch.search.study import StudyConfig
+from slimsearch.spaces.describe import exclusions
+from slimsearch.spaces.space import SearchSpace
 from torch import nn
 
 Log = Callable[[str], None]
@@ -31,10 +39,10 @@ class StudyContext:
 
     cfg: StudyConfig
     model: nn.Module
-    splits: Any  # core.data.DataSplits
+    splits: DataSplits
     input_shape: tuple[int, ...]
-    eval_ctx: Any  # evaluators.context.EvalContext
-    space: Any  # spaces.space.SearchSpace
+    eval_ctx: EvalContext
+    space: SearchSpace
     baseline_path: Path | None
     baseline_sha: str
     _latency_warmed: bool = field(default=False, init=False, repr=False)
@@ -43,7 +51,7 @@ class StudyContext:
     def base_macs(self) -> int:
         return int(self.eval_ctx.base.macs)
 
-    def fit(self, policy: Any) -> Any:
+    def fit(self, policy: Policy) -> Policy:
         """The policy a search trial evaluates: with ``[constraint] fit = "scale"``, one above the MACs bound gets
         every layer it prunes scaled harder by one factor until it fits (within the space's largest rate;
         layers outside the space stay as they are), then likewise onto the latency bound; ``"fill"`` also
@@ -51,8 +59,6 @@ class StudyContext:
         resumed or retried trial evaluates the same policy: the latency fit predicts from the study's stored
         table (``core.latency``), where a shape is measured once (a retry racing another process for a new
         shape may differ by a filter or two)."""
-        from slimsearch.core.budget import fit_cost, fit_macs
-
         ctx, mode = self.eval_ctx, self.cfg.constraint.fit
         if mode not in ("scale", "fill"):
             return policy
@@ -106,10 +112,8 @@ def _state_sha(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def load_data(cfg: StudyConfig) -> Any:
+def load_data(cfg: StudyConfig) -> DataSplits:
     """The study's train/val/test splits; a wrong root or dataset is a ``SlimError`` naming the file."""
-    from slimsearch.core.data import load_splits
-
     d = cfg.data
     if d.splits is not None:  # given in Python (slimsearch.load_study(..., data=...))
         return d.splits
@@ -151,7 +155,7 @@ def load_factory_data(cfg: StudyConfig) -> Any:
         raise SlimError(f"{cfg.path}: {e}") from None
 
 
-def input_shape_for(cfg: StudyConfig, splits: Any) -> tuple[int, int, int, int]:
+def input_shape_for(cfg: StudyConfig, splits: DataSplits) -> tuple[int, int, int, int]:
     """(1, C, H, W) from the data, with [model] in_channels / input_size overriding."""
     ds = splits.train
     c = cfg.model.in_channels or ds.in_channels
@@ -160,10 +164,8 @@ def input_shape_for(cfg: StudyConfig, splits: Any) -> tuple[int, int, int, int]:
     return (1, int(c), int(ds.x.shape[-2]), int(ds.x.shape[-1]))
 
 
-def build_baseline(cfg: StudyConfig, splits: Any) -> nn.Module:
+def build_baseline(cfg: StudyConfig, splits: DataSplits) -> nn.Module:
     """The untrained model of [model], sized for the data (classes, channels)."""
-    from slimsearch.core.models import build_model
-
     m = cfg.model
     if m.module is not None:  # given in Python: a copy, so pre-training and eval() leave the caller's alone
         return copy.deepcopy(m.module)
@@ -179,8 +181,6 @@ def build_baseline(cfg: StudyConfig, splits: Any) -> nn.Module:
 
 
 def _load(model: nn.Module, path: Path, cfg: StudyConfig, key: str) -> nn.Module:
-    from slimsearch.core.models import load_checkpoint
-
     try:
         return load_checkpoint(model, path)
     except SlimError as e:
@@ -188,7 +188,7 @@ def _load(model: nn.Module, path: Path, cfg: StudyConfig, key: str) -> nn.Module
 
 
 def pretrain_baseline(
-    cfg: StudyConfig, model: nn.Module, splits: Any, log: Log, fingerprint: str = "", device: str = "cpu"
+    cfg: StudyConfig, model: nn.Module, splits: DataSplits, log: Log, fingerprint: str = "", device: str = "cpu"
 ) -> Path:
     """Train ``model`` for [model] pretrain_epochs on ``device`` (resumable, ``search.pretrain``) and save it
     atomically as ``<workdir>/baseline.pt`` with the recipe's ``fingerprint`` (``model`` is back on the CPU)."""
@@ -205,11 +205,6 @@ def build_study_context(cfg: StudyConfig, *, log: Log | None = None, allow_pretr
     ``allow_pretrain=False`` (workers) refuses to train a baseline: it must already be cached by
     ``slimsearch run``, so every process searches the same weights.
     """
-    from slimsearch.core.data import progress_to
-    from slimsearch.core.device import resolve_device
-    from slimsearch.evaluators.context import build_context
-    from slimsearch.spaces.space import SearchSpace
-
     log = log or (lambda s: None)
     # cuda without CUDA: one line, before anything is read or written.
     device = resolve_device(cfg.study.device, f"{cfg.path}: [study] device")
@@ -298,3 +293,31 @@ def check_forward(model: nn.Module, shape: tuple[int, ...], cfg: StudyConfig, nu
             check_num_classes(int(out.shape[1]), num_classes, cfg.model.factory)
         except SlimError as e:
             raise SlimError(f"{cfg.path}: {e}") from None
+
+
+def study_info(sctx: StudyContext) -> dict[str, Any]:
+    """What status/report need without rebuilding the model: baseline cost, bound, layer shapes."""
+    e, excluded = sctx.eval_ctx, exclusions(sctx.space)
+    return {
+        "base": {
+            "macs": int(e.base.macs),
+            "params": int(e.base.params),
+            "val_acc": e.base_val_acc,
+            "input_shape": list(sctx.input_shape),
+        },  # fmt: skip
+        "max_macs": e.max_macs,
+        "latency": sctx.latency_info(),
+        "layers": [
+            {
+                "name": i.name,
+                "out_channels": int(i.out_channels),
+                "prunable": bool(i.prunable),
+                "decomposable": bool(i.decomposable),
+                "excluded": excluded.get(i.name),  # why the search leaves it alone (None: searched)
+            }  # fmt: skip
+            for i in sctx.space.all_layers
+        ],
+        "model": sctx.cfg.model.factory,
+        "dataset": sctx.cfg.data.dataset,
+        "baseline_sha": sctx.baseline_sha,
+    }

@@ -3,9 +3,8 @@ evaluator's recalibration / short fine-tune, optionally fine-tune longer, then w
 torch.export / state dict with policy and metrics JSON (``core.export.export_model``).
 
 "best" = the highest val_acc among COMPLETE trials within the MACs bound (and within ``max_macs``
-when given). Ray Tune studies (``search.runner.uses_ray``) pick the trial from their results
-(``search.ray_runner.ray_best_policy``) and then take the same rebuild/export path. Test accuracy is measured now, on the test split, when the dataset has one: it never
-took part in the search.
+when given), read from the study's backend (``search.backend``: Optuna or Ray Tune, the same records). Test
+accuracy is measured now, on the test split, when the dataset has one: it never took part in the search.
 """
 
 from __future__ import annotations
@@ -19,8 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from optuna.trial import FrozenTrial, TrialState
+from slimsearch.core import cost as core_cost
+from slimsearch.core.apply import apply_policy
+from slimsearch.core.cost import count_cost
 from slimsearch.core.errors import SlimError
+from slimsearch.core.export import MEMORY_FORMATS, export_model, torchscript_program
+from slimsearch.core.policy import Policy
+from slimsearch.core.train import FinetuneConfig, evaluate, finetune, recalibrate_bn
+from slimsearch.search.backend import backend_for
+from slimsearch.search.context import StudyContext, build_study_context, latency_layout
+from slimsearch.search.records import TrialRecord, ranked
 from slimsearch.search.study import EXPORT_FORMATS, StudyConfig
 
 Log = Callable[[str], None]
@@ -66,46 +73,39 @@ def parse_trial(spec: str | int) -> str | int:
     return int(s)
 
 
-def select_trial(trials: Sequence[FrozenTrial], spec: str | int, max_macs: float | None = None) -> FrozenTrial:
+def select_trial(records: Sequence[TrialRecord], spec: str | int, max_macs: float | None = None) -> TrialRecord:
     """The trial to export; a missing, failed, pruned or too-large one is a SlimError saying why."""
     if spec == "best":
-        return top_trials(trials, 1, max_macs)[0]
-    by_number = {t.number: t for t in trials}
-    t = by_number.get(int(spec))
+        return top_trials(records, 1, max_macs)[0]
+    t = next((r for r in records if r.number == int(spec)), None)
     if t is None:
-        raise SlimError(f"--trial {spec}: no such trial (the study has trials 0..{len(trials) - 1})")
-    if t.state != TrialState.COMPLETE:
-        why = t.user_attrs.get("reason", "")
-        raise SlimError(f"--trial {spec}: trial is {t.state.name}, only COMPLETE trials can be exported"
-                        + (f" ({why})" if why else ""))  # fmt: skip
-    if "policy" not in t.user_attrs:
+        raise SlimError(f"--trial {spec}: no such trial (the study has trials 0..{len(records) - 1})")
+    if t.state != "COMPLETE":
+        raise SlimError(f"--trial {spec}: trial is {t.state}, only COMPLETE trials can be exported"
+                        + (f" ({t.reason})" if t.reason else ""))  # fmt: skip
+    if not t.policy:
         raise SlimError(f"--trial {spec}: trial has no stored policy")
-    if max_macs is not None and t.user_attrs.get("macs", float("inf")) > max_macs:
-        raise SlimError(f"--trial {spec}: MACs {t.user_attrs.get('macs'):,.0f} exceed --max-macs {max_macs:,.0f}")
+    macs = t.metric("macs")
+    if max_macs is not None and (macs if macs is not None else math.inf) > max_macs:
+        raise SlimError(f"--trial {spec}: MACs {macs:,.0f} exceed --max-macs {max_macs:,.0f}")
     return t
 
 
-def top_trials(trials: Sequence[FrozenTrial], k: int, max_macs: float | None = None) -> list[FrozenTrial]:
-    """The ``k`` best feasible COMPLETE trials with distinct networks (``search.runner.ranked_feasible``);
-    none at all is a SlimError."""
-    from slimsearch.search.runner import ranked_feasible
-
-    ok = ranked_feasible(trials, max_macs)
+def top_trials(records: Sequence[TrialRecord], k: int, max_macs: float | None = None) -> list[TrialRecord]:
+    """The ``k`` best feasible trials with distinct networks (``records.ranked``); none at all is a SlimError."""
+    ok = ranked(records, max_macs)
     if not ok:
         bound = f" with MACs <= {max_macs:,.0f}" if max_macs is not None else ""
         raise SlimError(f"no feasible COMPLETE trial{bound} to export yet")
     return ok[:k]
 
 
-def rebuild_candidate(sctx: Any, cfg: StudyConfig, policy: Any) -> torch.nn.Module:
+def rebuild_candidate(sctx: StudyContext, cfg: StudyConfig, policy: Policy) -> torch.nn.Module:
     """The model the evaluator scored: policy applied, BN recalibrated, short fine-tune for 'finetune'.
 
     Mirrors ``evaluators.evaluate`` step for step under the same seed, so its val accuracy reproduces
     the trial's (up to floating-point differences between thread counts).
     """
-    from slimsearch.core.apply import apply_policy
-    from slimsearch.core.train import FinetuneConfig, finetune, recalibrate_bn
-
     ev = cfg.evaluator
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(ev.seed)
@@ -124,12 +124,10 @@ def _best_times(
 ) -> dict[Any, float]:
     """Best median ms of each program over ``rounds`` round-robin measurements (1 CPU thread), so all of them see
     the same machine load."""
-    from slimsearch.core.cost import measure_latency
-
     best = dict.fromkeys(programs, math.inf)
     for _ in range(rounds):
         for key, program in programs.items():
-            ms = measure_latency(program, tuple(input_shape), batch_size=batch_size, threads=1).median_ms
+            ms = core_cost.measure_latency(program, tuple(input_shape), batch_size=batch_size, threads=1).median_ms
             best[key] = min(best[key], ms)
     return best
 
@@ -148,8 +146,6 @@ def program_speedup(
     all programs see the same machine load. ``memory_format = "auto"`` times both layouts and keeps each
     network's faster one (``memory_format`` in the result: the one to export): channels_last runs the unpruned
     ResNets faster, but pruned or decomposed ones with odd channel counts slower at batch 1 on our CPU."""
-    from slimsearch.core.export import MEMORY_FORMATS, torchscript_program
-
     frozen = "torchscript-frozen" in fmts
     layouts = tuple(MEMORY_FORMATS) if memory_format == "auto" else (memory_format,)
     programs = {(who, lay): torchscript_program(m, input_shape, frozen=frozen, memory_format=lay)
@@ -181,8 +177,6 @@ def bound_check(
     layout) against the baseline's (in ``layouts[1]``, the layout the bound's table times) at the bound's
     batch size. The search only predicted it (``core.latency``: 3-11 % error for NCHW tables, more for NHWC
     ones), so the export says what it measures."""
-    from slimsearch.core.export import torchscript_program
-
     frozen = "torchscript-frozen" in fmts
     programs = {who: torchscript_program(m, input_shape, frozen=frozen, memory_format=lay)
                 for who, m, lay in (("model", model, layouts[0]), ("base", baseline, layouts[1]))}  # fmt: skip
@@ -212,9 +206,6 @@ def export_trial(
     the best val accuracy after it is exported; ``metrics["top_k"]`` lists every candidate. The study's
     top_k applies only where it can (trial "best", a final fine-tune); an explicit one must.
     """
-    from slimsearch.core.policy import Policy
-    from slimsearch.search.runner import load_optuna_study, open_storage, uses_ray
-
     fmts = parse_formats(formats if formats is not None else list(cfg.export.formats))
     spec = parse_trial(trial)
     epochs = cfg.export.finetune_epochs if finetune_epochs is None else float(finetune_epochs)
@@ -231,54 +222,22 @@ def export_trial(
     if top_k > 1 and epochs <= 0:
         raise SlimError("--top-k chooses after the final fine-tune: give --finetune-epochs > 0 "
                         "(or [export] finetune_epochs); without it every candidate keeps its search val accuracy")  # fmt: skip
-    picks: list[tuple[int, Any, dict[str, Any]]] = []
-    if uses_ray(cfg):
-        for n in ray_top_numbers(cfg, top_k, max_macs) if spec == "best" else [spec]:
-            picks.append(select_ray_trial(cfg, n, max_macs))
-        want = picks[0][2].pop("baseline_sha", None)
-    else:
-        study = load_optuna_study(cfg, open_storage(cfg, create=False))
-        trials = study.get_trials(deepcopy=False)
-        for ft in top_trials(trials, top_k, max_macs) if spec == "best" else [select_trial(trials, spec, max_macs)]:
-            policy = Policy.from_json(ft.user_attrs["policy"], where=f"trial {ft.number} policy")
-            picks.append((ft.number, policy, {k: ft.user_attrs.get(k) for k in ("status", "val_acc", "reason")}))
-        want = study.user_attrs.get("slimsearch", {}).get("baseline_sha")
+    backend = backend_for(cfg)
+    records = backend.records()  # a study that never ran: SlimError
+    picks: list[tuple[int, Policy, dict[str, Any]]] = []
+    for r in top_trials(records, top_k, max_macs) if spec == "best" else [select_trial(records, spec, max_macs)]:
+        policy = Policy.from_json(r.policy, where=f"trial {r.number} policy")
+        picks.append((r.number, policy, {"status": r.status, "val_acc": r.metric("val_acc"), "reason": r.reason}))
+    want = backend.info().baseline.get("baseline_sha")
     return export_policies(cfg, picks, fmts, None if out_dir is None else Path(out_dir), epochs, want, log=log)
 
 
-def ray_top_numbers(cfg: StudyConfig, k: int, max_macs: float | None = None) -> list[int]:
-    """Trial numbers of a Ray study's ``k`` best feasible trials (distinct networks), best first."""
-    from slimsearch.search.ray_runner import ranked_rows, ray_trials
-
-    df = ray_trials(cfg)
-    if max_macs is not None and len(df):
-        df = df[df["macs"].astype(float) <= max_macs]
-    ranked = ranked_rows(df) if len(df) else df
-    if not len(ranked):
-        bound = f" with MACs <= {max_macs:,.0f}" if max_macs is not None else ""
-        raise SlimError(f"study {cfg.name!r}: no feasible finished Ray trial{bound} to export yet")
-    return [int(n) for n in ranked["number"].head(k)]
-
-
-def select_ray_trial(cfg: StudyConfig, spec: str | int, max_macs: float | None = None) -> tuple[int, Any, dict]:
-    """(number, Policy, search metrics + the study's baseline_sha) of a Ray study's trial ("best" or a number)."""
-    from slimsearch.search.ray_runner import ray_best_policy, ray_study_info
-
-    if spec == "best" and max_macs is not None:
-        spec = ray_top_numbers(cfg, 1, max_macs)[0]
-    policy, m = ray_best_policy(cfg, spec)
-    if max_macs is not None and float(m.get("macs", float("inf"))) > max_macs:
-        raise SlimError(f"--trial {spec}: MACs {float(m['macs']):,.0f} exceed --max-macs {max_macs:,.0f}")
-    m["baseline_sha"] = ray_study_info(cfg).get("baseline_sha")
-    return int(m["number"]), policy, m
-
-
-def finalize(sctx: Any, cfg: StudyConfig, policy: Any, epochs: float, log: Log) -> tuple[torch.nn.Module, dict]:
+def finalize(
+    sctx: StudyContext, cfg: StudyConfig, policy: Policy, epochs: float, log: Log
+) -> tuple[torch.nn.Module, dict]:
     """Trial's model as the evaluator scored it (val accuracy ``rebuilt_val_acc``), then the optional final
     fine-tune with fresh BN statistics; ``val_acc`` after it. Trained on the study's device; returned on the
     CPU, where the export's latency is measured."""
-    from slimsearch.core.train import FinetuneConfig, evaluate, finetune, recalibrate_bn
-
     model = rebuild_candidate(sctx, cfg, policy)
     metrics: dict[str, Any] = {"rebuilt_val_acc": evaluate(model, sctx.splits.val)}
     if epochs > 0:
@@ -299,7 +258,7 @@ def finalize(sctx: Any, cfg: StudyConfig, policy: Any, epochs: float, log: Log) 
 
 def export_policies(
     cfg: StudyConfig,
-    picks: Sequence[tuple[int, Any, dict[str, Any]]],
+    picks: Sequence[tuple[int, Policy, dict[str, Any]]],
     fmts: Sequence[str],
     out: Path | None,
     epochs: float,
@@ -310,9 +269,6 @@ def export_policies(
     """Rebuild each of ``picks`` ((number, policy, the search's status / val_acc / reason), best first) as the
     evaluator scored it, optionally fine-tune, keep the best val accuracy (the first on ties), measure it and
     export it to ``out`` (default ``<export out>/trial-<n>``)."""
-    from slimsearch.core.cost import count_cost
-    from slimsearch.search.context import build_study_context
-
     log = log or (lambda s: None)
     if out is not None and out.exists() and not out.is_dir():
         raise SlimError(f"--out: {out} exists and is not a directory")
@@ -321,8 +277,8 @@ def export_policies(
         raise SlimError(f"the baseline weights ({sctx.baseline_path}) differ from the ones the study searched on")
 
     t0 = time.perf_counter()
-    best: tuple[torch.nn.Module, dict[str, Any], int, Any] | None = None
-    ranked: list[dict[str, Any]] = []
+    best: tuple[torch.nn.Module, dict[str, Any], int, Policy] | None = None
+    ranking: list[dict[str, Any]] = []
     for number, policy, found in picks:
         if found.get("status") == "infeasible":
             log(f"note: trial {number} exceeds the study's MACs bound ({found.get('reason') or ''})")
@@ -333,13 +289,13 @@ def export_policies(
         m = {"study": cfg.name, "trial": number, "search_val_acc": search_acc} | m | {"evaluator": cfg.evaluator.kind}
         if len(picks) > 1:
             log(f"trial {number}: val_acc {m['val_acc']:.4f} after the fine-tune")
-            ranked.append({k: m.get(k) for k in ("trial", "search_val_acc", "rebuilt_val_acc", "val_acc")})
+            ranking.append({k: m.get(k) for k in ("trial", "search_val_acc", "rebuilt_val_acc", "val_acc")})
         if best is None or m["val_acc"] > best[1]["val_acc"]:
             best = (model, m, number, policy)
     assert best is not None  # picks is never empty
     model, metrics, number, policy = best
-    if ranked:
-        metrics["top_k"] = ranked
+    if ranking:
+        metrics["top_k"] = ranking
         log(f"kept trial {number} of the top {len(picks)} (best val_acc after the fine-tune)")
     cost = count_cost(model, sctx.input_shape)
     base = sctx.eval_ctx.base
@@ -356,10 +312,10 @@ def export_policies(
 
 
 def write_export(
-    sctx: Any,
+    sctx: StudyContext,
     cfg: StudyConfig,
     model: torch.nn.Module,
-    policy: Any,
+    policy: Policy,
     out: Path,
     fmts: Sequence[str],
     metrics: dict[str, Any],
@@ -368,11 +324,6 @@ def write_export(
     (``program_speedup``) and, with a latency bound, its measured ratio (``bound_check``) to ``metrics`` (in
     place), then write the export (``core.export.export_model``, in the
     study's memory format, or the faster one with ``auto``); format -> path."""
-    from slimsearch.core.cost import count_cost
-    from slimsearch.core.export import export_model
-    from slimsearch.core.train import evaluate
-    from slimsearch.search.context import latency_layout
-
     metrics.update(program_speedup(model, sctx.model, sctx.input_shape, fmts, cfg.export.memory_format))
     if cfg.constraint.max_latency_ratio is not None:
         layouts = (metrics["memory_format"], latency_layout(cfg))

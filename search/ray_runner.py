@@ -25,58 +25,64 @@ Files next to the experiment (read by ``ray_trials`` / ``ray_best_policy`` witho
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
-import math
 import os
-import re
 import socket
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+import ray
+import torch
+from optuna.trial import TrialState
+from ray import tune
+from ray._private.services import canonicalize_bootstrap_address  # no public equivalent
+from ray.tune import Callback, ExperimentAnalysis
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import ConcurrencyLimiter, SearchGenerator
+from ray.tune.search.optuna import OptunaSearch
 from slimsearch.core.errors import SlimError
+from slimsearch.core.policy import Policy
+from slimsearch.evaluators.cache import ResultCache
+from slimsearch.evaluators.evaluate import EvalResult, one_line, violations
+from slimsearch.search.context import StudyContext, build_study_context, study_info
+from slimsearch.search.legacy_names import legacy_module_names
+from slimsearch.search.optuna_study import bound_names, make_sampler, store_constraints
+from slimsearch.search.placement import local_gpus, ray_trial_device, ray_trial_resources
+from slimsearch.search.ray_progress import _log_trial_complete, _log_trial_error, fit_quietly
+from slimsearch.search.ray_results import (
+    COUNTED,
+    _first_line,
+    _read_meta,
+    _resumable,
+    _target,
+    _write_meta,
+    fidelity,
+    final_result,
+    ray_experiment_dir,
+    ray_meta_path,
+    ray_results_csv,
+    ray_storage_path,
+    read_results_csv,
+    records_from_table,
+    trial_dirname,
+    trials_table,
+)
+from slimsearch.search.records import RunSummary, best, best_summary
+from slimsearch.search.seeding import generate_seeds
 from slimsearch.search.study import StudyConfig
+from slimsearch.search.trial import Fitted, evaluate_trial, fit_trial
+from slimsearch.spaces.space import SearchSpace
 
 Log = Callable[[str], None]
 
-# Metrics copied from an EvalResult into the final Tune result (when present).
-RESULT_METRICS = (
-    "val_acc", "macs", "flops", "params", "macs_ratio", "params_ratio", "macs_violation", "latency_ms",
-    "latency_pred_ms", "latency_ratio", "latency_violation", "apply_s", "cost_s", "train_s", "eval_s", "wall_s",
-)  # fmt: skip
-# Columns of the results table, first; Ray's own columns and config/<param> follow.
-TABLE_COLUMNS = ("number", "trial_id", "ray_status", "status", "feasible", "val_acc", "macs", "params",
-                 "macs_ratio", "params_ratio", "flops", "latency_ms", "latency_pred_ms", "wall_s", "seed", "reason",
-                 "node_id", "policy_hash", "model_digest", "policy")  # fmt: skip
 CONNECT_TIMEOUT_S = 5.0
-COUNTED = ("ok", "infeasible", "fail", "pruned")  # statuses of evaluated trials (they count toward n_trials)
 
 # (study file, study name) -> StudyContext, per Ray worker process: trials reusing the actor reuse it.
-_CONTEXTS: dict[tuple[str, str], Any] = {}
-
-
-# ----------------------------------------------------------------------------- paths
-
-
-def ray_storage_path(cfg: StudyConfig) -> Path:
-    """``RunConfig.storage_path``: ``<workdir>/ray`` (absolute)."""
-    return (cfg.study.workdir / "ray").resolve()
-
-
-def ray_experiment_dir(cfg: StudyConfig) -> Path:
-    """The Tune experiment directory: ``<workdir>/ray/<study name>``."""
-    return ray_storage_path(cfg) / cfg.name
-
-
-def ray_results_csv(cfg: StudyConfig) -> Path:
-    return ray_storage_path(cfg) / f"{cfg.name}-results.csv"
-
-
-def ray_meta_path(cfg: StudyConfig) -> Path:
-    return ray_storage_path(cfg) / f"{cfg.name}-meta.json"
+_CONTEXTS: dict[tuple[str, str], StudyContext] = {}
 
 
 # ----------------------------------------------------------------------------- connecting
@@ -98,8 +104,6 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
     """
     target = address
     if address == "auto":
-        from ray._private.services import canonicalize_bootstrap_address  # no public equivalent
-
         try:
             target = canonicalize_bootstrap_address("auto") or ""
         except Exception as e:
@@ -114,15 +118,6 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
             pass
     except OSError as e:
         raise SlimError(f"cannot connect to Ray at {address}: {hp[0]}:{hp[1]} unreachable ({e})") from None
-
-
-def _first_line(e: BaseException) -> str:
-    """The most telling line of an exception: Ray nests tracebacks in messages, so prefer the last
-    "SomethingError: ..." line, else the first line."""
-    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    named = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception|Timeout): ", ln)]
-    text = named[-1] if named else (lines[0] if lines else type(e).__name__)
-    return text[:300]
 
 
 def _runtime_env() -> dict[str, Any]:
@@ -143,8 +138,6 @@ def connect(address: str | None, num_cpus: int) -> bool:
     ``RAY_AUTH_MODE=token`` and the cluster's token (``~/.ray/auth_token``, ``RAY_AUTH_TOKEN_PATH`` or
     ``RAY_AUTH_TOKEN``) in its environment.
     """
-    import ray
-
     if ray.is_initialized():
         return False
     kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "runtime_env": _runtime_env(),
@@ -171,76 +164,30 @@ def connect(address: str | None, num_cpus: int) -> bool:
 # ----------------------------------------------------------------------------- the trainable
 
 
-def _worker_context(cfg: StudyConfig) -> Any:
+def _worker_context(cfg: StudyConfig) -> StudyContext:
     """The study context of this worker process, built once (baseline must be cached by the driver)."""
     key = (str(cfg.path), cfg.name)
     sctx = _CONTEXTS.get(key)
     if sctx is None:
-        from slimsearch.evaluators.cache import ResultCache
-        from slimsearch.search.context import build_study_context
-
         sctx = build_study_context(cfg, allow_pretrain=False)
         sctx.eval_ctx.cache = ResultCache(cfg.study.workdir / "cache")  # shared with the Optuna backend
         _CONTEXTS[key] = sctx
     return sctx
 
 
-def fidelity(cfg: StudyConfig) -> tuple[int, int, bool]:
-    """(max_t, grace_period, intermediate) for ASHA in units of fine-tune steps.
-
-    The proxy (and a fine-tune without ``eval_every``) reports once, at ``max_t``; ASHA then only records.
-    """
-    ev = cfg.evaluator
-    if ev.kind == "finetune":
-        max_t = int(ev.steps)
-        inter = 0 < ev.eval_every < max_t
-        return max_t, int(ev.eval_every) if inter else max_t, inter
-    return 1, 1, False
-
-
-def final_result(cfg: StudyConfig, res: Any, policy: Any, extra: Mapping[str, Any]) -> dict[str, Any]:
-    """The last Tune result of a trial: every metric, status, feasibility, policy (values, no objects)."""
-    max_t, _, _ = fidelity(cfg)
-    out: dict[str, Any] = {k: float(res.metrics[k]) for k in RESULT_METRICS if k in res.metrics}
-    out.update(extra)
-    out.update(
-        step=max_t,
-        status=res.status,
-        feasible=res.status == "ok",
-        reason=res.reason,
-        cached=bool(getattr(res, "cached", False)),
-        policy=policy.to_json() if policy is not None else "",
-        policy_hash=policy.hash if policy is not None else "",
-        model_digest=getattr(res, "model_digest", ""),
-    )
-    if res.status != "ok" or not math.isfinite(out.get("val_acc", math.nan)):
-        out["val_acc"] = 0.0  # infeasible / failed: worst accuracy for ASHA and the sampler
-    for o in cfg.study.objectives:  # every objective needs a value for OptunaSearch
-        if o.metric not in out:
-            out[o.metric] = math.inf if o.direction == "minimize" else -math.inf
-    return out
-
-
 def _trainable(config: dict[str, Any], study: StudyConfig) -> None:
-    """Ray Tune function trainable: params -> Policy -> ``evaluate`` -> ``tune.report``."""
-    import ray
-    import torch
-    from ray import tune
-    from slimsearch.evaluators.evaluate import EvalResult, evaluate, one_line
-
+    """Ray Tune function trainable: params -> the trial core (fit, evaluate) -> ``tune.report``."""
     torch.set_num_threads(int(study.evaluator.cpus_per_trial))  # the CPUs the trial requested
     extra = {"number": int(config.get("_number", -1)), "seed": str(config.get("_seed", "")),
              "node_id": ray.get_runtime_context().get_node_id()}  # fmt: skip
-    policy = None
+    fitted: Fitted | None = None
     try:
         sctx = _worker_context(study)
-        sampled = sctx.space.policy_from_params(config)
-        t_fit = time.perf_counter()
-        policy = sctx.fit(sampled)
-        extra["fit_s"] = time.perf_counter() - t_fit
+        fitted = fit_trial(sctx, sctx.space.policy_from_params(config))
+        extra["fit_s"] = fitted.fit_s
     except Exception as e:  # e.g. a worker that cannot see the data or the baseline: a failed trial
         res = EvalResult("fail", {}, f"worker: {one_line(e)}")
-        tune.report(final_result(study, res, policy, extra))
+        tune.report(final_result(study, res, None, extra))
         return
     max_t, _, inter = fidelity(study)
     report = None
@@ -251,153 +198,119 @@ def _trainable(config: dict[str, Any], study: StudyConfig) -> None:
                 tune.report({"val_acc": float(acc), "step": int(step), "status": "partial", **extra})
             return False  # ASHA stops a trial itself: the next tune.report ends its thread
 
-    res = evaluate(sctx.eval_ctx, study.evaluator, policy, report=report)
-    tune.report(final_result(study, res, policy, extra))
-
-
-def trial_dirname(trial: Any) -> str:
-    """Short trial folder names (the default embeds every parameter: too long for 50+ layers)."""
-    return f"trial_{trial.trial_id}"
+    res = evaluate_trial(sctx, study, fitted, report)
+    tune.report(final_result(study, res, fitted.policy, extra))
 
 
 # ----------------------------------------------------------------------------- search algorithm
 
-_SEARCH_CLASSES: dict[str, type] = {}
+
+# The search algorithm's classes are pickled into the experiment (``tuner.pkl``) by reference: module and
+# name must stay importable as ``slimsearch.search.ray_runner.<name>`` (``legacy_module_names`` maps the
+# names pickles made before the package was renamed).
 
 
-def _search_classes() -> tuple[type, type]:
-    """(OptunaSearch subclass, SearchGenerator subclass), defined lazily so importing this module needs no Ray.
+class SlimOptunaSearch(OptunaSearch):
+    """OptunaSearch plus: the Optuna trial number and seed label in the config, the MACs and latency
+    constraints (``bounds``), failed evaluations told as FAIL and ASHA-stopped trials as PRUNED (not as
+    COMPLETE)."""
 
-    They must stay the same class objects for pickling (``tuner.pkl`` holds them): cached at module level
-    and registered under stable names in this module.
-    """
-    if _SEARCH_CLASSES:
-        return _SEARCH_CLASSES["search"], _SEARCH_CLASSES["generator"]
-    from optuna.trial import TrialState
-    from ray.tune import Callback
-    from ray.tune.search import SearchGenerator
-    from ray.tune.search.optuna import OptunaSearch
+    def __init__(
+        self, *args: Any, seed_labels: tuple[str, ...] = (), bounds: tuple[str, ...] = (), **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.seed_labels = tuple(seed_labels)
+        self.bounds = tuple(bounds)
 
-    class SlimOptunaSearch(OptunaSearch):
-        """OptunaSearch plus: the Optuna trial number and seed label in the config, the MACs and latency
-        constraints (``bounds``), failed evaluations told as FAIL and ASHA-stopped trials as PRUNED (not as
-        COMPLETE)."""
+    def suggest(self, trial_id: str) -> dict | None:
+        params = super().suggest(trial_id)
+        if params is None:
+            return None
+        n = self._ot_trials[trial_id].number
+        params["_number"] = n
+        if n < len(self.seed_labels):
+            params["_seed"] = self.seed_labels[n]
+        return params
 
-        def __init__(
-            self, *args: Any, seed_labels: tuple[str, ...] = (), bounds: tuple[str, ...] = (), **kwargs: Any
-        ) -> None:
-            super().__init__(*args, **kwargs)
-            self.seed_labels = tuple(seed_labels)
-            self.bounds = tuple(bounds)
-
-        def suggest(self, trial_id: str) -> dict | None:
-            params = super().suggest(trial_id)
-            if params is None:
-                return None
-            n = self._ot_trials[trial_id].number
-            params["_number"] = n
-            if n < len(self.seed_labels):
-                params["_seed"] = self.seed_labels[n]
-            return params
-
-        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-            ot_trial = self._ot_trials.get(trial_id)
-            if ot_trial is None or trial_id in self._completed_trials:
-                return super().on_trial_complete(trial_id, result, error)
-            status = (result or {}).get("status")
-            if result and self.bounds and any(k.endswith("_violation") for k in result):
-                from slimsearch.evaluators.evaluate import violations
-
-                cons = violations(result, self.bounds)
-                ot_trial.set_user_attr("constraint", list(cons.values()))  # read by constraints_func (optuna < 5)
-                if hasattr(ot_trial, "set_constraint"):
-                    for name, v in cons.items():
-                        ot_trial.set_constraint(name, v)
-            if status in ("fail", "partial"):
-                state = TrialState.FAIL if status == "fail" else TrialState.PRUNED
-                try:
-                    self._ot_study.tell(ot_trial, state=state)
-                except Exception as e:  # same tolerance as OptunaSearch itself
-                    logging.getLogger(__name__).warning(e)
-                self._completed_trials.add(trial_id)
-                return None
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None or trial_id in self._completed_trials:
             return super().on_trial_complete(trial_id, result, error)
+        status = (result or {}).get("status")
+        if result and self.bounds and any(k.endswith("_violation") for k in result):
+            values = list(violations(result, self.bounds).values())
+            ot_trial.set_user_attr("constraint", values)  # read by constraints_func (optuna < 5)
+            store_constraints(self._ot_study._storage, ot_trial._trial_id, values)  # samplers, optuna-dashboard
+        if status in ("fail", "partial"):
+            state = TrialState.FAIL if status == "fail" else TrialState.PRUNED
+            try:
+                self._ot_study.tell(ot_trial, state=state)
+            except Exception as e:  # same tolerance as OptunaSearch itself
+                logging.getLogger(__name__).warning(e)
+            self._completed_trials.add(trial_id)
+            return None
+        return super().on_trial_complete(trial_id, result, error)
 
-    class SlotGenerator(SearchGenerator):
-        """SearchGenerator with n_trials *evaluated* trials as its goal.
 
-        A trial that ends ERROR (its process died more than ``max_retry`` times; Tune gives up on it) gets a
-        fresh trial in its place, up to n_trials replacements in all, so that a study whose workers are killed
-        still reaches n_trials (the Optuna backend tops up the same way). On restore the total is raised to
-        the n_trials in the meta file written by the current ``run_ray`` plus the replacements so far (the
-        saved ``total_samples`` is the first run's num_samples), so a resumed experiment reaches a new target."""
+class SlotGenerator(SearchGenerator):
+    """SearchGenerator with n_trials *evaluated* trials as its goal.
 
-        def __init__(self, searcher: Any, meta_path: str) -> None:
-            super().__init__(searcher)
-            self.meta_path = meta_path
-            self.errors = 0  # trials that ended ERROR
+    A trial that ends ERROR (its process died more than ``max_retry`` times; Tune gives up on it) gets a
+    fresh trial in its place, up to n_trials replacements in all, so that a study whose workers are killed
+    still reaches n_trials (the Optuna backend tops up the same way). On restore the total is raised to
+    the n_trials in the meta file written by the current ``run_ray`` plus the replacements so far (the
+    saved ``total_samples`` is the first run's num_samples), so a resumed experiment reaches a new target."""
 
-        def _target(self) -> int | None:
-            target = _read_meta(Path(self.meta_path)).get("n_trials")
-            return target if isinstance(target, int) else None
+    def __init__(self, searcher: Any, meta_path: str) -> None:
+        super().__init__(searcher)
+        self.meta_path = meta_path
+        self.errors = 0  # trials that ended ERROR
 
-        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-            super().on_trial_complete(trial_id, result, error)
-            if error:
-                self.errors += 1
-                if self.errors <= (self._target() or self._total_samples):
-                    self._total_samples += 1
-                    self._finished = False
+    def _target(self) -> int | None:
+        target = _read_meta(Path(self.meta_path)).get("n_trials")
+        return target if isinstance(target, int) else None
 
-        def get_state(self) -> dict:
-            return {**super().get_state(), "errors": self.errors}
-
-        def set_state(self, state: dict) -> None:
-            super().set_state(state)
-            self.errors = int(state.get("errors", 0))
-            target = self._target()
-            if target is not None and target + min(self.errors, target) > self._total_samples:
-                self._total_samples = target + min(self.errors, target)
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        super().on_trial_complete(trial_id, result, error)
+        if error:
+            self.errors += 1
+            if self.errors <= (self._target() or self._total_samples):
+                self._total_samples += 1
                 self._finished = False
 
-    class TrialLines(Callback):
-        """One line per finished trial through ``_PROGRESS_LOG``."""
+    def get_state(self) -> dict:
+        return {**super().get_state(), "errors": self.errors}
 
-        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            _log_trial_complete(trial)
-
-        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            _log_trial_error(trial)
-
-        def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            _log_trial_error(trial, retry=True)
-
-    classes = {"SlimOptunaSearch": SlimOptunaSearch, "SlotGenerator": SlotGenerator, "TrialLines": TrialLines}
-    for name, cls in classes.items():
-        cls.__module__, cls.__qualname__ = __name__, name
-    globals().update(classes)
-    _SEARCH_CLASSES.update(search=SlimOptunaSearch, generator=SlotGenerator, lines=TrialLines)
-    return SlimOptunaSearch, SlotGenerator
+    def set_state(self, state: dict) -> None:
+        super().set_state(state)
+        self.errors = int(state.get("errors", 0))
+        target = self._target()
+        if target is not None and target + min(self.errors, target) > self._total_samples:
+            self._total_samples = target + min(self.errors, target)
+            self._finished = False
 
 
-def __getattr__(name: str) -> Any:
-    """Unpickling ``tuner.pkl`` looks the classes up here: define them on first access."""
-    if name in ("SlimOptunaSearch", "SlotGenerator", "TrialLines"):
-        _search_classes()
-        return globals()[name]
-    raise AttributeError(name)
+class TrialLines(Callback):
+    """One line per finished trial and per trial error (``search.ray_progress``)."""
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        _log_trial_complete(trial)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        _log_trial_error(trial)
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        _log_trial_error(trial, retry=True)
 
 
-def make_search_alg(cfg: StudyConfig, space: Any, seeds: list[tuple[str, Any]], workers: int) -> Any:
+def make_search_alg(
+    cfg: StudyConfig, space: SearchSpace, seeds: list[tuple[str, Policy]], workers: int
+) -> SlotGenerator:
     """SlotGenerator(ConcurrencyLimiter(SlimOptunaSearch)) for ``Tuner(param_space=space.ray_param_space())``.
 
-    The sampler is the study's (``search.runner.make_sampler``: seeded TPE / NSGA-II / CMA-ES / random);
+    The sampler is the study's (``search.optuna_study.make_sampler``: seeded TPE / NSGA-II / CMA-ES / random);
     seed policies are ``points_to_evaluate`` (complete points: every parameter of the Ray space).
     """
-    from ray.tune.search import ConcurrencyLimiter
-    from slimsearch.search.runner import bound_names, make_sampler
-
-    search_cls, gen_cls = _search_classes()
     objectives = cfg.study.objectives
     metric: str | list[str] = [o.metric for o in objectives]
     mode: str | list[str] = ["max" if o.direction == "maximize" else "min" for o in objectives]
@@ -405,7 +318,7 @@ def make_search_alg(cfg: StudyConfig, space: Any, seeds: list[tuple[str, Any]], 
         metric, mode = metric[0], mode[0]
     points = [space.params_from_policy(p, strict=False, complete=True) for _, p in seeds]
     # The space itself reaches the searcher through Tuner(param_space=...) (set_search_properties).
-    searcher = search_cls(
+    searcher = SlimOptunaSearch(
         metric=metric,
         mode=mode,
         points_to_evaluate=points or None,
@@ -413,13 +326,11 @@ def make_search_alg(cfg: StudyConfig, space: Any, seeds: list[tuple[str, Any]], 
         seed_labels=tuple(label for label, _ in seeds),
         bounds=bound_names(cfg),
     )
-    return gen_cls(ConcurrencyLimiter(searcher, max_concurrent=workers), str(ray_meta_path(cfg)))
+    return SlotGenerator(ConcurrencyLimiter(searcher, max_concurrent=workers), str(ray_meta_path(cfg)))
 
 
-def make_scheduler(cfg: StudyConfig) -> Any:
+def make_scheduler(cfg: StudyConfig) -> ASHAScheduler:
     """ASHA on val_acc (max) with ``time_attr="step"`` (fine-tune steps)."""
-    from ray.tune.schedulers import ASHAScheduler
-
     max_t, grace, _ = fidelity(cfg)
     return ASHAScheduler(time_attr="step", metric="val_acc", mode="max", max_t=max_t, grace_period=grace)
 
@@ -427,90 +338,8 @@ def make_scheduler(cfg: StudyConfig) -> Any:
 # ----------------------------------------------------------------------------- results
 
 
-def _read_meta(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _write_meta(cfg: StudyConfig, n_trials: int, info: Mapping[str, Any]) -> None:
-    p = ray_meta_path(cfg)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"study": cfg.name, "n_trials": int(n_trials), "objectives": [o.spec for o in cfg.study.objectives],
-            "experiment_dir": str(ray_experiment_dir(cfg)), "results_csv": str(ray_results_csv(cfg)), **info}  # fmt: skip
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(meta, indent=1, default=str))
-    os.replace(tmp, p)
-
-
-def _trial_status(ray_status: str, last: Mapping[str, Any]) -> str:
-    """Our status from Ray's trial status and the last result: ok | infeasible | fail | pruned | error | running."""
-    s = last.get("status")
-    if ray_status == "ERROR":  # Tune gave up on it (SlotGenerator replaced it): whatever it reported, not counted
-        return "error"
-    if s == "partial":
-        return "pruned" if ray_status == "TERMINATED" else "running"
-    if s in ("ok", "infeasible", "fail", "pruned"):
-        return s
-    return {"ERROR": "error", "TERMINATED": "error"}.get(
-        ray_status, "running" if ray_status == "RUNNING" else "pending"
-    )
-
-
-def _error_line(trial: Any) -> str:
-    """The telling line of a trial's latest failure, "" when there is none. Tune keeps no message on the
-    ``Trial``: it appends "Failure # k (occurred at ...)" and the exception to an error file, in its staging
-    folder while the driver runs (``error_file`` needs Ray), then in the trial's folder of the experiment."""
-    paths = []
-    for get in (lambda: trial.error_file, lambda: Path(trial.path, trial.run_metadata.error_filename)):
-        try:
-            paths.append(get())
-        except Exception:  # no Ray session (staging path), no error file name, not a Trial
-            continue
-    for p in paths:
-        try:
-            text = Path(p).read_text(errors="replace") if p else ""
-        except OSError:
-            continue
-        latest = re.split(r"^Failure # \d+ \(occurred at [^)]*\)[ \t]*$", text, flags=re.M)[-1]
-        if latest.strip():
-            return _first_line(Exception(latest))
-    return ""
-
-
-def trials_table(trials: list[Any]) -> Any:
-    """One row per Ray trial (``ray.tune.experiment.Trial``): our columns first, then Ray's and config/<param>."""
-    import pandas as pd
-
-    rows = []
-    for t in trials:
-        last = dict(t.last_result or {})
-        last.pop("config", None)
-        row = {k: v for k, v in last.items() if not isinstance(v, (dict, list))}
-        row.update({f"config/{k}": v for k, v in (t.config or {}).items()})
-        row["trial_id"] = t.trial_id
-        row["ray_status"] = t.status
-        row["status"] = _trial_status(t.status, last)
-        row["number"] = int(last.get("number", (t.config or {}).get("_number", -1)))
-        row.setdefault("feasible", False)
-        if row["status"] == "error":
-            row["reason"] = f"trial error: {_error_line(t) or 'see the trial error file'}"
-        rows.append(row)
-    df = pd.DataFrame(rows)
-    if df.empty:
-        return pd.DataFrame(columns=list(TABLE_COLUMNS))
-    for c in TABLE_COLUMNS:
-        if c not in df.columns:
-            df[c] = None
-    df = df[[*TABLE_COLUMNS, *[c for c in df.columns if c not in TABLE_COLUMNS]]]
-    return df.sort_values("number", kind="stable").reset_index(drop=True)
-
-
 def _load_trials(exp_dir: Path) -> list[Any]:
     """The experiment's trials from its state file (no Ray runtime needed)."""
-    from ray.tune import ExperimentAnalysis
-
     # Trials that never reported (a crash right after they started) make it warn once per load: not news.
     lg = logging.getLogger("ray.tune.analysis.experiment_analysis")
     old = lg.level
@@ -521,211 +350,26 @@ def _load_trials(exp_dir: Path) -> list[Any]:
         lg.setLevel(old)
 
 
-def ray_trials(cfg: StudyConfig) -> Any:
-    """The study's trial table (pandas DataFrame), for ``status`` / ``report`` / ``export``.
+def ray_trials(cfg: StudyConfig) -> pd.DataFrame:
+    """The study's trial table, for ``status`` / ``report`` / ``export`` (``RayBackend.records``).
 
     Read from the experiment directory when it exists (current even while a run is going on or after a
     crash; Ray need not be running), else from the CSV written at the end of the last run.
     """
-    import pandas as pd
-
     exp = ray_experiment_dir(cfg)
     if exp.is_dir():
         try:
             return trials_table(_load_trials(exp))
         except Exception:  # a half-written state: fall back to the last complete CSV
             pass
-    csv = ray_results_csv(cfg)
-    if csv.is_file():
-        df = pd.read_csv(csv)
-        for c in TABLE_COLUMNS:
-            if c not in df.columns:
-                df[c] = None
+    df = read_results_csv(cfg)
+    if df is not None:
         return df
     raise SlimError(f"no Ray results for study {cfg.name!r} under {ray_storage_path(cfg)}; "
                     f"start it with `slimsearch run {cfg.path}`")  # fmt: skip
 
 
-def ranked_rows(df: Any) -> Any:
-    """Feasible (status ok) trials, best first: val_acc, then fewer MACs, then lower number; one row per
-    distinct network (as ``search.runner.ranked_feasible`` for Optuna studies)."""
-    ok = df[df["status"] == "ok"]
-    ok = ok.assign(_neg_macs=-ok["macs"].astype(float), _neg_n=-ok["number"].astype(int))
-    ok = ok.sort_values(["val_acc", "_neg_macs", "_neg_n"], ascending=False)
-    if "policy" in ok.columns:
-        key = ok["policy"].astype(str)
-        if "model_digest" in ok.columns:  # one row per network; the policy where no digest was recorded
-            digest = ok["model_digest"]
-            key = digest.where(digest.notna() & (digest.astype(str) != ""), key).astype(str)
-        ok = ok[~key.duplicated()]
-    return ok.drop(columns=["_neg_macs", "_neg_n"])
-
-
-def best_row(df: Any) -> Any | None:
-    """The first of ``ranked_rows`` (None when no trial is feasible)."""
-    ok = ranked_rows(df)
-    return None if ok.empty else ok.iloc[0]
-
-
-def _row_metrics(row: Any) -> dict[str, Any]:
-    out = {}
-    for k in ("number", "trial_id", "status", "val_acc", "macs", "flops", "params", "macs_ratio", "params_ratio",
-              "latency_ms", "reason", "seed", "node_id", "policy_hash"):  # fmt: skip
-        v = row.get(k)
-        if v is None or (isinstance(v, float) and math.isnan(v)):
-            continue
-        out[k] = v.item() if hasattr(v, "item") else v
-    return out
-
-
-def ray_best_policy(cfg: StudyConfig, trial: str | int = "best") -> tuple[Any, dict[str, Any]]:
-    """(Policy, metrics) of a Ray trial: "best" (highest feasible val_acc), an Optuna trial number, or a
-    Ray trial id. Used by ``slimsearch export`` for Ray studies; a missing or unusable trial is a SlimError."""
-    from slimsearch.core.policy import Policy
-
-    df = ray_trials(cfg)
-    if trial == "best":
-        row = best_row(df)
-        if row is None:
-            raise SlimError(f"study {cfg.name!r}: no feasible finished Ray trial to export yet")
-    else:
-        s = str(trial).strip()
-        hit = df[df["number"].astype(str) == s] if s.isdigit() else df[df["trial_id"].astype(str) == s]
-        if hit.empty:
-            raise SlimError(f"--trial {trial}: no such trial in Ray study {cfg.name!r} ({len(df)} trials)")
-        row = hit.iloc[0]
-        if row["status"] not in ("ok", "infeasible"):
-            why = row.get("reason")
-            raise SlimError(f"--trial {trial}: trial is {row['status']}, only evaluated trials can be exported"
-                            + (f" ({why})" if isinstance(why, str) and why else ""))  # fmt: skip
-    pol = row.get("policy")
-    if not isinstance(pol, str) or not pol:
-        raise SlimError(f"--trial {trial}: Ray trial {row.get('trial_id')} has no stored policy")
-    return Policy.from_json(pol, where=f"Ray trial {row.get('trial_id')} policy"), _row_metrics(row)
-
-
-_STATE = {"ok": "COMPLETE", "infeasible": "COMPLETE", "pruned": "PRUNED", "fail": "FAIL", "error": "FAIL",
-          "running": "RUNNING", "pending": "WAITING"}  # fmt: skip
-
-
-def ray_study_info(cfg: StudyConfig) -> dict[str, Any]:
-    """What ``search.runner.study_info`` records for Optuna studies (baseline cost, MACs bound, layers),
-    plus n_trials and objectives, from ``<name>-meta.json``; {} before the first run."""
-    return _read_meta(ray_meta_path(cfg))
-
-
-def ray_report_frame(cfg: StudyConfig) -> Any:
-    """The trial table in ``search.report.trials_frame``'s columns (trial, state as Optuna names it,
-    status, metrics, seed, policy summary, duration_s, reason), so Pareto front and charts work unchanged."""
-    import pandas as pd
-    from slimsearch.core.policy import Policy
-
-    df = ray_trials(cfg)
-
-    def summary(p: Any) -> str:
-        return Policy.from_json(p).summary() if isinstance(p, str) and p else ""
-
-    out = pd.DataFrame({
-        "trial": df["number"].astype(int), "state": df["status"].map(_STATE).fillna("FAIL"), "status": df["status"],
-        "val_acc": df["val_acc"], "macs": df["macs"], "macs_ratio": df["macs_ratio"], "flops": df["flops"],
-        "params": df["params"], "params_ratio": df["params_ratio"], "latency_ms": df["latency_ms"],
-        "seed": df["seed"].fillna(""), "policy": df["policy"].map(summary), "duration_s": df["wall_s"],
-        "reason": df["reason"].fillna(""),
-    })  # fmt: skip
-    for c in ("val_acc", "macs", "macs_ratio", "flops", "params", "params_ratio", "latency_ms", "duration_s"):
-        out[c] = pd.to_numeric(out[c], errors="coerce")
-    # Infeasible and failed trials report val_acc 0.0 to Tune; in a report it is "not measured".
-    out.loc[~out["status"].isin(["ok", "pruned"]), "val_acc"] = math.nan
-    return out
-
-
-def ray_status(cfg: StudyConfig) -> dict[str, Any]:
-    """Keyword arguments for ``search.report.StudyStatus`` of a Ray study (read-only; Ray need not run)."""
-    df = ray_trials(cfg)
-    meta = ray_study_info(cfg)
-    by = {str(k): int(v) for k, v in df["status"].value_counts().items()}
-    row = best_row(df) if len(df) else None
-    best = None
-    if row is not None:
-        m = _row_metrics(row)
-        best = {
-            "trial": int(row["number"]),
-            **{k: float(m.get(k, math.nan)) for k in ("val_acc", "macs", "macs_ratio", "params")},
-        }
-    seeds = sorted({str(s) for s in df["seed"].dropna() if str(s)}) if "seed" in df else []
-    return {
-        "name": cfg.name,
-        "storage": f"ray: {ray_experiment_dir(cfg)}",
-        "n_trials": int(meta.get("n_trials", cfg.study.n_trials)),
-        "counted": sum(by.get(s, 0) for s in COUNTED),
-        "by_state": by,
-        "best": best,
-        "objectives": list(meta.get("objectives", [o.spec for o in cfg.study.objectives])),
-        "seeds": seeds,
-    }
-
-
-# ----------------------------------------------------------------------------- progress lines
-
-
-def _trial_line(row: Mapping[str, Any]) -> str:
-    from slimsearch.search.runner import fmt_count
-
-    parts = [f"trial {int(row.get('number', -1)):>4}", f"{row.get('status', '?'):<10}"]
-    if row.get("status") in ("ok", "pruned"):
-        parts.append(f"val_acc {float(row.get('val_acc', 0.0)):.4f}")
-    if row.get("macs") is not None and math.isfinite(float(row["macs"])):
-        parts.append(f"MACs {fmt_count(float(row['macs']))} ({float(row.get('macs_ratio', math.nan)):.1%})")
-    if row.get("wall_s") is not None:
-        parts.append(f"{float(row['wall_s']):.1f}s")
-    if row.get("seed"):
-        parts.append(f"seed {row['seed']}")
-    if row.get("reason") and row.get("status") != "ok":
-        parts.append(f"- {str(row['reason'])[:120]}")
-    return "  ".join(parts)
-
-
-# The callback object is pickled into the experiment (tuner.pkl) and comes back on restore; it prints
-# through this module-level logger so a resumed run logs to its own caller (None: silent).
-_PROGRESS_LOG: Log | None = None
-
-
-def _log_trial_complete(trial: Any) -> None:
-    if _PROGRESS_LOG is not None:
-        last = dict(trial.last_result or {})
-        last["status"] = _trial_status("TERMINATED", last)
-        _PROGRESS_LOG(_trial_line(last))
-
-
-def _log_trial_error(trial: Any, retry: bool = False) -> None:
-    """A trial's process died (or its code raised): retried with the same parameters, or given up."""
-    if _PROGRESS_LOG is not None:
-        n = (trial.config or {}).get("_number", "?")
-        k = trial.run_metadata.num_failures
-        why = _error_line(trial) or "?"
-        then = f"retrying it ({k} of {trial.max_failures})" if retry else "a fresh trial takes its slot"
-        _PROGRESS_LOG(f"trial {n:>4}  error       attempt {k}: {why}; {then}")
-
-
 # ----------------------------------------------------------------------------- entry point
-
-
-@dataclass
-class RayRunSummary:
-    """Same leading fields as ``search.runner.RunSummary``; ``by_state`` counts our statuses."""
-
-    name: str
-    counted: int
-    n_trials: int
-    by_state: dict[str, int]
-    best: dict[str, Any] | None
-    wall_s: float
-    done: bool
-    best_policy: Any = None  # core.policy.Policy of ``best``
-    experiment_dir: Path | None = None
-    results_csv: Path | None = None
-    resumed: bool = False
-    table: Any = field(default=None, repr=False)  # pandas DataFrame, one row per trial
 
 
 def run_ray(
@@ -735,7 +379,7 @@ def run_ray(
     progress: bool = True,
     n_trials: int | None = None,
     log: Log | None = None,
-) -> RayRunSummary:
+) -> RunSummary:
     """Create or resume ``cfg``'s Ray Tune experiment and run it to ``n_trials`` (default [study] n_trials).
 
     ``address``: None -> [evaluator] ray_address, else a private local Ray with [evaluator] workers CPUs;
@@ -744,9 +388,6 @@ def run_ray(
     ([evaluator] cpus_per_trial, gpus_per_trial; a trial on a GPU runs on ``cuda``). Every node must see the study's files
     (data, checkpoint / ``<workdir>/baseline.pt``, ``<workdir>/ray``) at the same absolute paths.
     """
-    from slimsearch.search.context import build_study_context
-    from slimsearch.search.runner import seed_policies, study_info
-
     log = log or (lambda s: print(s, flush=True))
     t0 = time.perf_counter()
     if n_trials is not None:
@@ -756,8 +397,6 @@ def run_ray(
     address = address if address is not None else getattr(cfg.evaluator, "ray_address", None)
     if address is not None:
         check_reachable(address)  # before building anything
-    from slimsearch.search.placement import local_gpus, ray_trial_device, ray_trial_resources
-
     ev = cfg.evaluator
     if address is None:  # a local Ray has this machine's GPUs: a request they cannot meet fails before any write
         ray_trial_resources(cfg.study.device, ev.cpus_per_trial, ev.gpus_per_trial, len(local_gpus(cfg.study.device)))
@@ -778,11 +417,7 @@ def run_ray(
     # A restored experiment keeps its trials: the target can grow, never shrink.
     _write_meta(cfg, max(target, int(meta.get("n_trials") or 0)), info)
 
-    import ray
-    from ray import tune
-
     started = connect(address, workers * int(ev.cpus_per_trial))
-    _search_classes()
     snapshot_failed_trials()
     try:
         resources = ray_trial_resources(cfg.study.device, ev.cpus_per_trial, ev.gpus_per_trial,
@@ -795,12 +430,13 @@ def run_ray(
         if resumed:
             done_before = sum(1 for t in _load_trials(exp_dir) if t.status in ("TERMINATED", "ERROR"))
             log(f"resuming Ray experiment {exp_dir}: {done_before} trials finished, target {_target(cfg, target)}")
-            tuner = tune.Tuner.restore(
-                str(exp_dir), trainable, resume_unfinished=True, resume_errored=False, restart_errored=False,
-                param_space=sctx.space.ray_param_space(),
-            )  # fmt: skip
+            with legacy_module_names():  # experiments started before the package rename pickled old names
+                tuner = tune.Tuner.restore(
+                    str(exp_dir), trainable, resume_unfinished=True, resume_errored=False, restart_errored=False,
+                    param_space=sctx.space.ray_param_space(),
+                )  # fmt: skip
         else:
-            seeds = seed_policies(sctx)[:target]
+            seeds = generate_seeds(sctx)[:target]
             if seeds:
                 log(f"{len(seeds)} seed policies first: {', '.join(label for label, _ in seeds)}")
             tuner = tune.Tuner(
@@ -818,7 +454,7 @@ def run_ray(
                     name=cfg.name,
                     storage_path=str(ray_storage_path(cfg)),
                     verbose=0,
-                    callbacks=[_SEARCH_CLASSES["lines"]()],
+                    callbacks=[TrialLines()],
                     failure_config=tune.FailureConfig(max_failures=cfg.study.max_retry),
                 ),
             )
@@ -826,7 +462,8 @@ def run_ray(
         where += f", {resources['cpu']:g} CPU + {resources['gpu']:g} GPU per trial"
         log(f"study {cfg.name}: Ray Tune (OptunaSearch {cfg.study.sampler} + ASHA), {workers} concurrent trials, "
             f"{where}, experiment {exp_dir}")  # fmt: skip
-        _fit_quietly(tuner, log if progress else None)
+        with legacy_module_names() if resumed else contextlib.nullcontext():
+            fit_quietly(tuner, log if progress else None)
     finally:
         if started:
             ray.shutdown()
@@ -857,54 +494,21 @@ def snapshot_failed_trials(controller_cls: type | None = None) -> None:
     controller_cls._process_trial_failure = process_trial_failure
 
 
-def _resumable(exp_dir: Path) -> bool:
-    """Whether an earlier run left state to resume: ``tuner.pkl`` (all ``Tuner.can_restore`` checks) and an
-    experiment snapshot. Tune writes ``tuner.pkl`` before its first snapshot; a driver killed in between
-    leaves a directory ``Tuner.restore`` rejects ("No experiment snapshot file"), in which no trial finished:
-    that one starts afresh."""
-    return (exp_dir / "tuner.pkl").is_file() and any(exp_dir.glob("experiment_state-*.json"))
-
-
-def _fit_quietly(tuner: Any, log: Log | None) -> Any:
-    """``tuner.fit()`` with our trial lines instead of Ray's tables (the legacy reporter honours verbose=0;
-    the new output engine prints its header regardless)."""
-    global _PROGRESS_LOG
-    old_env, old_log = os.environ.get("RAY_AIR_NEW_OUTPUT"), _PROGRESS_LOG
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-    _PROGRESS_LOG = log
-    try:
-        return tuner.fit()
-    finally:
-        _PROGRESS_LOG = old_log
-        if old_env is None:
-            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
-        else:
-            os.environ["RAY_AIR_NEW_OUTPUT"] = old_env
-
-
-def _target(cfg: StudyConfig, default: int) -> int:
-    return int(_read_meta(ray_meta_path(cfg)).get("n_trials", default))
-
-
-def _summarise(cfg: StudyConfig, exp_dir: Path, t0: float, resumed: bool, log: Log) -> RayRunSummary:
+def _summarise(cfg: StudyConfig, exp_dir: Path, t0: float, resumed: bool, log: Log) -> RunSummary:
     df = trials_table(_load_trials(exp_dir))
     csv = ray_results_csv(cfg)
     tmp = csv.with_name(f".{csv.name}.{os.getpid()}.tmp")
     df.to_csv(tmp, index=False)
     os.replace(tmp, csv)
+    records = records_from_table(df)
     by = {str(k): int(v) for k, v in df["status"].value_counts().items()} if len(df) else {}
     counted = sum(by.get(s, 0) for s in COUNTED)
     target = _target(cfg, cfg.study.n_trials)
-    row = best_row(df) if len(df) else None
-    best, policy = None, None
-    if row is not None:
-        from slimsearch.core.policy import Policy
-
-        best = _row_metrics(row)
-        best["trial"] = best.get("number")
-        policy = Policy.from_json(row["policy"])
-    s = RayRunSummary(cfg.name, counted, target, by, best, time.perf_counter() - t0, counted >= target, policy,
-                      exp_dir, csv, resumed, df)  # fmt: skip
-    tail = f"; best val_acc {best['val_acc']:.4f} (trial {best['trial']})" if best else ""
+    top = best(records)
+    summary = best_summary(records)
+    policy = Policy.from_json(top.policy) if top is not None else None
+    s = RunSummary(cfg.name, counted, target, by, summary, time.perf_counter() - t0, counted >= target, policy,
+                   exp_dir, csv, resumed, df)  # fmt: skip
+    tail = f"; best val_acc {summary['val_acc']:.4f} (trial {summary['trial']})" if summary else ""
     log(f"{'done' if s.done else 'stopped'}: {counted}/{target} trials in {s.wall_s:.1f}s{tail}; results {csv}")
     return s

@@ -1,58 +1,50 @@
 """Study status and report: trial table, Pareto front (val_acc vs MACs, plus latency when it is an
 objective) as text and CSV, and PNG charts (matplotlib, Agg): Pareto scatter and a per-layer policy chart.
 
-Everything is read from the Optuna storage (trial user_attrs and the study's "slimsearch" attr), so a
-report never rebuilds the model. Studies are ordinary Optuna RDB studies: ``optuna-dashboard <storage URL>``
-opens them too. Ray Tune studies (``search.runner.uses_ray``) are read from their experiment folder /
-results CSV and meta file instead (``search.ray_runner``; Ray need not be running), into the same tables.
+Everything is read through the study's backend (``search.backend``: its ``TrialRecord``s and ``StudyInfo``),
+so a report never rebuilds the model and works the same for Optuna and Ray Tune studies. Optuna studies are
+ordinary RDB studies: ``optuna-dashboard <storage URL>`` opens them too.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 import pandas as pd
-from optuna.trial import FrozenTrial
+from matplotlib.patches import Patch
 from slimsearch.core.errors import SlimError
-from slimsearch.search.runner import (
-    best_feasible,
-    fmt_count,
-    is_counted,
-    load_optuna_study,
-    open_storage,
-    tally,
-    target_trials,
-    uses_ray,
-)
-from slimsearch.search.study import StudyConfig, mask_url
+from slimsearch.core.policy import Policy
+from slimsearch.search.backend import backend_for
+from slimsearch.search.records import TrialRecord, best, best_summary, fmt_count
+from slimsearch.search.study import StudyConfig
 
 COLUMNS = ["trial", "state", "status", "val_acc", "macs", "macs_ratio", "flops", "params", "params_ratio",
            "latency_ms", "latency_pred_ms", "seed", "policy", "duration_s", "reason"]  # fmt: skip
 LATENCY_METRICS = ("latency_ms", "latency_pred_ms")  # measured (evaluator), predicted (core.latency)
+METRIC_COLUMNS = COLUMNS[3:12]
 
 
-def trials_frame(trials: list[FrozenTrial]) -> pd.DataFrame:
+def trials_frame(records: Sequence[TrialRecord]) -> pd.DataFrame:
     """One row per trial with its state, evaluator status, metrics and policy summary."""
-    rows = []
-    for t in trials:
-        ua = t.user_attrs
-        dur = (
-            (t.datetime_complete - t.datetime_start).total_seconds()
-            if t.datetime_complete and t.datetime_start
-            else None
-        )
-        rows.append({
-            "trial": t.number, "state": t.state.name, "status": ua.get("status", ""),
-            "val_acc": ua.get("val_acc"), "macs": ua.get("macs"), "macs_ratio": ua.get("macs_ratio"),
-            "flops": ua.get("flops"), "params": ua.get("params"), "params_ratio": ua.get("params_ratio"),
-            "latency_ms": ua.get("latency_ms"), "latency_pred_ms": ua.get("latency_pred_ms"),
-            "seed": ua.get("seed", ""), "policy": ua.get("policy_summary", ""), "duration_s": dur,
-            "reason": ua.get("reason", ""),
-        })  # fmt: skip
+    rows = [
+        {
+            "trial": r.number,
+            "state": r.state,
+            "status": r.status,
+            **{k: r.metric(k) for k in METRIC_COLUMNS},
+            "seed": r.seed,
+            "policy": r.policy_summary,
+            "duration_s": r.duration_s,
+            "reason": r.reason,
+        }  # fmt: skip
+        for r in records
+    ]
     df = pd.DataFrame(rows, columns=COLUMNS)
     for c in ("val_acc", "macs", "macs_ratio", "flops", "params", "params_ratio", *LATENCY_METRICS, "duration_s"):
         df[c] = pd.to_numeric(df[c], errors="coerce")
@@ -105,32 +97,24 @@ class StudyStatus:
             lines.append("best: no feasible completed trial yet")
         return "\n".join(lines)
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values for ``slimsearch status --json``."""
+        return asdict(self)
+
 
 def study_status(cfg: StudyConfig) -> StudyStatus:
     """Counts by state, progress toward n_trials and the best feasible trial (read-only)."""
-    if uses_ray(cfg):
-        from slimsearch.search.ray_runner import ray_status
-
-        return StudyStatus(**ray_status(cfg))
-    study = load_optuna_study(cfg, open_storage(cfg, create=False))
-    trials = study.get_trials(deepcopy=False)
-    tl = tally(trials)
-    b = best_feasible(trials)
-    best = None
-    if b is not None:
-        keys = ("val_acc", "macs", "macs_ratio", "params", "latency_pred_ms", "latency_ratio")
-        best = {"trial": b.number, **{k: b.user_attrs.get(k) for k in keys}}
-    return StudyStatus(cfg.name, mask_url(cfg.study.storage), target_trials(study, cfg.study.n_trials), tl.counted,
-                       tl.by_state, best, study.user_attrs.get("objectives", [o.spec for o in cfg.study.objectives]),
-                       list(study.user_attrs.get("seeds_enqueued", [])))  # fmt: skip
+    backend = backend_for(cfg)
+    info = backend.info()
+    records = backend.records()
+    return StudyStatus(info.name, info.storage, info.n_trials, sum(r.counted for r in records), info.by_state,
+                       best_summary(records), info.objectives, info.seeds)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- charts
 
 
 def _plt() -> Any:
-    import matplotlib
-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -180,12 +164,10 @@ def plot_pareto(df: pd.DataFrame, front: pd.DataFrame, info: dict[str, Any], pat
     return path
 
 
-def plot_policy(trial: FrozenTrial, info: dict[str, Any], path: Path, title: str) -> Path:
+def plot_policy(record: TrialRecord, info: dict[str, Any], path: Path, title: str) -> Path:
     """Prune rate per conv layer (depth order) with kept/total filters; decomposed layers hatched and labelled."""
-    from slimsearch.core.policy import Policy
-
-    policy = Policy.from_json(trial.user_attrs["policy"], where=f"trial {trial.number} policy")
-    return plot_policy_values(policy, trial.user_attrs, info, path, title)
+    policy = Policy.from_json(record.policy, where=f"trial {record.number} policy")
+    return plot_policy_values(policy, dict(record.metrics), info, path, title)
 
 
 def policy_rows(policy: Any, layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -216,7 +198,6 @@ def policy_figure(rows: list[dict[str, Any]], title: str) -> Any:
     """The policy chart as a matplotlib figure: one horizontal bar per layer, top to bottom in depth order, so
     that 60 layers stay readable (the height grows with the count); excluded layers are a grey row saying so."""
     plt = _plt()
-    from matplotlib.patches import Patch
 
     n = len(rows)
     fig, ax = plt.subplots(figsize=(9.5, max(3.5, 0.2 * n + 1.6)), dpi=120)
@@ -290,75 +271,34 @@ def _front_table(front: pd.DataFrame) -> pd.DataFrame:
 def write_report(cfg: StudyConfig, trial: int | None = None, out_dir: str | Path | None = None) -> Report:
     """Write trials.csv, pareto.csv, pareto.png and policy_trial<N>.png (N: ``trial`` or the best) to
     ``out_dir`` (default ``<workdir>/report``); return them with the printed Pareto table."""
-    if uses_ray(cfg):
-        return write_ray_report(cfg, trial, out_dir)
-    study = load_optuna_study(cfg, open_storage(cfg, create=False))
-    trials = study.get_trials(deepcopy=False)
-    info = study.user_attrs.get("slimsearch", {})
-    chosen: FrozenTrial | None
+    backend = backend_for(cfg)
+    records = backend.records()  # a study that never ran: SlimError
+    st = backend.info()
+    info = st.baseline
+    chosen: TrialRecord | None
     if trial is not None:
-        chosen = next((t for t in trials if t.number == trial), None)
+        chosen = next((r for r in records if r.number == trial), None)
         if chosen is None:
-            raise SlimError(f"--trial {trial}: no such trial (the study has trials 0..{len(trials) - 1})")
-        if "policy" not in chosen.user_attrs:
-            raise SlimError(f"--trial {trial}: trial is {chosen.state.name} and has no policy to chart")
+            raise SlimError(f"--trial {trial}: no such trial (the study has trials 0..{len(records) - 1})")
+        if not chosen.policy:
+            raise SlimError(f"--trial {trial}: trial is {chosen.state} and has no policy to chart")
     else:
-        chosen = best_feasible(trials)
+        chosen = best(records)
     out = Path(out_dir) if out_dir is not None else cfg.study.workdir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    df = trials_frame(trials)
+    df = trials_frame(records)
     front = pareto_front(df, latency_objective(cfg))
     files = {"trials_csv": out / "trials.csv", "pareto_csv": out / "pareto.csv", "pareto_png": out / "pareto.png"}
     df.to_csv(files["trials_csv"], index=False)
     front.to_csv(files["pareto_csv"], index=False)
-    counted = sum(is_counted(t) for t in trials)
+    counted = sum(r.counted for r in records)
     plot_pareto(df, front, info, files["pareto_png"], f"{cfg.name}: {counted} trials, {len(front)} on the Pareto front")
     if chosen is not None:
         files["policy_png"] = out / f"policy_trial{chosen.number}.png"
-        plot_policy(
-            chosen,
-            info,
-            files["policy_png"],
-            f"{cfg.name} trial {chosen.number}: {chosen.user_attrs.get('policy_summary', '')}",
-        )
-    (out / "study.json").write_text(json.dumps({"name": cfg.name, "storage": mask_url(cfg.study.storage),
-                                                "info": info, "n_trials": target_trials(study, cfg.study.n_trials),
-                                                "counted": counted}, indent=2, default=str) + "\n")  # fmt: skip
-    files["study_json"] = out / "study.json"
-    table = "(no feasible completed trial yet)" if front.empty else _front_table(front).to_string(index=False)
-    return Report(out, files, front, table)
-
-
-def write_ray_report(cfg: StudyConfig, trial: int | None = None, out_dir: str | Path | None = None) -> Report:
-    """``write_report`` for a Ray Tune study: the same files from its results (``ray_report_frame``)."""
-    from slimsearch.search.ray_runner import ray_best_policy, ray_report_frame, ray_status, ray_study_info
-
-    df = ray_report_frame(cfg)  # SlimError when the study never ran
-    info = ray_study_info(cfg)
-    chosen = None
-    if trial is not None:
-        if trial not in set(df["trial"]):
-            raise SlimError(f"--trial {trial}: no such trial (the study has trials 0..{len(df) - 1})")
-        chosen = (trial, *ray_best_policy(cfg, trial))
-    elif (df["status"] == "ok").any():
-        pol, m = ray_best_policy(cfg, "best")
-        chosen = (int(m["number"]), pol, m)
-    out = Path(out_dir) if out_dir is not None else cfg.study.workdir / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    front = pareto_front(df, latency_objective(cfg))
-    files = {"trials_csv": out / "trials.csv", "pareto_csv": out / "pareto.csv", "pareto_png": out / "pareto.png"}
-    df.to_csv(files["trials_csv"], index=False)
-    front.to_csv(files["pareto_csv"], index=False)
-    st = ray_status(cfg)
-    plot_pareto(
-        df, front, info, files["pareto_png"], f"{cfg.name}: {st['counted']} trials, {len(front)} on the Pareto front"
-    )
-    if chosen is not None:
-        number, pol, m = chosen
-        files["policy_png"] = out / f"policy_trial{number}.png"
-        plot_policy_values(pol, m, info, files["policy_png"], f"{cfg.name} trial {number}: {pol.summary()}")
-    (out / "study.json").write_text(json.dumps({"name": cfg.name, "storage": st["storage"], "info": info,
-                                                "n_trials": st["n_trials"], "counted": st["counted"]},
+        title = f"{cfg.name} trial {chosen.number}: {chosen.policy_summary}"
+        plot_policy(chosen, info, files["policy_png"], title)
+    (out / "study.json").write_text(json.dumps({"name": cfg.name, "storage": st.storage, "info": info,
+                                                "n_trials": st.n_trials, "counted": counted},
                                                indent=2, default=str) + "\n")  # fmt: skip
     files["study_json"] = out / "study.json"
     table = "(no feasible completed trial yet)" if front.empty else _front_table(front).to_string(index=False)

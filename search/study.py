@@ -193,33 +193,20 @@ class StudyConfig:
 
 # ----------------------------------------------------------------------------- seed registry
 
-# name -> fn(study_context, params) -> list[Policy]; params are the strategy's keys from [seeds]
-# (``<name>_<param> = ...`` or a ``[seeds.<name>]`` table). search.seeding fills it; other
-# modules add their strategies with ``register_seed_strategy``.
-SEED_STRATEGIES: dict[str, Callable[..., list[Any]]] = {}
-# Optional checks run at load time: fn(params, where) raises SlimError for bad parameters.
-SEED_PARAM_CHECKS: dict[str, Callable[[Mapping[str, Any], str], None]] = {}
+
+def known_seed_strategies() -> list[str]:
+    """The seed strategy names a study file may use (``search.seed_params``; imported on first use: the
+    methods' parameter checks import torch)."""
+    from slimsearch.search.seed_params import known_strategies
+
+    return known_strategies()
 
 
-def register_seed_strategy(
-    name: str, check: Callable[[Mapping[str, Any], str], None] | None = None
-) -> Callable[[Callable[..., list[Any]]], Callable[..., list[Any]]]:
-    """Decorator: make ``fn(ctx, params) -> list[Policy]`` available as ``[seeds] strategies = [name]``."""
+def seed_param_checks() -> dict[str, Callable[[Mapping[str, Any], str], None]]:
+    """Load-time checks of the strategies' [seeds] parameters (``search.seed_params.SEED_PARAM_CHECKS``)."""
+    from slimsearch.search.seed_params import SEED_PARAM_CHECKS
 
-    def deco(fn: Callable[..., list[Any]]) -> Callable[..., list[Any]]:
-        SEED_STRATEGIES[name] = fn
-        if check is not None:
-            SEED_PARAM_CHECKS[name] = check
-        return fn
-
-    return deco
-
-
-def known_seed_strategies() -> dict[str, Callable[..., list[Any]]]:
-    """The registry, with the built-in and optional strategy modules imported."""
-    import slimsearch.search.seeding  # noqa: F401  (registers "uniform" and any optional strategies)
-
-    return SEED_STRATEGIES
+    return SEED_PARAM_CHECKS
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -437,7 +424,7 @@ def _seeds(data: Any, file: Path) -> SeedsSection:
         extra.append(key)
     v, _ = _read(data, "seeds", file, tuple(extra))
     for n in names:
-        check = SEED_PARAM_CHECKS.get(n)
+        check = seed_param_checks().get(n)
         if check is not None:
             check(params[n], where)
     return SeedsSection(strategies=tuple(names), params=params, budget=v["budget"])

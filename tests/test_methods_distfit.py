@@ -99,10 +99,12 @@ def test_seed_adapters() -> None:
 
 
 def test_study_registry_params_check() -> None:
-    from slimsearch.search.methods.seeds import allowed_params, check_params
+    from slimsearch.search.seed_params import SEED_PARAM_CHECKS, allowed_params
 
     assert "epsilon" in allowed_params("abshpc") and "model" not in allowed_params("abshpc")
     assert "rates" in allowed_params("distfit") and "generations" in allowed_params("ga")
-    check_params("mtd")({"tol": 0.02, "cp_rank": 0.3}, "[seeds]")
-    with pytest.raises(SlimError, match="mtd_bogus: unknown parameter"):
-        check_params("mtd")({"bogus": 1}, "[seeds]")
+    SEED_PARAM_CHECKS["mtd"]({"tol": 0.02, "cp_rank": 0.3}, "[seeds]")
+    with pytest.raises(SlimError, match="mtd_bogus: unknown option"):
+        SEED_PARAM_CHECKS["mtd"]({"bogus": 1}, "[seeds]")
+    with pytest.raises(SlimError, match="mtd_tol: expected float"):
+        SEED_PARAM_CHECKS["mtd"]({"tol": "x"}, "[seeds]")

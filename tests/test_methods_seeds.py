@@ -1,4 +1,4 @@
-"""Study seed adapters (search/methods/seeds.py) against a real toy evaluation context."""
+"""The paper methods as study seed strategies (search.seeding.method_strategy) against a real toy context."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import pytest
 
 @pytest.mark.slow
 def test_study_seeds_on_toy_context() -> None:
+    import slimsearch.search.seeding  # noqa: F401  (attaches the strategy functions)
     from slimsearch.evaluators.config import EvaluatorConfig
     from slimsearch.evaluators.toy import toy_context
-    from slimsearch.search.methods.seeds import study_seed
+    from slimsearch.search.seed_params import SEED_STRATEGIES
     from slimsearch.spaces.config import SpaceConfig
     from slimsearch.spaces.space import SearchSpace
 
@@ -20,14 +21,14 @@ def test_study_seeds_on_toy_context() -> None:
     cfg = types.SimpleNamespace(evaluator=EvaluatorConfig(bn_batches=2), study=types.SimpleNamespace(seed=0))
     ctx = types.SimpleNamespace(eval_ctx=ectx, space=space, cfg=cfg, model=ectx.model, splits=ectx.splits)
 
-    [abshpc] = study_seed("abshpc")(ctx, {"epsilon": 0.02, "rate_resolution": 0.1})
+    [abshpc] = SEED_STRATEGIES["abshpc"](ctx, {"epsilon": 0.02, "rate_resolution": 0.1})
     assert abshpc.layers and all(lp.criterion == "hpc" for lp in abshpc.layers.values())
     params = space.params_from_policy(abshpc, strict=False)
     assert any(params[f"{n}.rate"] > 0 for n in abshpc.layers)
     # the MACs gate is off for the method's own probes: light steps are accepted even above max_macs
     assert ectx.max_macs is not None
 
-    pols = study_seed("distfit")(ctx, {"rates": [0.25, 0.5]})
+    pols = SEED_STRATEGIES["distfit"](ctx, {"rates": [0.25, 0.5]})
     assert len(pols) == 2
     for p, r in zip(pols, (0.25, 0.5), strict=True):
         assert space.params_from_policy(p, strict=True)  # uniform distfit seeds are points of the space

@@ -115,21 +115,40 @@ def test_final_result_marks_infeasible_and_failed_as_worst(tmp_path: Path) -> No
     json.dumps(r)  # plain values only: Tune stores results as JSON
 
 
-def test_ranked_rows_keeps_one_row_per_network() -> None:
+def test_ray_records_rank_one_per_network() -> None:
     import pandas as pd
-    from slimsearch.search.ray_runner import ranked_rows
+    from slimsearch.search.ray_results import records_from_table
+    from slimsearch.search.records import ranked
+
+    def ranked_rows(df: pd.DataFrame) -> list[int]:
+        return [r.number for r in ranked(records_from_table(df))]
 
     df = pd.DataFrame({
         "number": [0, 1, 2, 3, 4], "status": ["ok"] * 5, "val_acc": [0.9, 0.9, 0.8, 0.7, 0.7],
         "macs": [5.0] * 5, "policy": ["a", "b", "c", "d", "d"], "model_digest": ["n1", "n1", "n2", None, None],
     })  # fmt: skip
-    assert ranked_rows(df)["number"].tolist() == [0, 2, 3]  # 1 builds 0's network; 4 repeats 3's policy
-    assert ranked_rows(df.drop(columns="model_digest"))["number"].tolist() == [0, 1, 2, 3]  # older tables
+    assert ranked_rows(df) == [0, 2, 3]  # 1 builds 0's network; 4 repeats 3's policy
+    assert ranked_rows(df.drop(columns="model_digest")) == [0, 1, 2, 3]  # older tables
+
+
+def _ray_records(cfg) -> list:  # noqa: ANN001
+    from slimsearch.search.backend import RayBackend
+
+    return RayBackend(cfg).records()
+
+
+def _pick(cfg, spec: str | int = "best") -> tuple[Policy, dict]:  # noqa: ANN001
+    """The trial ``slimsearch export`` would take from a Ray study: (policy, its record's values)."""
+    from slimsearch.search.export import select_trial
+
+    r = select_trial(_ray_records(cfg), spec)
+    return Policy.from_json(r.policy), {"number": r.number, **r.metrics}
 
 
 def test_results_csv_fallback_and_best_policy(tmp_path: Path) -> None:
     import pandas as pd
-    from slimsearch.search.ray_runner import ray_best_policy, ray_report_frame, ray_results_csv, ray_status, ray_trials
+    from slimsearch.search.ray_runner import ray_results_csv, ray_trials
+    from slimsearch.search.report import study_status, trials_frame
 
     cfg = load_study(_write_study(tmp_path, "csvonly"))
     with pytest.raises(SlimError, match="no Ray results"):
@@ -152,19 +171,19 @@ def test_results_csv_fallback_and_best_policy(tmp_path: Path) -> None:
     csv.parent.mkdir(parents=True)
     pd.DataFrame(rows).to_csv(csv, index=False)
     assert list(ray_trials(cfg)["number"]) == [0, 1, 2, 3]
-    pol, m = ray_best_policy(cfg)  # tie on val_acc -> fewer MACs
+    pol, m = _pick(cfg)  # tie on val_acc -> fewer MACs
     assert pol.hash == pols[2].hash and m["number"] == 2 and m["macs"] == 3.0
-    assert ray_best_policy(cfg, 0)[0].hash == pols[0].hash  # an infeasible trial may be exported on request
-    assert ray_best_policy(cfg, "b")[1]["number"] == 1  # by Ray trial id
-    with pytest.raises(SlimError, match="trial is fail.*boom"):
-        ray_best_policy(cfg, 3)
+    assert _pick(cfg, 0)[0].hash == pols[0].hash  # an infeasible trial may be exported on request
+    assert [r.trial_id for r in _ray_records(cfg)] == ["a", "b", "c", "d"]  # Ray's trial ids are kept
+    with pytest.raises(SlimError, match="trial is FAIL.*boom"):
+        _pick(cfg, 3)
     with pytest.raises(SlimError, match="no such trial"):
-        ray_best_policy(cfg, 9)
-    rep = ray_report_frame(cfg)  # search.report's columns
+        _pick(cfg, 9)
+    rep = trials_frame(_ray_records(cfg))  # search.report's columns
     assert rep["state"].tolist() == ["COMPLETE", "COMPLETE", "COMPLETE", "FAIL"]
     assert rep["val_acc"].isna().tolist() == [True, False, False, True]  # 0.0 given to Tune is not an accuracy
-    st = ray_status(cfg)
-    assert (st["counted"], st["by_state"], st["best"]["trial"]) == (4, {"ok": 2, "infeasible": 1, "fail": 1}, 2)
+    st = study_status(cfg)
+    assert (st.counted, st.by_state, st.best["trial"]) == (4, {"ok": 2, "infeasible": 1, "fail": 1}, 2)
 
 
 def test_searcher_seeds_numbers_constraint_and_states(tmp_path: Path) -> None:
@@ -194,8 +213,10 @@ def test_searcher_seeds_numbers_constraint_and_states(tmp_path: Path) -> None:
     searcher.on_trial_complete("t3", {"status": "partial", "val_acc": 0.1, "step": 10})
     trials = searcher._ot_study.get_trials(deepcopy=False)
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED]
-    assert trials[0].system_attrs.get("constraints:macs") == 123.0 and trials[0].values == [0.0]
-    assert trials[1].system_attrs.get("constraints:macs") == -10.0 and trials[1].values == [0.5]
+    # stored as Optuna's constraints_func stores them: what its samplers and optuna-dashboard read
+    assert trials[0].system_attrs.get("constraints") == [123.0] and trials[0].values == [0.0]
+    assert trials[1].system_attrs.get("constraints") == [-10.0] and trials[1].values == [0.5]
+    assert list(trials[0].constraints.values()) == [123.0]  # Optuna reads them back
 
 
 def test_searcher_passes_macs_and_latency_constraints(tmp_path: Path) -> None:
@@ -216,8 +237,7 @@ def test_searcher_passes_macs_and_latency_constraints(tmp_path: Path) -> None:
                                       "latency_violation": -0.25, "latency_pred_ms": 1.0})  # fmt: skip
     t0, t1 = searcher._ot_study.get_trials(deepcopy=False)
     assert t0.user_attrs["constraint"] == [5.0, 0.0] and t1.user_attrs["constraint"] == [-1.0, -0.25]
-    if hasattr(t1, "constraints"):
-        assert t1.system_attrs.get("constraints:latency") == -0.25
+    assert t1.system_attrs.get("constraints") == [-1.0, -0.25]
 
 
 def test_searcher_with_the_local_sampler_mutates_a_finished_seed(tmp_path: Path) -> None:
@@ -286,14 +306,8 @@ def _check_run(cfg, s, n: int) -> None:
 @pytest.mark.slow
 def test_local_run_then_resume_with_more_trials(tmp_path: Path) -> None:
     import ray
-    from slimsearch.search.ray_runner import (
-        ray_best_policy,
-        ray_experiment_dir,
-        ray_report_frame,
-        ray_status,
-        ray_trials,
-        run_ray,
-    )
+    from slimsearch.search.ray_runner import ray_experiment_dir, ray_trials, run_ray
+    from slimsearch.search.report import study_status, trials_frame
 
     cfg = load_study(_write_study(tmp_path, "local"))
     lines: list[str] = []
@@ -310,12 +324,86 @@ def test_local_run_then_resume_with_more_trials(tmp_path: Path) -> None:
     kept = s2.table.set_index("trial_id").loc[first.index, ["number", "val_acc", "macs"]]
     assert kept.equals(first)  # the first 4 trials are kept, not re-run
     assert ray_trials(cfg)["trial_id"].tolist() == s2.table["trial_id"].tolist()  # read back without Ray
-    pol, m = ray_best_policy(cfg)
+    pol, m = _pick(cfg)
     assert pol.hash == s2.best_policy.hash and m["val_acc"] == s2.best["val_acc"]
-    st = ray_status(cfg)
-    assert (st["counted"], st["n_trials"], st["best"]["trial"]) == (6, 6, s2.best["trial"])
-    assert st["seeds"] == ["uniform#0", "uniform#1"] and st["by_state"] == s2.by_state
-    assert (ray_report_frame(cfg)["state"] == "COMPLETE").all()
+    st = study_status(cfg)
+    assert (st.counted, st.n_trials, st.best["trial"]) == (6, 6, s2.best["trial"])
+    assert st.seeds == ["uniform#0", "uniform#1"] and st.by_state == s2.by_state
+    assert (trials_frame(_ray_records(cfg))["state"] == "COMPLETE").all()
+
+
+def _legacy_pickle(obj: object) -> bytes:
+    """``obj`` pickled as a version before the package rename pickled it: classes by their old module names
+    (``search.ray_runner.SlotGenerator``, not ``slimsearch.search.ray_runner.SlotGenerator``)."""
+    import pickletools
+
+    import cloudpickle
+
+    data = cloudpickle.dumps(obj, protocol=2)  # protocol 2 names a class with GLOBAL "<module> <name>", no frames
+    ops = list(pickletools.genops(data))
+    out = bytearray()
+    for (op, arg, pos), nxt in zip(ops, [*[p for _, _, p in ops[1:]], len(data)], strict=True):
+        if op.name == "GLOBAL" and arg.startswith("slimsearch."):
+            module, name = arg.split(" ", 1)
+            out += b"c" + module.removeprefix("slimsearch.").encode() + b"\n" + name.encode() + b"\n"
+        else:
+            out += data[pos:nxt]
+    old = bytes(out)
+    assert b"csearch.ray_runner\nSlotGenerator\n" in old and b"cslimsearch." not in old
+    return old
+
+
+def test_searcher_pickled_under_old_module_names_loads_as_todays_classes(tmp_path: Path) -> None:
+    """What restoring a pre-rename experiment needs: its pickled search algorithm comes back as today's
+    classes inside ``legacy_module_names``, and the old names are gone again afterwards."""
+    import pickle
+
+    from slimsearch.search.legacy_names import legacy_module_names
+    from slimsearch.search.ray_runner import SlimOptunaSearch, SlotGenerator, make_search_alg
+    from slimsearch.spaces.config import SpaceConfig
+    from slimsearch.spaces.space import SearchSpace
+
+    cfg = load_study(_write_study(tmp_path, "legacy"))
+    space = SearchSpace.build(build_model("smallcnn", 10, 1), SpaceConfig(), (1, 1, 8, 8))
+    gen = make_search_alg(cfg, space, [("uniform#0", space.uniform_policy(0.3))], workers=1)
+    old = _legacy_pickle(gen)
+    before = {n: m for n, m in sys.modules.items() if n.split(".")[0] == "search"}
+    with legacy_module_names():
+        back = pickle.loads(old)
+    assert type(back) is SlotGenerator and type(back.searcher.searcher) is SlimOptunaSearch
+    assert back.searcher.searcher.seed_labels == ("uniform#0",) and back.meta_path == gen.meta_path
+    assert {n: m for n, m in sys.modules.items() if n.split(".")[0] == "search"} == before
+    import slimsearch.search.ray_runner as rr
+
+    assert rr.__spec__.name == "slimsearch.search.ray_runner"  # the alias did not rename the module
+
+
+@pytest.mark.slow
+def test_experiment_from_before_the_rename_resumes(tmp_path: Path) -> None:
+    """A Ray experiment whose pickles name ``search.ray_runner`` (written before the package rename) resumes:
+    its finished trials are kept and the larger target is reached."""
+    import pickle
+
+    from slimsearch.search.legacy_names import legacy_module_names
+    from slimsearch.search.ray_runner import ray_experiment_dir, run_ray
+
+    cfg = load_study(_write_study(tmp_path, "old", n_trials=2, workers=1))
+    s = run_ray(cfg, progress=False, log=lambda _: None)
+    assert s.counted == 2
+    rewritten = 0
+    for pkl in ray_experiment_dir(cfg).rglob("*.pkl"):
+        with legacy_module_names():
+            obj = pickle.loads(pkl.read_bytes())
+        try:
+            pkl.write_bytes(_legacy_pickle(obj))
+            rewritten += 1
+        except AssertionError:  # a pickle without our classes: nothing to rename
+            continue
+    assert rewritten >= 1
+    s2 = run_ray(cfg, n_trials=3, progress=False, log=lambda _: None)
+    assert s2.resumed and s2.counted == 3 and s2.done
+    kept = s2.table.set_index("trial_id").loc[s.table["trial_id"], "val_acc"]
+    assert kept.tolist() == s.table["val_acc"].tolist()  # the old trials are kept, not re-run
 
 
 # ----------------------------------------------------------------------------- a real two-node cluster

@@ -23,18 +23,11 @@ from slimsearch.core.budget import policy_macs
 from slimsearch.core.cost import count_cost
 from slimsearch.core.policy import Policy
 from slimsearch.search.context import build_study_context
-from slimsearch.search.runner import (
-    WORKER_ATTR,
-    claim,
-    is_counted,
-    load_optuna_study,
-    make_sampler,
-    open_storage,
-    ranked_feasible,
-    reap_dead,
-    run_study,
-    tally,
-)
+from slimsearch.search.optuna_study import is_counted, load_optuna_study, make_sampler, record_from_trial, tally
+from slimsearch.search.records import ranked
+from slimsearch.search.runner import run_study
+from slimsearch.search.slots import WORKER_ATTR, claim, reap_dead
+from slimsearch.search.storage import open_storage
 from slimsearch.search.study import load_study
 
 REPO = Path(__file__).resolve().parents[1]
@@ -413,7 +406,7 @@ def test_lower_n_trials_leaves_extra_slots_alone(tmp_path: Path, baseline_ckpt: 
     assert tally(trials).waiting == 2  # prepare_study's top-up saw 4 waiting >= 2 and added none
 
 
-def test_ranked_feasible_orders_by_val_then_macs_and_collapses_repeated_policies() -> None:
+def test_ranked_orders_by_val_then_macs_and_collapses_repeated_policies() -> None:
     from optuna.distributions import FloatDistribution
 
     def trial(n: int, status: str, acc: float, macs: float, policy: str, state: TrialState = TrialState.COMPLETE,
@@ -434,13 +427,14 @@ def test_ranked_feasible_orders_by_val_then_macs_and_collapses_repeated_policies
         trial(5, "fail", 0.0, 0.0, "e"),
         trial(6, "ok", 0.95, 55.0, "f", TrialState.RUNNING),
     ]
-    assert [t.number for t in ranked_feasible(trials)] == [2, 1, 0]
-    assert [t.number for t in ranked_feasible(trials, max_macs=55.0)] == [2, 0]
-    assert ranked_feasible(trials, max_macs=10.0) == []
+    trials = [record_from_trial(t) for t in trials]
+    assert [t.number for t in ranked(trials)] == [2, 1, 0]
+    assert [t.number for t in ranked(trials, max_macs=55.0)] == [2, 0]
+    assert ranked(trials, max_macs=10.0) == []
     # Distinct policies that built the same network (same digest) are one candidate; no digest: by policy.
     built = [trial(0, "ok", 0.9, 50.0, "a", digest="n1"), trial(1, "ok", 0.9, 50.0, "b", digest="n1"),
              trial(2, "ok", 0.8, 50.0, "c", digest="n2"), trial(3, "ok", 0.7, 50.0, "d")]  # fmt: skip
-    assert [t.number for t in ranked_feasible(built)] == [0, 2, 3]
+    assert [t.number for t in ranked([record_from_trial(t) for t in built])] == [0, 2, 3]
 
 
 def test_global_seed_prunes_layers_unevenly_and_is_enqueued_first(tmp_path: Path, baseline_ckpt: Path) -> None:

@@ -249,7 +249,9 @@ def kill_plan(seed: int) -> list[tuple[str, float, float]]:
 def test_random_sigkills_of_ray_workers_and_driver(
     tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from slimsearch.search.ray_runner import COUNTED, ray_experiment_dir, ray_report_frame, ray_status, ray_trials
+    from slimsearch.search.backend import RayBackend
+    from slimsearch.search.ray_runner import COUNTED, ray_experiment_dir, ray_trials
+    from slimsearch.search.report import study_status, trials_frame
 
     monkeypatch.chdir(tmp_path)
     ckpt = make_baseline(tmp_path_factory)
@@ -355,9 +357,9 @@ def test_random_sigkills_of_ray_workers_and_driver(
     assert (errored["status"] == "error").all() and len(df) == N_TRIALS + len(errored)  # each replaced once
     assert sorted(df["number"]) == list(range(len(df)))  # Optuna numbers: no gaps, no duplicates
     assert set(seen) == set(df["trial_id"])
-    st = ray_status(cfg)
-    assert st["counted"] == N_TRIALS and not {"running", "pending"} & set(st["by_state"]), st
-    assert not ray_report_frame(cfg)["state"].isin(["RUNNING", "WAITING"]).any()
+    st = study_status(cfg)
+    assert st.counted == N_TRIALS and not {"running", "pending"} & set(st.by_state), st
+    assert not trials_frame(RayBackend(cfg).records())["state"].isin(["RUNNING", "WAITING"]).any()
 
     # Export the best trial; the TorchScript file loads and runs with plain torch in a fresh process.
     out = tmp_path / "export"
