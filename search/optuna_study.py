@@ -87,6 +87,12 @@ def _pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
+def _name_metrics(study: optuna.Study, cfg: StudyConfig) -> None:
+    """The objectives by their metric names (optuna-dashboard shows val_acc, not Value)."""
+    with _quiet():
+        study.set_metric_names([o.metric for o in cfg.study.objectives])
+
+
 def load_optuna_study(cfg: StudyConfig, storage: Any, *, seed: int | None = None, create: bool = False) -> optuna.Study:
     """Open (or with ``create`` create) the Optuna study; objectives must match an existing study's."""
     directions = [o.direction for o in cfg.study.objectives]
@@ -101,7 +107,7 @@ def load_optuna_study(cfg: StudyConfig, storage: Any, *, seed: int | None = None
                 f"{have}, but [study] objectives give {directions}; use a new [study] name"
             )
         if create and study.metric_names is None:
-            study.set_metric_names([o.metric for o in cfg.study.objectives])  # optuna-dashboard: val_acc, not Value
+            _name_metrics(study, cfg)
         return study
     if not create:
         raise SlimError(f"study {cfg.name!r} not found in {mask_url(cfg.study.storage)}; start it with "
@@ -110,7 +116,7 @@ def load_optuna_study(cfg: StudyConfig, storage: Any, *, seed: int | None = None
         storage=storage, study_name=cfg.name, directions=directions, sampler=sampler, pruner=_pruner(cfg),
         load_if_exists=True,
     )  # fmt: skip
-    study.set_metric_names([o.metric for o in cfg.study.objectives])  # optuna-dashboard: val_acc, not Value
+    _name_metrics(study, cfg)
     return study
 
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: where ../shared lives, and skipping cleanly when it is absent."""
+"""Shared fixtures: the study tests' baseline and working folder, caches kept out of the home folder (plain helpers
+are in helpers.py)."""
 
 from __future__ import annotations
 
@@ -7,22 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import make_baseline
 from threadpoolctl import threadpool_limits
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("SLIMSEARCH_SHARED", REPO.parent / "shared"))
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 # OpenBLAS threads make tensorly's small SVDs far slower on a busy 2-core box than one thread.
 threadpool_limits(1)
-
-
-def shared_path(*parts: str) -> Path:
-    """Path under ../shared (or $SLIMSEARCH_SHARED); skips the test when it is missing."""
-    p = SHARED.joinpath(*parts)
-    if not p.exists():
-        pytest.skip(f"needs {p} (set SLIMSEARCH_SHARED to the shared folder with data/ and models/)")
-    return p
 
 
 @pytest.fixture(autouse=True)
@@ -30,3 +21,16 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
     """Keep caches out of the user's home during tests, shared across a session for speed."""
     if "SLIMSEARCH_CACHE" not in os.environ:
         monkeypatch.setenv("SLIMSEARCH_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="session")
+def baseline_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A smallcnn trained briefly on digits (deterministic), shared by every study test of the session."""
+    return make_baseline(tmp_path_factory)
+
+
+@pytest.fixture
+def tmp_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run in the test's own temp folder, with one torch thread (the study tests' setting)."""
+    monkeypatch.chdir(tmp_path)
+    torch.set_num_threads(1)

@@ -8,6 +8,7 @@ import zlib
 
 import pytest
 import torch
+from nets import PadNet, randomize_bn
 from slimsearch.core.apply import apply_policy, clone_model, kept_indices, layer_seed
 from slimsearch.core.cost import count_cost
 from slimsearch.core.criteria import select_filters
@@ -17,9 +18,6 @@ from slimsearch.core.graph import compressible_layers
 from slimsearch.core.models import build_model
 from slimsearch.core.policy import LayerPolicy, Policy
 from torch import nn
-
-from tests.nets import PadNet
-from tests.test_prune import randomize_bn
 
 SMALL_DECOMP = 64 * 64  # decompose only layers with out*in <= this in random policies (tensorly is slow on big ones)
 
@@ -274,7 +272,7 @@ def test_clone_model_falls_back_to_deepcopy_for_unusual_state() -> None:
 
 
 def test_policy_on_a_group_member_prunes_the_whole_group() -> None:
-    from tests.test_prune import _Coupled
+    from nets import Coupled as _Coupled
 
     model = randomize_bn(_Coupled())
     policy = Policy({"b": LayerPolicy(prune_rate=0.5), "dw": LayerPolicy(prune_rate=0.5, decomposition="none")})

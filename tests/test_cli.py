@@ -10,22 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import write_study
 from slimsearch.search.cli import main
 
-from tests.test_runner import make_baseline, write_study
-
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def baseline_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_baseline(tmp_path_factory)
-
-
-@pytest.fixture(autouse=True)
-def _cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)
-    torch.set_num_threads(1)
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -109,6 +97,10 @@ def test_fast_end_to_end(tmp_path: Path, baseline_ckpt: Path, capsys: pytest.Cap
 
     code, out, _ = run_cli(capsys, "status", str(p))
     assert code == 0 and "trials 3/3 done" in out and "best trial" in out and "COMPLETE 3" in out
+    code, out, _ = run_cli(capsys, "status", str(p), "--json")
+    st = json.loads(out)
+    assert code == 0 and (st["counted"], st["n_trials"], st["by_state"]) == (3, 3, {"COMPLETE": 3})
+    assert st["seeds"] == ["uniform#0"] and st["objectives"] == ["val_acc:max"] and 0 < st["best"]["val_acc"] <= 1
 
     code, out, _ = run_cli(capsys, "report", str(p), "--out", "rep")
     assert code == 0 and "Pareto front" in out

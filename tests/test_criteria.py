@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import shared_path
 from slimsearch.core.criteria import (
     SELECT_CRITERIA,
     global_rates,
@@ -14,8 +15,6 @@ from slimsearch.core.criteria import (
     select_filters,
 )
 from slimsearch.core.errors import SlimError
-
-from tests.conftest import shared_path
 
 
 def _filters(rows: list[list[float]]) -> torch.Tensor:

@@ -16,6 +16,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from helpers import shared_path
 from slimsearch.core import data as D
 from slimsearch.core.data import (
     IMAGENET_MEAN,
@@ -35,8 +36,6 @@ from slimsearch.core.data import (
     split_train_val,
 )
 from slimsearch.core.errors import SlimError
-
-from tests.conftest import shared_path
 
 # ----------------------------------------------------------------------------- helpers
 

@@ -1,10 +1,9 @@
-"""evaluators/: FLOPs gate before training, proxy / fine-tune scores, failures, cache, reports, pools."""
+"""evaluators/: FLOPs gate before training, proxy / fine-tune scores, failures, cache, reports."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,10 +19,9 @@ from slimsearch.evaluators.cache import ResultCache
 from slimsearch.evaluators.config import EvaluatorConfig
 from slimsearch.evaluators.context import EvalContext
 from slimsearch.evaluators.evaluate import TIMES, EvalResult, evaluate
-from slimsearch.evaluators.pool import LocalPool, SerialPool
-from slimsearch.evaluators.toy import toy_context
 from slimsearch.spaces.config import SpaceConfig
 from slimsearch.spaces.space import SearchSpace
+from toy import toy_context
 
 core = slimsearch.core  # the modules above, patched by attribute in the tests
 
@@ -261,48 +259,3 @@ def test_space_suggestions_evaluate(ctx: EvalContext, space: SearchSpace) -> Non
     params = {p.name: (p.low + p.high) / 2 if p.kind == "float" else p.choices[-1] for p in space.params}
     res = evaluate(fresh(ctx), PROXY, space.policy_from_params(params))
     assert res.status == "ok" and 0.0 <= res.metrics["val_acc"] <= 1.0 and res.metrics["macs_ratio"] < 0.7
-
-
-@pytest.fixture(scope="module")
-def state_path(ctx: EvalContext, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    p = tmp_path_factory.mktemp("toy") / "smallcnn.pt"
-    torch.save(ctx.model.state_dict(), p)
-    return p
-
-
-def test_serial_pool_dedupes_and_caches(ctx: EvalContext, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = []
-    real = core.apply.apply_policy
-    monkeypatch.setattr(core.apply, "apply_policy", lambda *a, **k: calls.append(1) or real(*a, **k))
-    pool = SerialPool(fresh(ctx), PROXY)
-    pols = [uniform(ctx, 0.2), uniform(ctx, 0.4), uniform(ctx, 0.2)]
-    out = pool.map(pols)
-    assert len(calls) == 2 and out[0].metrics == out[2].metrics
-    assert [r.cached for r in pool.map(pols)] == [True, True, True] and len(calls) == 2
-
-
-@pytest.mark.slow
-def test_local_pool_matches_serial(ctx: EvalContext, state_path: Path) -> None:
-    pols = [Policy(), uniform(ctx, 0.3), uniform(ctx, 0.5, criterion="fpgm"), uniform(ctx, 0.3)]
-    cfgs = (PROXY, dataclasses.replace(TUNE, steps=10))
-    factory = functools.partial(toy_context, str(state_path))
-    with LocalPool(factory, PROXY, workers=2) as pool:
-        for cfg in cfgs:
-            pool.cfg = cfg
-            got = pool.map(pols)
-            want = [evaluate(fresh(ctx), cfg, p) for p in pols]
-            assert [r.status for r in got] == ["ok"] * 4
-            assert [r.metrics["val_acc"] for r in got] == [r.metrics["val_acc"] for r in want]
-            assert [r.metrics["macs"] for r in got] == [r.metrics["macs"] for r in want]
-
-
-@pytest.mark.slow
-def test_ray_pool_matches_serial(ctx: EvalContext, state_path: Path) -> None:
-    from slimsearch.evaluators.pool import RayPool
-
-    pols = [uniform(ctx, 0.3), uniform(ctx, 0.6)]
-    factory = functools.partial(toy_context, str(state_path))
-    with RayPool(factory, PROXY, workers=2, num_cpus=2) as pool:
-        got = pool.map(pols)
-    want = [evaluate(fresh(ctx), PROXY, p) for p in pols]
-    assert [r.metrics["val_acc"] for r in got] == [r.metrics["val_acc"] for r in want]

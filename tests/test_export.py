@@ -12,13 +12,12 @@ from pathlib import Path
 import pytest
 import slimsearch.core.export as export
 import torch
+from nets import randomize_bn
 from slimsearch.core.apply import apply_policy
 from slimsearch.core.errors import SlimError
 from slimsearch.core.export import export_model, load_exported, load_state
 from slimsearch.core.models import build_model
 from slimsearch.core.policy import LayerPolicy, Policy
-
-from tests.test_prune import randomize_bn
 
 SHAPE = (1, 1, 8, 8)
 HALF = Policy(

@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from nets import PadNet
 from slimsearch.core.graph import compressible_layers, coupled_groups, fingerprint
 from slimsearch.core.models import build_model
 from torch import nn
-
-from tests.nets import PadNet
 
 
 def _prunable(name: str) -> list[str]:

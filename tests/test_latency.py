@@ -143,11 +143,10 @@ def test_a_table_times_programs_in_the_exports_memory_format(
 def test_a_study_predicts_latency_in_its_export_memory_format(
     fake_timing: None, tmp_path: Path, baseline_ckpt: Path
 ) -> None:
+    from helpers import write_study
     from slimsearch.evaluators.context import build_context
     from slimsearch.search.context import build_study_context
     from slimsearch.search.study import load_study
-
-    from tests.test_runner import write_study
 
     p = write_study(tmp_path, baseline_ckpt, constraint="max_latency_ratio = 0.9")
     p.write_text(p.read_text() + '\n[export]\nmemory_format = "channels_last"\n')
@@ -208,23 +207,15 @@ def test_bad_latency_bounds_in_build_context() -> None:
         build_context(model, splits, (1, 1, 8, 8), max_latency_ratio=0.5, latency_batch=0, score_baseline=False)
 
 
-@pytest.fixture(scope="session")
-def baseline_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.test_runner import make_baseline
-
-    return make_baseline(tmp_path_factory)
-
-
 def test_study_with_a_latency_bound_fits_every_trial_onto_it(
     fake_timing: None, tmp_path: Path, baseline_ckpt: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """MACs and latency bounds together: every sample is scaled onto both (fit = "scale"), both violations
     reach Optuna's constraint-aware sampler, and the predicted latency is recorded per trial."""
     import torch
+    from helpers import write_study
     from slimsearch.search.runner import load_optuna_study, open_storage, run_study
     from slimsearch.search.study import load_study
-
-    from tests.test_runner import write_study
 
     monkeypatch.chdir(tmp_path)
     torch.set_num_threads(1)
@@ -270,11 +261,10 @@ def test_predicted_latency_as_an_objective_reaches_the_report(
     """``latency_pred_ms:min`` beside val_acc (a latency bound of 1.0 only predicts): the trials' second value
     is the prediction, and the report's Pareto front is non-dominated in accuracy, MACs and predicted latency."""
     import torch
+    from helpers import write_study
     from slimsearch.search.report import write_report
     from slimsearch.search.runner import load_optuna_study, open_storage, run_study
     from slimsearch.search.study import load_study
-
-    from tests.test_runner import write_study
 
     monkeypatch.chdir(tmp_path)
     torch.set_num_threads(1)
@@ -340,10 +330,9 @@ def test_export_measures_the_study_latency_bound_on_its_program(
     baseline's at the bound's batch size, records the ratio and says when it breaks the bound (the export is
     still written: the bound was the search's, the measurement is what the user gets)."""
     import torch
+    from helpers import write_study
     from slimsearch.core.cost import LatencyResult
     from slimsearch.search.cli import main
-
-    from tests.test_runner import write_study
 
     timed: list[tuple[int, int]] = []  # (batch size, conv weights) of every program the export times
 
@@ -386,10 +375,9 @@ def test_a_corrupt_stored_table_stops_the_run_before_the_storage_is_written(
     fake_timing: None, tmp_path: Path, baseline_ckpt: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
+    from helpers import write_study
     from slimsearch.search.cli import main
     from slimsearch.search.study import load_study, sqlite_path
-
-    from tests.test_runner import write_study
 
     monkeypatch.chdir(tmp_path)
     p = write_study(tmp_path, baseline_ckpt, constraint="max_latency_ratio = 0.9")

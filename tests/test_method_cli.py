@@ -11,14 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import trials_of, write_study
 from slimsearch.core.apply import apply_policy
 from slimsearch.core.cost import count_cost
 from slimsearch.core.models import build_model, load_checkpoint
 from slimsearch.core.policy import Policy
 from slimsearch.search.cli import main
 from slimsearch.search.study import load_study
-
-from tests.test_runner import make_baseline, trials_of, write_study
 
 BASE_MACS = 1_493_632
 OPTIONS = {
@@ -27,17 +26,6 @@ OPTIONS = {
     "ga": ["--rates", "0.5", "--set", "pop=8", "--set", "generations=3", "--set", "samples=64"],
     "distfit": ["--tol", "0.05", "--set", "scan_rates=[0.25, 0.5]"],
 }
-
-
-@pytest.fixture(scope="session")
-def baseline_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_baseline(tmp_path_factory)
-
-
-@pytest.fixture(autouse=True)
-def _cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)
-    torch.set_num_threads(1)
 
 
 def _study(tmp: Path, ckpt: Path, **kw) -> Path:  # noqa: ANN003

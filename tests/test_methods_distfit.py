@@ -6,13 +6,12 @@ import json
 
 import pytest
 import torch
+from helpers import shared_path
 from slimsearch.core.errors import SlimError
 from slimsearch.core.models import build_model, load_checkpoint
 from slimsearch.core.policy import Policy
 from slimsearch.search.methods import METHOD_SEEDS, distfit_policy, distfit_search, seed_policies, wasserstein_report
 from torch import nn
-
-from tests.conftest import shared_path
 
 # block-inner convs (conv1 of a block: its filters feed only conv2) across the three stages
 INNER = ["layer1.0.conv1", "layer1.4.conv1", "layer2.2.conv1", "layer2.7.conv1", "layer3.3.conv1", "layer3.8.conv1"]

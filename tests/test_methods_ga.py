@@ -7,14 +7,13 @@ import statistics
 
 import pytest
 import torch
+from helpers import shared_path
 from slimsearch.core.errors import SlimError
 from slimsearch.core.models import build_model, load_checkpoint
 from slimsearch.core.policy import Policy
 from slimsearch.search.methods import ga_search, ga_select, plain_consumers
 from slimsearch.search.methods.ga import _errors, capture_input, channel_gram, ga_mask, reconstruction_error
 from torch import nn
-
-from tests.conftest import shared_path
 
 
 def random_mask(c: int, k: int, gen: torch.Generator) -> torch.Tensor:

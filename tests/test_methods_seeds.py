@@ -11,10 +11,10 @@ import pytest
 def test_study_seeds_on_toy_context() -> None:
     import slimsearch.search.seeding  # noqa: F401  (attaches the strategy functions)
     from slimsearch.evaluators.config import EvaluatorConfig
-    from slimsearch.evaluators.toy import toy_context
     from slimsearch.search.seed_params import SEED_STRATEGIES
     from slimsearch.spaces.config import SpaceConfig
     from slimsearch.spaces.space import SearchSpace
+    from toy import toy_context
 
     ectx = toy_context(steps=60, max_macs_ratio=0.5)
     space = SearchSpace.build(ectx.model, SpaceConfig(criteria=("l1", "hpc", "distfit")), ectx.input_shape)

@@ -6,12 +6,11 @@ import sys
 
 import pytest
 import torch
+from helpers import shared_path
 from slimsearch.core.data import load_exact_npz
 from slimsearch.core.errors import SlimError
 from slimsearch.core.models import ZOO, build_model, load_checkpoint, read_state_dict
 from slimsearch.core.train import evaluate
-
-from tests.conftest import shared_path
 
 # Parameter counts of the standard CIFAR definitions (ResNets: He et al. 2016, option A).
 EXPECTED_PARAMS = {

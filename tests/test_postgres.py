@@ -16,30 +16,20 @@ from pathlib import Path
 
 import optuna
 import pytest
-import torch
+from helpers import write_study
 from optuna.trial import TrialState
 from slimsearch.search.cli import main
 from slimsearch.search.runner import WORKER_ATTR, engine_url, is_counted, run_study
 from slimsearch.search.study import load_study
 
-from tests.test_runner import make_baseline, write_study
-
 PG_URL = os.environ.get("SLIMSEARCH_PG_URL", "")
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.skipif(
-    not PG_URL, reason="SLIMSEARCH_PG_URL is not set (a PostgreSQL URL; .ci/start-postgres starts a local server)"
-)
-
-
-@pytest.fixture(scope="session")
-def baseline_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_baseline(tmp_path_factory)
-
-
-@pytest.fixture(autouse=True)
-def _cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)
-    torch.set_num_threads(1)
+pytestmark = [
+    pytest.mark.skipif(
+        not PG_URL, reason="SLIMSEARCH_PG_URL is not set (a PostgreSQL URL; .ci/start-postgres starts a local server)"
+    ),
+    pytest.mark.usefixtures("tmp_cwd"),
+]
 
 
 @pytest.fixture

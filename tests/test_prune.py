@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from nets import Coupled, PadNet, randomize_bn
 from slimsearch.core.apply import masked_model
 from slimsearch.core.cost import count_cost
 from slimsearch.core.errors import SlimError
@@ -14,22 +15,6 @@ from slimsearch.core.graph import model_graph
 from slimsearch.core.models import OptionAShortcut, build_model
 from slimsearch.core.prune import prune_layers, resolve_plan
 from torch import nn
-
-from tests.nets import PadNet
-
-
-def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random BN statistics and affine parameters (modest scale, so fp32 outputs stay O(1..10))."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-                m.weight.copy_(0.3 + 0.4 * torch.rand(n, generator=g))
-                m.bias.copy_(0.2 * torch.rand(n, generator=g) - 0.1)
-    return model.eval()
 
 
 def random_plan(model: nn.Module, names: list[str], seed: int) -> dict[str, list[int]]:
@@ -102,28 +87,8 @@ def test_kept_filters_and_channels_are_the_original_ones() -> None:
     assert torch.equal(model[6].weight, orig["6.weight"][:, [0, 2, 9]])
 
 
-class _Coupled(nn.Module):
-    """Two convs added (option-B style residual), a depthwise conv after them, and a concat."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn_a = nn.BatchNorm2d(8)
-        self.b = nn.Conv2d(3, 8, 1)
-        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
-        self.c = nn.Conv2d(8, 6, 3, padding=1)
-        self.d = nn.Conv2d(3, 4, 3, padding=1)
-        self.e = nn.Conv2d(10, 5, 1)
-        self.fc = nn.Linear(5, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.relu(self.dw(F.relu(self.bn_a(self.a(x)) + self.b(x))))
-        z = torch.cat([F.relu(self.c(y)), F.relu(self.d(x))], 1)
-        return self.fc(F.relu(self.e(z)).mean((2, 3)))
-
-
 def test_coupled_group_shares_one_kept_set_and_equals_masking() -> None:
-    model = randomize_bn(_Coupled())
+    model = randomize_bn(Coupled())
     graph = model_graph(model, (1, 3, 8, 8))
     assert graph.groups == {"a": ["a", "b", "dw"]}
     assert all(graph.layers[n].prunable for n in ("a", "b", "dw", "c", "d"))
@@ -178,7 +143,7 @@ class _Split(nn.Module):
         return self.fc(torch.cat([self.b(left), self.c(right)], 1).mean((2, 3)))
 
 
-@pytest.mark.parametrize(("make", "shape"), [(_Coupled, (1, 3, 8, 8)), (lambda: build_model("alexnet"), None)])
+@pytest.mark.parametrize(("make", "shape"), [(Coupled, (1, 3, 8, 8)), (lambda: build_model("alexnet"), None)])
 def test_cached_index_maps_agree_with_direct_graph_walks(make, shape) -> None:  # noqa: ANN001
     model = make().eval()
     graph = model_graph(model, shape)
@@ -207,7 +172,7 @@ def test_split_channels_are_not_prunable() -> None:
         (lambda: build_model("vgg11"), None),
         (lambda: build_model("resnet20"), None),
         (lambda: build_model("alexnet"), None),  # last conv -> flatten -> linear: LinearPruner.prune_in_channels
-        (_Coupled, (1, 3, 8, 8)),  # depthwise conv and a linear after a mean: Torch-Pruning's own handlers
+        (Coupled, (1, 3, 8, 8)),  # depthwise conv and a linear after a mean: Torch-Pruning's own handlers
     ],
 )
 def test_fast_replay_equals_torch_pruning_handlers(make, shape, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
@@ -240,7 +205,7 @@ def test_fast_replay_equals_torch_pruning_handlers(make, shape, monkeypatch: pyt
         for (name, a), b in zip(fast.named_modules(), ref.modules(), strict=True):
             public = [{k: v for k, v in vars(m).items() if not k.startswith("_")} for m in (a, b)]
             assert public[0] == public[1], name
-    assert any(fast_ops) and (not all(fast_ops)) == (make is _Coupled)  # _Coupled's depthwise conv: Torch-Pruning
+    assert any(fast_ops) and (not all(fast_ops)) == (make is Coupled)  # Coupled's depthwise conv: Torch-Pruning
 
 
 def test_option_a_shortcut_channel_map_matches_its_conv_stand_in() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import shared_path
 from slimsearch.core.errors import SlimError
 from slimsearch.core.pyramid import (
     assign,
@@ -14,8 +15,6 @@ from slimsearch.core.pyramid import (
     hybrid_pyramid,
     node_sizes,
 )
-
-from tests.conftest import shared_path
 
 SHAPES = [(1, 3, 3), (2, 3, 3), (3, 3, 3), (5, 3, 3), (6, 1, 1), (7, 3, 3), (12, 3, 3), (13, 5, 5), (16, 1, 3)]
 

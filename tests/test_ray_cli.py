@@ -15,15 +15,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from helpers import write_ray_study as _write_study
 from slimsearch.search.cli import main
-
-from tests.test_ray_runner import _write_study
-
-
-@pytest.fixture(autouse=True)
-def _cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)
-    torch.set_num_threads(1)
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

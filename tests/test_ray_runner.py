@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
+from helpers import write_ray_study as _write_study
 from slimsearch.core.errors import SlimError
 from slimsearch.core.models import build_model
 from slimsearch.core.policy import LayerPolicy, Policy
@@ -27,48 +27,6 @@ from slimsearch.evaluators.evaluate import EvalResult
 from slimsearch.search.study import load_study
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _write_study(tmp: Path, name: str, *, n_trials: int = 4, workers: int = 2, constraint: str = "") -> Path:
-    """A tiny study: untrained SmallCNN checkpoint (instant), digits, proxy, MACs <= 50 %, seeds 0.0 and 0.6."""
-    ckpt = tmp / "smallcnn.pt"
-    if not ckpt.exists():
-        torch.manual_seed(0)
-        torch.save(build_model("smallcnn", num_classes=10, in_channels=1).state_dict(), ckpt)
-    path = tmp / f"{name}.toml"
-    path.write_text(f"""
-[study]
-name = "{name}"
-workdir = "{tmp / "runs" / name}"
-storage = "sqlite:///{tmp / "runs" / name}.db"
-n_trials = {n_trials}
-backend = "ray"
-seed = 0
-
-[model]
-factory = "smallcnn"
-checkpoint = "{ckpt}"
-
-[data]
-dataset = "digits"
-
-[constraint]
-max_macs_ratio = 0.5
-{constraint}
-
-[space]
-prune_rate = [0.0, 0.8]
-
-[seeds]
-strategies = ["uniform"]
-uniform_rates = [0.0, 0.6]
-
-[evaluator]
-kind = "proxy"
-bn_batches = 2
-workers = {workers}
-""")
-    return path
 
 
 def _free_port() -> int:

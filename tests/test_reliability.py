@@ -18,6 +18,7 @@ import numpy as np
 import optuna
 import pytest
 import torch
+from helpers import trials_of, write_study
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from optuna.trial import TrialState
@@ -27,24 +28,7 @@ from slimsearch.core.policy import LayerPolicy, Policy
 from slimsearch.search.runner import is_counted, load_optuna_study, open_storage, run_study, tally
 from slimsearch.search.study import load_study, mask_url
 
-from tests.test_runner import make_baseline, write_study
-
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def baseline_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_baseline(tmp_path_factory)
-
-
-@pytest.fixture(autouse=True)
-def _cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)
-    torch.set_num_threads(1)
-
-
-def trials_of(cfg) -> list[optuna.trial.FrozenTrial]:  # noqa: ANN001
-    return load_optuna_study(cfg, open_storage(cfg, create=False)).get_trials()
 
 
 def cli(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:

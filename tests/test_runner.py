@@ -16,7 +16,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-import torch
+from helpers import trials_of, write_study
 from optuna.trial import TrialState
 from slimsearch.core.apply import apply_policy
 from slimsearch.core.budget import policy_macs
@@ -31,84 +31,7 @@ from slimsearch.search.storage import open_storage
 from slimsearch.search.study import load_study
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def baseline_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A smallcnn trained briefly on digits (deterministic), shared by every study test."""
-    return make_baseline(tmp_path_factory)
-
-
-def make_baseline(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Train (once per session) and save the smallcnn digits baseline; return its path."""
-    from slimsearch.core.data import load_splits
-    from slimsearch.core.models import build_model
-    from slimsearch.core.train import FinetuneConfig, finetune, recalibrate_bn
-
-    path = tmp_path_factory.getbasetemp() / "baseline" / "smallcnn_digits.pt"
-    if path.is_file():  # made by another test module in this session
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    splits = load_splits("digits", None, 200, 0)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = build_model("smallcnn", num_classes=10, in_channels=1)
-        finetune(model, splits.train, FinetuneConfig(epochs=3, lr=0.05, batch_size=128, seed=0))
-    recalibrate_bn(model, splits.train, num_batches=10, batch_size=128)
-    torch.save(model.state_dict(), path)
-    return path
-
-
-def write_study(
-    tmp: Path, ckpt: Path, *, name: str = "tiny", n_trials: int = 4, study: str = "", seeds: str = "",
-    constraint: str = "max_macs_ratio = 0.7", evaluator: str = "", space: str = "",
-) -> Path:  # fmt: skip
-    """A small study file in ``tmp`` (storage and workdir under tmp/runs)."""
-    p = tmp / f"{name}.toml"
-    p.write_text(f"""
-[study]
-name = "{name}"
-n_trials = {n_trials}
-heartbeat_interval = 1
-grace_period = 2
-{study}
-
-[model]
-factory = "smallcnn"
-checkpoint = "{ckpt}"
-
-[data]
-dataset = "digits"
-val_size = 200
-
-[constraint]
-{constraint}
-
-[space]
-prune_rate = [0.0, 0.7]
-rate_step = 0.05
-{space}
-
-[seeds]
-{seeds}
-
-[evaluator]
-{"" if "kind =" in evaluator else 'kind = "proxy"'}
-bn_batches = 2
-batch_size = 64
-{evaluator}
-""")
-    return p
-
-
-@pytest.fixture(autouse=True)
-def _cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)
-    torch.set_num_threads(1)
-
-
-def trials_of(cfg) -> list[optuna.trial.FrozenTrial]:  # noqa: ANN001
-    return load_optuna_study(cfg, open_storage(cfg, create=False)).get_trials()
+pytestmark = pytest.mark.usefixtures("tmp_cwd")
 
 
 def test_tiny_study_runs_exactly_n_trials_with_seeds_first(tmp_path: Path, baseline_ckpt: Path) -> None:
@@ -151,6 +74,9 @@ def test_infeasible_trial_recorded_without_training(tmp_path: Path, baseline_ckp
     assert t0.user_attrs["metrics"]["train_s"] == 0.0
     assert t0.constraints and max(t0.constraints.values()) > 0  # what Optuna's samplers read
     assert t1.user_attrs["status"] == "ok" and t1.value > 0 and max(t1.constraints.values()) <= 0
+    # optuna-dashboard: feasibility from the "constraints" system attr, the objective by its metric name
+    assert t0.system_attrs["constraints"] == t0.user_attrs["constraint"] and t1.system_attrs["constraints"][0] <= 0
+    assert load_optuna_study(cfg, open_storage(cfg, create=False)).metric_names == ["val_acc"]
 
 
 def test_fit_scales_an_over_budget_policy_onto_the_bound(tmp_path: Path, baseline_ckpt: Path) -> None:

@@ -250,7 +250,7 @@ def test_delegated_sections_are_prefixed_with_the_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", ["quickstart", "resnet20_cifar10", "resnet56_cifar10", "vgg16_cifar10"])
 def test_shipped_studies_load(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tests.conftest import SHARED
+    from helpers import SHARED
 
     monkeypatch.setenv("SLIMSEARCH_SHARED", str(SHARED))
 

@@ -15,13 +15,12 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import make_baseline, write_study
 from optuna.trial import TrialState
 from slimsearch.core.errors import SlimError
 from slimsearch.search.runner import is_counted, load_optuna_study, open_storage, tally
 from slimsearch.search.study import load_study
-
-from tests.test_runner import make_baseline, write_study
-from tests.torture_util import alive_in_group, children, plain_torch_output_shape
+from torture_util import alive_in_group, children, plain_torch_output_shape
 
 REPO = Path(__file__).resolve().parents[1]
 N_TRIALS = 24

@@ -20,10 +20,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import make_baseline, write_study
 from slimsearch.search.study import load_study
-
-from tests.test_runner import make_baseline, write_study
-from tests.torture_util import kill_session, plain_torch_output_shape, session_processes
+from torture_util import kill_session, plain_torch_output_shape, session_processes
 
 REPO = Path(__file__).resolve().parents[1]
 N_TRIALS = 24  # long enough that 10 kills land before the study ends (kill_plan's delays scale with a trial)
@@ -36,7 +35,7 @@ TRIAL_ACTOR = "ray::ImplicitFunc"  # process title of a function trainable's act
 
 
 def _tiny_cfg(tmp: Path):  # noqa: ANN202
-    from tests.test_ray_runner import _write_study
+    from helpers import write_ray_study as _write_study
 
     return load_study(_write_study(tmp, "slots"))
 

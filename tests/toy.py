@@ -1,4 +1,4 @@
-"""A small, fast, deterministic evaluation context (SmallCNN on sklearn digits) for tests and demos.
+"""A small, fast, deterministic evaluation context (SmallCNN on sklearn digits) for tests.
 
 ``toy_context`` is a module-level factory, so ``functools.partial(toy_context, ...)`` can be sent to
 spawned worker processes and Ray actors.
