@@ -4,7 +4,7 @@ One Ray Tune experiment per study, stored under ``<workdir>/ray/<study name>`` (
 = ``<workdir>/ray``; an absolute path, so every node of a cluster on a shared filesystem writes the same
 place). Running again continues it with ``Tuner.restore``: finished trials are kept, unfinished ones are
 restarted from scratch with their parameters (there are no checkpoints: a trial is a short evaluation), and a
-larger ``n_trials`` adds trials to the same experiment (see ``SlotGenerator`` in ``_search_classes``).
+larger ``n_trials`` adds trials to the same experiment (see ``SlotGenerator``).
 
 A trial whose worker process dies is retried with the same parameters up to ``[study] max_retry`` times
 (``FailureConfig(max_failures)``); after that it is ERROR, does not count, and a fresh trial takes its slot
@@ -18,9 +18,10 @@ with every metric of ``evaluators.evaluate``, ``status`` (ok | infeasible | fail
 candidates report ``val_acc = 0.0``, so neither ASHA nor the sampler mistakes them for good ones;
 the MACs violation also goes to the Optuna trial as a constraint (TPE / NSGA-II are constraint-aware).
 
-Files next to the experiment (read by ``ray_trials`` / ``ray_best_policy`` without Ray running):
+Files next to the experiment (``search.ray_results``; read by ``ray_trials`` without Ray running):
 ``<workdir>/ray/<name>-results.csv`` (one row per trial, written at the end of every run) and
-``<workdir>/ray/<name>-meta.json`` (target n_trials, objectives, baseline info for reports).
+``<workdir>/ray/<name>-meta.json`` (target n_trials, objectives, baseline info for reports). The one module
+of search/ that imports Ray; ``search.backend.RayBackend`` imports it only when a Ray study is run or read.
 """
 
 from __future__ import annotations

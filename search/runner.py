@@ -58,7 +58,7 @@ from rich.console import Console
 from slimsearch.core.errors import SlimError
 from slimsearch.core.policy import Policy
 from slimsearch.evaluators.cache import ResultCache
-from slimsearch.evaluators.evaluate import one_line
+from slimsearch.evaluators.evaluate import EvalResult, one_line
 from slimsearch.search.context import StudyContext, build_study_context, study_info
 from slimsearch.search.display import Display
 from slimsearch.search.optuna_study import (
@@ -112,7 +112,7 @@ def trial_policy(trial: optuna.Trial, sctx: StudyContext) -> Policy:
     return policy
 
 
-def _record(trial: optuna.Trial, cfg: StudyConfig, fitted: Fitted, res: Any) -> None:
+def _record(trial: optuna.Trial, cfg: StudyConfig, fitted: Fitted, res: EvalResult) -> None:
     """The trial core's record as user attrs (status last: it marks the trial evaluated), constraints first."""
     record_constraints(trial, cfg, res.metrics)
     for k, v in trial_attrs(fitted, res).items():

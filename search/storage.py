@@ -11,7 +11,7 @@ import os
 import sqlite3
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import optuna
@@ -38,7 +38,7 @@ def _quiet() -> contextlib.AbstractContextManager[None]:
     return _Q()
 
 
-def _retry_callback(cfg: StudyConfig) -> Any:
+def _retry_callback(cfg: StudyConfig) -> Callable[[optuna.Study, optuna.trial.FrozenTrial], None]:
     cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
     with _quiet():
         return cls(max_retry=cfg.study.max_retry)
