@@ -16,6 +16,9 @@ from slimsearch.search.cli import main
 REPO = Path(__file__).resolve().parents[1]
 
 
+pytestmark = pytest.mark.usefixtures("tmp_cwd")  # conftest: the test's temp folder, one torch thread
+
+
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))
     out, err = capsys.readouterr()

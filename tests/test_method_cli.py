@@ -28,6 +28,9 @@ OPTIONS = {
 }
 
 
+pytestmark = pytest.mark.usefixtures("tmp_cwd")  # conftest: the test's temp folder, one torch thread
+
+
 def _study(tmp: Path, ckpt: Path, **kw) -> Path:  # noqa: ANN003
     return write_study(tmp, ckpt, space='decomposition = ["none", "tucker"]', **kw)
 

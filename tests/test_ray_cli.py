@@ -18,6 +18,8 @@ import torch
 from helpers import write_ray_study as _write_study
 from slimsearch.search.cli import main
 
+pytestmark = pytest.mark.usefixtures("tmp_cwd")  # conftest: the test's temp folder, one torch thread
+
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))

@@ -31,6 +31,9 @@ from slimsearch.search.study import load_study, mask_url
 REPO = Path(__file__).resolve().parents[1]
 
 
+pytestmark = pytest.mark.usefixtures("tmp_cwd")  # conftest: the test's temp folder, one torch thread
+
+
 def cli(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     base.update({"PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1", **(env or {})})
