@@ -1,6 +1,13 @@
 """Ray Tune results without Ray: where an experiment lives, its meta file, the final result a trial reports,
 the trial table (one row per Ray trial) and its rows as ``TrialRecord``s.
 
+What each trial reports to Tune (``tune.report``): intermediate ``{"val_acc", "step", "status":
+"partial"}`` from the fine-tune's periodic evaluations (ASHA stops the weak ones), then one final result
+with every metric of ``evaluators.evaluate``, ``status`` (ok | infeasible | fail), ``feasible``,
+``reason``, the policy JSON, the Optuna trial ``number`` and the Ray ``node_id``. Infeasible and failed
+candidates report ``val_acc = 0.0``, so neither ASHA nor the sampler mistakes them for good ones;
+the MACs violation also goes to the Optuna trial as a constraint (TPE / NSGA-II are constraint-aware).
+
 Files next to the experiment: ``<workdir>/ray/<name>-results.csv`` (one row per trial, written at the end of
 every run) and ``<workdir>/ray/<name>-meta.json`` (target n_trials, objectives, baseline info for reports).
 """

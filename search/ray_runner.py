@@ -11,17 +11,8 @@ A trial whose worker process dies is retried with the same parameters up to ``[s
 (at most n_trials such replacements), so a run still ends with n_trials evaluated trials. ERROR trials are
 not restarted on resume: their slots were already refilled.
 
-What each trial reports to Tune (``tune.report``): intermediate ``{"val_acc", "step", "status":
-"partial"}`` from the fine-tune's periodic evaluations (ASHA stops the weak ones), then one final result
-with every metric of ``evaluators.evaluate``, ``status`` (ok | infeasible | fail), ``feasible``,
-``reason``, the policy JSON, the Optuna trial ``number`` and the Ray ``node_id``. Infeasible and failed
-candidates report ``val_acc = 0.0``, so neither ASHA nor the sampler mistakes them for good ones;
-the MACs violation also goes to the Optuna trial as a constraint (TPE / NSGA-II are constraint-aware).
-
-Files next to the experiment (``search.ray_results``; read by ``ray_trials`` without Ray running):
-``<workdir>/ray/<name>-results.csv`` (one row per trial, written at the end of every run) and
-``<workdir>/ray/<name>-meta.json`` (target n_trials, objectives, baseline info for reports). The one module
-of search/ that imports Ray; ``search.backend.RayBackend`` imports it only when a Ray study is run or read.
+What a trial reports to Tune, and the files next to the experiment: ``search.ray_results``. The one module of
+search/ that imports Ray; ``search.backend.RayBackend`` imports it only when a Ray study is run or read.
 """
 
 from __future__ import annotations
@@ -204,11 +195,8 @@ def _trainable(config: dict[str, Any], study: StudyConfig) -> None:
 
 
 # ----------------------------------------------------------------------------- search algorithm
-
-
-# The search algorithm's classes are pickled into the experiment (``tuner.pkl``) by reference: module and
-# name must stay importable as ``slimsearch.search.ray_runner.<name>`` (``legacy_module_names`` maps the
-# names pickles made before the package was renamed).
+# Its classes are pickled into the experiment (``tuner.pkl``) by reference: module and name must stay
+# importable as ``slimsearch.search.ray_runner.<name>`` (``legacy_module_names`` maps pre-rename names).
 
 
 class SlimOptunaSearch(OptunaSearch):

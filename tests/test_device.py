@@ -17,7 +17,6 @@ from slimsearch.core.policy import LayerPolicy, Policy
 from slimsearch.core.train import FinetuneConfig, finetune
 from slimsearch.evaluators.config import EvaluatorConfig
 from slimsearch.evaluators.evaluate import evaluate
-from slimsearch.evaluators.toy import toy_context
 from slimsearch.search.cli import main
 from slimsearch.search.placement import (
     Placement,
@@ -28,6 +27,7 @@ from slimsearch.search.placement import (
     worker_env,
 )
 from slimsearch.search.study import DEVICE_RE, load_study
+from toy import toy_context
 
 NO_CUDA = not torch.cuda.is_available()
 
