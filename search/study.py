@@ -191,24 +191,6 @@ class StudyConfig:
         return replace(self, study=replace(self.study, n_trials=n))
 
 
-# ----------------------------------------------------------------------------- seed registry
-
-
-def known_seed_strategies() -> list[str]:
-    """The seed strategy names a study file may use (``search.seed_params``; imported on first use: the
-    methods' parameter checks import torch)."""
-    from slimsearch.search.seed_params import known_strategies
-
-    return known_strategies()
-
-
-def seed_param_checks() -> dict[str, Callable[[Mapping[str, Any], str], None]]:
-    """Load-time checks of the strategies' [seeds] parameters (``search.seed_params.SEED_PARAM_CHECKS``)."""
-    from slimsearch.search.seed_params import SEED_PARAM_CHECKS
-
-    return SEED_PARAM_CHECKS
-
-
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -398,7 +380,9 @@ def _seeds(data: Any, file: Path) -> SeedsSection:
         fail(where, None, f"must be a table, got {tname(data)}")
     if not data:  # no seeds: skip importing the strategies (and torch with them)
         return SeedsSection()
-    registry = known_seed_strategies()
+    from slimsearch.search.seed_params import SEED_PARAM_CHECKS, known_strategies  # imports torch: only here
+
+    registry = known_strategies()
     strategies_key = next(k for k in SECTION_KEYS["seeds"] if k.name == "strategies")
     names = check_value(strategies_key, data.get("strategies", ()), where)
     for n in names:
@@ -424,7 +408,7 @@ def _seeds(data: Any, file: Path) -> SeedsSection:
         extra.append(key)
     v, _ = _read(data, "seeds", file, tuple(extra))
     for n in names:
-        check = seed_param_checks().get(n)
+        check = SEED_PARAM_CHECKS.get(n)
         if check is not None:
             check(params[n], where)
     return SeedsSection(strategies=tuple(names), params=params, budget=v["budget"])

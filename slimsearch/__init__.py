@@ -133,10 +133,11 @@ def run_study(cfg: StudyConfig, *, workers: int | None = None, progress: bool = 
     (backend ray). A study with an in-memory model or data runs in this process.
     """
     from slimsearch.core.errors import SlimError
+    from slimsearch.search.backend import OptunaBackend, backend_for
 
-    ray = cfg.study.backend == "ray" or ray_address is not None
+    backend = backend_for(cfg, ray_address=ray_address, to_run=True)
     if _in_memory(cfg):
-        if ray:
+        if not isinstance(backend, OptunaBackend):
             raise SlimError("an in-memory model or data cannot go to Ray workers: give [model] factory and "
                             "[data] dataset instead")  # fmt: skip
         if workers not in (None, 1):
@@ -144,13 +145,7 @@ def run_study(cfg: StudyConfig, *, workers: int | None = None, progress: bool = 
                 f"an in-memory model or data is evaluated in this process: workers must be 1, got {workers}"
             )
         workers = 1
-    if ray:
-        from slimsearch.search.ray_runner import run_ray
-
-        return run_ray(cfg, address=ray_address, progress=progress, log=log)
-    from slimsearch.search.runner import run_study as run
-
-    return run(cfg, workers=workers, progress=progress, log=log)
+    return backend.run(workers=workers, progress=progress, log=log)
 
 
 def export_trial(cfg: StudyConfig, trial: str | int = "best", *, formats: Sequence[str] | None = None,
