@@ -141,7 +141,7 @@ def test_a_table_times_programs_in_the_exports_memory_format(
 
 
 def test_a_study_predicts_latency_in_its_export_memory_format(
-    fake_timing: None, tmp_path: Path, baseline_ckpt: Path
+    fake_timing: None, tmp_path: Path, baseline_ckpt: Path, tmp_cwd: None
 ) -> None:
     from helpers import write_study
     from slimsearch.evaluators.context import build_context
