@@ -216,6 +216,15 @@ def trial_dirname(trial: Any) -> str:
     return f"trial_{trial.trial_id}"
 
 
+def _host_port(address: str) -> tuple[str, int] | None:
+    """host and port of "host:port" / "ray://host:port" / "[v6]:port"; None for "auto" and friends."""
+    a = address.split("://", 1)[-1].strip().rstrip("/")
+    host, sep, port = a.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
 def read_results_csv(cfg: StudyConfig) -> pd.DataFrame | None:
     """The trial table written at the end of the last run (None when there is none)."""
     csv = ray_results_csv(cfg)

@@ -48,6 +48,7 @@ from slimsearch.search.ray_progress import _log_trial_complete, _log_trial_error
 from slimsearch.search.ray_results import (
     COUNTED,
     _first_line,
+    _host_port,
     _read_meta,
     _resumable,
     _target,
@@ -78,15 +79,6 @@ _CONTEXTS: dict[tuple[str, str], StudyContext] = {}
 
 
 # ----------------------------------------------------------------------------- connecting
-
-
-def _host_port(address: str) -> tuple[str, int] | None:
-    """host and port of "host:port" / "ray://host:port" / "[v6]:port"; None for "auto" and friends."""
-    a = address.split("://", 1)[-1].strip().rstrip("/")
-    host, sep, port = a.rpartition(":")
-    if not sep or not port.isdigit():
-        return None
-    return host.strip("[]") or "127.0.0.1", int(port)
 
 
 def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:

@@ -31,6 +31,7 @@ from slimsearch.search.schema import (  # noqa: F401  (re-exported: the names ot
 from slimsearch.search.schema import (
     SECTIONS as SECTION_KEYS,
 )
+from slimsearch.search.storage_url import STORAGE_SCHEMES, mask_url, sqlite_path, validate_storage_url  # noqa: F401
 
 # Metrics an objective may name (keys of evaluators' EvalResult.metrics).
 OBJECTIVE_METRICS = (
@@ -44,7 +45,6 @@ OBJECTIVE_METRICS = (
     "latency_pred_ms",
 )
 DIRECTIONS = {"max": "maximize", "min": "minimize"}
-STORAGE_SCHEMES = ("sqlite", "postgresql", "mysql")
 SECTIONS = tuple(SECTION_KEYS)
 # core.device's names (a test checks they agree); a regex here, so that reading a study file does not import torch.
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda)$|^cuda:(\d+)$")
@@ -219,49 +219,6 @@ def _expand_all(obj: Any, where: str) -> Any:
     if isinstance(obj, dict):
         return {k: _expand_all(v, f"{where} {k}") for k, v in obj.items()}
     return obj
-
-
-def mask_url(url: str) -> str:
-    """The URL with any password replaced by ``***`` (for every printed or logged line)."""
-    # Up to the LAST '@' of the token: a raw '/', ':' or '@' inside a password must not leak its tail.
-    return re.sub(r"(://[^/:@\s'\"]*:)[^\s'\"]*@", r"\1***@", str(url))
-
-
-def validate_storage_url(url: str, where: str) -> str:
-    """Check an RDB URL (sqlite:///path, postgresql://..., mysql://...) and make sqlite paths absolute."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    shown = mask_url(url)
-    try:
-        u = make_url(url)
-    except (ArgumentError, ValueError) as e:
-        raise SlimError(f"{where}: malformed storage URL {shown!r} ({e}); expected e.g. sqlite:///runs/x.db or "
-                        "postgresql://user:password@host/db") from None  # fmt: skip
-    scheme = u.drivername.split("+")[0]
-    if scheme not in STORAGE_SCHEMES:
-        raise SlimError(f"{where}: unsupported storage {shown!r}; allowed schemes: {', '.join(STORAGE_SCHEMES)}")
-    if scheme == "sqlite":
-        db = u.database or ""
-        if not url.startswith(f"{u.drivername}:///") or db in ("", ":memory:") or u.host:
-            raise SlimError(f"{where}: SQLite storage must name a file, as sqlite:///relative/path.db or "
-                            f"sqlite:////absolute/path.db; got {shown!r}")  # fmt: skip
-        p = Path(db)
-        if not p.is_absolute():
-            p = Path.cwd() / p
-        return f"{u.drivername}:///{p}"
-    if not u.host or not u.database:
-        raise SlimError(
-            f"{where}: storage {shown!r} needs a host and a database name, as {scheme}://user:password@host/db"
-        )
-    return url
-
-
-def sqlite_path(url: str) -> Path | None:
-    """The database file of a sqlite URL, else None."""
-    if url.startswith("sqlite"):
-        return Path(url.split(":///", 1)[1])
-    return None
 
 
 def _abspath(p: str) -> Path:
