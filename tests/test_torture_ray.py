@@ -78,7 +78,7 @@ def test_errored_trials_get_fresh_slots_up_to_n_trials(tmp_path: Path) -> None:
 
 
 def test_trial_status_of_errored_and_interrupted_trials() -> None:
-    from slimsearch.search.ray_runner import _trial_status
+    from slimsearch.search.ray_results import _trial_status
 
     partial = {"status": "partial", "val_acc": 0.3, "step": 10}
     assert _trial_status("ERROR", partial) == "error"  # was "running" forever
@@ -95,7 +95,7 @@ def test_errored_trial_row_and_its_reason(tmp_path: Path) -> None:
     latest failure as reason; reading it used to raise AttributeError (``Trial.error_msg`` does not exist)."""
     from types import SimpleNamespace
 
-    from slimsearch.search.ray_runner import _error_line, trials_table
+    from slimsearch.search.ray_results import _error_line, trials_table
 
     died = "The actor died unexpectedly before finishing this task."
     f = tmp_path / "error.txt"
@@ -367,5 +367,5 @@ def test_random_sigkills_of_ray_workers_and_driver(
                          timeout=300)  # fmt: skip
     assert res.returncode == 0, res.stdout + res.stderr
     assert plain_torch_output_shape(out / "model.torchscript.pt") == "(2, 10)"
-    assert int(json.loads((out / "metrics.json").read_text())["trial"]) == int(st["best"]["trial"])
+    assert int(json.loads((out / "metrics.json").read_text())["trial"]) == int(st.best["trial"])
     assert not any(session_processes(s) for s in sessions)
