@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# The local CPU wheel first: an unpinned torch would pull gigabytes of CUDA packages.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,postgres,dashboard]'
+	$(BIN)/pip install -q -e '.[dev,postgres,dashboard,onnx]'
 	touch $(STAMP)
 
 install: $(STAMP)

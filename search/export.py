@@ -207,6 +207,10 @@ def export_trial(
     top_k applies only where it can (trial "best", a final fine-tune); an explicit one must.
     """
     fmts = parse_formats(formats if formats is not None else list(cfg.export.formats))
+    if "onnx" in fmts:  # the optional extra: say so before the rebuild and fine-tune, not after
+        from slimsearch.core.onnx_export import require_onnx
+
+        require_onnx()
     spec = parse_trial(trial)
     epochs = cfg.export.finetune_epochs if finetune_epochs is None else float(finetune_epochs)
     if epochs < 0:

@@ -19,7 +19,7 @@ PRUNERS = ("median", "none")
 # not import torch (status/report/errors answer in a fraction of the time).
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "synthetic")
 # = core.export.FORMATS (a test checks it), for the same reason as DATASETS.
-EXPORT_FORMATS = ("torchscript", "torchscript-frozen", "pt2", "state")
+EXPORT_FORMATS = ("pt2", "onnx", "torchscript", "torchscript-frozen", "state")
 EXPORT_MEMORY_FORMATS = ("contiguous", "channels_last", "auto")  # core.export.MEMORY_FORMATS, or the faster
 
 STUDY_KEYS: tuple[Key, ...] = (
