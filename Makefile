@@ -21,7 +21,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/slimsearch run studies/quickstart.toml
 	$(BIN)/slimsearch report studies/quickstart.toml
-	$(BIN)/slimsearch export studies/quickstart.toml --trial best --format torchscript
+	$(BIN)/slimsearch export studies/quickstart.toml --trial best --format pt2
 
 ## The default test run (CI runs this plus the slow tests).
 test: $(STAMP)

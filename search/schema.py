@@ -240,10 +240,11 @@ EXPORT_KEYS: tuple[Key, ...] = (
     Key(
         "formats",
         "choices",
-        ("torchscript",),
-        "`torchscript`, `torchscript-frozen` (BatchNorm folded by "
-        "`torch.jit.freeze`, no parameters: the inference artefact), `pt2` (`torch.export`), `state` (state dict "
-        "plus policy)",
+        ("pt2", "torchscript"),
+        "`pt2` (`torch.export`, the main artefact), `onnx` (opset 18, dynamic batch, checked by `onnx.checker` "
+        "and an ONNX Runtime run; for ONNX Runtime, OpenVINO, TensorRT, TFLite via onnx2tf; needs the "
+        "`slimsearch[onnx]` extra), `torchscript`, `torchscript-frozen` (BatchNorm folded by `torch.jit.freeze`, no "
+        "parameters), `state` (state dict plus policy); manifest.json's `deploy` says which file suits which runtime",
         choices=EXPORT_FORMATS,
     ),
     Key("out", "path", None, "export folder; unset: `<workdir>/export` (each trial in `trial-<n>/`)"),

@@ -140,7 +140,7 @@ class SeedsSection:
 
 @dataclass(frozen=True)
 class ExportSection:
-    formats: tuple[str, ...] = ("torchscript",)
+    formats: tuple[str, ...] = ("pt2", "torchscript")  # pt2 (torch.export) first: the main artefact
     out: Path | None = None  # default: <workdir>/export
     finetune_epochs: float = 0.0
     finetune_lr: float = 0.01

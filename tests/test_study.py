@@ -55,7 +55,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert s.workdir == tmp_path / "runs" / "t"
     assert [o.spec for o in s.objectives] == ["val_acc:max"] and not cfg.multi_objective
     assert cfg.space.prune_rate == (0.0, 0.8) and cfg.evaluator.kind == "proxy"
-    assert cfg.export.formats == ("torchscript",) and cfg.export_dir == tmp_path / "runs" / "t" / "export"
+    assert cfg.export.formats == ("pt2", "torchscript") and cfg.export_dir == tmp_path / "runs" / "t" / "export"
     assert not (tmp_path / "runs").exists()  # loading creates nothing
 
 
