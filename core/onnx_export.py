@@ -28,7 +28,16 @@ import torch
 from slimsearch.core.errors import SlimError
 from torch import nn
 
-__all__ = ["ONNX_OPSET", "OrtProgram", "check_onnx", "onnx_bytes", "ort_session", "require_onnx", "write_onnx"]
+__all__ = [
+    "ONNX_OPSET",
+    "OrtProgram",
+    "check_onnx",
+    "layer_onnx_bytes",
+    "onnx_bytes",
+    "ort_session",
+    "require_onnx",
+    "write_onnx",
+]
 
 ONNX_OPSET = 18
 INPUT_NAME, OUTPUT_NAME = "input", "output"
@@ -133,3 +142,47 @@ def check_onnx(path: str | Path, x: torch.Tensor, y: torch.Tensor, atol: float =
     if not diff <= tol:
         raise RuntimeError(f"export: ONNX Runtime output differs from the model by {diff:.3g} (tolerance {tol:.3g})")
     return diff
+
+
+def layer_onnx_bytes(module: nn.Module, shape: tuple[int, ...]) -> bytes | None:
+    """A conv, a linear or a stack of convs (a decomposed layer) as an ONNX model built node by node with its
+    weights, batch dynamic: what the dynamo exporter emits for it (Conv / Gemm / MatMul+Add), without the second
+    its export takes, which a latency table pays for every layer shape. None for anything else (export it)."""
+    onnx, _ = require_onnx("ONNX Runtime latency")
+    from onnx import TensorProto, helper, numpy_helper
+
+    layers = list(module) if isinstance(module, nn.Sequential) else [module]
+    linear = len(layers) == 1 and type(layers[0]) is nn.Linear
+    if not linear and not all(type(m) is nn.Conv2d and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+                              for m in layers):  # fmt: skip
+        return None
+    nodes, inits = [], []
+    cur = INPUT_NAME
+    for i, m in enumerate(layers):
+        w = numpy_helper.from_array(m.weight.detach().cpu().numpy().astype(np.float32), f"w{i}")
+        inits.append(w)
+        ins = [cur, f"w{i}"]
+        out = OUTPUT_NAME if i == len(layers) - 1 else f"h{i}"
+        if m.bias is not None:
+            inits.append(numpy_helper.from_array(m.bias.detach().cpu().numpy().astype(np.float32), f"b{i}"))
+        if linear and len(shape) == 2:
+            nodes.append(helper.make_node("Gemm", ins + ([f"b{i}"] if m.bias is not None else []), [out], transB=1))
+        elif linear:
+            inits.append(numpy_helper.from_array(m.weight.detach().cpu().numpy().T.copy().astype(np.float32), "wt"))
+            mm = out if m.bias is None else "mm"
+            nodes.append(helper.make_node("MatMul", [cur, "wt"], [mm]))
+            if m.bias is not None:
+                nodes.append(helper.make_node("Add", [mm, f"b{i}"], [out]))
+        else:
+            ph, pw = m.padding  # type: ignore[misc]
+            nodes.append(helper.make_node("Conv", ins + ([f"b{i}"] if m.bias is not None else []), [out],
+                                          kernel_shape=list(m.kernel_size), strides=list(m.stride),
+                                          pads=[ph, pw, ph, pw], dilations=list(m.dilation), group=m.groups))  # fmt: skip
+        cur = out
+    dims = ["batch", *shape[1:]]
+    graph = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, dims)],
+                              [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, None)],
+                              initializer=inits)  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)])
+    model.ir_version = min(model.ir_version, 10)
+    return model.SerializeToString()
