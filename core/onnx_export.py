@@ -20,6 +20,7 @@ import contextlib
 import io
 import logging
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -32,6 +33,7 @@ __all__ = [
     "ONNX_OPSET",
     "OrtProgram",
     "check_onnx",
+    "identity_onnx_bytes",
     "layer_onnx_bytes",
     "onnx_bytes",
     "ort_session",
@@ -120,6 +122,10 @@ class OrtProgram:
     def of(cls, model: nn.Module, x: torch.Tensor, threads: int = 1) -> OrtProgram:
         return cls(ort_session(onnx_bytes(model, x), threads))
 
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """None (the weights live in the session): ``measure_latency`` then feeds float32 CPU inputs."""
+        return iter(())
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         arr = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
         return torch.from_numpy(self.session.run(None, {self.input: arr})[0])  # type: ignore[attr-defined]
@@ -142,6 +148,20 @@ def check_onnx(path: str | Path, x: torch.Tensor, y: torch.Tensor, atol: float =
     if not diff <= tol:
         raise RuntimeError(f"export: ONNX Runtime output differs from the model by {diff:.3g} (tolerance {tol:.3g})")
     return diff
+
+
+def identity_onnx_bytes(shape: tuple[int, ...]) -> bytes:
+    """An ONNX model that returns its input (batch dynamic): what a session call costs without any op."""
+    onnx, _ = require_onnx("ONNX Runtime latency")
+    from onnx import TensorProto, helper
+
+    dims = ["batch", *shape[1:]]
+    graph = helper.make_graph([helper.make_node("Identity", [INPUT_NAME], [OUTPUT_NAME])], "call",
+                              [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, dims)],
+                              [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, dims)])  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)])
+    model.ir_version = min(model.ir_version, 10)
+    return model.SerializeToString()
 
 
 def layer_onnx_bytes(module: nn.Module, shape: tuple[int, ...]) -> bytes | None:

@@ -266,7 +266,9 @@ def build_study_context(cfg: StudyConfig, *, log: Log | None = None, allow_pretr
         ectx = build_context(model, splits, shape, max_macs_ratio=c.max_macs_ratio, max_macs=c.max_macs,
                              max_latency_ratio=c.max_latency_ratio, latency_batch=c.latency_batch,
                              latency_dir=cfg.study.workdir / "latency",
-                             latency_memory_format=latency_layout(cfg), device=device)  # fmt: skip
+                             latency_memory_format=latency_layout(cfg),
+                             latency_runtime=getattr(cfg.export, "runtime", "torchscript"),
+                             latency_threads=getattr(cfg.export, "threads", 1), device=device)  # fmt: skip
         space = SearchSpace.build(model, cfg.space, shape)
     except SlimError as e:
         raise SlimError(f"{cfg.path}: {e}") from None
@@ -276,6 +278,8 @@ def build_study_context(cfg: StudyConfig, *, log: Log | None = None, allow_pretr
 def latency_layout(cfg: StudyConfig) -> str:
     """The conv weight layout a latency bound predicts: the export's; contiguous for ``auto`` (whose export keeps
     channels_last only where that runs faster at batch 1)."""
+    if getattr(cfg.export, "runtime", "torchscript") == "onnxruntime":
+        return "contiguous"  # ORT picks its own layout
     return "contiguous" if cfg.export.memory_format == "auto" else cfg.export.memory_format
 
 

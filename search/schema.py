@@ -21,6 +21,8 @@ DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "synthetic")
 # = core.export.FORMATS (a test checks it), for the same reason as DATASETS.
 EXPORT_FORMATS = ("pt2", "onnx", "torchscript", "torchscript-frozen", "state")
 EXPORT_MEMORY_FORMATS = ("contiguous", "channels_last", "auto")  # core.export.MEMORY_FORMATS, or the faster
+# = core.latency.RUNTIMES (a test checks it): what latency tables, bounds, measured latencies and speed-ups time.
+RUNTIMES = ("torchscript", "onnxruntime")
 
 STUDY_KEYS: tuple[Key, ...] = (
     Key(
@@ -269,6 +271,24 @@ EXPORT_KEYS: tuple[Key, ...] = (
         "fine-tune and the best on val is exported; needs `finetune_epochs`",
         lo=1,
         hi=100,
+    ),
+    Key(
+        "runtime",
+        "choice",
+        "torchscript",
+        "what every latency is timed in: the latency table and `[constraint] max_latency_ratio`, "
+        "`[evaluator] measure_latency`'s latency_ms, the export's speed-up line and bound check: `torchscript` "
+        "(the TorchScript program) or `onnxruntime` (the ONNX export in an ONNX Runtime session, graph "
+        "optimisations on; needs the `slimsearch[onnx]` extra)",
+        choices=RUNTIMES,
+    ),
+    Key(
+        "threads",
+        "int",
+        1,
+        "intra-op threads of those timings (ONNX Runtime's `intra_op_num_threads`, torch's num_threads)",
+        lo=1,
+        hi=1024,
     ),
 )
 
