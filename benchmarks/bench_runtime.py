@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from slimsearch.core.apply import apply_policy  # noqa: E402
 from slimsearch.core.budget import fit_cost, prunable_leaders  # noqa: E402
 from slimsearch.core.cost import measure_latency  # noqa: E402
+from slimsearch.core.errors import SlimError  # noqa: E402
 from slimsearch.core.export import torchscript_program  # noqa: E402
 from slimsearch.core.latency import timed_program  # noqa: E402
 from slimsearch.core.macs import policy_macs  # noqa: E402
@@ -213,7 +214,9 @@ def markdown(result: dict[str, Any]) -> str:
             acc = f"{n['proxy_val_acc']:.4f}" if "proxy_val_acc" in n else "-"
             lines.append(f"| {n['label']} | {100 * n['macs_ratio']:.1f} | " + " | ".join(cells) + f" | {acc} |")
     s = result.get("search")
-    if s:
+    if s and "error" in s:
+        lines += ["", "## Search under a latency bound", "", f"{s['study']}: {s['error']}"]
+    elif s:
         lines += ["", "## Search under a latency bound, measured on its export", "",
                   f"{s['study']} ({s['runtime']}): trial {s['trial']}, MACs {100 * s['macs_ratio']:.1f} %, "
                   f"speed-up {s['speedup_batch1']:.2f}x at batch 1 ({s['latency_program']}), export speed-up "
@@ -229,10 +232,15 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     models = [run_model(n.strip(), args) for n in args.models.split(",") if n.strip()]
     result: dict[str, Any] = {"args": vars(args), "models": models}
-    if args.search_study:
-        result["search"] = run_search(args.search_study)
     result.update(machine=machine(), wall_s=time.perf_counter() - t0)
-    write_results(Path(args.out), args.stem, result, markdown(result))
+    write_results(Path(args.out), args.stem, result, markdown(result))  # the timings stand without the search
+    if args.search_study:
+        try:
+            result["search"] = run_search(args.search_study)
+        except SlimError as e:  # e.g. no trial met the bound: recorded, not lost
+            result["search"] = {"study": args.search_study, "error": str(e)}
+        result.update(machine=machine(), wall_s=time.perf_counter() - t0)
+        write_results(Path(args.out), args.stem, result, markdown(result))
     return 0
 
 

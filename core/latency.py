@@ -179,7 +179,11 @@ class LatencyTable:
         # program does not (tens of microseconds at batch 1), the same number of calls for every prune-only
         # policy.
         other = self.base_ms - scale * full
-        return (scale, other) if 0.5 <= scale <= 2.0 and other > -0.5 * self.base_ms else fallback
+        # ONNX Runtime's whole-model session transforms layouts around its blocked (NCHWc) convs, which single-layer
+        # sessions do not: on ResNet-56 at batch 1 the baseline took 6.6 ms, its layers alone 2.4 ms, the half-width
+        # model 1.0 ms (its layers 0.95 ms), a scale of 3.8. The two-point fit is the correction; allow it there.
+        top = 6.0 if self.mode == "onnxruntime" else 2.0
+        return (scale, other) if 0.5 <= scale <= top and other > -0.5 * self.base_ms else fallback
 
     def _adopt(self, stored: dict) -> None:
         """Take a stored table's baseline, calibration and entries (the first stored value of each wins)."""
