@@ -75,7 +75,7 @@ def test_study_runtime_key(tmp_path: Path) -> None:
     assert (cfg.export.runtime, cfg.export.threads) == ("onnxruntime", 2)
     (tmp_path / "d.toml").write_text(base)
     assert load_study(tmp_path / "d.toml").export.runtime == "torchscript"
-    for bad, needle in (('runtime = "tflite"', "[export] runtime: unknown runtime 'tflite'"),
+    for bad, needle in (('runtime = "tflite"', "[export] runtime: unknown value 'tflite'; allowed: torchscript, onnxruntime"),
                         ("threads = 0", "[export] threads")):  # fmt: skip
         p.write_text(base + f"[export]\n{bad}\n")
         with pytest.raises(SlimError, match=needle.replace("[", r"\[").replace("]", r"\]")):
