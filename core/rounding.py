@@ -41,13 +41,17 @@ def round_policy(
     back the strongest dropped ones when it grows; ``clusters`` becomes the new count."""
     if round_to is None or round_to == 1:
         return policy
-    from slimsearch.core.apply import pruned_leaders  # apply imports the graph machinery; rounding needs it only here
-
     g = model_graph(model, input_shape)
     mods = dict(model.named_modules())
     layers = dict(policy.layers)
-    for leader, (_, lp) in pruned_leaders(g, policy).items():
-        n = g.layers[leader].out_channels
+    done: set[str] = set()
+    for name, lp in policy.layers.items():  # each pruned group once, through its first listed member
+        info = g.layers[name]
+        leader = info.group or name
+        n = info.out_channels
+        if leader in done or lp.keep_count(n) >= n:
+            continue
+        done.add(leader)
         k0 = lp.keep_count(n)
         k = round_count(k0, n, round_to)
         if k == k0:

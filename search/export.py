@@ -127,7 +127,9 @@ def _best_times(
     best = dict.fromkeys(programs, math.inf)
     for _ in range(rounds):
         for key, program in programs.items():
-            ms = core_cost.measure_latency(program, tuple(input_shape), batch_size=batch_size, threads=threads).median_ms
+            ms = core_cost.measure_latency(
+                program, tuple(input_shape), batch_size=batch_size, threads=threads
+            ).median_ms
             best[key] = min(best[key], ms)
     return best
 

@@ -18,8 +18,17 @@ from slimsearch.core.export import export_model, load_exported
 from slimsearch.core.models import build_model
 from slimsearch.core.policy import LayerPolicy, Policy
 
-from tests.test_export import HALF, SHAPE
-from tests.test_prune import randomize_bn
+from tests.nets import randomize_bn
+
+SHAPE = (1, 1, 8, 8)
+HALF = Policy(  # pruned, Tucker, FPGM and CP layers of the small CNN
+    {
+        "features.0": LayerPolicy(prune_rate=0.5),
+        "features.3": LayerPolicy(prune_rate=0.5, decomposition="tucker", rank_ratio=0.5),
+        "features.7": LayerPolicy(prune_rate=0.5, criterion="fpgm"),
+        "features.10": LayerPolicy(prune_rate=0.5, decomposition="cp", rank=4),
+    }
+)
 
 onnx = pytest.importorskip("onnx", reason="the onnx extra (pip install 'slimsearch[onnx]') is not installed")
 ort = pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
@@ -149,7 +158,7 @@ def test_cli_exports_a_checked_onnx_file_that_runs_without_torch(
 ) -> None:  # fmt: skip
     from slimsearch.search.cli import main
 
-    from tests.test_runner import make_baseline, write_study
+    from tests.helpers import make_baseline, write_study
 
     monkeypatch.chdir(tmp_path)
     p = write_study(tmp_path, make_baseline(tmp_path_factory), n_trials=2)

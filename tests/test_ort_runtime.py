@@ -14,7 +14,7 @@ from slimsearch.core.models import build_model
 from slimsearch.core.policy import LayerPolicy, Policy
 from torch import nn
 
-from tests.test_prune import randomize_bn
+from tests.nets import randomize_bn
 
 pytest.importorskip("onnxruntime", reason="the onnx extra (pip install 'slimsearch[onnx]') is not installed")
 pytest.importorskip("onnxscript", reason="the onnx extra is not installed")
@@ -109,7 +109,7 @@ def test_ort_study_end_to_end(
     export measures its speed-up and the bound in ORT."""
     from slimsearch.search.cli import main
 
-    from tests.test_runner import make_baseline, write_study
+    from tests.helpers import make_baseline, write_study
 
     monkeypatch.chdir(tmp_path)
     p = write_study(tmp_path, make_baseline(tmp_path_factory), n_trials=3,

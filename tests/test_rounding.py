@@ -105,7 +105,7 @@ def test_a_search_stores_rounded_policies_within_its_bound(
     from slimsearch.search.runner import run_study
     from slimsearch.search.study import load_study
 
-    from tests.test_runner import make_baseline, trials_of, write_study
+    from tests.helpers import make_baseline, trials_of, write_study
 
     monkeypatch.chdir(tmp_path)
     ckpt = make_baseline(tmp_path_factory)
