@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# The local CPU wheel first: an unpinned torch would pull gigabytes of CUDA packages.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,postgres,dashboard]'
+	$(BIN)/pip install -q -e '.[dev,postgres,dashboard,onnx]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -21,7 +21,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/slimsearch run studies/quickstart.toml
 	$(BIN)/slimsearch report studies/quickstart.toml
-	$(BIN)/slimsearch export studies/quickstart.toml --trial best --format torchscript
+	$(BIN)/slimsearch export studies/quickstart.toml --trial best --format pt2
 
 ## The default test run (CI runs this plus the slow tests).
 test: $(STAMP)

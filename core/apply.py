@@ -220,6 +220,7 @@ def apply_policy(
     cache: DecompositionCache | None = None,
     seed: int = 0,
     check: bool = True,
+    round_to: int | None = None,
 ) -> nn.Module:
     """A new model (eval mode) with ``policy`` applied; ``model`` itself is never modified.
 
@@ -229,12 +230,17 @@ def apply_policy(
     pass (shapes only, see ``_shape_forward``) and raises ``RuntimeError`` if a layer no longer fits its input
     or the output shape changed (a bug, never expected). Bad policies
     (unknown layer, out-of-range values, pruning a non-prunable layer, ranks above the post-pruning full
-    rank) raise ``SlimError``.
+    rank) raise ``SlimError``. ``round_to`` N: every pruned group keeps a multiple of N filters
+    (``core.rounding.round_policy``; a search stores the rounded policy, so its exports rebuild without it).
     """
     if not isinstance(policy, Policy):
         raise SlimError(f"apply_policy needs a Policy, got {type(policy).__name__}")
     policy.validate(model)
     spec: InputSpec = example_input if example_input is not None else input_shape
+    if round_to is not None and round_to != 1:
+        from slimsearch.core.rounding import round_policy
+
+        policy = round_policy(model, policy, round_to, spec)
     graph = model_graph(model, spec)
     kept = _kept(graph, model, policy, seed)
     new = clone_model(model)

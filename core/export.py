@@ -11,12 +11,16 @@ sees a half-written export; an existing directory is replaced only after the new
   parameters, so it cannot be fine-tuned further (use ``model.pt`` for that). Self-contained like the above.
 - ``model.pt2`` — ``torch.export`` program with a dynamic batch dimension where the model allows it.
   Self-contained: ``torch.export.load(p).module()``.
+- ``model.onnx`` (format ``onnx``, the ``slimsearch[onnx]`` extra) — ONNX, opset 18, dynamic batch, written by
+  ``torch.onnx.export``'s dynamo path (``core.onnx_export`` says why), checked with ``onnx.checker`` and an ONNX
+  Runtime run. Self-contained: needs only ``onnxruntime`` (or OpenVINO, TensorRT, onnx2tf for TFLite).
 - ``model.pt`` — the state dict. NOT self-contained: a pruned/decomposed model's shapes differ from the
   zoo model's, so rebuild the architecture first: ``load_state(base_model, dir)`` re-applies
   ``policy.json`` to the base model (same architecture and original weights, which fix the EVBMF ranks
   and hence the shapes) and loads ``model.pt`` into it.
-- ``policy.json``, ``metrics.json``, ``manifest.json`` (files, input shape, torch version, and the input
-  pipeline under ``preprocessing``: channel order, size, mean/std, class names, dataset) and
+- ``policy.json``, ``metrics.json``, ``manifest.json`` (files, input shape, torch version, the input
+  pipeline under ``preprocessing``: channel order, size, mean/std, class names, dataset, and ``deploy``: which
+  file to ship to which runtime) and
   ``check.pt`` (an input and the expected output, used to verify reloads).
 
 Every exported program is reloaded and compared with the model's own output before the directory is
@@ -51,22 +55,32 @@ from torch import nn
 
 __all__ = [
     "DEFAULT_FORMATS",
+    "DEPLOY",
     "FILES",
     "FORMATS",
     "MEMORY_FORMATS",
     "export_model",
     "load_exported",
     "load_state",
+    "deploy_map",
     "torchscript_program",
 ]
 
-FORMATS = ("torchscript", "torchscript-frozen", "pt2", "state")
-DEFAULT_FORMATS = ("torchscript", "pt2", "state")
+FORMATS = ("pt2", "onnx", "torchscript", "torchscript-frozen", "state")
+DEFAULT_FORMATS = ("pt2", "torchscript", "state")
 FILES = {
+    "onnx": "model.onnx",
     "torchscript": "model.torchscript.pt",
     "torchscript-frozen": "model.frozen.torchscript.pt",
     "pt2": "model.pt2",
     "state": "model.pt",
+}
+# manifest.json "deploy": runtime -> (format, how to load it); the first written format of each runtime's list wins.
+DEPLOY = {
+    "pytorch": (("pt2", "torch.export.load(f).module(); also AOTInductor / ExecuTorch"),),
+    "onnxruntime": (("onnx", "onnxruntime.InferenceSession(f); also OpenVINO, TensorRT, onnx2tf for TFLite"),),
+    "libtorch": (("torchscript-frozen", "torch.jit.load(f), inference only"), ("torchscript", "torch.jit.load(f)")),
+    "finetune": (("state", "slimsearch.core.export.load_state(base_model, export_dir)"),),
 }
 MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
@@ -145,8 +159,8 @@ def export_model(
     memory_format: str = "contiguous",
     preprocessing: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
-    """Write ``model`` in ``formats`` (torchscript, torchscript-frozen, pt2, state; by default all but the frozen
-    one) plus policy/metrics/manifest JSON to ``out_dir`` atomically; return format -> file path. ``model`` is
+    """Write ``model`` in ``formats`` (pt2, onnx, torchscript, torchscript-frozen, state; by default pt2,
+    torchscript, state) plus policy/metrics/manifest JSON to ``out_dir`` atomically; return format -> file path. ``model`` is
     not modified (a copy is exported in eval mode). ``example_input`` (tensor or shape, batch first) defaults to 1×C×32×32.
     ``memory_format`` (``MEMORY_FORMATS``): how the TorchScript programs lay out their weights (module docstring).
     ``preprocessing`` (``core.preprocess.preprocessing``): how to feed the programs an image, kept in the manifest."""
@@ -155,6 +169,10 @@ def export_model(
         raise SlimError(f"export: unknown format {bad[0] if bad else '(none)'!r}; allowed: {', '.join(FORMATS)}")
     if memory_format not in MEMORY_FORMATS:
         raise SlimError(f"export: unknown memory_format {memory_format!r}; allowed: {', '.join(MEMORY_FORMATS)}")
+    if "onnx" in formats:  # the optional extra: say so before any work
+        from slimsearch.core.onnx_export import require_onnx
+
+        require_onnx()
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     m = copy.deepcopy(model).eval()
@@ -174,6 +192,11 @@ def export_model(
                 reordered = frozen or memory_format != "contiguous"
                 tol = atol + 1e-6 * float(y.abs().max()) if reordered else atol
                 _check(fmt, torch.jit.load(str(path)), x, y, tol)
+            elif fmt == "onnx":
+                from slimsearch.core.onnx_export import check_onnx, write_onnx
+
+                write_onnx(m, x, path)
+                check_onnx(path, x, y, atol)
             elif fmt == "pt2":
                 _to_pt2(m, x, path)
                 _check(fmt, torch.export.load(str(path)).module(), x, y, atol)
@@ -190,6 +213,7 @@ def export_model(
             "policy_hash": (policy or Policy()).hash,
             "torch": torch.__version__,
             "self_contained": [f for f in written if f != "state"],
+            "deploy": deploy_map(written),
         }
         if preprocessing is not None:
             manifest["preprocessing"] = dict(preprocessing)
@@ -199,6 +223,17 @@ def export_model(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return written
+
+
+def deploy_map(written: Mapping[str, object]) -> dict[str, dict[str, str]]:
+    """Which written file to ship to which runtime (``DEPLOY``), for the manifest."""
+    out: dict[str, dict[str, str]] = {}
+    for runtime, choices in DEPLOY.items():
+        for fmt, how in choices:
+            if fmt in written:
+                out[runtime] = {"file": FILES[fmt], "format": fmt, "load": how}
+                break
+    return out
 
 
 def load_exported(path: str | Path) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -213,6 +248,10 @@ def load_exported(path: str | Path) -> Callable[[torch.Tensor], torch.Tensor]:
         raise SlimError(f"export directory {p} holds no TorchScript or pt2 model; for model.pt use load_state()")
     if not p.is_file():
         raise SlimError(f"exported model not found: {p}")
+    if p.suffix == ".onnx":
+        from slimsearch.core.onnx_export import OrtProgram, ort_session
+
+        return OrtProgram(ort_session(p))
     if p.suffix == ".pt2":
         try:
             return torch.export.load(str(p)).module()

@@ -38,6 +38,8 @@ class EvalContext:
     latency_dir: Path | None = None
     latency_memory_format: str = "contiguous"
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where trials train and score
+    latency_runtime: str = "torchscript"  # core.latency.RUNTIMES: what the table, the bound and latency_ms time
+    latency_threads: int = 1
     _fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
     _teacher: nn.Module | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -59,6 +61,8 @@ class EvalContext:
                 bounds += (self.max_latency_ratio, self.latency_batch)
                 if self.latency_memory_format != "contiguous":  # contiguous: the fingerprints stored before it
                     bounds += (self.latency_memory_format,)
+                if (self.latency_runtime, self.latency_threads) != ("torchscript", 1):  # likewise
+                    bounds += (self.latency_runtime, self.latency_threads)
             h.update(repr(bounds).encode())
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
@@ -79,7 +83,8 @@ class EvalContext:
         set, so every process of a study predicts from the same measurements."""
         from slimsearch.core.latency import latency_table
 
-        return latency_table(self.model, self.input_shape, self.latency_batch, folder=self.latency_dir,
+        return latency_table(self.model, self.input_shape, self.latency_batch, threads=self.latency_threads,
+                             mode=self.latency_runtime, folder=self.latency_dir,
                              memory_format=self.latency_memory_format)  # fmt: skip
 
 
@@ -107,6 +112,8 @@ def build_context(
     latency_dir: str | Path | None = None,
     latency_memory_format: str = "contiguous",
     device: torch.device | str | None = None,
+    latency_runtime: str = "torchscript",
+    latency_threads: int = 1,
 ) -> EvalContext:
     """Measure the baseline and fix the MACs bound: ``max_macs`` (absolute) or ``max_macs_ratio`` of the
     baseline (at most one), and the latency bound ``max_latency_ratio`` of the baseline's predicted latency
@@ -126,6 +133,16 @@ def build_context(
     if latency_memory_format not in MEMORY_FORMATS:
         raise SlimError(f"[export] memory_format: expected one of {', '.join(MEMORY_FORMATS)}, got "
                         f"{latency_memory_format!r}")  # fmt: skip
+    from slimsearch.core.latency import RUNTIMES
+
+    if latency_runtime not in RUNTIMES:
+        raise SlimError(f"[export] runtime: expected one of {', '.join(RUNTIMES)}, got {latency_runtime!r}")
+    if isinstance(latency_threads, bool) or not isinstance(latency_threads, int) or latency_threads < 1:
+        raise SlimError(f"[export] threads: expected an integer >= 1, got {latency_threads!r}")
+    if latency_runtime == "onnxruntime":
+        from slimsearch.core.onnx_export import require_onnx
+
+        require_onnx("[export] runtime = 'onnxruntime'")
     model.eval()
     base = count_cost(model, shape)
     bound = float(max_macs) if max_macs is not None else None
@@ -136,7 +153,8 @@ def build_context(
     lat = float(max_latency_ratio) if max_latency_ratio is not None else None
     folder = Path(latency_dir) if latency_dir is not None else None
     ctx = EvalContext(model, splits, shape, base, bound, None, cache, lat, latency_batch, folder,
-                      latency_memory_format, torch.device(device) if device is not None else _model_device(model))  # fmt: skip
+                      latency_memory_format, torch.device(device) if device is not None else _model_device(model),
+                      latency_runtime, latency_threads)  # fmt: skip
     if score_baseline:
         from slimsearch.core.train import evaluate
 

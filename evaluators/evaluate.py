@@ -171,8 +171,10 @@ def _run(
         metrics["cost_s"] += time.perf_counter() - t
         return "infeasible", verdict
     if cfg.measure_latency:
-        program = timed_program(model, "torchscript", ctx.latency_memory_format)  # what the export ships
-        lat = measure_latency(program, ctx.input_shape, batch_size=cfg.latency_batch, threads=1)
+        # what the export ships, in the study's runtime ([export] runtime, threads)
+        program = timed_program(model, ctx.latency_runtime, ctx.latency_memory_format, threads=ctx.latency_threads,
+                                input_shape=ctx.input_shape)  # fmt: skip
+        lat = measure_latency(program, ctx.input_shape, batch_size=cfg.latency_batch, threads=ctx.latency_threads)
         metrics["latency_ms"] = float(lat.median_ms)
     metrics["cost_s"] += time.perf_counter() - t
 

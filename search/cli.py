@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--checkpoint", type=Path)
     c.add_argument("--num-classes", type=_positive_int, default=10)
     c.add_argument("--threads", type=_positive_int, default=1, help="threads for the latency measurement")
+    c.add_argument("--runtime", choices=("eager", "torchscript", "onnxruntime"), default="eager",
+                   help="what the latency times: the eager module (default), its TorchScript program, or its ONNX "
+                        "export in ONNX Runtime (the slimsearch[onnx] extra)")  # fmt: skip
     return p
 
 
@@ -273,7 +276,7 @@ def _print_latency(m: dict[str, Any]) -> None:
     """The exported program's measured speed-up and, with a latency bound, whether the export keeps it."""
     print(f"latency {m['latency_ms_batch1']:.2f} ms vs {m['base_latency_ms_batch1']:.2f} ms for the baseline: "
           f"{m['speedup_batch1']:.2f}x faster ({1 / m['macs_ratio']:.2f}x fewer MACs; {m['latency_program']}, "
-          f"batch 1, 1 CPU thread)")  # fmt: skip
+          f"batch 1, {m.get('latency_threads', 1)} CPU thread{'s' if m.get('latency_threads', 1) > 1 else ''})")  # fmt: skip
     if "bound_latency_ratio" in m:
         verdict = "within it" if m["bound_latency_met"] else "EXCEEDS it (the search predicted it from core.latency)"
         print(f"latency bound: measured {m['bound_latency_ratio']:.1%} of the baseline's at batch "

@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from slimsearch.core.budget import fit_cost, fit_macs
+from slimsearch.core.budget import fit_cost
 from slimsearch.core.data import DataSplits, load_splits, progress_to
 from slimsearch.core.device import resolve_device
 from slimsearch.core.errors import SlimError
+from slimsearch.core.macs import policy_macs
 from slimsearch.core.models import build_model, load_checkpoint
 from slimsearch.core.policy import Policy
+from slimsearch.core.rounding import round_policy
 from slimsearch.evaluators.context import EvalContext, build_context
 from slimsearch.search.study import StudyConfig
 from slimsearch.spaces.describe import exclusions
@@ -60,22 +62,28 @@ class StudyContext:
         table (``core.latency``), where a shape is measured once (a retry racing another process for a new
         shape may differ by a filter or two)."""
         ctx, mode = self.eval_ctx, self.cfg.constraint.fit
+        n = getattr(self.space.cfg, "round_to", None)  # [space] round_to: every cost is of the rounded policy
+
+        def rounded(p: Any) -> Any:
+            return round_policy(self.model, p, n, self.input_shape)
+
         if mode not in ("scale", "fill"):
-            return policy
+            return rounded(policy)
         min_rate, max_rate = self.space.cfg.prune_rate
         fill = mode == "fill"
         if ctx.max_macs is not None:
-            policy, _ = fit_macs(self.model, policy, ctx.max_macs, self.input_shape, max_rate=max_rate,
-                                 min_rate=min_rate, fill=fill)  # fmt: skip
+            policy, _ = fit_cost(self.model, policy, lambda p: policy_macs(self.model, rounded(p), self.input_shape),
+                                 ctx.max_macs, self.input_shape, max_rate=max_rate, min_rate=min_rate,
+                                 fill=fill)  # fmt: skip
         if ctx.max_latency_ratio is not None:
             table = ctx.latency_table()
-            if table.predict(self.model, policy) is not None:  # None: EVBMF ranks, measured by the evaluator
+            if table.predict(self.model, rounded(policy)) is not None:  # None: EVBMF ranks, measured by the evaluator
                 bound = ctx.max_latency_ratio * table.base_ms
                 # Filled onto the MACs bound already: the latency fit only shrinks what is over its bound.
-                policy, _ = fit_cost(self.model, policy, lambda p: table.predict(self.model, p), bound,
+                policy, _ = fit_cost(self.model, policy, lambda p: table.predict(self.model, rounded(p)), bound,
                                      self.input_shape, max_rate=max_rate, min_rate=min_rate,
                                      fill=fill and ctx.max_macs is None)  # fmt: skip
-        return policy
+        return rounded(policy)
 
     def latency_info(self, log: Log | None = None) -> dict[str, Any] | None:
         """The latency bound in milliseconds and its table (None without a bound). The first call measures the
@@ -92,7 +100,8 @@ class StudyContext:
             self._latency_warmed = True
             t = time.perf_counter()
             units = [u.layers for u in self.space.units]
-            n = table.warm(self.model, units, max_rate=self.space.cfg.prune_rate[1], budget_s=LATENCY_WARM_S)
+            n = table.warm(self.model, units, max_rate=self.space.cfg.prune_rate[1], budget_s=LATENCY_WARM_S,
+                           round_to=getattr(self.space.cfg, "round_to", None))  # fmt: skip
             if n and log is not None:
                 log(f"latency table: {n} layer shapes timed in {time.perf_counter() - t:.0f} s "
                          f"({table.size} stored)")  # fmt: skip
@@ -257,7 +266,9 @@ def build_study_context(cfg: StudyConfig, *, log: Log | None = None, allow_pretr
         ectx = build_context(model, splits, shape, max_macs_ratio=c.max_macs_ratio, max_macs=c.max_macs,
                              max_latency_ratio=c.max_latency_ratio, latency_batch=c.latency_batch,
                              latency_dir=cfg.study.workdir / "latency",
-                             latency_memory_format=latency_layout(cfg), device=device)  # fmt: skip
+                             latency_memory_format=latency_layout(cfg),
+                             latency_runtime=getattr(cfg.export, "runtime", "torchscript"),
+                             latency_threads=getattr(cfg.export, "threads", 1), device=device)  # fmt: skip
         space = SearchSpace.build(model, cfg.space, shape)
     except SlimError as e:
         raise SlimError(f"{cfg.path}: {e}") from None
@@ -267,6 +278,8 @@ def build_study_context(cfg: StudyConfig, *, log: Log | None = None, allow_pretr
 def latency_layout(cfg: StudyConfig) -> str:
     """The conv weight layout a latency bound predicts: the export's; contiguous for ``auto`` (whose export keeps
     channels_last only where that runs faster at batch 1)."""
+    if getattr(cfg.export, "runtime", "torchscript") == "onnxruntime":
+        return "contiguous"  # ORT picks its own layout
     return "contiguous" if cfg.export.memory_format == "auto" else cfg.export.memory_format
 
 

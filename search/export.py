@@ -120,14 +120,16 @@ def rebuild_candidate(sctx: StudyContext, cfg: StudyConfig, policy: Policy) -> t
 
 
 def _best_times(
-    programs: dict[Any, torch.nn.Module], input_shape: Sequence[int], batch_size: int, rounds: int
+    programs: dict[Any, torch.nn.Module], input_shape: Sequence[int], batch_size: int, rounds: int, threads: int = 1
 ) -> dict[Any, float]:
-    """Best median ms of each program over ``rounds`` round-robin measurements (1 CPU thread), so all of them see
-    the same machine load."""
+    """Best median ms of each program over ``rounds`` round-robin measurements (``threads`` CPU threads), so all of
+    them see the same machine load."""
     best = dict.fromkeys(programs, math.inf)
     for _ in range(rounds):
         for key, program in programs.items():
-            ms = core_cost.measure_latency(program, tuple(input_shape), batch_size=batch_size, threads=1).median_ms
+            ms = core_cost.measure_latency(
+                program, tuple(input_shape), batch_size=batch_size, threads=threads
+            ).median_ms
             best[key] = min(best[key], ms)
     return best
 
@@ -139,18 +141,22 @@ def program_speedup(
     fmts: Sequence[str],
     memory_format: str,
     rounds: int = 3,
+    runtime: str = "torchscript",
+    threads: int = 1,
 ) -> dict[str, Any]:
-    """Batch-1, single-thread CPU latency of ``model``'s TorchScript program (frozen when ``fmts`` has it, in the
+    """Batch-1 CPU latency (``threads`` threads) in ``runtime`` (onnxruntime: ``ort_speedup``) of ``model``'s TorchScript program (frozen when ``fmts`` has it, in the
     export's ``memory_format``) against the baseline's program made the same way: the speed-up a user gets from
     swapping the exported file for the original. Best median of ``rounds`` alternating measurements each, so
     all programs see the same machine load. ``memory_format = "auto"`` times both layouts and keeps each
     network's faster one (``memory_format`` in the result: the one to export): channels_last runs the unpruned
     ResNets faster, but pruned or decomposed ones with odd channel counts slower at batch 1 on our CPU."""
+    if runtime == "onnxruntime":
+        return ort_speedup(model, baseline, input_shape, memory_format, rounds, threads)
     frozen = "torchscript-frozen" in fmts
     layouts = tuple(MEMORY_FORMATS) if memory_format == "auto" else (memory_format,)
     programs = {(who, lay): torchscript_program(m, input_shape, frozen=frozen, memory_format=lay)
                 for who, m in (("model", model), ("base", baseline)) for lay in layouts}  # fmt: skip
-    best = _best_times(programs, input_shape, 1, rounds)
+    best = _best_times(programs, input_shape, 1, rounds, threads)
     mine = min(layouts, key=lambda lay: best[("model", lay)])
     base = min(layouts, key=lambda lay: best[("base", lay)])
     kind = "torchscript-frozen" if frozen else "torchscript"
@@ -163,6 +169,27 @@ def program_speedup(
     return out
 
 
+def ort_speedup(
+    model: torch.nn.Module,
+    baseline: torch.nn.Module,
+    input_shape: Sequence[int],
+    memory_format: str,
+    rounds: int = 3,
+    threads: int = 1,
+) -> dict[str, Any]:
+    """``program_speedup`` in ONNX Runtime: both networks' ONNX exports as ORT sessions (graph optimisations on,
+    ``threads`` intra-op threads), best median of ``rounds`` alternating batch-1 measurements. ORT picks its own
+    layout, so the export's ``memory_format`` (contiguous for ``auto``) only concerns its TorchScript files."""
+    from slimsearch.core.latency import timed_program
+
+    programs = {who: timed_program(m, "onnxruntime", threads=threads, input_shape=input_shape)
+                for who, m in (("model", model), ("base", baseline))}  # fmt: skip
+    best = _best_times(programs, input_shape, 1, rounds, threads)
+    return {"latency_ms_batch1": best["model"], "base_latency_ms_batch1": best["base"],
+            "speedup_batch1": best["base"] / best["model"], "latency_program": "onnxruntime",
+            "memory_format": "contiguous" if memory_format == "auto" else memory_format}  # fmt: skip
+
+
 def bound_check(
     model: torch.nn.Module,
     baseline: torch.nn.Module,
@@ -172,15 +199,23 @@ def bound_check(
     batch_size: int,
     max_ratio: float,
     rounds: int = 3,
+    runtime: str = "torchscript",
+    threads: int = 1,
 ) -> dict[str, Any]:
-    """The study's latency bound checked on the export: ``model``'s program (in ``layouts[0]``, the exported
+    """The study's latency bound checked on the export, in ``runtime`` with ``threads`` threads: ``model``'s program (in ``layouts[0]``, the exported
     layout) against the baseline's (in ``layouts[1]``, the layout the bound's table times) at the bound's
     batch size. The search only predicted it (``core.latency``: 3-11 % error for NCHW tables, more for NHWC
     ones), so the export says what it measures."""
+    from slimsearch.core.latency import timed_program
+
     frozen = "torchscript-frozen" in fmts
-    programs = {who: torchscript_program(m, input_shape, frozen=frozen, memory_format=lay)
-                for who, m, lay in (("model", model, layouts[0]), ("base", baseline, layouts[1]))}  # fmt: skip
-    best = _best_times(programs, input_shape, batch_size, rounds)
+    if runtime == "onnxruntime":
+        programs = {who: timed_program(m, "onnxruntime", threads=threads, input_shape=input_shape)
+                    for who, m in (("model", model), ("base", baseline))}  # fmt: skip
+    else:
+        programs = {who: torchscript_program(m, input_shape, frozen=frozen, memory_format=lay)
+                    for who, m, lay in (("model", model, layouts[0]), ("base", baseline, layouts[1]))}  # fmt: skip
+    best = _best_times(programs, input_shape, batch_size, rounds, threads)
     ratio = best["model"] / best["base"]
     return {"bound_latency_batch": batch_size, "bound_latency_ms": best["model"], "bound_base_latency_ms": best["base"],
             "bound_latency_ratio": ratio, "max_latency_ratio": max_ratio, "bound_latency_met": ratio <= max_ratio}  # fmt: skip
@@ -207,6 +242,10 @@ def export_trial(
     top_k applies only where it can (trial "best", a final fine-tune); an explicit one must.
     """
     fmts = parse_formats(formats if formats is not None else list(cfg.export.formats))
+    if "onnx" in fmts:  # the optional extra: say so before the rebuild and fine-tune, not after
+        from slimsearch.core.onnx_export import require_onnx
+
+        require_onnx()
     spec = parse_trial(trial)
     epochs = cfg.export.finetune_epochs if finetune_epochs is None else float(finetune_epochs)
     if epochs < 0:
@@ -324,11 +363,14 @@ def write_export(
     (``program_speedup``) and, with a latency bound, its measured ratio (``bound_check``) to ``metrics`` (in
     place), then write the export (``core.export.export_model``, in the
     study's memory format, or the faster one with ``auto``); format -> path."""
-    metrics.update(program_speedup(model, sctx.model, sctx.input_shape, fmts, cfg.export.memory_format))
+    runtime, threads = getattr(cfg.export, "runtime", "torchscript"), getattr(cfg.export, "threads", 1)
+    metrics.update(program_speedup(model, sctx.model, sctx.input_shape, fmts, cfg.export.memory_format,
+                                   runtime=runtime, threads=threads))  # fmt: skip
     if cfg.constraint.max_latency_ratio is not None:
         layouts = (metrics["memory_format"], latency_layout(cfg))
         metrics.update(bound_check(model, sctx.model, sctx.input_shape, fmts, layouts, cfg.constraint.latency_batch,
-                                   cfg.constraint.max_latency_ratio))  # fmt: skip
+                                   cfg.constraint.max_latency_ratio, runtime=runtime, threads=threads))  # fmt: skip
+    metrics["latency_threads"] = threads
     macs_ratio = count_cost(model, sctx.input_shape).macs / sctx.eval_ctx.base.macs
     metrics["export_speedup_batch1"] = metrics["speedup_batch1"] * macs_ratio
     if sctx.splits.test is not None:  # scored on the study's device (``model`` itself on the CPU)

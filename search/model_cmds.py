@@ -90,7 +90,10 @@ def cmd_cost(a: argparse.Namespace) -> int:
     except Exception as e:
         raise SlimError(f"{a.model} fails on input {list(shape)}: {str(e).splitlines()[0][:200]}") from None
     cost = count_cost(model, shape)
-    _print_cost(a.model, model, shape, cost.macs, cost.params, a.threads)
+    from slimsearch.core.latency import timed_program
+
+    program = timed_program(model, getattr(a, "runtime", "eager"), threads=a.threads, input_shape=shape)
+    _print_cost(a.model, program, shape, cost.macs, cost.params, a.threads, getattr(a, "runtime", "eager"))
     return 0
 
 
@@ -120,7 +123,9 @@ def _cost_of_program(a: argparse.Namespace) -> int:
     return 0
 
 
-def _print_cost(name: str, model: Any, shape: tuple[int, ...], macs: int, params: int, threads: int) -> None:
+def _print_cost(
+    name: str, model: Any, shape: tuple[int, ...], macs: int, params: int, threads: int, runtime: str = ""
+) -> None:
     from slimsearch.core.cost import measure_latency
 
     lat1 = measure_latency(model, shape, batch_size=1, threads=threads)
@@ -130,4 +135,5 @@ def _print_cost(name: str, model: Any, shape: tuple[int, ...], macs: int, params
     print(f"FLOPs   {2 * macs / 1e6:10.3f} M  (= 2 x MACs)")
     print(f"params  {params / 1e6:10.3f} M  ({params:,})")
     print(f"latency {lat1.median_ms:10.3f} ms at batch 1,  {lat64.median_ms:.2f} ms at batch 64 "
-          f"({lat64.median_ms / 64:.3f} ms/image; CPU, {threads} thread{'s' if threads > 1 else ''}, median)")  # fmt: skip
+          f"({lat64.median_ms / 64:.3f} ms/image; {runtime + ', ' if runtime else ''}CPU, {threads} "
+          f"thread{'s' if threads > 1 else ''}, median)")  # fmt: skip

@@ -19,8 +19,10 @@ PRUNERS = ("median", "none")
 # not import torch (status/report/errors answer in a fraction of the time).
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "synthetic")
 # = core.export.FORMATS (a test checks it), for the same reason as DATASETS.
-EXPORT_FORMATS = ("torchscript", "torchscript-frozen", "pt2", "state")
+EXPORT_FORMATS = ("pt2", "onnx", "torchscript", "torchscript-frozen", "state")
 EXPORT_MEMORY_FORMATS = ("contiguous", "channels_last", "auto")  # core.export.MEMORY_FORMATS, or the faster
+# = core.latency.RUNTIMES (a test checks it): what latency tables, bounds, measured latencies and speed-ups time.
+RUNTIMES = ("torchscript", "onnxruntime")
 
 STUDY_KEYS: tuple[Key, ...] = (
     Key(
@@ -240,10 +242,11 @@ EXPORT_KEYS: tuple[Key, ...] = (
     Key(
         "formats",
         "choices",
-        ("torchscript",),
-        "`torchscript`, `torchscript-frozen` (BatchNorm folded by "
-        "`torch.jit.freeze`, no parameters: the inference artefact), `pt2` (`torch.export`), `state` (state dict "
-        "plus policy)",
+        ("pt2", "torchscript"),
+        "`pt2` (`torch.export`, the main artefact), `onnx` (opset 18, dynamic batch, checked by `onnx.checker` "
+        "and an ONNX Runtime run; for ONNX Runtime, OpenVINO, TensorRT, TFLite via onnx2tf; needs the "
+        "`slimsearch[onnx]` extra), `torchscript`, `torchscript-frozen` (BatchNorm folded by `torch.jit.freeze`, no "
+        "parameters), `state` (state dict plus policy); manifest.json's `deploy` says which file suits which runtime",
         choices=EXPORT_FORMATS,
     ),
     Key("out", "path", None, "export folder; unset: `<workdir>/export` (each trial in `trial-<n>/`)"),
@@ -268,6 +271,24 @@ EXPORT_KEYS: tuple[Key, ...] = (
         "fine-tune and the best on val is exported; needs `finetune_epochs`",
         lo=1,
         hi=100,
+    ),
+    Key(
+        "runtime",
+        "choice",
+        "torchscript",
+        "what every latency is timed in: the latency table and `[constraint] max_latency_ratio`, "
+        "`[evaluator] measure_latency`'s latency_ms, the export's speed-up line and bound check: `torchscript` "
+        "(the TorchScript program) or `onnxruntime` (the ONNX export in an ONNX Runtime session, graph "
+        "optimisations on; needs the `slimsearch[onnx]` extra)",
+        choices=RUNTIMES,
+    ),
+    Key(
+        "threads",
+        "int",
+        1,
+        "intra-op threads of those timings (ONNX Runtime's `intra_op_num_threads`, torch's num_threads)",
+        lo=1,
+        hi=1024,
     ),
 )
 

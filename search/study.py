@@ -26,6 +26,7 @@ from slimsearch.search.schema import (  # noqa: F401  (re-exported: the names ot
     EXPORT_MEMORY_FORMATS,
     FIT_MODES,
     PRUNERS,
+    RUNTIMES,
     SAMPLERS,
 )
 from slimsearch.search.schema import (
@@ -140,7 +141,7 @@ class SeedsSection:
 
 @dataclass(frozen=True)
 class ExportSection:
-    formats: tuple[str, ...] = ("torchscript",)
+    formats: tuple[str, ...] = ("pt2", "torchscript")  # pt2 (torch.export) first: the main artefact
     out: Path | None = None  # default: <workdir>/export
     finetune_epochs: float = 0.0
     finetune_lr: float = 0.01
@@ -148,6 +149,10 @@ class ExportSection:
     kd: bool = False
     memory_format: str = "contiguous"  # EXPORT_MEMORY_FORMATS; auto: each export times both, keeps the faster
     top_k: int = 1  # exporting "best": final-fine-tune the K best trials, keep the best on val (needs finetune_epochs)
+    # The runtime every latency is timed in (the latency table and max_latency_ratio, the evaluator's latency_ms,
+    # the export's speed-up): RUNTIMES; "onnxruntime" needs the slimsearch[onnx] extra.
+    runtime: str = "torchscript"
+    threads: int = 1  # intra-op threads of those timings (ORT's intra_op_num_threads; torch's num_threads)
 
 
 @dataclass(frozen=True)

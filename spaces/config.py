@@ -71,6 +71,17 @@ SPACE_KEYS: tuple[Key, ...] = (
     Key(
         "coupled_rate", "range", None, "the rate range of coupled groups; unset: `prune_rate`", lo=0, hi=1, hi_open=True
     ),
+    Key(
+        "round_to",
+        "int",
+        None,
+        "kept filter counts rounded to multiples of N (as Torch-Pruning's `round_to`; "
+        "layers of N filters or fewer stay whole), so a network lands on the channel blocks CPU kernels process "
+        "(16 floats on AVX-512); the MACs and latency bounds are checked on the rounded policy, which is the one "
+        "stored; unset: no rounding",
+        lo=1,
+        hi=1024,
+    ),
 )
 
 
@@ -96,6 +107,8 @@ class SpaceConfig:
     rate_step: float | None = None
     coupled: bool = True
     coupled_rate: tuple[float, float] | None = None
+    # Kept filter counts rounded to multiples of N (core.rounding; Torch-Pruning's round_to); None = no rounding.
+    round_to: int | None = None
 
     def __post_init__(self) -> None:
         self.check()

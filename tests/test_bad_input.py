@@ -459,9 +459,9 @@ CASES: list = [
     ("evaluator-lr-negative", edit('kind = "proxy"', 'kind = "finetune"\nlr = -1.0'), RUN, ["[evaluator] lr"], False),
     (
         "unknown-export-format-in-file",
-        write(S, BASE_STUDY + '\n[export]\nformats = ["onnx"]\n'),
+        write(S, BASE_STUDY + '\n[export]\nformats = ["tflite"]\n'),
         RUN,
-        ["[export] formats", "'onnx'"],
+        ["[export] formats", "'tflite'"],
         False,
     ),
     # --- command-line arguments
@@ -485,7 +485,7 @@ CASES: list = [
         False,
     ),
     # --- on an existing study (trial 0 FAILed: NaN loss; trial 1 COMPLETE)
-    ("export-unknown-format", None, ["export", S, "--format", "onnx"], ["--format", "'onnx'", "torchscript"], True),
+    ("export-unknown-format", None, ["export", S, "--format", "tflite"], ["--format", "'tflite'", "onnx"], True),
     ("export-failed-trial", None, ["export", S, "--trial", "0"], ["--trial 0", "FAIL", "loss is"], True),
     ("export-missing-trial", None, ["export", S, "--trial", "99"], ["--trial 99", "no such trial"], True),
     ("export-trial-not-a-number", None, ["export", S, "--trial", "first"], ["--trial", "'first'"], True),

@@ -173,8 +173,8 @@ def test_export_rejects_failed_and_missing_trials(
     assert_one_line_error(code, err, "--trial 7: no such trial")
     code, _, err = run_cli(capsys, "export", str(p), "--trial", "best")
     assert_one_line_error(code, err, "no feasible COMPLETE trial")
-    code, _, err = run_cli(capsys, "export", str(p), "--format", "onnx")
-    assert_one_line_error(code, err, "unknown format 'onnx'")
+    code, _, err = run_cli(capsys, "export", str(p), "--format", "tflite")
+    assert_one_line_error(code, err, "unknown format 'tflite'")
     assert not (tmp_path / "runs" / "tiny" / "export").exists()
 
 

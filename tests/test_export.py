@@ -131,7 +131,9 @@ def test_export_directory_contents(exported: dict[str, Path]) -> None:
     assert json.loads((d / "metrics.json").read_text()) == {"val_acc": 0.5, "macs": 7}
     manifest = json.loads((d / "manifest.json").read_text())
     assert manifest["input_shape"] == list(SHAPE) and manifest["policy_hash"] == HALF.hash
-    assert manifest["self_contained"] == ["torchscript", "pt2"]
+    assert manifest["self_contained"] == ["pt2", "torchscript"]  # pt2 first: the main artefact
+    assert {r: v["file"] for r, v in manifest["deploy"].items()} == {
+        "pytorch": "model.pt2", "libtorch": "model.torchscript.pt", "finetune": "model.pt"}  # fmt: skip
     assert not [p for p in d.parent.iterdir() if p.name.startswith(".")]  # no temporary leftovers
     check = torch.load(d / "check.pt", weights_only=True)
     with torch.no_grad():
@@ -225,8 +227,8 @@ def test_channels_last_export_allows_reordered_rounding_of_large_outputs(tmp_pat
 
 
 def test_bad_requests(compressed: torch.nn.Module, tmp_path: Path) -> None:
-    with pytest.raises(SlimError, match="unknown format 'onnx'"):
-        export_model(compressed, HALF, tmp_path / "x", formats=("onnx",), example_input=SHAPE)
+    with pytest.raises(SlimError, match="unknown format 'tflite'"):
+        export_model(compressed, HALF, tmp_path / "x", formats=("tflite",), example_input=SHAPE)
     with pytest.raises(SlimError, match="unknown memory_format 'nhwc'; allowed: contiguous, channels_last"):
         export_model(compressed, HALF, tmp_path / "x", example_input=SHAPE, memory_format="nhwc")
     with pytest.raises(SlimError, match="not found"):

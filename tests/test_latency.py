@@ -101,7 +101,7 @@ def test_real_timing_table_is_consistent() -> None:
 
 def test_bad_table_settings() -> None:
     model = build_model("smallcnn", 10, 1)
-    with pytest.raises(SlimError, match="mode must be one of torchscript, eager"):
+    with pytest.raises(SlimError, match="mode must be one of torchscript, onnxruntime, eager"):
         LatencyTable(model, (1, 1, 8, 8), mode="onnx")
     with pytest.raises(SlimError, match="batch_size, threads, repeats >= 1"):
         LatencyTable(model, (1, 1, 8, 8), batch_size=0)

@@ -55,7 +55,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert s.workdir == tmp_path / "runs" / "t"
     assert [o.spec for o in s.objectives] == ["val_acc:max"] and not cfg.multi_objective
     assert cfg.space.prune_rate == (0.0, 0.8) and cfg.evaluator.kind == "proxy"
-    assert cfg.export.formats == ("torchscript",) and cfg.export_dir == tmp_path / "runs" / "t" / "export"
+    assert cfg.export.formats == ("pt2", "torchscript") and cfg.export_dir == tmp_path / "runs" / "t" / "export"
     assert not (tmp_path / "runs").exists()  # loading creates nothing
 
 
@@ -242,8 +242,8 @@ def test_delegated_sections_are_prefixed_with_the_file(tmp_path: Path) -> None:
     assert msg.startswith(str(p)) and "[space] prune_rate" in msg
     msg = err(write(tmp_path, '[evaluator]\nkind = "magic"\n'))
     assert "[evaluator] kind" in msg and "proxy" in msg
-    msg = err(write(tmp_path, '[export]\nformats = ["onnx"]\n'))
-    assert "[export] formats: unknown value 'onnx'; allowed: torchscript, torchscript-frozen, pt2, state" in msg
+    msg = err(write(tmp_path, '[export]\nformats = ["tflite"]\n'))
+    assert "[export] formats: unknown value 'tflite'; allowed: pt2, onnx, torchscript, torchscript-frozen, state" in msg
     msg = err(write(tmp_path, '[export]\nmemory_format = "nhwc"\n'))
     assert "[export] memory_format: unknown value 'nhwc'; allowed: contiguous, channels_last, auto" in msg
 
