@@ -527,6 +527,7 @@ def test_val_from_test_takes_val_out_of_test_and_keeps_all_train() -> None:
     clean = load_splits("digits", None, 100, seed=0, val_from="test")
     assert len(clean.train) == len(plain.train) + len(plain.val)  # every training image stays for fine-tuning
     assert (len(clean.val), len(clean.test)) == (100, len(plain.test) - 100)
+
     def rows(*xs: torch.Tensor) -> list[tuple[int, ...]]:
         return sorted(map(tuple, torch.cat(xs).flatten(1).tolist()))
 
