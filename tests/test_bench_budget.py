@@ -121,3 +121,32 @@ def test_bench_budget_tiny_runs_and_resumes(tmp_path: Path) -> None:
     r2 = subprocess.run(cmd, capture_output=True, text=True)
     assert r2.returncode == 0 and r2.stdout.count("done (resumed)") == 10
     assert (cell / "slimsearch-s0.json").read_text() == before
+
+
+def test_tp_progressive_stops_at_the_budget_and_keeps_unprunable_layers() -> None:
+    import torch
+    from slimsearch.core.cost import count_cost
+    from slimsearch.core.errors import SlimError
+    from slimsearch.core.models import build_model
+    from slimsearch.core.tp_prune import tp_prune_progressive, unprunable_modules
+
+    shape = (1, 3, 32, 32)
+    torch.manual_seed(0)
+    base = build_model("resnet20").eval()
+    full = count_cost(base, shape).macs
+
+    def macs(m: torch.nn.Module) -> float:
+        return float(count_cost(m, shape).macs)
+
+    pruned, steps = tp_prune_progressive(base, "tp_global", 0.6 * full, shape, macs, steps=100)
+    m = macs(pruned)
+    assert m <= 0.6 * full and L.within(m, 0.6 * full, 0.03) and 0 < steps < 100
+    # a looser budget stops earlier, with more MACs
+    loose, fewer = tp_prune_progressive(base, "tp_global", 0.8 * full, shape, macs, steps=100)
+    assert fewer < steps and m < macs(loose) <= 0.8 * full
+    kept = {id(x) for x in unprunable_modules(base, shape)}
+    names = [n for n, x in base.named_modules() if id(x) in kept and isinstance(x, torch.nn.Conv2d)]
+    mods = dict(pruned.named_modules())
+    assert all(mods[n].out_channels == dict(base.named_modules())[n].out_channels for n in names)
+    with pytest.raises(SlimError, match="not reached in 3 steps"):
+        tp_prune_progressive(base, "tp_global", 0.1 * full, shape, macs, steps=3)

@@ -384,3 +384,27 @@ def test_export_final_finetune_of_the_baseline_is_not_below_the_plain_finetune()
     res = final_finetune(export_way, s.train, s.val, cfg, teacher=base)
     assert evaluate(export_way, s.test) >= evaluate(plain, s.test)
     assert res.val_acc >= max(res.val_accs["start"], res.val_accs["ft"])
+
+
+@pytest.mark.slow
+def test_export_final_finetune_of_public_resnet20_is_not_below_the_plain_finetune() -> None:
+    """The same on the issue's setting: the public ResNet-20 checkpoint, JPEG CIFAR-10 (small real split: 3000
+    train images, val 500 test images, reported on 2000 others), KD on as in the ResNet study files."""
+    import copy
+
+    from slimsearch.core.data import load_splits, split_train_val
+    from slimsearch.core.models import build_model, load_checkpoint
+
+    from tests.conftest import shared_path
+
+    archive, ckpt = shared_path("data", "cifar10-jpeg.tar.gz"), shared_path("models", "resnet20-12fca82f.th")
+    full = load_splits("cifar10", archive, 500, seed=0, val_from="test")
+    train = split_train_val(full.train, 3000, seed=1)[1]
+    test = split_train_val(full.test, 2000, seed=2)[1]
+    base = load_checkpoint(build_model("resnet20"), ckpt).eval()
+    cfg = FinetuneConfig(epochs=1, batch_size=128, lr=0.01, seed=0)
+    plain = copy.deepcopy(base)
+    finetune(plain, train, cfg)
+    export_way = copy.deepcopy(base)
+    res = final_finetune(export_way, train, full.val, cfg, teacher=base)
+    assert evaluate(export_way, test) >= evaluate(plain, test), res.val_accs
