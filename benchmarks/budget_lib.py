@@ -30,8 +30,9 @@ def protocol_problem(repo: Path, rel: str) -> str | None:
 
 
 def protocol_sha(repo: Path, rel: str) -> str:
-    """The commit that last changed the protocol file (what a result was governed by)."""
-    return _git(repo, "log", "-1", "--format=%H", "--", rel).stdout.strip()
+    """Git's blob id of the committed protocol file: names its exact content, and survives rebases and merges
+    (``git log --find-object=<sha>`` finds the commits that hold it)."""
+    return _git(repo, "rev-parse", f"HEAD:{rel}").stdout.strip()
 
 
 def load_protocol(path: Path) -> dict[str, Any]:
