@@ -326,7 +326,7 @@ def run_row(c: Cell, name: str, done: dict[str, dict[str, Any]]) -> dict[str, An
     return {"method": name, "cost_steps": 0.0} | info | finish(c, model)
 
 
-def write_json(path: Path, obj: dict[str, Any]) -> None:
+def write_json(path: Path, obj: dict[str, Any] | list[dict[str, Any]]) -> None:
     """Atomically: a killed run never leaves a half-written row (which would be skipped as done)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -349,9 +349,8 @@ def write_summary(out: Path, n_boot: int) -> list[dict[str, Any]]:
                 continue
             m = json.loads(meta.read_text())
             version = max(version, int(m["version"]))
-            summary.append(L.summarize_cell(m["model"], m["budget"], m["epochs"], m["protocol_sha"], rows, n_boot)
-                           | {"protocol_version": m["version"], "finished_rows": sorted(rows)})  # fmt: skip
-    write_json(out / "summary.json", {"cells": summary})
+            summary.append(L.summarize_cell(m["model"], m["budget"], m["epochs"], m["protocol_sha"], rows, n_boot))
+    write_json(out / "summary.json", [L.schema_only(c) for c in summary])
     (out / "summary.md").write_text(L.summary_markdown(summary, version) + "\n")
     return summary
 

@@ -113,6 +113,8 @@ def paired_bootstrap(
     return {"mean": float(a.mean() - b.mean()), "ci_low": float(lo), "ci_high": float(hi)}
 
 
+CELL_KEYS = ("model", "budget", "epochs", "protocol_sha", "rows", "lead_vs_best_baseline", "lead_vs_equal_compute",
+             "search_cost_ratio", "gap_to_baseline_ft")  # fmt: skip
 LEAD = "slimsearch"
 EQUAL_COMPUTE = "tp_global_eqc"
 REFERENCES = ("baseline", "baseline+ft")
@@ -163,7 +165,17 @@ def summarize_cell(
         "gap_to_baseline_ft": float(np.mean([r["test_acc"] for r in lead_rows]) - ft[0]["test_acc"])
         if lead_rows and ft
         else None,
+        # beyond issue 22's schema (summary.md only; summary.json keeps CELL_KEYS)
+        "search_cpu_s": float(np.mean([r["search_cpu_s"] + r["rerank_cpu_s"] for r in lead_rows]))
+        if lead_rows
+        else None,
+        "finished_rows": sorted(rows),
     }
+
+
+def schema_only(cell: dict[str, Any]) -> dict[str, Any]:
+    """A summarize_cell object with exactly issue 22's keys."""
+    return {k: cell[k] for k in CELL_KEYS}
 
 
 def _pt(x: float | None) -> str:
@@ -187,7 +199,10 @@ def summary_markdown(summary: list[dict[str, Any]], version: int) -> str:
                 f"{_pt(v['mean'])} pt (95 % CI {_pt(v['ci_low'])} .. {_pt(v['ci_high'])})")  # fmt: skip
             lines.append(f"- slimsearch {label}: {txt}")
         ratio = c["search_cost_ratio"]
-        lines.append(f"- search cost / final fine-tune: {'-' if ratio is None else f'{ratio:.2f}'}; "
+        cpu = c.get("search_cpu_s")
+        lines.append(f"- search cost / final fine-tune: {'-' if ratio is None else f'{ratio:.2f}'} (search + rerank "
+                     f"{'-' if cpu is None else f'{cpu:.0f}'} CPU s per seed); "
                      f"gap to baseline+ft: {_pt(c['gap_to_baseline_ft'])} pt")  # fmt: skip
+        lines.append(f"- finished rows: {', '.join(c.get('finished_rows', []))}")
         lines.append("")
     return "\n".join(lines)

@@ -71,8 +71,8 @@ def test_summarize_cell_schema_and_numbers() -> None:
     ft, tpg, l1 = rng.random(n) < 0.9, rng.random(n) < 0.8, rng.random(n) < 0.7
     s0, s1 = rng.random(n) < 0.82, rng.random(n) < 0.84
     rows = {"baseline+ft": _row("baseline+ft", ft), "tp_global": _row("tp_global", tpg), "tp_l1": _row("tp_l1", l1),
-            "slimsearch-s0": _row("slimsearch", s0, seed=0, cost_steps=60.0),
-            "slimsearch-s1": _row("slimsearch", s1, seed=1, cost_steps=40.0),
+            "slimsearch-s0": _row("slimsearch", s0, seed=0, cost_steps=60.0, search_cpu_s=10.0, rerank_cpu_s=2.0),
+            "slimsearch-s1": _row("slimsearch", s1, seed=1, cost_steps=40.0, search_cpu_s=8.0, rerank_cpu_s=4.0),
             "tp_global_eqc": _row("tp_global_eqc", tpg, cost_steps=50.0)}  # fmt: skip
     c = L.summarize_cell("resnet20", 0.5, 5.0, "abc", rows, n_boot=200)
     keys = {"model", "budget", "epochs", "protocol_sha", "rows", "lead_vs_best_baseline", "lead_vs_equal_compute",
@@ -85,8 +85,9 @@ def test_summarize_cell_schema_and_numbers() -> None:
     assert c["lead_vs_best_baseline"]["mean"] == pytest.approx(lead["test_acc"] - tpg.mean())
     assert c["search_cost_ratio"] == pytest.approx(0.5)  # mean 50 steps / 100 final steps
     assert c["gap_to_baseline_ft"] == pytest.approx(lead["test_acc"] - ft.mean())
+    assert tuple(L.schema_only(c)) == L.CELL_KEYS
     md = L.summary_markdown([c], 1)
-    assert "vs best baseline (tp_global)" in md and "| slimsearch |" in md
+    assert "vs best baseline (tp_global)" in md and "| slimsearch |" in md and "12 CPU s per seed" in md
 
 
 def test_bench_budget_refuses_a_modified_protocol(tmp_path: Path) -> None:
@@ -115,8 +116,8 @@ def test_bench_budget_tiny_runs_and_resumes(tmp_path: Path) -> None:
     s0 = json.loads((cell / "slimsearch-s0.json").read_text())
     eqc = json.loads((cell / "tp_global_eqc.json").read_text())
     assert s0["cost_steps"] > 0 and eqc["final_steps"] > tp["final_steps"]
-    summary = json.loads((out / "summary.json").read_text())["cells"]
-    assert len(summary) == 1 and summary[0]["lead_vs_equal_compute"] is not None
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary) == 1 and tuple(summary[0]) == L.CELL_KEYS and summary[0]["lead_vs_equal_compute"] is not None
     before = (cell / "slimsearch-s0.json").read_text()
     r2 = subprocess.run(cmd, capture_output=True, text=True)
     assert r2.returncode == 0 and r2.stdout.count("done (resumed)") == 10
