@@ -238,7 +238,9 @@ def row_slimsearch(c: Cell, seed: int) -> dict[str, Any]:
     from slimsearch.evaluators.context import build_context
     from slimsearch.search.context import StudyContext
     from slimsearch.search.export import top_trials
-    from slimsearch.search.runner import open_storage, prepare_study, trial_line, trial_loop
+    from slimsearch.search.optuna_study import record_from_trial
+    from slimsearch.search.records import trial_line
+    from slimsearch.search.runner import open_storage, prepare_study, trial_loop
     from slimsearch.spaces.space import SearchSpace
 
     s = c.proto["search"]
@@ -253,7 +255,7 @@ def row_slimsearch(c: Cell, seed: int) -> dict[str, Any]:
         sha = hashlib.sha256(b"".join(v.detach().cpu().numpy().tobytes() for v in c.base.state_dict().values()))
         sctx = StudyContext(cfg, c.base, splits, SHAPE, ectx, space, ckpt, sha.hexdigest()[:16])
         study = prepare_study(cfg, sctx, open_storage(cfg), log=lambda x: c.log(f"    {x}"))
-        trial_loop(study, sctx, cfg, on_trial=lambda ft: c.log(f"    {trial_line(ft)}"))
+        trial_loop(study, sctx, cfg, on_trial=lambda ft: c.log(f"    {trial_line(record_from_trial(ft))}"))
         trials = study.get_trials(deepcopy=False)
         ev = cfg.evaluator
         scored = [tr for tr in trials if tr.user_attrs.get("val_acc") is not None and not tr.user_attrs.get("cached")]
