@@ -261,7 +261,8 @@ def row_slimsearch(c: Cell, seed: int) -> dict[str, Any]:
         scored = [tr for tr in trials if tr.user_attrs.get("val_acc") is not None and not tr.user_attrs.get("cached")]
         search_steps = L.cost_steps(len(scored) * ev.steps,
                                     len(scored) * (ev.bn_batches * ev.batch_size + len(c.search_val)), c.batch_size)  # fmt: skip
-        ranked = top_trials(trials, int(s["rerank"]))
+        by_number = {tr.number: tr for tr in trials}
+        ranked = [by_number[r.number] for r in top_trials([record_from_trial(tr) for tr in trials], int(s["rerank"]))]
     search_s, search_cpu = time.perf_counter() - t, time.process_time() - cpu
     t, cpu = time.perf_counter(), time.process_time()
     rer, rerank_steps = [], 0.0
