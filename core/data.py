@@ -799,6 +799,9 @@ def load_splits(
     val_size: int | float = 0.1,
     seed: int = 0,
     image_size: tuple[int, int] | None = None,
+    *,
+    val_from: str = "train",
+    val_root: str | Path | None = None,
 ) -> DataSplits:
     """Train/val/test for a study. val comes out of the train set (by ``seed``); search scores on val only.
 
@@ -806,7 +809,7 @@ def load_splits(
     imagefolder: ``root`` is a pickle folder, an image folder (train/ with any of val/ and test/, or class
     folders only: no test) or an archive of one; an explicit val/ folder is the val split (``val_size`` is
     then unused). CIFAR uses ImageNet mean/std (what the pretrained checkpoints expect); other image folders
-    use their train set's per-channel statistics. ``image_size`` = (H, W): image folders resized on decode.
+    use their train set's per-channel statistics. ``image_size`` = (H, W): image folders resized on decode. ``val_from`` / ``val_root``: see ``carve_val`` (without a val/ folder).
     """
     if dataset not in DATASETS:
         raise SlimError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
@@ -830,10 +833,50 @@ def load_splits(
                 test = dataclasses.replace(test, mean=IMAGENET_MEAN, std=IMAGENET_STD, name=dataset)
             if val is not None:
                 val = dataclasses.replace(val, mean=IMAGENET_MEAN, std=IMAGENET_STD, name=dataset)
-    if val is None:
-        train, val = split_train_val(train, val_size, seed)
-    else:
-        val = interleave_classes(val, seed)
+    if val is not None:
+        return DataSplits(train, interleave_classes(val, seed), test)
+    return carve_val(train, test, val_size, seed, val_from=val_from, val_root=val_root)
+
+
+VAL_SOURCES = ("train", "test")
+
+
+def carve_val(
+    train: Dataset,
+    test: Dataset | None,
+    val_size: int | float,
+    seed: int = 0,
+    *,
+    val_from: str = "train",
+    val_root: str | Path | None = None,
+) -> DataSplits:
+    """Where the search's val images come from: ``val_root`` (a folder / archive of class folders, all of it),
+    else ``val_size`` images of ``val_from``: "train" (the default; held out of fine-tuning) or "test" (test
+    keeps only the rest, so reported accuracy never counts an image the search chose on).
+
+    Why: a user's checkpoint was usually trained on all of its training images, so val carved out of them
+    is training data for the unpruned network, and choosing compressions on it favours memorisation.
+    """
+    if val_from not in VAL_SOURCES:
+        raise SlimError(f"val_from must be one of {', '.join(VAL_SOURCES)}, got {val_from!r}")
+    if val_root is not None:
+        extra, more = load_train_test(val_root)
+        if more is not None:
+            raise SlimError(f"val_root {val_root}: expected one folder of class folders, found train/ and test/")
+        if extra.classes != train.classes:
+            raise SlimError(f"val_root {val_root}: class folders {list(extra.classes)} differ from the "
+                            f"training data's {list(train.classes)}")  # fmt: skip
+        if extra.x.shape[1:] != train.x.shape[1:]:
+            raise SlimError(f"val_root {val_root}: images are {tuple(extra.x.shape[1:])}, training images "
+                            f"{tuple(train.x.shape[1:])}")  # fmt: skip
+        val = dataclasses.replace(extra, mean=train.mean, std=train.std, name=train.name, flip=train.flip)
+        return DataSplits(train, val, test)
+    if val_from == "test":
+        if test is None:
+            raise SlimError("val_from = 'test' needs a test split, and this dataset has none")
+        rest, val = split_train_val(test, val_size, seed)
+        return DataSplits(train, val, rest)
+    train, val = split_train_val(train, val_size, seed)
     return DataSplits(train, val, test)
 
 

@@ -8,14 +8,14 @@ stage to channel c of the next), so the convs core.graph prunes through a channe
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from slimsearch.core.errors import SlimError
 from slimsearch.core.graph import model_graph
 from torch import nn
 
-__all__ = ["kept_filters", "pruned_rates", "tp_prune", "unprunable_modules"]
+__all__ = ["kept_filters", "pruned_rates", "tp_prune", "tp_prune_progressive", "unprunable_modules"]
 
 
 def unprunable_modules(model: nn.Module, shape: Sequence[int]) -> list[nn.Module]:
@@ -80,6 +80,47 @@ def tp_prune(
         raise RuntimeError(f"Torch-Pruning {kind} at {ratio}: ignored convs changed ({len(changed)}) or output "
                            f"{got} != {out_shape}")  # fmt: skip
     return m
+
+
+def tp_prune_progressive(
+    model: nn.Module,
+    kind: str,
+    max_macs: float,
+    shape: Sequence[int],
+    macs_of: Callable[[nn.Module], float],
+    steps: int = 400,
+    max_ratio: float = 0.9,
+) -> tuple[nn.Module, int]:
+    """Torch-Pruning's CIFAR recipe (its benchmarks' ``progressive_pruning``): ``MetaPruner`` with
+    ``pruning_ratio=1.0`` spread over ``steps`` iterative steps, ``pruner.step()`` until ``macs_of(model)`` is
+    within ``max_macs``; importance re-scored on the shrunk network at every step. Returns the pruned copy (eval
+    mode) and the steps taken; a bound not reached within ``steps`` is a ``SlimError``."""
+    import torch_pruning as tp
+
+    if kind not in ("tp_l1", "tp_global"):
+        raise SlimError(f"unknown Torch-Pruning baseline {kind!r}; allowed: tp_l1, tp_global")
+    m = copy.deepcopy(model).eval()
+    ignored = unprunable_modules(m, shape)
+    x = torch.zeros(tuple(shape), device=next(m.parameters()).device)
+    if kind == "tp_l1":
+        imp, glob = tp.importance.MagnitudeImportance(p=1, group_reduction="first", normalizer=None), False
+    else:
+        imp, glob = tp.importance.GroupMagnitudeImportance(p=2), True
+    grads = [p.requires_grad for p in m.parameters()]
+    for p in m.parameters():
+        p.requires_grad_(True)  # TP traces grad_fn
+    taken = 0
+    with torch.enable_grad():
+        pruner = tp.pruner.MetaPruner(m, x, importance=imp, pruning_ratio=1.0, global_pruning=glob,
+                                      iterative_steps=steps, ignored_layers=ignored, max_pruning_ratio=max_ratio)  # fmt: skip
+        while macs_of(m) > max_macs:
+            if taken >= steps:
+                raise SlimError(f"Torch-Pruning {kind}: {max_macs:,.0f} MACs not reached in {steps} steps")
+            pruner.step()
+            taken += 1
+    for p, g in zip(m.parameters(), grads, strict=True):
+        p.requires_grad_(g)
+    return m.eval(), taken
 
 
 def kept_filters(model: nn.Module) -> dict[str, int]:

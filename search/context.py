@@ -129,7 +129,8 @@ def load_data(cfg: StudyConfig) -> DataSplits:
     if d.factory is not None:
         return load_factory_data(cfg)
     try:
-        return load_splits(d.dataset, d.root, d.val_size, d.seed, image_size=d.image_size)
+        return load_splits(d.dataset, d.root, d.val_size, d.seed, image_size=d.image_size, val_from=d.val_from,
+                           val_root=d.val_root)  # fmt: skip
     except SlimError as e:
         raise SlimError(f"{cfg.path}: [data]: {e}") from None
 

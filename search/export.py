@@ -275,22 +275,22 @@ def finalize(
     sctx: StudyContext, cfg: StudyConfig, policy: Policy, epochs: float, log: Log
 ) -> tuple[torch.nn.Module, dict]:
     """Trial's model as the evaluator scored it (val accuracy ``rebuilt_val_acc``), then the optional final
-    fine-tune with fresh BN statistics; ``val_acc`` after it. Trained on the study's device; returned on the
-    CPU, where the export's latency is measured."""
+    fine-tune (never worse on val, ``core.train.final_finetune``); ``val_acc`` after it. Trained on the study's
+    device; returned on the CPU, where the export's latency is measured."""
+    from slimsearch.core.train import FinetuneConfig, evaluate, final_finetune
+
     model = rebuild_candidate(sctx, cfg, policy)
     metrics: dict[str, Any] = {"rebuilt_val_acc": evaluate(model, sctx.splits.val)}
     if epochs > 0:
         e = cfg.export
         log(f"fine-tuning for {epochs:g} epochs (lr {e.finetune_lr}, batch {e.finetune_batch_size}"
-            f"{', KD from the baseline' if e.kd else ''})")  # fmt: skip
+            f"{', and again with KD from the baseline' if e.kd else ''}; val keeps the best)")  # fmt: skip
         fcfg = FinetuneConfig(epochs=epochs, lr=e.finetune_lr, batch_size=e.finetune_batch_size, seed=cfg.study.seed,
                               amp=cfg.evaluator.amp)  # fmt: skip
-        res = finetune(model, sctx.splits.train, fcfg, teacher=sctx.eval_ctx.teacher() if e.kd else None,
-                       log=log, log_every=200)  # fmt: skip
-        # Fresh BN statistics for the final weights (the running averages lag a short fine-tune).
-        recalibrate_bn(model, sctx.splits.train, num_batches=20, batch_size=e.finetune_batch_size, seed=cfg.study.seed)
-        model.eval()
-        metrics.update(finetune_epochs=epochs, finetune_steps=res.steps, finetune_final_loss=res.final_loss)
+        # Never worse on val than the candidate itself: trained or recalibrated BN statistics, KD or not (core.train).
+        res = final_finetune(model, sctx.splits.train, sctx.splits.val, fcfg,
+                             teacher=sctx.eval_ctx.teacher() if e.kd else None, log=log)  # fmt: skip
+        metrics.update(finetune_epochs=epochs, finetune_steps=res.steps, finetune_choice=res.choice)
     metrics["val_acc"] = evaluate(model, sctx.splits.val) if epochs > 0 else metrics["rebuilt_val_acc"]
     return model.cpu(), metrics
 

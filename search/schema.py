@@ -198,6 +198,15 @@ DATA_KEYS: tuple[Key, ...] = (
     ),
     Key("seed", "int", 0, "seed of the train/val split", lo=0, hi=SEED_MAX),
     Key(
+        "val_from",
+        "choice",
+        "train",
+        "`train` (val held out of the training images) or `test` (val taken from the test split, test reports "
+        "only the rest: images the checkpoint never trained on; README, Clean selection data)",
+        choices=("train", "test"),
+    ),
+    Key("val_root", "path", None, "a folder or archive of held-out class folders: all of it is val"),
+    Key(
         "image_size",
         "floats",
         None,

@@ -50,6 +50,7 @@ SECTIONS = tuple(SECTION_KEYS)
 # core.device's names (a test checks they agree); a regex here, so that reading a study file does not import torch.
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda)$|^cuda:(\d+)$")
 DEVICE_HELP = "auto, cpu, cuda or cuda:N"
+VAL_SOURCES = ("train", "test")  # = core.data.VAL_SOURCES (tests/test_data.py checks it), same reason
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -115,6 +116,10 @@ class DataSection:
     splits: Any = field(default=None, compare=False, repr=False)
     image_size: tuple[int, int] | None = None  # (H, W): image folders resized on first decode
     factory: str | None = None  # "pkg.module:fn" returning the splits (core.user_data); replaces dataset
+    # Where val comes from (core.data.carve_val): "train" (held out of fine-tuning) or "test" (the rest of test is
+    # reported); val_root: a folder/archive of held-out images instead. Clean selection data: see README.
+    val_from: str = "train"
+    val_root: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -324,6 +329,8 @@ def _data(data: Any, file: Path, splits: Any = None) -> DataSection:
     sec = DataSection(**v)
     if sec.factory is None and sec.dataset not in ("digits", "synthetic") and sec.root is None and splits is None:
         fail(where, "root", f"is required for dataset {sec.dataset!r} (a folder or archive)")
+    if sec.val_root is not None and not sec.val_root.exists():
+        fail(where, "val_root", f"{sec.val_root} does not exist")
     if sec.root is not None and not sec.root.exists():
         fail(where, "root", f"{sec.root} does not exist")
     return sec if splits is None else replace(sec, dataset="<in-memory>", splits=splits)

@@ -517,3 +517,48 @@ def test_digits_fast_path_equals_sklearn_loader(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(D.importlib.util, "find_spec", lambda name: None)  # force sklearn's own load_digits
     slow = load_digits_dataset()
     assert torch.equal(fast.x, slow.x) and torch.equal(fast.y, slow.y) and fast.mean == slow.mean
+
+
+# ----------------------------------------------------------------------------- clean selection data (issue 22)
+
+
+def test_val_from_test_takes_val_out_of_test_and_keeps_all_train() -> None:
+    plain = load_splits("digits", None, 100, seed=0)
+    clean = load_splits("digits", None, 100, seed=0, val_from="test")
+    assert len(clean.train) == len(plain.train) + len(plain.val)  # every training image stays for fine-tuning
+    assert (len(clean.val), len(clean.test)) == (100, len(plain.test) - 100)
+
+    def rows(*xs: torch.Tensor) -> list[tuple[int, ...]]:
+        return sorted(map(tuple, torch.cat(xs).flatten(1).tolist()))
+
+    # val + the reported test images = exactly the test split; train = exactly every training image
+    assert rows(clean.val.x, clean.test.x) == rows(plain.test.x)
+    assert rows(clean.train.x) == rows(plain.train.x, plain.val.x)
+    assert torch.bincount(clean.val.y, minlength=10).min() >= 9  # stratified
+
+
+def test_val_root_is_the_val_set_with_train_normalisation(tmp_path: Path) -> None:
+    _image_folder(tmp_path / "set" / "train", seed=0)
+    _image_folder(tmp_path / "set" / "test", seed=50)
+    held = _image_folder(tmp_path / "held", seed=90)
+    s = load_splits("imagefolder", str(tmp_path / "set"), 2, seed=0, val_root=tmp_path / "held")
+    assert (len(s.train), len(s.val), len(s.test)) == (6, 6, 6)  # val_size is ignored: all of val_root
+    assert np.array_equal(_pixels(s.val, 0), held["ant"][0]) and s.val.mean == s.train.mean
+
+
+def test_val_source_errors(tmp_path: Path) -> None:
+    with pytest.raises(SlimError, match="val_from must be one of train, test"):
+        load_splits("digits", None, 10, val_from="holdout")
+    _image_folder(tmp_path / "only")
+    with pytest.raises(SlimError, match="needs a test split"):
+        load_splits("imagefolder", str(tmp_path / "only"), 2, val_from="test")
+    (tmp_path / "other" / "cat").mkdir(parents=True)
+    _save(tmp_path / "other" / "cat" / "a.png", _rgb(1))
+    with pytest.raises(SlimError, match="class folders"):
+        load_splits("imagefolder", str(tmp_path / "only"), 2, val_root=tmp_path / "other")
+
+
+def test_study_val_sources_match_core() -> None:
+    from slimsearch.search.study import VAL_SOURCES
+
+    assert VAL_SOURCES == D.VAL_SOURCES

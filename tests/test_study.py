@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from slimsearch.core.errors import SlimError
 from slimsearch.search.study import load_study, mask_url, validate_storage_url
 
@@ -262,3 +263,24 @@ def test_shipped_studies_load(name: str, monkeypatch: pytest.MonkeyPatch) -> Non
     assert cfg.study.n_trials >= 10 and cfg.study.storage.startswith("sqlite:///")
     if name != "quickstart":
         assert cfg.constraint.max_macs_ratio == 0.5 and cfg.data.dataset == "cifar10"
+
+
+def test_data_val_sources(tmp_path: Path) -> None:
+    assert load_study(write(tmp_path)).data.val_from == "train"
+    cfg = load_study(write(tmp_path, data='val_from = "test"\nval_size = 100'))
+    assert cfg.data.val_from == "test" and cfg.data.val_size == 100 and cfg.data.val_root is None
+    (tmp_path / "held").mkdir()
+    assert load_study(write(tmp_path, data='val_root = "held"')).data.val_root == tmp_path / "held"
+    msg = err(write(tmp_path, data='val_from = "holdout"'))
+    assert "[data] val_from: unknown value 'holdout'" in msg and "train, test" in msg
+    msg = err(write(tmp_path, data='val_root = "missing"'))
+    assert "[data] val_root" in msg and "does not exist" in msg
+
+
+def test_val_from_test_reaches_the_study_splits(tmp_path: Path) -> None:
+    from slimsearch.core.data import load_splits
+    from slimsearch.search.context import load_data
+
+    s = load_data(load_study(write(tmp_path, data='val_from = "test"\nval_size = 100')))
+    want = load_splits("digits", None, 100, 0, val_from="test")
+    assert torch.equal(s.val.x, want.val.x) and len(s.test) == len(want.test) and len(s.val) == 100

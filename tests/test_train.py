@@ -14,6 +14,7 @@ from slimsearch.core.train import (
     NonFiniteLoss,
     build_scheduler,
     evaluate,
+    final_finetune,
     finetune,
     kd_loss,
     recalibrate_bn,
@@ -326,3 +327,84 @@ def test_batches_cover_dataset_for_stats() -> None:
     ds = stripes(16)
     ys = torch.cat([y for _, y in batches(ds, 4, shuffle=True, seed=0)])
     assert torch.equal(ys, ds.y[torch.randperm(16, generator=torch.Generator().manual_seed(0))])
+
+
+# ---------------------------------------------------------------- final_finetune (issue 22)
+
+
+def test_final_finetune_keeps_the_best_val_variant_and_never_loses_val() -> None:
+    train, val = stripes(256, seed=1), stripes(128, seed=2)
+    model, teacher = tiny_cnn(0), tiny_cnn(1)  # an untrained teacher: KD can only hurt
+    cfg = FinetuneConfig(steps=30, batch_size=32, lr=0.05, seed=0)
+    res = final_finetune(model, train, val, cfg, teacher=teacher, bn_batches=4)
+    assert set(res.val_accs) == {"start", "ft", "ft+bn", "kd", "kd+bn"} and res.steps == 60
+    assert res.val_acc == max(res.val_accs.values()) >= res.val_accs["start"]
+    assert evaluate(model, val) == pytest.approx(res.val_acc)  # the model holds the kept variant
+    assert not model.training
+    plain = tiny_cnn(0)
+    finetune(plain, train, cfg)
+    assert res.val_accs["ft"] == pytest.approx(evaluate(plain, val))  # "ft" is exactly the plain fine-tune
+
+
+def test_final_finetune_keeps_the_start_when_training_hurts() -> None:
+    train, val = stripes(256, seed=1), stripes(128, seed=2)
+    model = tiny_cnn(0)
+    finetune(model, train, FinetuneConfig(steps=60, batch_size=32, lr=0.05, seed=0))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    wrong = Dataset(train.x, (train.y + 1) % 4, train.classes, train.mean, train.std)  # labels shifted: harmful
+    res = final_finetune(model, wrong, val, FinetuneConfig(steps=40, batch_size=32, lr=0.05, seed=0))
+    assert res.choice == "start"
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def _digits_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+    )  # fmt: skip
+
+
+def test_export_final_finetune_of_the_baseline_is_not_below_the_plain_finetune() -> None:
+    """Issue 22's regression: the unpruned baseline fine-tuned the export's way (KD on, as the ResNet study files
+    set it; BN and KD chosen on val) scores at least the plain fine-tune on the held-out test images (real
+    data: scikit-learn digits). The old recipe (KD, then unaugmented recalibration) is what this replaced."""
+    import copy
+
+    from slimsearch.core.data import load_splits
+
+    s = load_splits("digits", None, 150, seed=0, val_from="test")
+    base = _digits_net()
+    finetune(base, s.train, FinetuneConfig(epochs=2, batch_size=64, lr=0.05, seed=1))  # the user's checkpoint
+    cfg = FinetuneConfig(epochs=2, batch_size=64, lr=0.01, seed=0)
+    plain = copy.deepcopy(base)
+    finetune(plain, s.train, cfg)
+    export_way = copy.deepcopy(base)
+    res = final_finetune(export_way, s.train, s.val, cfg, teacher=base)
+    assert evaluate(export_way, s.test) >= evaluate(plain, s.test)
+    assert res.val_acc >= max(res.val_accs["start"], res.val_accs["ft"])
+
+
+@pytest.mark.slow
+def test_export_final_finetune_of_public_resnet20_is_not_below_the_plain_finetune() -> None:
+    """The same on the issue's setting: the public ResNet-20 checkpoint, JPEG CIFAR-10 (small real split: 3000
+    train images, val 500 test images, reported on 2000 others), KD on as in the ResNet study files."""
+    import copy
+
+    from slimsearch.core.data import load_splits, split_train_val
+    from slimsearch.core.models import build_model, load_checkpoint
+
+    from tests.conftest import shared_path
+
+    archive, ckpt = shared_path("data", "cifar10-jpeg.tar.gz"), shared_path("models", "resnet20-12fca82f.th")
+    full = load_splits("cifar10", archive, 500, seed=0, val_from="test")
+    train = split_train_val(full.train, 3000, seed=1)[1]
+    test = split_train_val(full.test, 2000, seed=2)[1]
+    base = load_checkpoint(build_model("resnet20"), ckpt).eval()
+    cfg = FinetuneConfig(epochs=1, batch_size=128, lr=0.01, seed=0)
+    plain = copy.deepcopy(base)
+    finetune(plain, train, cfg)
+    export_way = copy.deepcopy(base)
+    res = final_finetune(export_way, train, full.val, cfg, teacher=base)
+    assert evaluate(export_way, test) >= evaluate(plain, test), res.val_accs

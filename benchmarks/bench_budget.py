@@ -1,0 +1,432 @@
+"""Pre-registered comparison at real fine-tune budgets (issue 22): benchmarks/protocol.toml, cell by cell, row by row.
+
+Every setting comes from the protocol file, which must be committed and unchanged since HEAD (else exit 2), so no
+setting can be chosen after seeing a result. Results go to ``<out>/v<version>/<cell>/<row>.json``, one file per
+finished row: a rerun skips the rows already there, so a killed run resumes where it stopped. After every row,
+``<out>/summary.json`` (issue 22's schema, one object per cell, every protocol version's cells) and summary.md are
+regenerated from all row files.
+
+Data (protocol [data]): the public checkpoints were trained on all 50k training images, so the search, the rerank and
+every row's final-fine-tune choices use ``val_size`` images of the TEST split (``val_from = "test"``, core.data
+.carve_val); test accuracy is reported on the other test images only, per image, for the paired bootstrap.
+
+Rows (same final fine-tune for all: BN recalibrated on augmented batches, then core.train.final_finetune):
+baseline, baseline+ft, tp_global (Torch-Pruning's progressive CIFAR recipe, core.tp_prune.tp_prune_progressive),
+tp_l1 (uniform, ratio matched to the budget), fpgm (uniform, ours), tp_alloc_fpgm (tp_global's allocation, our FPGM
+filters), slimsearch-s<k> (one search per search seed; top-K rerank at a shorter fine-tune on the val images the
+search did not use; then the final fine-tune) and tp_global_eqc (tp_global, final fine-tune longer by the
+slimsearch rows' mean search + rerank cost in steps).
+
+  nice -n 19 python benchmarks/bench_budget.py --models resnet20 --budgets 0.5 --threads 1      # CPU, resumable
+  python benchmarks/bench_budget.py --device cuda --epochs 30                                    # protocol [gpu]
+  python benchmarks/bench_budget.py --tiny --out /tmp/tiny                                       # toy scale, seconds
+  python benchmarks/bench_budget.py --summary-only                                               # rebuild summary
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from slimsearch.core.apply import apply_policy  # noqa: E402
+from slimsearch.core.cost import count_cost  # noqa: E402
+from slimsearch.core.data import Dataset, DataSplits, carve_val, load_splits, load_synthetic, split_train_val  # noqa: E402
+from slimsearch.core.models import build_model, load_checkpoint  # noqa: E402
+from slimsearch.core.policy import Policy  # noqa: E402
+from slimsearch.core.tp_prune import tp_prune, tp_prune_progressive  # noqa: E402
+from slimsearch.core.train import FinetuneConfig, final_finetune, finetune, recalibrate_bn, total_steps  # noqa: E402
+
+from benchmarks import budget_lib as L  # noqa: E402
+from benchmarks.bench_compare import allocation_policy, uniform_policy  # noqa: E402
+from benchmarks.common import CHECKPOINTS, SHAPE, log, machine, run_script, shared_root  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+PROTOCOL = "benchmarks/protocol.toml"
+Log = Callable[[str], None]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--protocol", default=str(REPO / PROTOCOL))
+    p.add_argument("--models", default=None, help="only these models of the protocol (comma-separated)")
+    p.add_argument("--budgets", default=None, help="only these budgets of the protocol (comma-separated)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda (cuda: the protocol's [gpu] epochs and batch size)")
+    p.add_argument("--epochs", type=float, default=None, help="must equal the protocol's epochs for --device")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "budget"))
+    p.add_argument("--shared", default=shared_root())
+    p.add_argument("--tiny", action="store_true", help="toy scale (synthetic data, random ResNet-20, few steps)")
+    p.add_argument("--summary-only", action="store_true", help="only regenerate summary.json / summary.md")
+    return p.parse_args(argv)
+
+
+@dataclasses.dataclass
+class Cell:
+    """What every row of one (model, budget, epochs) cell shares."""
+
+    model: str
+    budget: float
+    epochs: float
+    base: nn.Module
+    splits: DataSplits  # train, val (all val images: final fine-tune choices), test (reported)
+    search_val: Dataset  # the search's val images
+    held: Dataset  # val images the search never saw (rerank)
+    base_macs: int
+    proto: dict[str, Any]
+    device: str
+    batch_size: int
+    tiny: bool
+    log: Log
+
+    @property
+    def target(self) -> float:
+        return self.budget * self.base_macs
+
+    def macs(self, m: nn.Module) -> float:
+        return float(count_cost(m, SHAPE).macs)
+
+
+# ----------------------------------------------------------------------------- data and models
+
+
+def load_data(proto: dict[str, Any], args: argparse.Namespace) -> DataSplits:
+    """The protocol's splits: val carved out of the test split (``val_from``), or a synthetic toy set (--tiny)."""
+    d = proto["data"]
+    if args.tiny:
+        full = load_synthetic(n=900, size=32, seed=0)
+        train, test = split_train_val(full, 300, seed=0)
+        return carve_val(train, test, 120, seed=0, val_from="test")
+    return load_splits("cifar10", Path(args.shared) / d["archive"], int(d["val_size"]), int(d["val_seed"]),
+                       val_from=d["val_from"])  # fmt: skip
+
+
+def load_base(model: str, proto: dict[str, Any], args: argparse.Namespace) -> nn.Module:
+    if args.tiny:
+        torch.manual_seed(0)
+        return build_model(model).eval()
+    path = Path(args.shared) / proto["models"][model].get("checkpoint", f"models/{CHECKPOINTS[model]}")
+    return load_checkpoint(build_model(model), path).eval()
+
+
+# ----------------------------------------------------------------------------- the final fine-tune (every row)
+
+
+def ft_config(c: Cell, extra_steps: int = 0) -> FinetuneConfig:
+    f = c.proto["finetune"]
+    if c.tiny:
+        return FinetuneConfig(steps=4 + extra_steps, batch_size=32, lr=f["lr"], seed=f["seed"])
+    if extra_steps:
+        steps = total_steps(FinetuneConfig(epochs=c.epochs, batch_size=c.batch_size), len(c.splits.train))
+        return FinetuneConfig(steps=steps + extra_steps, batch_size=c.batch_size, lr=f["lr"], seed=f["seed"])
+    return FinetuneConfig(epochs=c.epochs, batch_size=c.batch_size, lr=f["lr"], seed=f["seed"])
+
+
+def finish(c: Cell, model: nn.Module, extra_steps: int = 0) -> dict[str, Any]:
+    """The same final fine-tune for every row, then per-image test correctness (chosen on val only)."""
+    f = c.proto["finetune"]
+    t, cpu = time.perf_counter(), time.process_time()
+    model = model.to(c.device)
+    cfg = ft_config(c, extra_steps)
+    recalibrate_bn(model, c.splits.train, num_batches=f["bn_batches"], batch_size=cfg.batch_size, seed=cfg.seed,
+                   augment=True)  # fmt: skip
+    teacher = c.base.to(c.device) if f["kd"] else None
+    res = final_finetune(model, c.splits.train, c.splits.val, cfg, teacher=teacher, bn_batches=f["bn_batches"],
+                         log=lambda s: c.log(f"    {s}"), log_every=200)  # fmt: skip
+    correct = per_image(model, c.splits.test)
+    macs = c.macs(model)
+    return {"test_acc": float(correct.float().mean()), "n_test": len(correct), "test_correct": L.pack(correct.numpy()),
+            "macs": macs, "macs_ratio": macs / c.base_macs, "macs_within_tol": L.within(macs, c.target,
+            c.proto["baselines"]["macs_tolerance"]) if c.budget < 1 else True, "final_steps": res.steps,
+            "final_choice": res.choice, "final_val_accs": res.val_accs, "final_s": time.perf_counter() - t,
+            "final_cpu_s": time.process_time() - cpu}  # fmt: skip
+
+
+def per_image(model: nn.Module, ds: Dataset, batch_size: int = 512) -> torch.Tensor:
+    """Top-1 correctness of every image of ``ds`` (bool, in order)."""
+    from slimsearch.core.data import batches
+
+    dev = next(model.parameters()).device
+    out = []
+    with torch.no_grad():
+        model.eval()
+        for x, y in batches(ds, batch_size):
+            out.append(model(x.to(dev)).argmax(1).cpu() == y)
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------- rows
+
+
+def tp_global_model(c: Cell) -> tuple[nn.Module, int]:
+    b = c.proto["baselines"]
+    steps = 40 if c.tiny else int(b["tp_iterative_steps"])
+    return tp_prune_progressive(c.base, "tp_global", c.target, SHAPE, c.macs, steps=steps, max_ratio=b["tp_max_ratio"])
+
+
+def row_baseline(c: Cell, kind: str) -> dict[str, Any]:
+    b = c.proto["baselines"]
+    iters = 6 if c.tiny else int(b["bisect_iters"])
+    if kind == "tp_global":
+        model, steps = tp_global_model(c)
+        return {"setting": f"Torch-Pruning progressive global, {steps} of {b['tp_iterative_steps']} steps"}, model
+    if kind == "tp_alloc_fpgm":
+        pruned, _ = tp_global_model(c)
+        policy = allocation_policy(c.base, pruned, "fpgm")
+        model = apply_policy(c.base, policy, input_shape=SHAPE)
+        return {"setting": "tp_global's kept-filter counts, FPGM filters", "policy": policy.to_dict()}, model
+    if kind == "tp_l1":
+        r, _ = L.closest_setting(lambda x: c.macs(tp_prune(c.base, "tp_l1", x, SHAPE, max_ratio=b["tp_max_ratio"])),
+                                 c.target, 0.0, b["tp_max_ratio"], iters)  # fmt: skip
+        return {"setting": f"TP uniform L1, ratio {r:.4f}", "ratio": r}, tp_prune(
+            c.base, "tp_l1", r, SHAPE, max_ratio=b["tp_max_ratio"]
+        )
+    if kind == "fpgm":
+        r, _ = L.closest_setting(lambda x: c.macs(apply_policy(c.base, uniform_policy(c.base, x, "fpgm"),
+                                                               input_shape=SHAPE)), c.target, 0.0, 0.95, iters)  # fmt: skip
+        policy = uniform_policy(c.base, r, "fpgm")
+        return {"setting": f"uniform FPGM, rate {r:.4f}", "policy": policy.to_dict()}, apply_policy(
+            c.base, policy, input_shape=SHAPE
+        )
+    raise SystemExit(f"protocol [baselines] rows: unknown row {kind!r}")
+
+
+def study_config(c: Cell, work: Path, seed: int, ckpt: Path) -> Any:
+    """A StudyConfig from studies/<model>_cifar10.toml's [space] and the protocol's [search] (the data fields are
+    bookkeeping: the search runs on ``c.search_val``)."""
+    import tomllib
+    from slimsearch.search.study import study_from_dict
+
+    s = c.proto["search"]
+    study_file = REPO / "studies" / f"{c.model}_cifar10.toml"
+    toml = tomllib.loads(study_file.read_text())
+    n_trials = 3 if c.tiny else int(s["n_trials"])
+    raw: dict[str, Any] = {
+        "study": {"name": f"budget_{c.model}_{seed}", "storage": f"sqlite:///{work}/study.db", "workdir": str(work),
+                  "sampler": s["sampler"], "n_trials": n_trials,
+                  "n_startup_trials": min(int(s["n_startup_trials"]), n_trials), "seed": seed, "pruner": "none"},
+        "model": {"factory": c.model, "checkpoint": str(ckpt)},
+        "data": {"dataset": "synthetic"},
+        "constraint": {"max_macs": float(c.target), "fit": s["fit"]},
+        "space": toml["space"],
+        "seeds": {"strategies": list(s["seed_strategies"])} | {k: toml["seeds"][k] for k in ("uniform_rates",)
+                                                                 if k in toml.get("seeds", {})},
+        "evaluator": {"kind": "finetune", "steps": 2 if c.tiny else int(s["evaluator_steps"]),
+                      "batch_size": 32 if c.tiny else c.batch_size, "lr": float(s["evaluator_lr"]),
+                      "kd": bool(s["evaluator_kd"]), "bn_batches": int(s["bn_batches"]), "seed": 0},
+    }  # fmt: skip
+    return study_from_dict(raw, study_file)
+
+
+def row_slimsearch(c: Cell, seed: int) -> dict[str, Any]:
+    """One search (sampler seed ``seed``) + top-K rerank + the final fine-tune; its cost in steps and CPU seconds."""
+    from slimsearch.evaluators.cache import ResultCache
+    from slimsearch.evaluators.context import build_context
+    from slimsearch.search.context import StudyContext
+    from slimsearch.search.export import top_trials
+    from slimsearch.search.optuna_study import record_from_trial
+    from slimsearch.search.records import trial_line
+    from slimsearch.search.runner import open_storage, prepare_study, trial_loop
+    from slimsearch.spaces.space import SearchSpace
+
+    s = c.proto["search"]
+    t, cpu = time.perf_counter(), time.process_time()
+    with tempfile.TemporaryDirectory(prefix="budget-") as tmp:
+        ckpt = Path(tmp) / "base.th"
+        torch.save(c.base.state_dict(), ckpt)
+        cfg = study_config(c, Path(tmp) / "study", seed, ckpt)
+        splits = DataSplits(c.splits.train, c.search_val, None)
+        ectx = build_context(c.base, splits, SHAPE, max_macs=c.target, score_baseline=False, cache=ResultCache())
+        space = SearchSpace.build(c.base, cfg.space, SHAPE)
+        sha = hashlib.sha256(b"".join(v.detach().cpu().numpy().tobytes() for v in c.base.state_dict().values()))
+        sctx = StudyContext(cfg, c.base, splits, SHAPE, ectx, space, ckpt, sha.hexdigest()[:16])
+        study = prepare_study(cfg, sctx, open_storage(cfg), log=lambda x: c.log(f"    {x}"))
+        trial_loop(study, sctx, cfg, on_trial=lambda ft: c.log(f"    {trial_line(record_from_trial(ft))}"))
+        trials = study.get_trials(deepcopy=False)
+        ev = cfg.evaluator
+        scored = [tr for tr in trials if tr.user_attrs.get("val_acc") is not None and not tr.user_attrs.get("cached")]
+        search_steps = L.cost_steps(len(scored) * ev.steps,
+                                    len(scored) * (ev.bn_batches * ev.batch_size + len(c.search_val)), c.batch_size)  # fmt: skip
+        by_number = {tr.number: tr for tr in trials}
+        ranked = [by_number[r.number] for r in top_trials([record_from_trial(tr) for tr in trials], int(s["rerank"]))]
+    search_s, search_cpu = time.perf_counter() - t, time.process_time() - cpu
+    t, cpu = time.perf_counter(), time.process_time()
+    rer, rerank_steps = [], 0.0
+    f = c.proto["finetune"]
+    final_steps = total_steps(ft_config(c), len(c.splits.train))
+    r_steps = 2 if c.tiny else max(1, round(float(s["rerank_fraction"]) * final_steps))
+    for tr in ranked if len(ranked) > 1 else []:
+        policy = Policy.from_json(tr.user_attrs["policy"])
+        m = apply_policy(c.base, policy, input_shape=SHAPE).to(c.device)
+        recalibrate_bn(m, c.splits.train, num_batches=f["bn_batches"], batch_size=c.batch_size, augment=True)
+        finetune(m, c.splits.train, FinetuneConfig(steps=r_steps, batch_size=c.batch_size, lr=f["lr"], seed=f["seed"]))
+        acc = float(per_image(m, c.held).float().mean())
+        rerank_steps += L.cost_steps(r_steps, f["bn_batches"] * c.batch_size + len(c.held), c.batch_size)
+        rer.append({"trial": tr.number, "search_val_acc": tr.user_attrs.get("val_acc"), "held_out_val_acc": acc})
+        c.log(f"    rerank trial {tr.number}: held-out val {100 * acc:.2f} %")
+    pick = max(range(len(rer)), key=lambda i: (rer[i]["held_out_val_acc"], -i)) if rer else 0
+    chosen = ranked[pick]
+    rerank_s, rerank_cpu = time.perf_counter() - t, time.process_time() - cpu
+    policy = Policy.from_json(chosen.user_attrs["policy"])
+    row = {"setting": f"{len(trials)} trials {s['sampler']}, finetune:{ev.steps}, rerank {len(rer)} x {r_steps} steps",
+           "seed": seed, "policy": policy.to_dict(), "best_trial": chosen.number, "rerank": rer,
+           "search_steps": search_steps, "rerank_steps": rerank_steps, "cost_steps": search_steps + rerank_steps,
+           "search_s": search_s, "search_cpu_s": search_cpu, "rerank_s": rerank_s, "rerank_cpu_s": rerank_cpu,
+           "n_trials": len(trials), "evaluated_trials": len(scored)}  # fmt: skip
+    return row | finish(c, apply_policy(c.base, policy, input_shape=SHAPE))
+
+
+def row_equal_compute(c: Cell, done: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """tp_global with the slimsearch rows' mean search + rerank cost added to its final fine-tune (None until every
+    search seed's row is finished)."""
+    seeds = c.proto["models"][c.model]["search_seeds"]
+    lead = [done.get(f"slimsearch-s{s}") for s in seeds]
+    if any(r is None for r in lead):
+        return None
+    extra = round(sum(r["cost_steps"] for r in lead) / len(lead))  # type: ignore[index]
+    model, steps = tp_global_model(c)
+    return {"setting": f"tp_global + {extra} extra fine-tune steps (slimsearch's mean search + rerank cost)",
+            "cost_steps": float(extra)} | finish(c, model, extra_steps=extra)  # fmt: skip
+
+
+def plan(c: Cell) -> list[str]:
+    """Row names of a cell in run order (the equal-compute row last: it needs the searches' cost)."""
+    seeds = c.proto["models"][c.model]["search_seeds"]
+    return ["baseline", "baseline+ft", *c.proto["baselines"]["rows"], *[f"slimsearch-s{s}" for s in seeds],
+            L.EQUAL_COMPUTE]  # fmt: skip
+
+
+def run_row(c: Cell, name: str, done: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    if name == "baseline":
+        correct = per_image(c.base.to(c.device), c.splits.test)
+        return {"method": "baseline", "setting": "checkpoint as loaded", "test_acc": float(correct.float().mean()),
+                "n_test": len(correct), "test_correct": L.pack(correct.numpy()), "macs": c.base_macs,
+                "macs_ratio": 1.0, "cost_steps": 0.0}  # fmt: skip
+    if name == "baseline+ft":
+        return {"method": name, "setting": "checkpoint + the final fine-tune", "cost_steps": 0.0} | finish(
+            c, copy.deepcopy(c.base)
+        )
+    if name.startswith("slimsearch-s"):
+        return {"method": L.LEAD} | row_slimsearch(c, int(name.removeprefix("slimsearch-s")))
+    if name == L.EQUAL_COMPUTE:
+        r = row_equal_compute(c, done)
+        return None if r is None else {"method": name} | r
+    info, model = row_baseline(c, name)
+    return {"method": name, "cost_steps": 0.0} | info | finish(c, model)
+
+
+def write_json(path: Path, obj: dict[str, Any] | list[dict[str, Any]]) -> None:
+    """Atomically: a killed run never leaves a half-written row (which would be skipped as done)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def read_rows(cell_dir: Path) -> dict[str, dict[str, Any]]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted(cell_dir.glob("*.json"))}
+
+
+def write_summary(out: Path, n_boot: int) -> list[dict[str, Any]]:
+    """summary.json + summary.md from every protocol version's finished rows under ``out``."""
+    summary, version = [], 0
+    for vdir in sorted(out.glob("v*")):
+        for cdir in sorted(p for p in vdir.iterdir() if p.is_dir()):
+            meta = cdir / "cell.json"
+            rows = {k: v for k, v in read_rows(cdir).items() if k != "cell"}
+            if not meta.is_file() or not rows:
+                continue
+            m = json.loads(meta.read_text())
+            version = max(version, int(m["version"]))
+            summary.append(L.summarize_cell(m["model"], m["budget"], m["epochs"], m["protocol_sha"], rows, n_boot))
+    write_json(out / "summary.json", [L.schema_only(c) for c in summary])
+    (out / "summary.md").write_text(L.summary_markdown(summary, version) + "\n")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    proto_path = Path(args.protocol).resolve()
+    proto = L.load_protocol(proto_path)
+    out = Path(args.out)
+    n_boot = 200 if args.tiny else int(proto["stats"]["bootstrap"])
+    if args.summary_only:
+        write_summary(out, n_boot)
+        return 0
+    sha = "tiny"
+    if not args.tiny:
+        try:
+            rel = str(proto_path.relative_to(REPO))
+        except ValueError:
+            raise SystemExit(f"{proto_path}: the protocol must be a file of this repository ({REPO})") from None
+        problem = L.protocol_problem(REPO, rel)
+        if problem:
+            raise SystemExit(f"error: {problem}")
+        sha = L.protocol_sha(REPO, rel)
+    gpu = args.device.startswith("cuda")
+    batch = int(proto["gpu"]["batch_size"]) if gpu else int(proto["finetune"]["batch_size"])
+    todo = [cl for cl in L.cells(proto)
+            if (args.models is None or cl[0] in args.models.split(","))
+            and (args.budgets is None or any(abs(cl[1] - float(b)) < 1e-9 for b in args.budgets.split(",")))]  # fmt: skip
+    if gpu:
+        todo = [(m, b, float(proto["gpu"]["epochs"])) for m, b, _ in todo]
+    if args.epochs is not None and any(e != args.epochs for _, _, e in todo):
+        raise SystemExit(f"error: --epochs {args.epochs:g} is not what {PROTOCOL} fixes for --device {args.device}")
+    if not todo:
+        raise SystemExit("error: no protocol cell matches --models / --budgets")
+    splits = load_data(proto, args)
+    n_search = 60 if args.tiny else int(proto["search"]["val_images"])
+    search_val = splits.val.subset(torch.arange(n_search))
+    held = splits.val.subset(torch.arange(n_search, len(splits.val)))
+    log(f"data: train {len(splits.train)}, val {len(splits.val)} (search {n_search}, rerank {len(held)}), "
+        f"test {len(splits.test)}")  # fmt: skip
+    vdir = out / f"v{proto['version']}"
+    for model, budget, epochs in todo:
+        base = load_base(model, proto, args).to(args.device)
+        cell = Cell(model, budget, epochs, base, splits, search_val, held, int(count_cost(base, SHAPE).macs), proto,
+                    args.device, batch, args.tiny, log)  # fmt: skip
+        cdir = (
+            vdir / L.cell_name(model, budget, epochs + 0.0)
+            if not gpu
+            else vdir / (L.cell_name(model, budget, epochs) + "-gpu")
+        )
+        meta = {"version": proto["version"], "protocol_sha": sha, "model": model, "budget": budget, "epochs": epochs,
+                "device": args.device, "machine": machine(), "data": {"train": len(splits.train), "val": len(splits.val),
+                "test": len(splits.test)}}  # fmt: skip
+        if not (cdir / "cell.json").is_file():
+            write_json(cdir / "cell.json", meta)
+        for name in plan(cell):
+            path = cdir / f"{name}.json"
+            if path.is_file():
+                log(f"{cdir.name} {name}: done (resumed)")
+                continue
+            log(f"{cdir.name} {name}")
+            t = time.perf_counter()
+            row = run_row(cell, name, read_rows(cdir))
+            if row is None:
+                log(f"  {name}: waits for the search rows")
+                continue
+            write_json(path, row | {"wall_s": time.perf_counter() - t, "protocol_sha": sha})
+            log(f"  {name}: test {100 * row['test_acc']:.2f} %, MACs {100 * row['macs_ratio']:.1f} %")
+            write_summary(out, n_boot)
+    write_summary(out, n_boot)
+    return 0
+
+
+if __name__ == "__main__":
+    run_script(main)

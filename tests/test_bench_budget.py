@@ -1,0 +1,153 @@
+"""benchmarks/budget_lib.py (protocol guard, MACs matching, bootstrap, summary) and bench_budget.py at toy scale."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks import budget_lib as L
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True)
+
+
+def test_protocol_guard_untracked_modified_and_clean(tmp_path: Path) -> None:
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "config", "user.email", "t@t")
+    _git(tmp_path, "config", "user.name", "t")
+    (tmp_path / "protocol.toml").write_text("version = 1\n")
+    assert "not committed" in (L.protocol_problem(tmp_path, "protocol.toml") or "")
+    _git(tmp_path, "add", "protocol.toml")
+    _git(tmp_path, "commit", "-qm", "v1")
+    assert L.protocol_problem(tmp_path, "protocol.toml") is None
+    assert len(L.protocol_sha(tmp_path, "protocol.toml")) == 40
+    (tmp_path / "protocol.toml").write_text("version = 1\nn_trials = 99\n")
+    assert "differs from HEAD" in (L.protocol_problem(tmp_path, "protocol.toml") or "")
+
+
+def test_closest_setting_matches_both_sides_of_a_step_function() -> None:
+    # MACs fall in steps of 7 from 100: "largest <= 50" is 44 (12 % under), the closest is 51 (2 % over)
+    def macs(x: float) -> float:
+        return 100 - 7 * int(x * 10)
+
+    x, m = L.closest_setting(macs, 50.0, 0.0, 1.0, iters=12)
+    assert m == 51 and macs(x) == 51
+    assert L.within(50.4, 50, 0.01) and L.within(49.6, 50, 0.01) and not L.within(51, 50, 0.01)
+
+
+def test_pack_roundtrip_and_cost_steps() -> None:
+    bits = np.random.default_rng(0).random(37) < 0.5
+    assert np.array_equal(L.unpack(L.pack(bits), 37), bits)
+    assert L.cost_steps(50, 128 * 12, 128) == pytest.approx(54.0)
+
+
+def test_paired_bootstrap_sign_width_and_pairing() -> None:
+    rng = np.random.default_rng(1)
+    base = rng.random(4000) < 0.8
+    better = base | (rng.random(4000) < 0.1)  # strictly more correct images: +~2 pt, paired
+    r = L.paired_bootstrap([better, better], [base], n_boot=400)
+    assert r["mean"] == pytest.approx(better.mean() - base.mean())
+    assert 0 < r["ci_low"] <= r["mean"] <= r["ci_high"]
+    same = L.paired_bootstrap([base], [base], n_boot=100)
+    assert same == {"mean": 0.0, "ci_low": 0.0, "ci_high": 0.0}  # paired: identical rows differ by exactly 0
+
+
+def _row(method: str, acc_bits: np.ndarray, **kw: object) -> dict:
+    return {"method": method, "test_acc": float(acc_bits.mean()), "n_test": len(acc_bits),
+            "test_correct": L.pack(acc_bits), "macs_ratio": 0.5, "cost_steps": 0.0, "final_steps": 100} | kw  # fmt: skip
+
+
+def test_summarize_cell_schema_and_numbers() -> None:
+    rng = np.random.default_rng(2)
+    n = 2000
+    ft, tpg, l1 = rng.random(n) < 0.9, rng.random(n) < 0.8, rng.random(n) < 0.7
+    s0, s1 = rng.random(n) < 0.82, rng.random(n) < 0.84
+    rows = {"baseline+ft": _row("baseline+ft", ft), "tp_global": _row("tp_global", tpg), "tp_l1": _row("tp_l1", l1),
+            "slimsearch-s0": _row("slimsearch", s0, seed=0, cost_steps=60.0, search_cpu_s=10.0, rerank_cpu_s=2.0),
+            "slimsearch-s1": _row("slimsearch", s1, seed=1, cost_steps=40.0, search_cpu_s=8.0, rerank_cpu_s=4.0),
+            "tp_global_eqc": _row("tp_global_eqc", tpg, cost_steps=50.0)}  # fmt: skip
+    c = L.summarize_cell("resnet20", 0.5, 5.0, "abc", rows, n_boot=200)
+    keys = {"model", "budget", "epochs", "protocol_sha", "rows", "lead_vs_best_baseline", "lead_vs_equal_compute",
+            "search_cost_ratio", "gap_to_baseline_ft"}  # fmt: skip
+    assert keys <= set(c)
+    assert c["best_baseline"] == "tp_global"
+    lead = {r["method"]: r for r in c["rows"]}["slimsearch"]
+    assert lead["seeds"] == [0, 1] and lead["test_acc"] == pytest.approx((s0.mean() + s1.mean()) / 2)
+    assert set(lead) == {"method", "test_acc", "macs_ratio", "cost_steps", "seeds"}
+    assert c["lead_vs_best_baseline"]["mean"] == pytest.approx(lead["test_acc"] - tpg.mean())
+    assert c["search_cost_ratio"] == pytest.approx(0.5)  # mean 50 steps / 100 final steps
+    assert c["gap_to_baseline_ft"] == pytest.approx(lead["test_acc"] - ft.mean())
+    assert tuple(L.schema_only(c)) == L.CELL_KEYS
+    md = L.summary_markdown([c], 1)
+    assert "vs best baseline (tp_global)" in md and "| slimsearch |" in md and "12 CPU s per seed" in md
+
+
+def test_bench_budget_refuses_a_modified_protocol(tmp_path: Path) -> None:
+    proto = tmp_path / "p.toml"
+    proto.write_text((REPO / "benchmarks" / "protocol.toml").read_text())
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_budget.py"), "--protocol", str(proto),
+                        "--out", str(tmp_path / "out")], capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 2 and "must be a file of this repository" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_bench_budget_tiny_runs_and_resumes(tmp_path: Path) -> None:
+    """Toy scale, end to end: every row of a cell, the summary, and a rerun that only resumes."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_budget.py"), "--tiny", "--models", "resnet20",
+           "--budgets", "0.5", "--out", str(out)]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cell = out / "v1" / "resnet20-50pct-5ep"
+    names = {p.stem for p in cell.glob("*.json")} - {"cell"}
+    assert names == {"baseline", "baseline+ft", "tp_global", "tp_l1", "fpgm", "tp_alloc_fpgm", "slimsearch-s0",
+                     "slimsearch-s1", "slimsearch-s2", "tp_global_eqc"}  # fmt: skip
+    tp = json.loads((cell / "tp_global.json").read_text())
+    assert abs(tp["macs_ratio"] - 0.5) < 0.05 and tp["final_choice"] in ("start", "ft", "ft+bn")
+    s0 = json.loads((cell / "slimsearch-s0.json").read_text())
+    eqc = json.loads((cell / "tp_global_eqc.json").read_text())
+    assert s0["cost_steps"] > 0 and eqc["final_steps"] > tp["final_steps"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary) == 1 and tuple(summary[0]) == L.CELL_KEYS and summary[0]["lead_vs_equal_compute"] is not None
+    before = (cell / "slimsearch-s0.json").read_text()
+    r2 = subprocess.run(cmd, capture_output=True, text=True)
+    assert r2.returncode == 0 and r2.stdout.count("done (resumed)") == 10
+    assert (cell / "slimsearch-s0.json").read_text() == before
+
+
+def test_tp_progressive_stops_at_the_budget_and_keeps_unprunable_layers() -> None:
+    import torch
+    from slimsearch.core.cost import count_cost
+    from slimsearch.core.errors import SlimError
+    from slimsearch.core.models import build_model
+    from slimsearch.core.tp_prune import tp_prune_progressive, unprunable_modules
+
+    shape = (1, 3, 32, 32)
+    torch.manual_seed(0)
+    base = build_model("resnet20").eval()
+    full = count_cost(base, shape).macs
+
+    def macs(m: torch.nn.Module) -> float:
+        return float(count_cost(m, shape).macs)
+
+    pruned, steps = tp_prune_progressive(base, "tp_global", 0.6 * full, shape, macs, steps=100)
+    m = macs(pruned)
+    assert m <= 0.6 * full and L.within(m, 0.6 * full, 0.03) and 0 < steps < 100
+    # a looser budget stops earlier, with more MACs
+    loose, fewer = tp_prune_progressive(base, "tp_global", 0.8 * full, shape, macs, steps=100)
+    assert fewer < steps and m < macs(loose) <= 0.8 * full
+    kept = {id(x) for x in unprunable_modules(base, shape)}
+    names = [n for n, x in base.named_modules() if id(x) in kept and isinstance(x, torch.nn.Conv2d)]
+    mods = dict(pruned.named_modules())
+    assert all(mods[n].out_channels == dict(base.named_modules())[n].out_channels for n in names)
+    with pytest.raises(SlimError, match="not reached in 3 steps"):
+        tp_prune_progressive(base, "tp_global", 0.1 * full, shape, macs, steps=3)
