@@ -52,7 +52,8 @@ def _constants(graph: torch.Graph) -> int:
     return n
 
 
-def _manifest_shape(path: Path) -> tuple[int, ...] | None:
+def manifest_shape(path: Path) -> tuple[int, ...] | None:
+    """``(1, C, H, W)`` from the ``manifest.json`` an export writes next to ``path``; None without one."""
     try:
         manifest = json.loads((path.parent / "manifest.json").read_text())
         shape = manifest.get("input_shape")
@@ -64,19 +65,20 @@ def _manifest_shape(path: Path) -> tuple[int, ...] | None:
 
 
 def load_program(path: str | Path) -> LoadedProgram:
-    """Load a TorchScript or .pt2 file (``SlimError`` naming the file otherwise: a state dict, ONNX, junk)."""
+    """Load a TorchScript or .pt2 file (``SlimError`` naming the file otherwise: a state dict, ONNX, junk). ONNX files
+    are measured by ``core.onnx_cost``."""
     p = Path(path)
     if not p.is_file():
         raise SlimError(f"exported model not found: {p}")
     if p.suffix.lower() == ".onnx":
-        raise SlimError(f"{p}: ONNX files are not measured here; give the export's model.pt2 or TorchScript file")
+        raise SlimError(f"{p}: an ONNX file is not a torch program; read it with slimsearch.core.onnx_cost.read_onnx")
     if p.suffix.lower() == ".pt2":
         try:
             program = torch.export.load(str(p)).module()
         except Exception as e:
             raise SlimError(f"{p} is not a readable torch.export program ({type(e).__name__})") from None
         return LoadedProgram(ProgramModule(program), "pt2", sum(t.numel() for t in program.parameters()),
-                             _manifest_shape(p))  # fmt: skip
+                             manifest_shape(p))  # fmt: skip
     try:
         script = torch.jit.load(str(p), map_location="cpu")
     except Exception:
@@ -86,4 +88,4 @@ def load_program(path: str | Path) -> LoadedProgram:
     kind = "torchscript"
     if params == 0:
         params, kind = _constants(script.graph), "torchscript-frozen"
-    return LoadedProgram(ProgramModule(script), kind, params, _manifest_shape(p))
+    return LoadedProgram(ProgramModule(script), kind, params, manifest_shape(p))

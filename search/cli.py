@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("study", type=Path)
 
     c = sub.add_parser("cost", help="MACs, FLOPs, params and CPU latency of a model")
-    c.add_argument("model", help="zoo name, pkg.module:fn, or an exported .pt2 / TorchScript file")
+    c.add_argument("model", help="zoo name, pkg.module:fn, or an exported .pt2 / TorchScript / .onnx file")
     c.add_argument("--input-shape", help="C,H,W or N,C,H,W (default: 3x32x32; 1x8x8 for smallcnn)")
     c.add_argument("--checkpoint", type=Path)
     c.add_argument("--num-classes", type=_positive_int, default=10)

@@ -98,13 +98,16 @@ def cmd_cost(a: argparse.Namespace) -> int:
 
 
 def _cost_of_program(a: argparse.Namespace) -> int:
-    """``slimsearch cost FILE``: MACs, params and latency of an exported TorchScript / .pt2 program."""
+    """``slimsearch cost FILE``: MACs, params and latency of an exported TorchScript / .pt2 program (.onnx:
+    ``_cost_of_onnx``)."""
     import torch
     from slimsearch.core.cost import count_cost
     from slimsearch.core.program import load_program
 
     if a.checkpoint is not None:
         raise SlimError(f"--checkpoint applies to a model name, not to the exported file {a.model}")
+    if Path(a.model).suffix.lower() == ".onnx":
+        return _cost_of_onnx(a)
     prog = load_program(a.model)
     if a.input_shape:
         shape = _shape(a.input_shape, None, a.model)
@@ -123,17 +126,58 @@ def _cost_of_program(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cost_of_onnx(a: argparse.Namespace) -> int:
+    """``slimsearch cost FILE.onnx``: MACs and params from the ONNX graph (``core.onnx_cost``), latency in an ONNX
+    Runtime session with ``--threads`` intra-op threads."""
+    import torch
+    from slimsearch.core.onnx_cost import onnx_macs, read_onnx
+    from slimsearch.core.onnx_export import OrtProgram, ort_session
+
+    f = read_onnx(a.model)
+    shape = _shape(a.input_shape, None, a.model) if a.input_shape else f.default_shape()
+    if shape is None:
+        raise SlimError(f"{a.model}: give --input-shape C,H,W (no manifest.json with an input shape next to it, and "
+                        f"the model's input {list(f.input_dims)} has symbolic dims)")  # fmt: skip
+    if not f.fits(shape):
+        dims = ["batch" if d is None else d for d in f.input_dims]
+        raise SlimError(f"{a.model}: input shape {list(shape)} does not fit the model's input {dims}")
+    if not f.batch_dynamic and f.input_dims[0] != 1:
+        raise SlimError(f"{a.model}: its batch is fixed at {f.input_dims[0]}; slimsearch cost measures batch 1 "
+                        f"(export it with a dynamic batch)")  # fmt: skip
+    macs = onnx_macs(f.proto, f.input_name, shape, where=a.model)
+    program = OrtProgram(ort_session(f.path, a.threads))
+    try:
+        program(torch.zeros(shape))
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise SlimError(f"{a.model} fails on input {list(shape)}: {first}") from None
+    _print_cost(f"{a.model} (onnx)", program, shape, macs, f.params, a.threads, "onnxruntime",
+                batch64=f.batch_dynamic)  # fmt: skip
+    return 0
+
+
 def _print_cost(
-    name: str, model: Any, shape: tuple[int, ...], macs: int, params: int, threads: int, runtime: str = ""
+    name: str,
+    model: Any,
+    shape: tuple[int, ...],
+    macs: int,
+    params: int,
+    threads: int,
+    runtime: str = "",
+    batch64: bool = True,
 ) -> None:
+    """Print the cost lines; ``batch64`` False (a program whose batch is fixed at 1): latency at batch 1 only."""
     from slimsearch.core.cost import measure_latency
 
     lat1 = measure_latency(model, shape, batch_size=1, threads=threads)
-    lat64 = measure_latency(model, shape, batch_size=64, threads=threads, repeats=5, warmup=1)
+    setting = f"{runtime + ', ' if runtime else ''}CPU, {threads} thread{'s' if threads > 1 else ''}, median"
     print(f"model   {name}   input {'x'.join(map(str, shape))}")
     print(f"MACs    {macs / 1e6:10.3f} M  ({macs:,} multiply-accumulates per image)")
     print(f"FLOPs   {2 * macs / 1e6:10.3f} M  (= 2 x MACs)")
     print(f"params  {params / 1e6:10.3f} M  ({params:,})")
+    if not batch64:
+        print(f"latency {lat1.median_ms:10.3f} ms at batch 1 ({setting}; the file's batch is fixed at 1)")
+        return
+    lat64 = measure_latency(model, shape, batch_size=64, threads=threads, repeats=5, warmup=1)
     print(f"latency {lat1.median_ms:10.3f} ms at batch 1,  {lat64.median_ms:.2f} ms at batch 64 "
-          f"({lat64.median_ms / 64:.3f} ms/image; {runtime + ', ' if runtime else ''}CPU, {threads} "
-          f"thread{'s' if threads > 1 else ''}, median)")  # fmt: skip
+          f"({lat64.median_ms / 64:.3f} ms/image; {setting})")  # fmt: skip
