@@ -19,7 +19,7 @@ def test_bench_runtime_toy(
 ) -> None:
     from benchmarks import bench_runtime  # noqa: I001
 
-    from tests.helpers import make_baseline, write_study
+    from helpers import make_baseline, write_study
 
     monkeypatch.chdir(tmp_path)
     study = write_study(tmp_path, make_baseline(tmp_path_factory), n_trials=3,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from nets import randomize_bn
 from slimsearch.core.apply import apply_policy
 from slimsearch.core.cost import count_cost
 from slimsearch.core.errors import SlimError
@@ -19,8 +20,6 @@ from slimsearch.core.models import build_model
 from slimsearch.core.policy import LayerPolicy, Policy
 from slimsearch.search.cli import main
 from torch import nn
-
-from tests.nets import randomize_bn
 
 onnx = pytest.importorskip("onnx", reason="the onnx extra (pip install 'slimsearch[onnx]') is not installed")
 pytest.importorskip("onnxruntime", reason="the onnx extra (pip install 'slimsearch[onnx]') is not installed")

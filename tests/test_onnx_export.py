@@ -12,13 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from nets import randomize_bn
 from slimsearch.core.apply import apply_policy
 from slimsearch.core.errors import SlimError
 from slimsearch.core.export import export_model, load_exported
 from slimsearch.core.models import build_model
 from slimsearch.core.policy import LayerPolicy, Policy
-
-from tests.nets import randomize_bn
 
 SHAPE = (1, 1, 8, 8)
 HALF = Policy(  # pruned, Tucker, FPGM and CP layers of the small CNN
@@ -156,9 +155,8 @@ def test_cli_exports_a_checked_onnx_file_that_runs_without_torch(
     tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
+    from helpers import make_baseline, write_study
     from slimsearch.search.cli import main
-
-    from tests.helpers import make_baseline, write_study
 
     monkeypatch.chdir(tmp_path)
     p = write_study(tmp_path, make_baseline(tmp_path_factory), n_trials=2)

@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from nets import randomize_bn
 from slimsearch.core.errors import SlimError
 from slimsearch.core.latency import RUNTIMES, LatencyTable, timed_program
 from slimsearch.core.models import build_model
 from slimsearch.core.policy import LayerPolicy, Policy
 from torch import nn
-
-from tests.nets import randomize_bn
 
 pytest.importorskip("onnxruntime", reason="the onnx extra (pip install 'slimsearch[onnx]') is not installed")
 pytest.importorskip("onnxscript", reason="the onnx extra is not installed")
@@ -107,9 +106,8 @@ def test_ort_study_end_to_end(
 ) -> None:  # fmt: skip
     """A study with an ORT latency bound: its table is ORT-timed, the evaluator's latency_ms is ORT's, and the
     export measures its speed-up and the bound in ORT."""
+    from helpers import make_baseline, write_study
     from slimsearch.search.cli import main
-
-    from tests.helpers import make_baseline, write_study
 
     monkeypatch.chdir(tmp_path)
     p = write_study(tmp_path, make_baseline(tmp_path_factory), n_trials=3,

@@ -102,10 +102,9 @@ def test_a_search_stores_rounded_policies_within_its_bound(
 ) -> None:
     """Every trial's stored policy keeps multiples of 8 filters, and its MACs (counted on the built network)
     meet the study's bound: the fit scales the rounded policy, not the raw sample."""
+    from helpers import make_baseline, trials_of, write_study
     from slimsearch.search.runner import run_study
     from slimsearch.search.study import load_study
-
-    from tests.helpers import make_baseline, trials_of, write_study
 
     monkeypatch.chdir(tmp_path)
     ckpt = make_baseline(tmp_path_factory)

@@ -392,10 +392,9 @@ def test_export_final_finetune_of_public_resnet20_is_not_below_the_plain_finetun
     train images, val 500 test images, reported on 2000 others), KD on as in the ResNet study files."""
     import copy
 
+    from helpers import shared_path
     from slimsearch.core.data import load_splits, split_train_val
     from slimsearch.core.models import build_model, load_checkpoint
-
-    from tests.conftest import shared_path
 
     archive, ckpt = shared_path("data", "cifar10-jpeg.tar.gz"), shared_path("models", "resnet20-12fca82f.th")
     full = load_splits("cifar10", archive, 500, seed=0, val_from="test")
