@@ -638,11 +638,13 @@ def extract_archive(path: str | Path) -> Path:
     dest = cache_dir() / "archives" / f"{stem}-{key}"
     if dest.is_dir():
         return dest
+    made = [d for d in (dest.parent.parent, dest.parent) if not d.exists()]  # removed again if it fails
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
     progress = _Progress(f"extracting {p.name}", None, "files")
     if progress.log is not None:
         progress.log(f"extracting {p} ({st.st_size / 1e6:.0f} MB) once into {dest.parent}")
+    ok = False
     try:
         try:
             n = 0
@@ -669,8 +671,12 @@ def extract_archive(path: str | Path) -> Path:
         except OSError:
             if not dest.is_dir():  # otherwise another process finished first: use theirs
                 raise
+        ok = True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        for d in reversed(made) if not ok else ():  # a refused archive leaves no empty cache folders
+            with contextlib.suppress(OSError):
+                d.rmdir()
     return dest
 
 
@@ -776,6 +782,9 @@ def split_train_val(ds: Dataset, val_size: int | float, seed: int = 0) -> tuple[
         k = int(val_size)
     if not 0 <= k < n:
         raise SlimError(f"val_size {val_size} leaves no training images in {ds.name or 'dataset'} of {n} images")
+    if k == 0:
+        raise SlimError(f"val_size {val_size} selects no validation image of the {n} in {ds.name or 'dataset'}; "
+                        f"give a count >= 1 or a fraction >= {1 / n:.2g}")  # fmt: skip
     rng = np.random.default_rng(seed)
     perm = rng.permutation(n)
     y = ds.y.numpy()[perm]

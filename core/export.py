@@ -1,7 +1,8 @@
 """Export a compressed model: TorchScript, torch.export (.pt2), state dict + policy/metrics JSON.
 
 Layout of an export directory (written to a temporary sibling and renamed into place, so a reader never
-sees a half-written export; an existing directory is replaced only after the new one is complete):
+sees a half-written export; an earlier export is replaced only after the new one is complete, and a folder
+holding anything an export does not write is refused, never replaced; the folder gets the user's umask):
 
 - ``model.torchscript.pt`` — TorchScript (``torch.jit.script``, falling back to ``torch.jit.trace``).
   Self-contained: ``torch.jit.load`` needs only torch, not slimsearch.
@@ -60,6 +61,7 @@ __all__ = [
     "FORMATS",
     "MEMORY_FORMATS",
     "export_model",
+    "out_dir_problem",
     "load_exported",
     "load_state",
     "deploy_map",
@@ -129,12 +131,51 @@ def _json(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, default=lambda v: v.item() if hasattr(v, "item") else str(v))
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` directory to ``out``, replacing an existing export only at the end."""
+# Every name an export writes into its folder; an existing folder is replaced only if it holds nothing else.
+WRITTEN = (*FILES.values(), "check.pt", "policy.json", "metrics.json", "manifest.json")
+
+
+def out_dir_problem(out: Path, also: Sequence[str] = (), what: str = "an earlier export") -> str | None:
+    """Why ``out`` may not receive an export, or None: it is new, empty, or an earlier export (a
+    ``manifest.json`` and only names an export writes, plus ``also``). An export replaces such a folder
+    as a whole, so it must never hold anything the user put there."""
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        return f"{out} exists and is not a directory"
+    names = {p.name for p in out.iterdir()}
+    if not names:
+        return None
+    foreign = sorted(names - {*WRITTEN, *also})
+    if "manifest.json" not in names or foreign:
+        shown = f" (it holds {foreign[0]!r})" if foreign else ""
+        return (f"{out} is a non-empty folder that is not {what}{shown}; it would be replaced as a whole, so "
+                "give a new or empty folder")  # fmt: skip
+    return None
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where /proc allows (threads may be creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def _publish(tmp: Path, out: Path, also: Sequence[str] = ()) -> None:
+    """Move the finished ``tmp`` directory to ``out``, replacing an earlier export only at the end (and
+    nothing else: ``out_dir_problem``). The folder gets the user's normal permissions (mkdtemp makes 0700)."""
+    os.chmod(tmp, 0o777 & ~_umask())
+    problem = out_dir_problem(out, also)
+    if problem:
+        raise SlimError(f"export: {problem}")
     old = None
     if out.exists():
-        if not out.is_dir():
-            raise SlimError(f"export: {out} exists and is not a directory")
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
     try:
@@ -158,12 +199,15 @@ def export_model(
     atol: float = 1e-5,
     memory_format: str = "contiguous",
     preprocessing: Mapping[str, Any] | None = None,
+    also: Sequence[str] = (),
 ) -> dict[str, Path]:
     """Write ``model`` in ``formats`` (pt2, onnx, torchscript, torchscript-frozen, state; by default pt2,
     torchscript, state) plus policy/metrics/manifest JSON to ``out_dir`` atomically; return format -> file path. ``model`` is
     not modified (a copy is exported in eval mode). ``example_input`` (tensor or shape, batch first) defaults to 1×C×32×32.
     ``memory_format`` (``MEMORY_FORMATS``): how the TorchScript programs lay out their weights (module docstring).
-    ``preprocessing`` (``core.preprocess.preprocessing``): how to feed the programs an image, kept in the manifest."""
+    ``preprocessing`` (``core.preprocess.preprocessing``): how to feed the programs an image, kept in the manifest.
+    An existing ``out_dir`` must be empty or an earlier export (``out_dir_problem``; ``also``: further names
+    the caller writes there, e.g. a method's report.json): it is checked before any work."""
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
         raise SlimError(f"export: unknown format {bad[0] if bad else '(none)'!r}; allowed: {', '.join(FORMATS)}")
@@ -174,6 +218,9 @@ def export_model(
 
         require_onnx()
     out = Path(out_dir)
+    problem = out_dir_problem(out, also)
+    if problem:
+        raise SlimError(f"export: {problem}")
     out.parent.mkdir(parents=True, exist_ok=True)
     m = copy.deepcopy(model).eval()
     x = example_input_for(m, example_input)
@@ -218,7 +265,7 @@ def export_model(
         if preprocessing is not None:
             manifest["preprocessing"] = dict(preprocessing)
         (tmp / "manifest.json").write_text(_json(manifest) + "\n")
-        _publish(tmp, out)
+        _publish(tmp, out, also)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -6,12 +6,14 @@ checkpoints once the ``module.`` prefix is stripped (see ``load_checkpoint``).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
+import io
 import sys
 import sysconfig
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -259,6 +261,24 @@ def build_model(
     return ZOO[name](**kwargs)
 
 
+@contextlib.contextmanager
+def _user_code(spec: str, doing: str, what: str = "model factory") -> Iterator[None]:
+    """Run the user's code; a ``SystemExit`` (a module parsing ``sys.argv`` at import, a ``sys.exit`` in the
+    function) is a one-line ``SlimError`` naming it, with the last line it printed to stderr instead of its usage
+    text (which would otherwise be printed, and pass ``except Exception``). What it prints while working is kept."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            yield
+    except SystemExit as e:
+        said = (err.getvalue().strip().splitlines() or [""])[-1][:200]
+        raise SlimError(f"{what} {spec!r}: {doing} called sys.exit({e.code!r})"
+                        + (f" ({said})" if said else "") + " (does it parse command-line arguments?)") from None  # fmt: skip
+    if err.getvalue():
+        sys.stderr.write(err.getvalue())
+        sys.stderr.flush()
+
+
 def import_factory(spec: str, search_dir: str | Path | None = None, what: str = "model factory") -> Callable[..., Any]:
     """The callable named by ``"pkg.module:fn"``, importable from ``sys.path`` or, after it, ``search_dir``
     (``what`` names it in errors: model factory, data factory, custom evaluator)."""
@@ -270,7 +290,10 @@ def import_factory(spec: str, search_dir: str | Path | None = None, what: str = 
         if folder not in sys.path:
             sys.path.append(folder)  # last: a local module never shadows an installed one
     try:
-        module = importlib.import_module(mod_name)
+        with _user_code(spec, f"importing {mod_name!r}", what):
+            module = importlib.import_module(mod_name)
+    except SlimError:
+        raise
     except Exception as e:  # any import-time failure is the user's factory, not us
         raise SlimError(f"{what} {spec!r}: cannot import {mod_name!r} ({type(e).__name__}: {e})") from None
     fn = getattr(module, fn_name, None)
@@ -328,7 +351,10 @@ def call_factory(spec: str, values: dict[str, Any], search_dir: str | Path | Non
     fn = import_factory(spec, search_dir)
     kwargs = factory_kwargs(spec, fn, values)
     try:
-        model = fn(**kwargs)
+        with _user_code(spec, f"calling {spec.partition(':')[2]!r}"):
+            model = fn(**kwargs)
+    except SlimError:
+        raise
     except Exception as e:  # the user's code: report it as their input, in one line
         msg = " ".join(str(e).split())[:200]
         raise SlimError(f"model factory {spec!r} raised {type(e).__name__}{user_frame(e.__traceback__)}: {msg}") from e

@@ -17,6 +17,7 @@ from slimsearch.search.ray_results import _read_meta, ray_experiment_dir, ray_me
 from slimsearch.search.records import RunSummary, StudyInfo, TrialRecord, by_state
 from slimsearch.search.runner import run_study
 from slimsearch.search.storage import open_storage, storage_exists
+from slimsearch.search.storage_hint import dashboard_command
 from slimsearch.search.study import StudyConfig, mask_url
 
 Log = Callable[[str], None]
@@ -60,7 +61,7 @@ class OptunaBackend:
 
     @property
     def dashboard(self) -> str | None:
-        return f"optuna-dashboard {mask_url(self.cfg.study.storage)}"
+        return dashboard_command(self.cfg.study.storage)  # the password from the environment, never printed
 
     @property
     def driver_needs_device(self) -> bool:

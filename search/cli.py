@@ -36,33 +36,48 @@ class _Parser(argparse.ArgumentParser):
         raise SlimError(f"{self.prog}: {message} (see --help)")
 
 
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
-    return v
+def _int_upto(hi: int, lo: int = 1) -> Any:
+    """An argparse type: an integer in [lo, hi] (one option must never start unbounded work)."""
+
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer in [{lo}, {hi}], got {s!r}") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"expected an integer in [{lo}, {hi}], got {s!r}")
+        return v
+
+    return parse
+
+
+MAX_PROCS = 1024  # --workers, --threads
 
 
 def _workers(s: str) -> int | str:
-    """--workers: a positive integer or per-gpu (one worker per visible GPU)."""
-    return s if s == "per-gpu" else _positive_int(s)
+    """--workers: an integer in [1, MAX_PROCS] or per-gpu (one worker per visible GPU)."""
+    return s if s == "per-gpu" else _int_upto(MAX_PROCS)(s)
 
 
 _DEVICE_HELP = ("auto | cpu | cuda | cuda:N: where trials, fine-tunes, seeds and methods run (default: [study] device, "
                 "auto = CUDA when available); latency is always measured on the CPU")  # fmt: skip
 
 
-def _nonneg_float(s: str) -> float:
+def _nonneg_float(s: str, hi: float = float("inf")) -> float:
     try:
         v = float(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s!r}") from None
-    if not v >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s!r}")
+    if not 0 <= v < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {s!r}")
+    if v > hi:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, {hi:g}], got {s!r}")
     return v
+
+
+def _epochs(s: str) -> float:
+    """Epochs: a finite number in [0, 10000]."""
+    return _nonneg_float(s, 10_000.0)
 
 
 def _macs(s: str) -> float:
@@ -74,8 +89,8 @@ def _macs(s: str) -> float:
         v = float(t[:-1] if f != 1.0 else t) * f
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected MACs such as 60e6 or 60M, got {s!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of MACs, got {s!r}")
+    if not 0 < v < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive, finite number of MACs, got {s!r}")
     return v
 
 
@@ -96,10 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker processes, or per-gpu: one per visible GPU; on GPUs they are assigned round-robin, "
                         "each seeing only its own (default: [evaluator] workers)")  # fmt: skip
     r.add_argument("--device", help=_DEVICE_HELP)
-    r.add_argument("--n-trials", type=_positive_int, help="override [study] n_trials (grow a finished study)")
+    r.add_argument("--n-trials", type=_int_upto(1_000_000), help="override [study] n_trials (grow a finished study)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar (one line per trial only)")
     r.add_argument(
-        "--threads", type=_positive_int, help="torch threads per evaluating process (default: cores / workers)"
+        "--threads", type=_int_upto(MAX_PROCS), help="torch threads per evaluating process (default: cores / workers)"
     )
     r.add_argument("--ray-address", help="Ray cluster address (backend ray)")
 
@@ -109,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--config-pickle", type=Path, help=argparse.SUPPRESS)
     w.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     w.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
-    w.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's choice)")
+    w.add_argument("--threads", type=_int_upto(MAX_PROCS), help="torch threads (default: torch's choice)")
     w.add_argument("--device", help=_DEVICE_HELP + "; e.g. cuda:1 to join on the second GPU")
 
     s = sub.add_parser("status", help="trial counts by state, best so far")
@@ -126,9 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--trial", default="best", help="'best' (default) or a trial number")
     e.add_argument("--format", action="append", dest="formats", metavar="FMT",
                    help="torchscript | torchscript-frozen | pt2 | state; repeat or comma-separate (default: [export] formats)")  # fmt: skip
-    e.add_argument("--finetune-epochs", type=_nonneg_float, help="final fine-tune before export")
+    e.add_argument("--finetune-epochs", type=_epochs, help="final fine-tune before export")
     e.add_argument("--max-macs", type=_macs, help="'best' among trials with at most these MACs (e.g. 60M)")
-    e.add_argument("--top-k", type=_positive_int, default=None, metavar="K",
+    e.add_argument("--top-k", type=_int_upto(100), default=None, metavar="K",
                    help="fine-tune the K best trials (needs --finetune-epochs) and export the best on val after it "
                         "(default: [export] top_k, 1)")  # fmt: skip
     e.add_argument("--out", type=Path, help="output folder (default: <export out>/trial-<N>)")
@@ -142,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--epsilon", type=_nonneg_float, help="abshpc: tolerated accuracy loss, a fraction (0.005 = 0.5 pt)")
     m.add_argument("--tol", type=_nonneg_float, help="mtd, ga, distfit: tolerated accuracy loss, a fraction")
     m.add_argument("--rates", help="ga, distfit: prune rate(s) instead of the sensitivity scan: R or LAYER=R,LAYER=R")
-    m.add_argument("--budget", type=_positive_int, help="at most this many evaluator calls (then steps are rejected)")
+    m.add_argument(
+        "--budget", type=_int_upto(1_000_000), help="at most this many evaluator calls (then steps are rejected)"
+    )
     m.add_argument("--set", action="append", dest="options", default=[], metavar="KEY=VALUE",
                    help="any other option of the method (TOML value), e.g. --set generations=20; repeatable")  # fmt: skip
     m.add_argument("--format", action="append", dest="formats", metavar="FMT",
@@ -153,13 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("model", help="zoo name (resnet20, vgg16, smallcnn...) or pkg.module:fn")
     t.add_argument("--data", default="digits", help="dataset: digits | cifar10 | cifar100 | imagefolder | synthetic")
     t.add_argument("--root", type=Path, help="data folder or archive")
-    t.add_argument("--epochs", type=_nonneg_float, required=True)
+    t.add_argument("--epochs", type=_epochs, required=True)
     t.add_argument("--out", type=Path, required=True, help="checkpoint file to write (state dict)")
     t.add_argument("--lr", type=float, default=0.1)
-    t.add_argument("--batch-size", type=_positive_int, default=128)
+    t.add_argument("--batch-size", type=_int_upto(65_536), default=128)
     t.add_argument("--val-size", type=float, default=0.1, help="count or fraction held out of train (default 0.1)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--num-classes", type=_positive_int)
+    t.add_argument("--seed", type=_int_upto(2**32 - 1, lo=0), default=0)
+    t.add_argument("--num-classes", type=_int_upto(100_000, lo=2))
     t.add_argument("--device", default="cpu", help="cpu | cuda")
 
     sp = sub.add_parser("space", help="the whole search space: layers, coupled groups, choices, exclusions and why")
@@ -169,8 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model", help="zoo name, pkg.module:fn, or an exported .pt2 / TorchScript / .onnx file")
     c.add_argument("--input-shape", help="C,H,W or N,C,H,W (default: 3x32x32; 1x8x8 for smallcnn)")
     c.add_argument("--checkpoint", type=Path)
-    c.add_argument("--num-classes", type=_positive_int, default=10)
-    c.add_argument("--threads", type=_positive_int, default=1, help="threads for the latency measurement")
+    c.add_argument("--num-classes", type=_int_upto(100_000, lo=2), default=10)
+    c.add_argument("--threads", type=_int_upto(MAX_PROCS), default=1, help="threads for the latency measurement")
     c.add_argument("--runtime", choices=("eager", "torchscript", "onnxruntime"), default="eager",
                    help="what the latency times: the eager module (default), its TorchScript program, or its ONNX "
                         "export in ONNX Runtime (the slimsearch[onnx] extra)")  # fmt: skip
@@ -215,8 +232,11 @@ def cmd_worker(a: argparse.Namespace) -> int:
     from slimsearch.search.runner import run_worker
 
     if a.config_pickle is not None:  # started by `slimsearch run --workers N`: exactly the driver's config
-        with open(a.config_pickle, "rb") as fh:
-            cfg = pickle.load(fh).with_device(a.device)
+        if str(a.config_pickle) == "-":  # on stdin: the storage URL's password never touches the disk
+            cfg = pickle.load(sys.stdin.buffer).with_device(a.device)
+        else:
+            with open(a.config_pickle, "rb") as fh:
+                cfg = pickle.load(fh).with_device(a.device)
     else:
         cfg = _load(a.study, a.device)
         if not isinstance(backend_for(cfg, to_run=True), OptunaBackend):

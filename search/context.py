@@ -197,6 +197,51 @@ def _load(model: nn.Module, path: Path, cfg: StudyConfig, key: str) -> nn.Module
         raise SlimError(f"{cfg.path}: [model] {key}: {e}") from None
 
 
+def precheck_checkpoint(cfg: StudyConfig) -> None:
+    """The [model] checkpoint is a readable state dict whose keys fit the model, checked before any data is loaded
+    (an archive is extracted and images decoded into caches on the first load). Layer names do not depend on the
+    class or channel counts, which need the data; shapes are checked once the data gives those."""
+    from slimsearch.core.models import build_model, read_state_dict
+
+    path = cfg.model.checkpoint
+    if path is None or cfg.model.module is not None:
+        return
+    try:
+        sd = read_state_dict(path)
+    except SlimError as e:
+        raise SlimError(f"{cfg.path}: [model] checkpoint: {e}") from None
+    m = cfg.model
+    # Guesses from the checkpoint (first conv's input channels, last matrix's rows); a factory that rejects them
+    # is checked for real once the data gives the counts, so a wrong guess never refuses a good study.
+    convs = [v for v in sd.values() if v.ndim == 4]
+    mats = [v for v in sd.values() if v.ndim == 2]
+    in_ch = m.in_channels or (int(convs[0].shape[1]) if convs else 3)
+    classes = m.num_classes or (int(mats[-1].shape[0]) if mats else 10)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            probe = build_model(m.factory, num_classes=classes, in_channels=in_ch, input_size=m.input_size,
+                                search_dir=study_dir(cfg))  # fmt: skip
+    except Exception:  # SlimError included: reported after the data, with the real counts
+        return
+    own = probe.state_dict()
+    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in sd if k not in own]
+    if missing or unexpected:
+        parts = [f"{len(missing)} missing keys (e.g. {missing[0]})"] if missing else []
+        parts += [f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})"] if unexpected else []
+        raise SlimError(f"{cfg.path}: [model] checkpoint: checkpoint {path} does not fit model "
+                        f"{type(probe).__name__}: {'; '.join(parts)}")  # fmt: skip
+
+
+def check_classes(cfg: StudyConfig, splits: Any) -> None:
+    """[model] num_classes must cover every label of the data (else training fails deep inside a loss)."""
+    want = cfg.model.num_classes
+    have = int(splits.train.num_classes)
+    if want is not None and want < have:
+        raise SlimError(f"{cfg.path}: [model] num_classes: {want}, but dataset {cfg.data.dataset} has {have} classes "
+                        f"(labels 0..{have - 1}); set num_classes >= {have} or leave it out")  # fmt: skip
+
+
 def pretrain_baseline(
     cfg: StudyConfig, model: nn.Module, splits: DataSplits, log: Log, fingerprint: str = "", device: str = "cpu"
 ) -> Path:
@@ -225,8 +270,10 @@ def build_study_context(cfg: StudyConfig, *, log: Log | None = None, allow_pretr
             import_factory(str(cfg.evaluator.fn), study_dir(cfg), "[evaluator] fn")
         except SlimError as e:
             raise SlimError(f"{cfg.path}: {e}") from None
+    precheck_checkpoint(cfg)  # cheap: before the data is extracted or decoded into caches
     with progress_to(log):  # archive extraction and first decode say how far they are
         splits = load_data(cfg)
+    check_classes(cfg, splits)
     model = build_baseline(cfg, splits)
     shape = input_shape_for(cfg, splits)
     classes = cfg.model.num_classes or splits.train.num_classes

@@ -309,8 +309,8 @@ def export_policies(
     evaluator scored it, optionally fine-tune, keep the best val accuracy (the first on ties), measure it and
     export it to ``out`` (default ``<export out>/trial-<n>``)."""
     log = log or (lambda s: None)
-    if out is not None and out.exists() and not out.is_dir():
-        raise SlimError(f"--out: {out} exists and is not a directory")
+    if out is not None:
+        check_export_out(out, cfg.name, "--out")
     sctx = build_study_context(cfg, allow_pretrain=False)
     if baseline_sha is not None and baseline_sha != sctx.baseline_sha:
         raise SlimError(f"the baseline weights ({sctx.baseline_path}) differ from the ones the study searched on")
@@ -346,8 +346,30 @@ def export_policies(
     )  # fmt: skip
     metrics["export_s"] = time.perf_counter() - t0
     out = out if out is not None else cfg.export_dir / f"trial-{number}"
+    check_export_out(out, cfg.name, "[export] out")
     files = write_export(sctx, cfg, model, policy, out, fmts, metrics)
     return ExportResult(number, out, files, metrics)
+
+
+def check_export_out(out: Path, study: str, where: str, also: Sequence[str] = ()) -> None:
+    """``out`` must be new, empty, or an earlier export of this study (``core.export.out_dir_problem``): an
+    export replaces its folder, so a user's folder, or another study's export, is refused, never removed."""
+    import json
+
+    from slimsearch.core.export import out_dir_problem
+    from slimsearch.search.paths import check_writable_dir
+
+    problem = out_dir_problem(out, also)
+    if problem:
+        raise SlimError(f"{where}: {problem}")
+    check_writable_dir(out.parent, where)
+    try:
+        other = json.loads((out / "metrics.json").read_text()).get("study")
+    except (OSError, ValueError, AttributeError):
+        other = None
+    if (out / "manifest.json").is_file() and other not in (None, study):
+        raise SlimError(f"{where}: {out} holds an export of study {other!r}, not of {study!r}; give a new or empty "
+                        "folder")  # fmt: skip
 
 
 def write_export(
@@ -358,6 +380,7 @@ def write_export(
     out: Path,
     fmts: Sequence[str],
     metrics: dict[str, Any],
+    also: Sequence[str] = (),
 ) -> dict[str, Path]:
     """Add the test accuracies (when the data has a test split), the measured program speed-up
     (``program_speedup``) and, with a latency bound, its measured ratio (``bound_check``) to ``metrics`` (in
@@ -377,7 +400,8 @@ def write_export(
         metrics["test_acc"] = evaluate(copy.deepcopy(model).to(sctx.eval_ctx.device), sctx.splits.test)
         metrics["base_test_acc"] = evaluate(sctx.eval_ctx.teacher(), sctx.splits.test)
     return export_model(model, policy, out, fmts, example_input=sctx.input_shape, metrics=metrics,
-                        memory_format=metrics["memory_format"], preprocessing=study_preprocessing(sctx))  # fmt: skip
+                        memory_format=metrics["memory_format"], preprocessing=study_preprocessing(sctx),
+                        also=also)  # fmt: skip
 
 
 def study_preprocessing(sctx: Any) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from typing import Any
 
 from slimsearch.core.cost import count_cost
 from slimsearch.core.errors import SlimError
+from slimsearch.core.export import out_dir_problem
 from slimsearch.core.policy import Policy
 from slimsearch.core.train import evaluate as accuracy
 from slimsearch.evaluators.cache import ResultCache
@@ -28,14 +29,11 @@ _METHOD_OUT_MARKERS = ("report.json", "manifest.json")
 
 
 def check_method_out(out: Path) -> None:
-    """The output folder must be new, empty, or an earlier method output (it is replaced as a whole)."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise SlimError(f"--out: {out} exists and is not a directory")
-    if any(out.iterdir()) and not any((out / m).is_file() for m in _METHOD_OUT_MARKERS):
-        raise SlimError(f"--out: {out} is a non-empty folder that is not a method output (it would be "
-                        "replaced); give a new or empty folder")  # fmt: skip
+    """The output folder must be new, empty, or an earlier method output holding only what a method writes
+    (it is replaced as a whole, so nothing of the user's may be in it)."""
+    problem = out_dir_problem(out, _METHOD_OUT_MARKERS, what="a method output")
+    if problem:
+        raise SlimError(f"--out: {problem}")
 
 
 @dataclass
@@ -161,7 +159,7 @@ def run_method_on_study(
         "evaluator": cfg.evaluator.kind, "input_shape": list(sctx.input_shape), "policy_hash": policy.hash,
     }  # fmt: skip
     metrics = _clean(metrics)
-    files = write_export(sctx, cfg, model, policy, out, fmts, metrics)
+    files = write_export(sctx, cfg, model, policy, out, fmts, metrics, also=_METHOD_OUT_MARKERS)
     rows = layer_rows(sctx.model, policy, layers, mres.report.get("layers", {}))
     report = {
         **metrics,

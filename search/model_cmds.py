@@ -28,6 +28,10 @@ def cmd_train(a: argparse.Namespace) -> int:
         raise SlimError(f"--val-size must be a count >= 1 or a fraction in (0, 1), got {a.val_size}")
     if a.out.exists() and a.out.is_dir():
         raise SlimError(f"--out: {a.out} is a directory; give a checkpoint file name")
+    if a.out.exists() and not _is_checkpoint(a.out):
+        raise SlimError(
+            f"--out: {a.out} exists and is not a checkpoint (it would be overwritten); give a new file name"
+        )
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         raise SlimError(f"--device {a.device}: CUDA is not available on this machine")
     splits = load_splits(a.data, a.root, val_size, a.seed)
@@ -47,6 +51,17 @@ def cmd_train(a: argparse.Namespace) -> int:
     test = f", test_acc {evaluate(model, splits.test):.4f}" if splits.test is not None else ""
     print(f"done in {time.perf_counter() - t0:.0f}s: val_acc {val:.4f}{test}; wrote {a.out}")
     return 0
+
+
+def _is_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a state dict (an earlier ``train --out``, which may be replaced), loaded safely."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return False
+    return isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
 
 
 def _shape(text: str | None, model: Any, name: str) -> tuple[int, ...]:

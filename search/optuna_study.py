@@ -11,6 +11,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from slimsearch.core.errors import SlimError
 from slimsearch.evaluators.evaluate import violations
+from slimsearch.search import fingerprint
 from slimsearch.search.local_sampler import LocalSearchSampler
 from slimsearch.search.records import FLAT_METRICS, TrialRecord
 from slimsearch.search.storage import _quiet
@@ -118,6 +119,17 @@ def load_optuna_study(cfg: StudyConfig, storage: Any, *, seed: int | None = None
     )  # fmt: skip
     _name_metrics(study, cfg)
     return study
+
+
+def check_resume(cfg: StudyConfig, storage: optuna.storages.BaseStorage | None) -> None:
+    """Before anything is built or written: an existing study must have been run with the same objectives and
+    the same trial-defining keys of the study file (``search.fingerprint``). ``storage`` None: none yet."""
+    if storage is None:
+        return
+    with _quiet():
+        names = optuna.get_all_study_names(storage)
+    if cfg.name in names:
+        fingerprint.check_config(load_optuna_study(cfg, storage).user_attrs.get(fingerprint.ATTR), cfg)
 
 
 def is_counted(t: FrozenTrial) -> bool:

@@ -26,6 +26,8 @@ import pandas as pd
 from slimsearch.core.errors import SlimError
 from slimsearch.core.policy import Policy
 from slimsearch.evaluators.evaluate import EvalResult
+from slimsearch.search import fingerprint
+from slimsearch.search.paths import check_writable_dir
 from slimsearch.search.records import COUNTED_STATUSES, TrialRecord
 from slimsearch.search.study import StudyConfig
 
@@ -205,6 +207,14 @@ def _resumable(exp_dir: Path) -> bool:
     leaves a directory ``Tuner.restore`` rejects ("No experiment snapshot file"), in which no trial finished:
     that one starts afresh."""
     return (exp_dir / "tuner.pkl").is_file() and any(exp_dir.glob("experiment_state-*.json"))
+
+
+def check_workdir(cfg: StudyConfig) -> None:
+    """Before anything is built or Ray starts: the workdir can be written (or created), and a resumable
+    experiment in it was run with this study file (its ``<name>-meta.json`` fingerprint, ``search.fingerprint``)."""
+    check_writable_dir(cfg.study.workdir, f"{cfg.path}: [study] workdir")
+    if _resumable(ray_experiment_dir(cfg)):
+        fingerprint.check_config(_read_meta(ray_meta_path(cfg)).get(fingerprint.ATTR), cfg)
 
 
 def _target(cfg: StudyConfig, default: int) -> int:

@@ -40,6 +40,7 @@ from slimsearch.core.errors import SlimError
 from slimsearch.core.policy import Policy
 from slimsearch.evaluators.cache import ResultCache
 from slimsearch.evaluators.evaluate import EvalResult, one_line, violations
+from slimsearch.search import fingerprint
 from slimsearch.search.context import StudyContext, build_study_context, study_info
 from slimsearch.search.legacy_names import legacy_module_names
 from slimsearch.search.optuna_study import bound_names, make_sampler, store_constraints
@@ -53,6 +54,7 @@ from slimsearch.search.ray_results import (
     _resumable,
     _target,
     _write_meta,
+    check_workdir,
     fidelity,
     final_result,
     ray_experiment_dir,
@@ -68,6 +70,7 @@ from slimsearch.search.records import RunSummary, best, best_summary
 from slimsearch.search.seeding import generate_seeds
 from slimsearch.search.study import StudyConfig
 from slimsearch.search.trial import Fitted, evaluate_trial, fit_trial
+from slimsearch.spaces.describe import log_exclusions
 from slimsearch.spaces.space import SearchSpace
 
 Log = Callable[[str], None]
@@ -376,6 +379,7 @@ def run_ray(
     target = cfg.study.n_trials
     workers = cfg.evaluator.worker_count(0)  # "per-gpu": one trial per GPU of the cluster, known once connected
     address = address if address is not None else getattr(cfg.evaluator, "ray_address", None)
+    check_workdir(cfg)  # writable, and a changed study file is refused before anything is built
     if address is not None:
         check_reachable(address)  # before building anything
     ev = cfg.evaluator
@@ -385,13 +389,13 @@ def run_ray(
     driver_cfg = cfg.with_device("cpu" if cfg.study.device == "cpu" else "auto")
     sctx = build_study_context(driver_cfg, log=log)  # validates input; pre-trains and caches the baseline if asked
     sctx.latency_info(log)  # a latency bound's table: measured (or loaded) before any write or worker
-    from slimsearch.spaces.describe import log_exclusions
-
     log_exclusions(sctx.space, log)  # once per run: which conv layers the search leaves alone, and why
     exp_dir = ray_experiment_dir(cfg)
     resumable = _resumable(exp_dir)
     meta = _read_meta(ray_meta_path(cfg)) if resumable else {}
     info = study_info(sctx)
+    info[fingerprint.ATTR] = fingerprint.of_study(cfg, sctx)
+    fingerprint.check_config(meta.get(fingerprint.ATTR), cfg, info[fingerprint.ATTR])
     if meta.get("baseline_sha") not in (None, info["baseline_sha"]):
         raise SlimError(f"Ray study {cfg.name!r} was searched on a baseline with weights {meta['baseline_sha']}, this "
                         f"one has {info['baseline_sha']}; use a new [study] name")  # fmt: skip

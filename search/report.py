@@ -268,9 +268,30 @@ def _front_table(front: pd.DataFrame) -> pd.DataFrame:
     return show.drop(columns=[c for c in LATENCY_METRICS if c in show and show[c].isna().all()])
 
 
+REPORT_FILES = ("trials.csv", "pareto.csv", "pareto.png", "study.json")
+
+
+def check_report_out(out: Path) -> None:
+    """A report folder must be new, empty, or an earlier report (its study.json, and only the files a report
+    writes): the report overwrites those files in place, so it must never overwrite a user's own."""
+    from slimsearch.search.paths import check_writable_dir
+
+    check_writable_dir(out, "--out")
+    if not out.exists():
+        return
+    names = {p.name for p in out.iterdir()}
+    foreign = sorted(n for n in names if n not in REPORT_FILES and not (n.startswith("policy_trial") and
+                                                                       n.endswith(".png")))  # fmt: skip
+    if names and ("study.json" not in names or foreign):
+        shown = f" (it holds {foreign[0]!r})" if foreign else ""
+        raise SlimError(f"--out: {out} is a non-empty folder that is not an earlier report{shown}; its files would "
+                        "be overwritten, so give a new or empty folder")  # fmt: skip
+
+
 def write_report(cfg: StudyConfig, trial: int | None = None, out_dir: str | Path | None = None) -> Report:
     """Write trials.csv, pareto.csv, pareto.png and policy_trial<N>.png (N: ``trial`` or the best) to
     ``out_dir`` (default ``<workdir>/report``); return them with the printed Pareto table."""
+    check_report_out(Path(out_dir) if out_dir is not None else cfg.study.workdir / "report")
     backend = backend_for(cfg)
     records = backend.records()  # a study that never ran: SlimError
     st = backend.info()

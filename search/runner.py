@@ -9,8 +9,9 @@ without a status, and such a trial is re-enqueued with the same parameters (Optu
 ``RetryHeartbeatStaleTrialCallback``, up to ``[study] max_retry`` times).
 
 Work is handed out through *slots*: ``run`` enqueues the seed trials and then empty WAITING trials
-until counted + running + waiting == n_trials. Every process (the driver, ``--workers`` processes,
-``slimsearch worker`` on other machines) claims WAITING trials with the storage's atomic
+toward counted + running + waiting == n_trials, at most ``search.slots.SLOT_BATCH`` waiting at a time (an
+idle process tops the queue up again, so a huge n_trials never writes a huge queue). Every process (the driver,
+``--workers`` processes, ``slimsearch worker`` on other machines) claims WAITING trials with the storage's atomic
 WAITING -> RUNNING transition and evaluates them; it never creates trials beyond the slots, so the
 study ends with exactly n_trials counted trials. SQLite's transactions do not make that
 transition atomic between processes, so for SQLite claims also take a file lock (``<db>.lock``);
@@ -38,11 +39,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pickle
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -59,9 +58,11 @@ from slimsearch.core.errors import SlimError
 from slimsearch.core.policy import Policy
 from slimsearch.evaluators.cache import ResultCache
 from slimsearch.evaluators.evaluate import EvalResult, one_line
+from slimsearch.search import fingerprint
 from slimsearch.search.context import StudyContext, build_study_context, study_info
 from slimsearch.search.display import Display
 from slimsearch.search.optuna_study import (
+    check_resume,
     is_counted,
     load_optuna_study,
     make_sampler,
@@ -70,13 +71,23 @@ from slimsearch.search.optuna_study import (
     tally,
     target_trials,
 )
+from slimsearch.search.paths import check_writable_dir
 from slimsearch.search.placement import Placement, local_gpus, plan_workers, worker_env
 from slimsearch.search.records import RunSummary, best_summary, fmt_count
 from slimsearch.search.seeding import generate_seeds
 from slimsearch.search.slots import WORKER_ATTR, Heartbeat, _pid_alive, claim, reap_dead, top_up
-from slimsearch.search.storage import _retry_callback, check_sqlite_target, engine_url, open_storage, storage_lock
+from slimsearch.search.storage import (
+    _retry_callback,
+    check_sqlite_target,
+    engine_url,
+    open_in_workdir,
+    open_storage,
+    storage_exists,
+    storage_lock,
+)
 from slimsearch.search.study import StudyConfig, mask_url, sqlite_path
 from slimsearch.search.trial import Fitted, evaluate_trial, fit_trial, objective_values, trial_attrs
+from slimsearch.search.worker_launch import remove_stale_configs, start_worker
 
 # Kept importable from here: the storage and slot helpers scripts and tests have always taken from the runner.
 __all__ = ["WORKER_ATTR", "claim", "engine_url", "is_counted", "load_optuna_study", "open_storage", "prepare_study",
@@ -220,6 +231,9 @@ def prepare_study(
                 f"study {cfg.name!r} was searched on a baseline with weights {old_sha}, this one has "
                 f"{info['baseline_sha']} (checkpoint or pre-trained baseline changed); use a new [study] name"
             )
+        fp = fingerprint.of_study(cfg, sctx)  # a changed study file is refused (run checked its keys already)
+        fingerprint.check_config(study.user_attrs.get(fingerprint.ATTR), cfg, fp)
+        study.set_user_attr(fingerprint.ATTR, fp)
         study.set_user_attr("slimsearch", info)
         study.set_user_attr("n_trials", cfg.study.n_trials)
         study.set_user_attr("objectives", [o.spec for o in cfg.study.objectives])
@@ -303,16 +317,19 @@ def run_study(
     log = log or (lambda s: console.print(s, markup=False))
     t0 = time.perf_counter()
     # Storage problems are reported before anything is written (or a baseline trained).
-    storage = None if sqlite_path(cfg.study.storage) else open_storage(cfg)
+    check_writable_dir(cfg.study.workdir, f"{cfg.path}: [study] workdir")
+    storage = None if sqlite_path(cfg.study.storage) and not storage_exists(cfg) else open_storage(cfg)
     check_sqlite_target(cfg)
+    check_resume(cfg, storage)  # a changed study file is refused before anything is built
     sctx = build_study_context(cfg, log=log)
     sctx.latency_info(log)  # a latency bound's table: measured (or loaded) before any write or worker
     from slimsearch.spaces.describe import log_exclusions
 
     log_exclusions(sctx.space, log)  # once per run: which conv layers the search leaves alone, and why
-    storage = storage or open_storage(cfg)
+    storage = open_in_workdir(cfg, storage)  # the workdir first; a storage that cannot be created leaves none
     _attach_cache(sctx, cfg)
     study = prepare_study(cfg, sctx, storage, log=log)
+    remove_stale_configs(cfg.study.workdir)  # older versions' config files, with the storage password
     base = sctx.eval_ctx
     log(f"study {cfg.name}: {cfg.study.sampler} sampler, objectives {', '.join(o.spec for o in cfg.study.objectives)}, "
         f"storage {mask_url(cfg.study.storage)}")  # fmt: skip
@@ -355,21 +372,10 @@ def _attach_cache(sctx: StudyContext, cfg: StudyConfig) -> None:
     sctx.eval_ctx.cache = ResultCache(cfg.study.workdir / "cache")
 
 
-def _worker_cmd(cfg_file: Path, cfg: StudyConfig, index: int, threads: int, device: str | None = None) -> list[str]:
-    return [sys.executable, "-m", "slimsearch", "worker", str(cfg.path), "--config-pickle", str(cfg_file),
-            "--parent-pid", str(os.getpid()), "--worker-index", str(index), "--threads", str(threads),
-            *(["--device", device] if device else [])]  # fmt: skip
-
-
 def _drive_workers(cfg: StudyConfig, study: optuna.Study, workers: int, deadline: float | None, disp: Display,
                    threads: int | None = None, plan: Sequence[Placement] = ()) -> bool:  # fmt: skip
     """Start ``workers`` worker processes, show progress until the study is done, restart crashed ones.
     ``plan``: each worker's ``search.placement.Placement`` (its device and GPU)."""
-    cfg.study.workdir.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=".worker-config-", suffix=".pkl", dir=cfg.study.workdir)
-    cfg_file = Path(name)
-    with os.fdopen(fd, "wb") as fh:
-        pickle.dump(cfg, fh)
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
     env = dict(os.environ)
     # The folder holding the ``slimsearch`` package (the repository or site-packages), never the package's own
@@ -382,7 +388,7 @@ def _drive_workers(cfg: StudyConfig, study: optuna.Study, workers: int, deadline
     envs = [worker_env(env, p) for p in plan]  # CUDA_VISIBLE_DEVICES set before the worker imports torch
 
     def start(i: int) -> subprocess.Popen:
-        return subprocess.Popen(_worker_cmd(cfg_file, cfg, i + 1, threads, plan[i].device), env=envs[i])
+        return start_worker(cfg, i + 1, threads, envs[i], plan[i].device)  # its config on stdin, never a file
 
     procs: dict[int, subprocess.Popen] = {}
     restarts, max_restarts = 0, 3 * workers
@@ -426,7 +432,6 @@ def _drive_workers(cfg: StudyConfig, study: optuna.Study, workers: int, deadline
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-        cfg_file.unlink(missing_ok=True)
 
 
 def _watch_parent(parent_pid: int) -> None:
@@ -458,6 +463,7 @@ def run_worker(
         _watch_parent(parent_pid)
     storage = open_storage(cfg, create=False)
     study = load_optuna_study(cfg, storage)
+    fingerprint.check_config(study.user_attrs.get(fingerprint.ATTR), cfg)  # a changed study file: refused
     sctx = build_study_context(cfg, allow_pretrain=False)
     want = study.user_attrs.get("slimsearch", {}).get("baseline_sha")
     if want is not None and want != sctx.baseline_sha:

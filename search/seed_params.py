@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -52,7 +53,7 @@ def _fractions_ok(values: Any) -> bool:
     """A non-empty list of plain numbers in [0, 1)."""
     return (
         isinstance(values, list)
-        and bool(values)
+        and 0 < len(values) <= MAX_OPTION_LIST
         and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1 for v in values)
     )
 
@@ -102,6 +103,11 @@ def allowed_params(name: str) -> list[str]:
     return sorted(set(names) - _RESERVED)
 
 
+MAX_OPTION_INT = 1_000_000  # |value| of a numeric method option (generations, population, steps...)
+MAX_OPTION_SEED = 2**32 - 1  # an option named *seed*
+MAX_OPTION_LIST = 10_000  # values in a list option (also [seeds] uniform_rates and the like)
+
+
 def _check_value(name: str, key: str, value: Any, default: Any, where: str) -> Any:
     """A method option's value checked against the type of the method's default (TOML has no None)."""
     num = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -120,6 +126,11 @@ def _check_value(name: str, key: str, value: Any, default: Any, where: str) -> A
     if not ok:
         want = type(default).__name__ if not isinstance(default, (tuple, list)) else "list"
         raise SlimError(f"{where}{key}: expected {want} (like the default {default!r}), got {value!r}")
+    bound = MAX_OPTION_SEED if "seed" in key else MAX_OPTION_INT
+    if num and not (math.isfinite(value) and abs(value) <= bound):  # one number must never start unbounded work
+        raise SlimError(f"{where}{key}: must be a finite number with |value| <= {bound}, got {value!r}")
+    if isinstance(value, (list, tuple)) and len(value) > MAX_OPTION_LIST:
+        raise SlimError(f"{where}{key}: at most {MAX_OPTION_LIST} values, got {len(value)}")
     if isinstance(value, list) and key in ("cp_rank", "tucker_ranks", "scan_rates", "compare"):
         return tuple(value)
     return float(value) if isinstance(default, float) else value

@@ -1,5 +1,5 @@
 """Trial slots of an Optuna study shared by many processes: claiming a WAITING trial atomically, topping the
-queue up to n_trials, failing (for retry) trials whose process died, and the running trial's heartbeat.
+queue up toward n_trials (at most ``SLOT_BATCH`` waiting at a time), failing (for retry) trials whose process died, and the running trial's heartbeat.
 See ``search.runner``'s docstring for how these add up to exactly n_trials counted trials."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from slimsearch.search.storage import _quiet, _retry_callback
 from slimsearch.search.study import StudyConfig
 
 WORKER_ATTR = "slimsearch:worker"
+SLOT_BATCH = 32  # most empty WAITING slots enqueued ahead of the workers (``top_up``)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -50,10 +51,11 @@ def reap_dead(study: optuna.Study, cfg: StudyConfig) -> int:
     return n
 
 
-def top_up(study: optuna.Study, target: int) -> int:
-    """Enqueue empty trials until counted + running + waiting == target; returns how many."""
+def top_up(study: optuna.Study, target: int, batch: int = SLOT_BATCH) -> int:
+    """Enqueue empty trials toward counted + running + waiting == target, but at most ``batch`` waiting at a
+    time (slots are made as they are claimed: a huge n_trials never writes a huge queue); returns how many."""
     t = tally(study.get_trials(deepcopy=False))
-    missing = target - (t.counted + t.running + t.waiting)
+    missing = min(target - (t.counted + t.running + t.waiting), batch - t.waiting)
     for _ in range(max(0, missing)):
         study.enqueue_trial({})
     return max(0, missing)

@@ -12,6 +12,7 @@ import sqlite3
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -66,6 +67,37 @@ def check_sqlite_target(cfg: StudyConfig) -> None:
         raise SlimError(f"storage {p}: cannot create it ({parent} is not a writable folder)")
 
 
+def open_in_workdir(cfg: StudyConfig, storage: optuna.storages.RDBStorage | None) -> optuna.storages.RDBStorage:
+    """Create the workdir, then open the storage (unless ``storage`` is already open): a folder the earlier checks
+    could not foresee (e.g. under /proc) is refused before the database exists, and a database that cannot be
+    created leaves no new workdir behind (the folders made here are removed again)."""
+    workdir = cfg.study.workdir
+    made = [p for p in (workdir, *workdir.parents) if not p.exists()]  # deepest first
+    try:
+        try:
+            workdir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SlimError(f"{cfg.path}: [study] workdir: cannot create {workdir} ({e.strerror or e})") from None
+        return storage or open_storage(cfg)
+    except BaseException:
+        for p in made:
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        raise
+
+
+def _empty_database(p: Path) -> bool:
+    """Whether the SQLite file ``p`` is empty even once a ``run`` creating it is done: a creator makes the file
+    (0 bytes) while it holds the study's file lock (``storage_lock``), so a reader waits for that lock (opened
+    read-only: it creates nothing) before calling an empty file a user's mistake."""
+    if p.stat().st_size:
+        return False
+    with contextlib.suppress(OSError), open(f"{p}.lock") as fh:  # no lock file: no creator ever ran
+        fcntl.flock(fh, fcntl.LOCK_SH)
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    return p.stat().st_size == 0
+
+
 def engine_url(url: str) -> str:
     """``url`` with an installed DBAPI driver: SQLAlchemy >= 2.1 maps a bare ``postgresql://`` to psycopg
     (3), older versions to psycopg2; use whichever is importable (psycopg first). Other URLs unchanged."""
@@ -86,6 +118,9 @@ def open_storage(cfg: StudyConfig, *, create: bool = True) -> optuna.storages.RD
     p = sqlite_path(url)
     kwargs: dict[str, Any] = {}
     if p is not None:
+        if not create and p.is_file() and _empty_database(p):  # Optuna would write its tables into it
+            raise SlimError(f"storage {p} is an empty file, not a study database; start the study with "
+                            f"`slimsearch run {cfg.path}` (after removing it)")  # fmt: skip
         if not p.is_file():
             if not create:
                 raise SlimError(f"no study storage at {p}; start the study with `slimsearch run {cfg.path}`")

@@ -196,8 +196,8 @@ class StudyConfig:
         return replace(self, study=replace(self.study, device=device))
 
     def with_n_trials(self, n: int) -> StudyConfig:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise SlimError(f"--n-trials must be a positive integer, got {n!r}")
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 1_000_000:  # = [study] n_trials' bound
+            raise SlimError(f"--n-trials must be an integer in [1, 1000000], got {n!r}")
         return replace(self, study=replace(self.study, n_trials=n))
 
 

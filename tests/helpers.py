@@ -130,3 +130,49 @@ bn_batches = 2
 workers = {workers}
 """)
     return path
+
+
+# ----------------------------------------------------------------------------- bad-input / data-safety cases
+
+# The study file of tests/test_bad_input.py and tests/test_data_safety.py (a case folder holds it as S).
+BASE_STUDY = """\
+[study]
+name = "bad"
+n_trials = 3
+heartbeat_interval = 1
+grace_period = 2
+
+[model]
+factory = "smallcnn"
+checkpoint = "base.pt"
+
+[data]
+dataset = "digits"
+val_size = 200
+
+[constraint]
+max_macs_ratio = 0.7
+
+[space]
+prune_rate = [0.0, 0.7]
+rate_step = 0.05
+
+[evaluator]
+kind = "proxy"
+bn_batches = 2
+batch_size = 64
+"""
+S = "study.toml"
+
+
+def case_env(d: Path) -> dict[str, str]:
+    """The environment of a CLI subprocess run in case folder ``d``: this checkout first, caches inside ``d``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLIMSEARCH_")}
+    env.update(
+        PYTHONPATH=str(REPO),
+        PYTHONDONTWRITEBYTECODE="1",  # the case's own modules must not grow a __pycache__
+        SLIMSEARCH_CACHE=str(d / ".cache"),  # inside the snapshot: caches count as writes too
+        OMP_NUM_THREADS="1",
+        COLUMNS="200",
+    )
+    return env

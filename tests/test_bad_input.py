@@ -18,36 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
-
-BASE_STUDY = """\
-[study]
-name = "bad"
-n_trials = 3
-heartbeat_interval = 1
-grace_period = 2
-
-[model]
-factory = "smallcnn"
-checkpoint = "base.pt"
-
-[data]
-dataset = "digits"
-val_size = 200
-
-[constraint]
-max_macs_ratio = 0.7
-
-[space]
-prune_rate = [0.0, 0.7]
-rate_step = 0.05
-
-[evaluator]
-kind = "proxy"
-bn_batches = 2
-batch_size = 64
-"""
+from helpers import BASE_STUDY, S, case_env
 
 # User model factories importable from the case folder (``python -m`` puts the cwd on sys.path).
 USER_MODELS = """\
@@ -160,13 +131,52 @@ def image_folder(root: str, *, empty_class: bool = False, corrupt: bool = False)
     return apply
 
 
+def archive(name: str, root: str = "imgs") -> Callable[[Path], None]:
+    """``name`` (.tar.gz): the image folder ``root`` packed, then ``root`` itself removed."""
+
+    def apply(d: Path) -> None:
+        import tarfile
+
+        with tarfile.open(d / name, "w:gz") as t:
+            t.add(d / root, arcname=root)
+        shutil.rmtree(d / root)
+
+    return apply
+
+
+# A user module that parses the command line at import, as a training script does.
+ARGV_MODELS = """\
+import argparse
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--lr", type=float, required=True)
+args = parser.parse_args()
+
+
+def net(num_classes=10, in_channels=1):
+    raise AssertionError("never reached")
+"""
+
+EXITING_MODELS = """\
+import sys
+
+
+def net(num_classes=10, in_channels=1):
+    sys.exit("no GPU found")
+"""
+
+# An export folder of another study (its metrics.json names it).
+OTHER_EXPORT = steps(write("theirs/manifest.json", "{}"), write("theirs/metrics.json", '{"study": "other"}'))
+# A changed study file on resume (the prepared study has prune_rate [0.0, 0.7], criteria l1, proxy).
+ADD_CRITERION = edit("rate_step = 0.05", 'rate_step = 0.05\ncriteria = ["l1", "fpgm"]')
+
+
 IMAGEFOLDER = edit('dataset = "digits"\nval_size = 200', 'dataset = "imagefolder"\nroot = "imgs"\nval_size = 2')
 RGB_MODEL = edit('checkpoint = "base.pt"', 'checkpoint = "rgb.pt"')
 
 
 # ----------------------------------------------------------------------------- the cases
 
-S = "study.toml"
 RUN = ["run", S, "--no-progress"]
 # (id, setup, argv, needles, needs_prepared_study)
 CASES: list = [
@@ -484,6 +494,228 @@ CASES: list = [
         ["junk.pt", "corrupt"],
         False,
     ),
+    # --- numbers without an upper bound used to start unbounded work or overflow (issue 20)
+    (
+        "n-trials-huge",
+        edit("n_trials = 3", "n_trials = 1000000000000"),
+        RUN,
+        ["[study] n_trials", "must be in [1, 1000000]"],
+        False,
+    ),
+    (
+        "seed-beyond-64-bits",
+        edit('name = "bad"', 'name = "bad"\nseed = 18446744073709551616'),
+        RUN,
+        ["[study] seed", "must be in [0, 4294967295]"],
+        False,
+    ),
+    (
+        "heartbeat-huge",
+        edit("heartbeat_interval = 1\ngrace_period = 2", "heartbeat_interval = 1000000000000"),
+        RUN,
+        ["[study] heartbeat_interval", "must be in [1, "],
+        False,
+    ),
+    (
+        "timeout-huge",
+        edit("n_trials = 3", "n_trials = 3\ntimeout = 1e300"),
+        RUN,
+        ["[study] timeout", "must be in (0, "],
+        False,
+    ),
+    ("max-retry-huge", edit("n_trials = 3", "n_trials = 3\nmax_retry = 10000000"), RUN, ["[study] max_retry"], False),
+    ("data-seed-huge", edit("val_size = 200", "val_size = 200\nseed = 4294967296"), RUN, ["[data] seed"], False),
+    ("val-size-count-huge", edit("val_size = 200", "val_size = 10000000000000"), RUN, ["[data] val_size"], False),
+    (
+        "evaluator-steps-huge",
+        edit('kind = "proxy"', 'kind = "finetune"\nsteps = 1000000000000'),
+        RUN,
+        ["[evaluator] steps", "must be in [1, "],
+        False,
+    ),
+    (
+        "evaluator-seed-huge",
+        edit('kind = "proxy"', 'kind = "proxy"\nseed = 4294967296'),
+        RUN,
+        ["[evaluator] seed", "must be in [0, 4294967295]"],
+        False,
+    ),
+    (
+        "export-top-k-huge",
+        write(S, BASE_STUDY + "\n[export]\nfinetune_epochs = 1\ntop_k = 100000000\n"),
+        RUN,
+        ["[export] top_k", "must be in [1, "],
+        False,
+    ),
+    (
+        "seed-method-option-huge",
+        write(S, BASE_STUDY + '\n[seeds]\nstrategies = ["ga"]\nga_generations = 1000000000000\n'),
+        RUN,
+        ["[seeds] ga_generations", "<= 1000000"],
+        False,
+    ),
+    (
+        "seed-method-option-nan",
+        write(S, BASE_STUDY + '\n[seeds]\nstrategies = ["abshpc"]\nabshpc_epsilon = nan\n'),
+        RUN,
+        ["[seeds] abshpc_epsilon", "finite"],
+        False,
+    ),
+    ("workers-huge", None, ["run", S, "--workers", "100000"], ["--workers", "'100000'"], False),
+    ("n-trials-option-huge", None, ["run", S, "--n-trials", "10000000000"], ["--n-trials"], False),
+    ("train-epochs-inf", None, ["train", "smallcnn", "--epochs", "inf", "--out", "m.pt"], ["--epochs", "inf"], False),
+    # --- errors that say where (issue 20)
+    (
+        "val-size-selects-nothing",
+        edit("val_size = 200", "val_size = 0.0001"),
+        RUN,
+        ["[data]", "val_size 0.0001", "no validation image"],
+        False,
+    ),  # fmt: skip
+    (
+        "num-classes-below-data",
+        edit('checkpoint = "base.pt"', 'checkpoint = "base.pt"\nnum_classes = 3'),
+        RUN,
+        ["[model] num_classes", "10 classes"],
+        False,
+    ),
+    (
+        "factory-parses-argv-at-import",
+        steps(write("argvmodels.py", ARGV_MODELS), edit('factory = "smallcnn"', 'factory = "argvmodels:net"')),
+        RUN,
+        ["[model] factory", "argvmodels:net", "sys.exit(2)"],
+        False,
+    ),
+    (
+        "factory-calls-sys-exit",
+        steps(write("exitmodels.py", EXITING_MODELS), edit('factory = "smallcnn"', 'factory = "exitmodels:net"')),
+        RUN,
+        ["[model] factory", "exitmodels:net", "no GPU found"],
+        False,
+    ),
+    # --- cheap checks first, then the disk (issue 20): nothing extracted, decoded, cached or created
+    (
+        "archive-with-missing-checkpoint",
+        steps(
+            image_folder("imgs"),
+            archive("imgs.tar.gz"),
+            edit('dataset = "digits"\nval_size = 200', 'dataset = "imagefolder"\nroot = "imgs.tar.gz"\nval_size = 2'),
+            edit("base.pt", "gone.pt"),
+        ),
+        RUN,
+        ["[model] checkpoint", "gone.pt", "not found"],
+        False,
+    ),  # fmt: skip
+    (
+        "archive-with-other-architecture-checkpoint",
+        steps(
+            image_folder("imgs"),
+            archive("imgs.tar.gz"),
+            edit('dataset = "digits"\nval_size = 200', 'dataset = "imagefolder"\nroot = "imgs.tar.gz"\nval_size = 2'),
+            save_state("r20.pt", "resnet20"),
+            edit("base.pt", "r20.pt"),
+        ),
+        RUN,
+        ["[model] checkpoint", "does not fit model SmallCNN"],
+        False,
+    ),  # fmt: skip
+    (
+        "corrupt-archive",
+        steps(
+            write("imgs.tar.gz", b"\x1f\x8b\x08\x00" + os.urandom(300)),
+            edit('dataset = "digits"\nval_size = 200', 'dataset = "imagefolder"\nroot = "imgs.tar.gz"\nval_size = 2'),
+            RGB_MODEL,
+            save_state("rgb.pt", "smallcnn", in_channels=3),
+        ),
+        RUN,
+        ["[data]", "cannot extract archive", "imgs.tar.gz"],
+        False,
+    ),  # fmt: skip
+    ("status-on-empty-db", write("runs/bad.db", b""), ["status", S], ["runs/bad.db", "empty file"], False),
+    ("export-on-empty-db", write("runs/bad.db", b""), ["export", S], ["runs/bad.db", "empty file"], False),
+    (
+        "workdir-under-a-file",
+        steps(write("afile", "x"), edit('name = "bad"', 'name = "bad"\nworkdir = "afile/work"')),
+        RUN,
+        ["[study] workdir", "afile", "not a folder"],
+        False,
+    ),
+    # --- user-given output paths: never remove or overwrite what the command did not write (issue 20)
+    (
+        "export-out-user-folder",
+        write("mydata/important.txt", "mine"),
+        ["export", S, "--trial", "1", "--out", "mydata"],
+        ["--out", "mydata", "not an earlier export", "important.txt"],
+        True,
+    ),
+    (
+        "export-out-user-folder-outside",
+        write("../sibling-i20/important.txt", "mine"),
+        ["export", S, "--trial", "1", "--out", "../sibling-i20"],
+        ["--out", "sibling-i20", "not an earlier export"],
+        True,
+    ),
+    (
+        "export-out-earlier-export-plus-user-file",
+        steps(write("mine/manifest.json", "{}"), write("mine/model.pt", b"x"), write("mine/notes.txt", "mine")),
+        ["export", S, "--trial", "1", "--out", "mine"],
+        ["--out", "not an earlier export", "notes.txt"],
+        True,
+    ),
+    ("export-out-other-study", OTHER_EXPORT, ["export", S, "--trial", "1", "--out", "theirs"], ["'other'"], True),
+    (
+        "export-config-out-user-folder",
+        steps(edit("[evaluator]", '[export]\nout = "ex"\n\n[evaluator]'), write("ex/trial-1/keep.txt", "mine")),
+        ["export", S, "--trial", "1"],
+        ["[export] out", "trial-1", "keep.txt"],
+        True,
+    ),
+    (
+        "report-out-user-folder",
+        write("mine/trials.csv", "my own table"),
+        ["report", S, "--out", "mine"],
+        ["--out", "mine", "not an earlier report"],
+        True,
+    ),
+    (
+        "train-out-not-a-checkpoint",
+        write("notes.txt", "mine"),
+        ["train", "smallcnn", "--epochs", "1", "--out", "notes.txt"],
+        ["--out", "notes.txt", "not a checkpoint"],
+        False,
+    ),
+    # --- a study resumed with a changed study file (issue 20): refused, naming the keys and the two ways out
+    ("resume-changed-space", ADD_CRITERION, RUN, ["[space] criteria", "new [study] name", "revert"], True),
+    (
+        "resume-changed-bound-and-evaluator",
+        steps(edit("max_macs_ratio = 0.7", "max_macs_ratio = 0.42"), edit('kind = "proxy"', 'kind = "finetune"')),
+        RUN,
+        ["[constraint] max_macs_ratio", "[evaluator] kind", "0.7 -> 0.42"],
+        True,
+    ),
+    (
+        "resume-changed-space-with-more-trials",
+        ADD_CRITERION,
+        [*RUN, "--n-trials", "4"],
+        ["[space] criteria"],
+        True,
+    ),
+    ("resume-changed-val-size", edit("val_size = 200", "val_size = 300"), RUN, ["[data] val_size"], True),
+    (
+        "resume-changed-seeds",
+        edit("[evaluator]", '[seeds]\nstrategies = ["uniform"]\nuniform_rates = [0.3]\n\n[evaluator]'),
+        RUN,
+        ["[seeds] strategies"],
+        True,
+    ),
+    (
+        "resume-changed-fit",
+        edit("max_macs_ratio = 0.7", 'max_macs_ratio = 0.7\nfit = "none"'),
+        RUN,
+        ["[constraint] fit"],
+        True,
+    ),  # fmt: skip
+    ("worker-changed-space", ADD_CRITERION, ["worker", S], ["[space] criteria", "revert"], True),
     # --- on an existing study (trial 0 FAILed: NaN loss; trial 1 COMPLETE)
     ("export-unknown-format", None, ["export", S, "--format", "tflite"], ["--format", "'tflite'", "onnx"], True),
     ("export-failed-trial", None, ["export", S, "--trial", "0"], ["--trial 0", "FAIL", "loss is"], True),
@@ -516,65 +748,15 @@ SLOW_CASES = {
     "unreachable-ray-address", "worker-never-ran", "train-epochs-0", "cost-corrupt-checkpoint", "empty-class-folder",
     "export-unknown-format", "export-trial-not-a-number", "export-out-is-a-file", "report-missing-trial",
     "changed-objectives", "changed-baseline", "unknown-model", "status-never-ran",
+    "timeout-huge", "max-retry-huge", "data-seed-huge", "val-size-count-huge", "evaluator-seed-huge",
+    "n-trials-option-huge", "factory-calls-sys-exit", "export-on-empty-db", "export-out-user-folder-outside",
+    "export-out-earlier-export-plus-user-file", "export-out-other-study", "resume-changed-val-size",
+    "resume-changed-fit", "archive-with-other-architecture-checkpoint", "seed-method-option-nan",
 }  # fmt: skip
 
 
 def _params() -> list:
     return [pytest.param(*c[1:], id=c[0], marks=[pytest.mark.slow] if c[0] in SLOW_CASES else []) for c in CASES]
-
-
-@pytest.fixture(scope="session")
-def base_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An (untrained, seeded) smallcnn state dict: bad-input cases never get as far as training."""
-    from slimsearch.core.models import build_model
-
-    p = tmp_path_factory.mktemp("bad_input_ckpt") / "base.pt"
-    torch.manual_seed(0)
-    torch.save(build_model("smallcnn", 10, 1).state_dict(), p)
-    return p
-
-
-@pytest.fixture(scope="session")
-def prepared_study(tmp_path_factory: pytest.TempPathFactory, base_ckpt: Path) -> Path:
-    """A folder with a 2-trial study: trial 0 enqueued with a learning rate that makes the loss NaN
-    (FAIL, with its reason), trial 1 a normal COMPLETE one."""
-    d = tmp_path_factory.mktemp("bad_input_prepared")
-    shutil.copy(base_ckpt, d / "base.pt")
-    (d / S).write_text(BASE_STUDY.replace("n_trials = 3", "n_trials = 2"))
-    code = (
-        "import torch, slimsearch.evaluators.evaluate as ev\n"
-        "from slimsearch.search.study import load_study\n"
-        "from slimsearch.search.runner import run_study\n"
-        "orig = ev.evaluate\n"
-        "def evaluate(ctx, cfg, policy, **kw):\n"
-        "    global orig\n"
-        "    if evaluate.calls == 0:  # first trial: a fine-tune with an absurd learning rate -> NaN loss\n"
-        "        import dataclasses\n"
-        "        cfg = dataclasses.replace(cfg, kind='finetune', steps=5, lr=1e30)\n"
-        "    evaluate.calls += 1\n"
-        "    return orig(ctx, cfg, policy, **kw)\n"
-        "evaluate.calls = 0\n"
-        "ev.evaluate = evaluate\n"
-        "torch.set_num_threads(1)\n"
-        "s = run_study(load_study('study.toml'), workers=1, progress=False, log=lambda s: None)\n"
-        "assert s.counted == 2, s\n"
-    )
-    res = subprocess.run([sys.executable, "-c", code], cwd=d, env=_env(d), capture_output=True, text=True,
-                         timeout=300)  # fmt: skip
-    assert res.returncode == 0, res.stdout + res.stderr
-    return d
-
-
-def _env(d: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLIMSEARCH_")}
-    env.update(
-        PYTHONPATH=str(REPO),
-        PYTHONDONTWRITEBYTECODE="1",  # the case's own modules must not grow a __pycache__
-        SLIMSEARCH_CACHE=str(d / ".cache"),  # inside the snapshot: caches count as writes too
-        OMP_NUM_THREADS="1",
-        COLUMNS="200",
-    )
-    return env
 
 
 @pytest.mark.parametrize(("setup", "argv", "needles", "prepared"), _params())
@@ -596,8 +778,8 @@ def test_bad_input_exits_2_one_line_nothing_written(
         (d / S).write_text(BASE_STUDY)
     if setup is not None:
         setup(d)
-    before = snapshot(d)
-    res = subprocess.run([sys.executable, "-m", "slimsearch", *argv], cwd=d, env=_env(d), capture_output=True,
+    before = snapshot(tmp_path)  # the case folder and its siblings (an --out ../elsewhere)
+    res = subprocess.run([sys.executable, "-m", "slimsearch", *argv], cwd=d, env=case_env(d), capture_output=True,
                          text=True, timeout=60)  # fmt: skip
     lines = res.stderr.splitlines()
     assert res.returncode == 2, f"exit {res.returncode}\nstdout: {res.stdout}\nstderr: {res.stderr}"
@@ -605,7 +787,7 @@ def test_bad_input_exits_2_one_line_nothing_written(
     assert "Traceback" not in res.stderr + res.stdout
     for n in needles:
         assert n in lines[0], f"{n!r} not in: {lines[0]}"
-    after = snapshot(d)
+    after = snapshot(tmp_path)
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
     assert not changed, f"files created or changed: {changed}"
 

@@ -5,6 +5,7 @@ to the default."""
 from __future__ import annotations
 
 import dataclasses
+import io
 from pathlib import Path
 
 import pytest
@@ -206,8 +207,9 @@ def test_driver_starts_workers_with_their_gpu_and_device(monkeypatch: pytest.Mon
     started: list[tuple[list[str], dict[str, str]]] = []
 
     class FakeProc:
-        def __init__(self, cmd: list[str], env: dict[str, str]) -> None:
+        def __init__(self, cmd: list[str], env: dict[str, str], stdin: object = None) -> None:
             started.append((cmd, env))
+            self.stdin = io.BytesIO()  # the driver writes the pickled config here (never to a file)
 
         def poll(self) -> int:
             return 0
@@ -230,6 +232,7 @@ def test_driver_starts_workers_with_their_gpu_and_device(monkeypatch: pytest.Mon
     assert [env["CUDA_VISIBLE_DEVICES"] for _, env in started] == ["3", "5", "3"]
     assert all(cmd[cmd.index("--device") + 1] == "cuda" for cmd, _ in started)
     assert [cmd[cmd.index("--worker-index") + 1] for cmd, _ in started] == ["1", "2", "3"]
+    assert all(cmd[cmd.index("--config-pickle") + 1] == "-" for cmd, _ in started)
 
 
 # ----------------------------------------------------------------------------- Ray resources

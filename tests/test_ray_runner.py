@@ -451,7 +451,7 @@ def test_real_local_cluster_head_plus_worker_node(tmp_path: Path) -> None:
         seen |= _tree(temp)
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
         summary = json.loads(p.stdout.split("SUMMARY ", 1)[1])
-        assert summary["counted"] == 4 and summary["done"] and summary["best"]["status"] == "ok"
+        assert summary["counted"] == 4 and summary["done"] and summary["best"]["trial"] in range(4)  # best feasible
         assert Path(summary["csv"]).is_file()
         df = ray_trials(load_study(study))  # read back from the experiment dir, Ray not running here
         assert len(df) == 4 and set(df["status"]) <= {"ok", "infeasible"} and (df["number"] >= 0).all()
