@@ -90,12 +90,18 @@ def trials_of(cfg: StudyConfig) -> list[optuna.trial.FrozenTrial]:
     return load_optuna_study(cfg, open_storage(cfg, create=False)).get_trials()
 
 
-def write_ray_study(tmp: Path, name: str, *, n_trials: int = 4, workers: int = 2, constraint: str = "") -> Path:
-    """A tiny study: untrained SmallCNN checkpoint (instant), digits, proxy, MACs <= 50 %, seeds 0.0 and 0.6."""
+def smallcnn_checkpoint(tmp: Path) -> Path:
+    """An untrained SmallCNN (digits-shaped, seed 0) checkpoint in ``tmp``, written once."""
     ckpt = tmp / "smallcnn.pt"
     if not ckpt.exists():
         torch.manual_seed(0)
         torch.save(build_model("smallcnn", num_classes=10, in_channels=1).state_dict(), ckpt)
+    return ckpt
+
+
+def write_ray_study(tmp: Path, name: str, *, n_trials: int = 4, workers: int = 2, constraint: str = "") -> Path:
+    """A tiny study: untrained SmallCNN checkpoint (instant), digits, proxy, MACs <= 50 %, seeds 0.0 and 0.6."""
+    ckpt = smallcnn_checkpoint(tmp)
     path = tmp / f"{name}.toml"
     path.write_text(f"""
 [study]

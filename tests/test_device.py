@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import smallcnn_checkpoint
 from slimsearch.core.data import batches, load_synthetic
 from slimsearch.core.device import autocast, dataset_on, grad_scaler, resolve_device
 from slimsearch.core.errors import SlimError
-from slimsearch.core.models import build_model
 from slimsearch.core.policy import LayerPolicy, Policy
 from slimsearch.core.train import FinetuneConfig, finetune
 from slimsearch.evaluators.config import EvaluatorConfig
@@ -337,9 +337,7 @@ def test_study_device_default_and_override(tmp_path: Path) -> None:
 
 
 def _ray_study(tmp: Path, evaluator: str) -> Path:
-    ckpt = tmp / "smallcnn.pt"
-    torch.manual_seed(0)
-    torch.save(build_model("smallcnn", num_classes=10, in_channels=1).state_dict(), ckpt)
+    ckpt = smallcnn_checkpoint(tmp)
     path = tmp / "rayg.toml"
     path.write_text(f"""
 [study]
@@ -397,10 +395,7 @@ def test_ray_trials_request_their_resources(tmp_path: Path, monkeypatch: pytest.
 
 
 def _cpu_study(tmp: Path, name: str, device_line: str) -> Path:
-    ckpt = tmp / "smallcnn.pt"
-    if not ckpt.exists():
-        torch.manual_seed(0)
-        torch.save(build_model("smallcnn", num_classes=10, in_channels=1).state_dict(), ckpt)
+    ckpt = smallcnn_checkpoint(tmp)
     path = tmp / f"{name}.toml"
     path.write_text(f"""
 [study]
