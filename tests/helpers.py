@@ -3,7 +3,9 @@ run on, reading a study's trials back. Plain functions (the fixtures that use th
 
 from __future__ import annotations
 
+import builtins
 import os
+import re
 from pathlib import Path
 
 import optuna
@@ -182,3 +184,22 @@ def case_env(d: Path) -> dict[str, str]:
         COLUMNS="200",
     )
     return env
+
+
+def cost_numbers(out: str) -> tuple[int, int, str]:
+    """(MACs, params, input shape) from ``slimsearch cost``'s printed report."""
+    macs = int(re.search(r"\(([\d,]+) multiply-accumulates", out).group(1).replace(",", ""))
+    params = int(re.search(r"params .*\(([\d,]+)\)", out).group(1).replace(",", ""))
+    return macs, params, re.search(r"input (\S+)", out).group(1)
+
+
+def block_import(monkeypatch: pytest.MonkeyPatch, package: str) -> None:
+    """Make ``import package`` (and its submodules) raise ImportError, as when an optional extra is missing."""
+    real = builtins.__import__
+
+    def blocked(name: str, *args: object, **kw: object) -> object:
+        if name.split(".")[0] == package:
+            raise ImportError(name)
+        return real(name, *args, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", blocked)

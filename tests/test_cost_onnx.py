@@ -4,13 +4,13 @@ initializers, latency is an ONNX Runtime session's; bad input is one line."""
 
 from __future__ import annotations
 
-import builtins
 import math
 import re
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import block_import, cost_numbers
 from nets import randomize_bn
 from slimsearch.core.apply import apply_policy
 from slimsearch.core.cost import count_cost
@@ -36,12 +36,6 @@ HALF = Policy(  # pruned, Tucker (1x1-kxk-1x1) and CP (1x1, depthwise kx1 and 1x
 )
 
 
-def _numbers(out: str) -> tuple[int, int, str]:
-    macs = int(re.search(r"\(([\d,]+) multiply-accumulates", out).group(1).replace(",", ""))
-    params = int(re.search(r"params .*\(([\d,]+)\)", out).group(1).replace(",", ""))
-    return macs, params, re.search(r"input (\S+)", out).group(1)
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, nn.Module]:
     torch.manual_seed(0)
@@ -64,7 +58,7 @@ def test_cost_of_an_onnx_export_matches_the_model(exported, capsys: pytest.Captu
     assert max(groups) == 4 and "Gemm" in {n.op_type for n in graph.node}  # CP's depthwise convs and the head
     assert main(["cost", str(path)]) == 0  # input shape from the manifest next to it
     text = capsys.readouterr().out
-    macs, params, shape = _numbers(text)
+    macs, params, shape = cost_numbers(text)
     want = count_cost(model, SHAPE)
     assert macs == want.macs and shape == "1x1x8x8" and "(onnx)" in text
     assert macs < count_cost(build_model("smallcnn", num_classes=10, in_channels=1), SHAPE).macs
@@ -83,7 +77,7 @@ def test_onnx_file_without_manifest_takes_the_models_input(exported, tmp_path: P
     lone.write_bytes(path.read_bytes())
     assert main(["cost", str(lone), "--threads", "2"]) == 0  # batch dynamic, C,H,W fixed at export: 1x1x8x8
     text = capsys.readouterr().out
-    assert _numbers(text) == (count_cost(model, SHAPE).macs, _weights(lone), "1x1x8x8") and "2 threads" in text
+    assert cost_numbers(text) == (count_cost(model, SHAPE).macs, _weights(lone), "1x1x8x8") and "2 threads" in text
     assert main(["cost", str(lone), "--input-shape", "1,16,16"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not fit the model's input ['batch', 1, 8, 8]" in err[0] and "m.onnx" in err[0]
@@ -93,7 +87,7 @@ def test_onnx_file_without_manifest_takes_the_models_input(exported, tmp_path: P
         onnx.save(proto, str(tmp_path / name))
     assert main(["cost", str(tmp_path / "b1.onnx")]) == 0
     text = capsys.readouterr().out
-    assert _numbers(text)[0] == count_cost(model, SHAPE).macs and "batch is fixed at 1" in text
+    assert cost_numbers(text)[0] == count_cost(model, SHAPE).macs and "batch is fixed at 1" in text
     assert "batch 64" not in text
     assert main(["cost", str(tmp_path / "b2.onnx")]) == 2
     assert "its batch is fixed at 2" in capsys.readouterr().err
@@ -137,14 +131,7 @@ def test_unreadable_onnx_and_missing_extra_are_one_line(
     assert main(["cost", str(tmp_path / "junk.onnx")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "junk.onnx is not a readable ONNX model" in err[0]
-    real = builtins.__import__
-
-    def no_ort(name: str, *args: object, **kw: object) -> object:
-        if name.split(".")[0] == "onnxruntime":
-            raise ImportError(name)
-        return real(name, *args, **kw)
-
-    monkeypatch.setattr(builtins, "__import__", no_ort)
+    block_import(monkeypatch, "onnxruntime")
     assert main(["cost", str(exported[0])]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs onnxruntime" in err[0] and "pip install 'slimsearch[onnx]'" in err[0]

@@ -7,18 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import cost_numbers
 from slimsearch.core.cost import count_cost
 from slimsearch.core.export import FILES, export_model
 from slimsearch.core.models import build_model
 from slimsearch.core.program import load_program
 from slimsearch.search.cli import main
 from torch import nn
-
-
-def _numbers(out: str) -> tuple[int, int, str]:
-    macs = int(re.search(r"\(([\d,]+) multiply-accumulates", out).group(1).replace(",", ""))
-    params = int(re.search(r"params .*\(([\d,]+)\)", out).group(1).replace(",", ""))
-    return macs, params, re.search(r"input (\S+)", out).group(1)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +34,7 @@ def test_cost_of_an_exported_file_matches_the_model(exported, fmt: str, capsys) 
     torch.set_num_threads(1)
     assert main(["cost", str(out / FILES[fmt])]) == 0  # input shape from the manifest next to it
     text = capsys.readouterr().out
-    macs, params, shape = _numbers(text)
+    macs, params, shape = cost_numbers(text)
     want = count_cost(model, (1, 1, 8, 8))
     assert macs == want.macs == 1_493_632 and shape == "1x1x8x8" and f"({fmt})" in text
     bn = sum(m.num_features for m in model.modules() if isinstance(m, nn.BatchNorm2d))
@@ -55,7 +50,7 @@ def test_cost_of_a_file_without_manifest_needs_an_input_shape(exported, tmp_path
     assert main(["cost", str(lone)]) == 2
     assert "give --input-shape C,H,W" in capsys.readouterr().err
     assert main(["cost", str(lone), "--input-shape", "1,8,8"]) == 0
-    assert _numbers(capsys.readouterr().out)[0] == 1_493_632
+    assert cost_numbers(capsys.readouterr().out)[0] == 1_493_632
     assert load_program(lone).input_shape is None
 
 

@@ -3,7 +3,6 @@ layers with a dynamic batch, a clear error without the extra, and a file that ru
 
 from __future__ import annotations
 
-import builtins
 import json
 import os
 import subprocess
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import block_import
 from nets import randomize_bn
 from slimsearch.core.apply import apply_policy
 from slimsearch.core.errors import SlimError
@@ -136,14 +136,7 @@ def test_check_onnx_rejects_a_wrong_file(compressed: torch.nn.Module, tmp_path: 
 def test_missing_extra_is_one_clear_line_and_writes_nothing(
     compressed: torch.nn.Module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = builtins.__import__
-
-    def no_ort(name: str, *args: object, **kw: object) -> object:
-        if name.split(".")[0] == "onnxruntime":
-            raise ImportError(name)
-        return real(name, *args, **kw)
-
-    monkeypatch.setattr(builtins, "__import__", no_ort)
+    block_import(monkeypatch, "onnxruntime")
     with pytest.raises(SlimError) as e:
         export_model(compressed, HALF, tmp_path / "e", formats=("onnx",), example_input=SHAPE)
     msg = str(e.value)
