@@ -341,6 +341,23 @@ def read_rows(cell_dir: Path) -> dict[str, dict[str, Any]]:
     return {p.stem: json.loads(p.read_text()) for p in sorted(cell_dir.glob("*.json"))}
 
 
+BUDGET_FREE = ("baseline", "baseline+ft")  # rows that do not depend on the budget: one run serves every budget
+
+
+def reusable_row(cdir: Path, name: str, meta: dict[str, Any]) -> dict[str, Any] | None:
+    """A budget-free row already run in a sibling cell with the same model, epochs, device and protocol, or None."""
+    if name not in BUDGET_FREE:
+        return None
+    same = ("version", "protocol_sha", "model", "epochs", "device")
+    for sib in sorted(p for p in cdir.parent.iterdir() if p.is_dir() and p != cdir):
+        row, sib_meta = sib / f"{name}.json", sib / "cell.json"
+        if row.is_file() and sib_meta.is_file():
+            m = json.loads(sib_meta.read_text())
+            if all(m.get(k) == meta[k] for k in same):
+                return json.loads(row.read_text()) | {"reused_from": sib.name}
+    return None
+
+
 def write_summary(out: Path, n_boot: int) -> list[dict[str, Any]]:
     """summary.json + summary.md from every protocol version's finished rows under ``out``."""
     summary, version = [], 0
@@ -414,6 +431,11 @@ def main(argv: list[str] | None = None) -> int:
             path = cdir / f"{name}.json"
             if path.is_file():
                 log(f"{cdir.name} {name}: done (resumed)")
+                continue
+            reused = reusable_row(cdir, name, meta)
+            if reused is not None:
+                write_json(path, reused)
+                log(f"{cdir.name} {name}: the same row as {reused['reused_from']} (it does not depend on the budget)")
                 continue
             log(f"{cdir.name} {name}")
             t = time.perf_counter()

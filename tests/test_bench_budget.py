@@ -151,3 +151,22 @@ def test_tp_progressive_stops_at_the_budget_and_keeps_unprunable_layers() -> Non
     assert all(mods[n].out_channels == dict(base.named_modules())[n].out_channels for n in names)
     with pytest.raises(SlimError, match="not reached in 3 steps"):
         tp_prune_progressive(base, "tp_global", 0.1 * full, shape, macs, steps=3)
+
+
+def test_budget_free_rows_are_reused_only_from_a_matching_cell(tmp_path: Path) -> None:
+    from benchmarks.bench_budget import reusable_row
+
+    meta = {"version": 1, "protocol_sha": "abc", "model": "resnet20", "epochs": 5.0, "device": "cpu", "budget": 0.3}
+    done, other = tmp_path / "resnet20-50pct-5ep", tmp_path / "resnet56-50pct-5ep"
+    for d, model in ((done, "resnet20"), (other, "resnet56")):
+        d.mkdir()
+        (d / "cell.json").write_text(json.dumps(meta | {"budget": 0.5, "model": model}))
+        (d / "baseline+ft.json").write_text(json.dumps({"method": "baseline+ft", "test_acc": 0.88, "model": model}))
+        (d / "tp_global.json").write_text(json.dumps({"method": "tp_global", "test_acc": 0.8}))
+    here = tmp_path / "resnet20-30pct-5ep"
+    here.mkdir()
+    row = reusable_row(here, "baseline+ft", meta)
+    assert row == {"method": "baseline+ft", "test_acc": 0.88, "model": "resnet20", "reused_from": done.name}
+    assert reusable_row(here, "tp_global", meta) is None  # depends on the budget
+    assert reusable_row(here, "baseline+ft", meta | {"protocol_sha": "def"}) is None  # another protocol
+    assert reusable_row(here, "baseline+ft", meta | {"epochs": 2.0}) is None
