@@ -57,7 +57,8 @@ class StudyContext:
         """The policy a search trial evaluates: with ``[constraint] fit = "scale"``, one above the MACs bound gets
         every layer it prunes scaled harder by one factor until it fits (within the space's largest rate;
         layers outside the space stay as they are), then likewise onto the latency bound; ``"fill"`` also
-        prunes one more than 2 % below its bound less (within the space's smallest rate). Deterministic, so a
+        prunes one more than 2 % below its bound less (within the space's smallest rate). The latency fit aims
+        ``[constraint] latency_margin`` below the latency bound (room for the table's error). Deterministic, so a
         resumed or retried trial evaluates the same policy: the latency fit predicts from the study's stored
         table (``core.latency``), where a shape is measured once (a retry racing another process for a new
         shape may differ by a filter or two)."""
@@ -78,7 +79,7 @@ class StudyContext:
         if ctx.max_latency_ratio is not None:
             table = ctx.latency_table()
             if table.predict(self.model, rounded(policy)) is not None:  # None: EVBMF ranks, measured by the evaluator
-                bound = ctx.max_latency_ratio * table.base_ms
+                bound = ctx.max_latency_ratio * table.base_ms * (1.0 - self.cfg.constraint.latency_margin)
                 # Filled onto the MACs bound already: the latency fit only shrinks what is over its bound.
                 policy, _ = fit_cost(self.model, policy, lambda p: table.predict(self.model, rounded(p)), bound,
                                      self.input_shape, max_rate=max_rate, min_rate=min_rate,

@@ -131,9 +131,11 @@ class ConstraintSection:
     # 2 % (every trial spends its budget); "none": it is evaluated as sampled and rejected as infeasible.
     fit: str = "scale"
     # Predicted CPU latency (core.latency) at most this fraction of the baseline's, at latency_batch images
-    # per forward, single thread, TorchScript; None = no latency bound.
+    # per forward, single thread, in [export] runtime; None = no latency bound.
     max_latency_ratio: float | None = None
     latency_batch: int = 1
+    # The latency fit aims at max_latency_ratio x (1 - latency_margin): room for the table's prediction error.
+    latency_margin: float = 0.0
 
 
 @dataclass(frozen=True)

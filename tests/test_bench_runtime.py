@@ -46,7 +46,7 @@ def test_bench_runtime_toy(
     rounded = Policy.from_dict(nets[2]["policy"])
     assert all(lp.keep_count(convs[k]) % 8 == 0 for k, lp in rounded.layers.items())
     assert nets[2]["macs_ratio"] <= nets[1]["macs_ratio"] + 1e-12  # at (most) equal MACs
-    s = res["search"]
+    [s] = res["search"]
     assert s["runtime"] == "onnxruntime" and s["latency_program"] == "onnxruntime"
     assert s["bound_latency_met"] == (s["bound_latency_ratio"] <= s["max_latency_ratio"])
     assert s["export_speedup_batch1"] == pytest.approx(s["speedup_batch1"] * s["macs_ratio"])

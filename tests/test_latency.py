@@ -410,3 +410,26 @@ def test_warm_times_every_one_group_shape_ahead(fake_timing: None) -> None:
         table.predict(model, Policy({n: LayerPolicy(prune_rate=round(rng.uniform(0.0, 0.8), 2)) for n in leaders}))
     assert table.size == size
     assert table.warm(model, [[n] for n in leaders], max_rate=0.8) == 0
+
+
+def test_latency_margin_fits_below_the_bound_and_leaves_the_bound_alone(
+    fake_timing: None, tmp_path: Path, baseline_ckpt: Path, tmp_cwd: None
+) -> None:
+    """``[constraint] latency_margin = m``: the latency fit aims at bound x (1 - m), the bound itself stays."""
+    from helpers import write_study
+    from slimsearch.core.budget import prunable_leaders
+    from slimsearch.search.context import build_study_context
+    from slimsearch.search.study import load_study
+
+    fitted = {}
+    for margin in (0.0, 0.2):
+        (tmp_path / str(margin)).mkdir()
+        p = write_study(tmp_path / str(margin), baseline_ckpt,
+                        constraint=f"max_latency_ratio = 0.6\nlatency_margin = {margin}")  # fmt: skip
+        ctx = build_study_context(load_study(p))
+        table = ctx.eval_ctx.latency_table()
+        full = Policy({n: LayerPolicy(prune_rate=0.0) for n in prunable_leaders(ctx.model, ctx.input_shape)})
+        fitted[margin] = table.predict(ctx.model, ctx.fit(full)) / table.base_ms
+        assert ctx.latency_info()["bound_ms"] == pytest.approx(0.6 * table.base_ms)  # the bound is unchanged
+    assert fitted[0.0] <= 0.6 + 1e-9 and fitted[0.2] <= 0.6 * 0.8 + 1e-9
+    assert fitted[0.2] < fitted[0.0] - 0.05  # the margin is what moved it

@@ -130,3 +130,25 @@ def test_cost_cli_times_the_onnx_runtime(capsys: pytest.CaptureFixture[str]) -> 
     assert main(["cost", "smallcnn", "--runtime", "onnxruntime"]) == 0
     out = capsys.readouterr().out
     assert "onnxruntime, CPU, 1 thread" in out
+
+
+def test_ort_table_times_the_baseline_in_alternating_rounds_past_a_slow_spell(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slow spell during the first rounds (every program 40 % slower) must not set the baseline's time: the
+    baseline and the half-width model alternate over ORT_ROUNDS rounds and each keeps its best median."""
+    import slimsearch.core.latency as lat
+    from slimsearch.core.cost import LatencyResult
+
+    calls: list[str] = []
+
+    def fake(program: object, shape: tuple[int, ...], batch_size: int = 1, threads: int = 1, repeats: int = 10,
+             warmup: int = 2) -> LatencyResult:  # fmt: skip
+        calls.append(type(program).__name__)
+        ms = 1.0 if len(calls) % 2 == 1 else 0.6  # the baseline, then the half-width model (then the layers)
+        ms *= 1.4 if len(calls) <= 6 else 1.0  # a slow spell over the first three rounds
+        return LatencyResult(median_ms=ms, p90_ms=ms, batch_size=batch_size, threads=threads)
+
+    monkeypatch.setattr(lat, "measure_latency", fake)
+    model = randomize_bn(build_model("smallcnn")).eval()
+    table = LatencyTable(model, (1, 1, 8, 8), repeats=3, mode="onnxruntime")
+    assert len(calls) >= 2 * lat.ORT_ROUNDS  # both whole programs, every round (then the layers)
+    assert table.base_ms == pytest.approx(1.0)
