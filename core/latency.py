@@ -166,10 +166,8 @@ class LatencyTable:
 
     def _time_base_and_half(self, model: nn.Module) -> tuple[float, float | None]:
         """ONNX Runtime: the baseline's and the half-width model's times, best median of ``ORT_ROUNDS`` rounds
-        that alternate between the two. A whole ResNet-56 session runs in ~2.4 ms here, and this machine's speed
-        drifts by 10-30 % for seconds at a time: three back-to-back rounds once timed the baseline at 3.10 ms
-        where every other measurement that minute gave 2.4-2.5, so the table judged every policy against a
-        slow baseline and a search's bound failed on its export (issue 25)."""
+        that alternate between the two, so a slow spell of a few seconds (common on a shared machine) cannot set
+        the baseline every policy is judged against (benchmarks/README.md, bench_runtime.py)."""
         half = self._half(model)
         layout = self.macs.layout(model, half) if half.layers else None
         programs = [timed_program(model, self.mode, self.memory_format, threads=self.threads, input_shape=self.shape)]
@@ -210,8 +208,7 @@ class LatencyTable:
         # policy.
         other = self.base_ms - scale * full
         # ONNX Runtime's whole-model session transforms layouts around its blocked (NCHWc) convs, which single-layer
-        # sessions do not, so the scale may stray further from 1 there. On a quiet machine ResNet-56's ORT tables
-        # fitted 0.86-0.97; the 3.8-4.0 once seen came from baselines timed during a slow spell (6.6 ms for 2.4).
+        # sessions do not, so the scale may stray further from 1 there.
         top = 6.0 if self.mode == "onnxruntime" else 2.0
         return (scale, other) if 0.5 <= scale <= top and other > -0.5 * self.base_ms else fallback
 

@@ -119,9 +119,8 @@ def rebuild_candidate(sctx: StudyContext, cfg: StudyConfig, policy: Policy) -> t
     return model.eval()
 
 
-# ONNX Runtime runs a CIFAR ResNet in 1-3 ms, and its per-round medians wander by up to 15 % here (a ResNet-56
-# baseline: 2.31-2.71 ms over 10 alternating rounds, the pruned network beside it steady): 3 rounds once put an
-# export at 0.51 of the baseline that 10 rounds put at 0.60. More rounds cost milliseconds.
+# ONNX Runtime runs a CIFAR ResNet in milliseconds, and its per-round medians wander for seconds at a time on a
+# shared CPU (benchmarks/README.md, bench_runtime.py): more alternating rounds cost milliseconds.
 ORT_EXPORT_ROUNDS = 10
 
 
