@@ -50,3 +50,25 @@ def test_bench_runtime_toy(
     assert s["runtime"] == "onnxruntime" and s["latency_program"] == "onnxruntime"
     assert s["bound_latency_met"] == (s["bound_latency_ratio"] <= s["max_latency_ratio"])
     assert s["export_speedup_batch1"] == pytest.approx(s["speedup_batch1"] * s["macs_ratio"])
+
+
+def test_round_to_bench_fine_tunes_the_first_search_policy_and_its_rounded_variants() -> None:
+    """bench_round_to.py's networks: the first committed slimsearch policy at 50 % MACs, then round_to 8 and 16
+    of it, each keeping multiples of N filters (layers of N or fewer whole) at no more MACs than the original."""
+    import argparse
+
+    from slimsearch.core.macs import policy_macs
+
+    from benchmarks.bench_round_to import trio
+
+    model = build_model("resnet20").eval()
+    nets = trio("resnet20", argparse.Namespace(budget=0.5, round_to="8,16"), model)
+    assert [n["label"] for n in nets] == ["slimsearch #0", "slimsearch #0 round_to 8", "slimsearch #0 round_to 16"]
+    shape = (1, 3, 32, 32)
+    convs = {k: m.out_channels for k, m in model.named_modules() if hasattr(m, "out_channels")}
+    first = policy_macs(model, nets[0]["policy"], shape)
+    for n, net in zip((8, 16), nets[1:], strict=True):
+        for name, lp in net["policy"].layers.items():
+            kept = lp.keep_count(convs[name])
+            assert kept % n == 0 or kept == convs[name] <= n
+        assert policy_macs(model, net["policy"], shape) <= first * 1.0001
