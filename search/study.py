@@ -342,6 +342,8 @@ def _constraint(data: Any, file: Path) -> ConstraintSection:
     v, where = _read(data, "constraint", file)
     if v["max_macs_ratio"] is not None and v["max_macs"] is not None:
         fail(where, None, "give max_macs_ratio or max_macs, not both")
+    if v["latency_margin"] and v["max_latency_ratio"] is None:
+        fail(where, "latency_margin", "needs max_latency_ratio (a margin below which bound?)")
     return ConstraintSection(**v)
 
 

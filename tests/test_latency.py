@@ -433,3 +433,7 @@ def test_latency_margin_fits_below_the_bound_and_leaves_the_bound_alone(
         assert ctx.latency_info()["bound_ms"] == pytest.approx(0.6 * table.base_ms)  # the bound is unchanged
     assert fitted[0.0] <= 0.6 + 1e-9 and fitted[0.2] <= 0.6 * 0.8 + 1e-9
     assert fitted[0.2] < fitted[0.0] - 0.05  # the margin is what moved it
+    (tmp_path / "alone").mkdir()
+    alone = write_study(tmp_path / "alone", baseline_ckpt, constraint="max_macs_ratio = 0.6\nlatency_margin = 0.1")
+    with pytest.raises(SlimError, match=r"\[constraint\] latency_margin: needs max_latency_ratio"):
+        load_study(alone)
