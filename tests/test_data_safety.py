@@ -40,6 +40,22 @@ def _copy(src: Path, tmp_path: Path) -> Path:
     return d
 
 
+def _run_two_workers_watching_configs(d: Path) -> tuple[int, str, str, set[str]]:
+    """``slimsearch run`` with two workers in ``d``; the workdir is polled every 50 ms for worker-config files.
+    Returns the exit code, stdout, stderr and the names of every such file seen."""
+    proc = subprocess.Popen([sys.executable, "-m", "slimsearch", "run", S, "--no-progress", "--workers", "2",
+                             "--threads", "1"], cwd=d, env=case_env(d), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    seen: set[str] = set()
+    work, deadline = d / "runs" / "bad", time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        if work.is_dir():
+            seen.update(p.name for p in work.iterdir() if p.name.startswith(".worker-config"))
+        time.sleep(0.05)
+    out, err = proc.communicate(timeout=60)
+    return proc.returncode, out, err, seen
+
+
 def test_export_replaces_only_its_own_export_and_uses_the_umask(
     prepared_study: Path,
     tmp_path: Path,
@@ -111,18 +127,8 @@ def test_workers_never_import_the_study_folder_and_keep_no_config_on_disk(
         "def small(num_classes=10, in_channels=1):\n    return build_model('smallcnn', num_classes, in_channels)\n"
     )
     (d / S).write_text(BASE_STUDY.replace("n_trials = 3", "n_trials = 4").replace('"smallcnn"', '"usermodels:small"'))
-    proc = subprocess.Popen([sys.executable, "-m", "slimsearch", "run", S, "--no-progress", "--workers", "2",
-                             "--threads", "1"], cwd=d, env=case_env(d), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)  # fmt: skip
-    seen: set[str] = set()
-    deadline = time.time() + 300
-    while proc.poll() is None and time.time() < deadline:
-        work = d / "runs" / "bad"
-        if work.is_dir():
-            seen.update(p.name for p in work.iterdir() if p.name.startswith(".worker-config"))
-        time.sleep(0.05)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err
+    returncode, out, err, seen = _run_two_workers_watching_configs(d)
+    assert returncode == 0, err
     assert "done: 4/4" in out
     assert not list(d.glob("RAN-*")), "a module from the study folder ran"
     assert not seen, f"the worker config (storage URL, password) was on disk: {seen}"
@@ -136,17 +142,8 @@ def test_a_multi_worker_run_never_writes_its_config_to_disk(base_ckpt: Path, tmp
     d.mkdir()
     shutil.copy(base_ckpt, d / "base.pt")
     (d / S).write_text(BASE_STUDY.replace("n_trials = 3", "n_trials = 2"))
-    proc = subprocess.Popen([sys.executable, "-m", "slimsearch", "run", S, "--no-progress", "--workers", "2",
-                             "--threads", "1"], cwd=d, env=case_env(d), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)  # fmt: skip
-    seen: set[str] = set()
-    deadline = time.time() + 300
-    while proc.poll() is None and time.time() < deadline:
-        if (d / "runs" / "bad").is_dir():
-            seen.update(p.name for p in (d / "runs" / "bad").iterdir() if p.name.startswith(".worker-config"))
-        time.sleep(0.05)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0 and "done: 2/2" in out, err
+    returncode, out, err, seen = _run_two_workers_watching_configs(d)
+    assert returncode == 0 and "done: 2/2" in out, err
     assert not seen, f"the worker config (storage URL, password) was on disk: {seen}"
 
 
