@@ -4,7 +4,8 @@ Every setting comes from the protocol file, which must be committed and unchange
 setting can be chosen after seeing a result. Results go to ``<out>/v<version>/<cell>/<row>.json``, one file per
 finished row: a rerun skips the rows already there, so a killed run resumes where it stopped. After every row,
 ``<out>/summary.json`` (issue 22's schema, one object per cell, every protocol version's cells) and summary.md are
-regenerated from all row files.
+regenerated from all row files. Several processes can run the same cells at once: each row is claimed with a
+lock file (a dead holder's lock is taken over), so two processes on two cores share a cell's rows.
 
 Data (protocol [data]): the public checkpoints were trained on all 50k training images, so the search, the rerank and
 every row's final-fine-tune choices use ``val_size`` images of the TEST split (``val_from = "test"``, core.data
@@ -358,6 +359,38 @@ def reusable_row(cdir: Path, name: str, meta: dict[str, Any]) -> dict[str, Any] 
     return None
 
 
+def claim_row(cdir: Path, name: str) -> Path | None:
+    """A lock file that makes this process the only one running row ``name`` of ``cdir`` (several processes can share
+    a cell's rows), or None while a live process holds it. A dead holder's lock (killed run) is taken over."""
+    lock = cdir / f".{name}.lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text() or "0")
+            except (OSError, ValueError):
+                pid = 0
+            if pid > 0 and pid != os.getpid() and pid_alive(pid):
+                return None
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return lock
+    return None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def write_summary(out: Path, n_boot: int) -> list[dict[str, Any]]:
     """summary.json + summary.md from every protocol version's finished rows under ``out``."""
     summary, version = [], 0
@@ -437,13 +470,22 @@ def main(argv: list[str] | None = None) -> int:
                 write_json(path, reused)
                 log(f"{cdir.name} {name}: the same row as {reused['reused_from']} (it does not depend on the budget)")
                 continue
-            log(f"{cdir.name} {name}")
-            t = time.perf_counter()
-            row = run_row(cell, name, read_rows(cdir))
-            if row is None:
-                log(f"  {name}: waits for the search rows")
+            lock = claim_row(cdir, name)
+            if lock is None:
+                log(f"{cdir.name} {name}: another process runs it")
                 continue
-            write_json(path, row | {"wall_s": time.perf_counter() - t, "protocol_sha": sha})
+            try:
+                if path.is_file():  # finished by another process between the check above and the claim
+                    continue
+                log(f"{cdir.name} {name}")
+                t = time.perf_counter()
+                row = run_row(cell, name, read_rows(cdir))
+                if row is None:
+                    log(f"  {name}: waits for the search rows")
+                    continue
+                write_json(path, row | {"wall_s": time.perf_counter() - t, "protocol_sha": sha})
+            finally:
+                lock.unlink(missing_ok=True)
             log(f"  {name}: test {100 * row['test_acc']:.2f} %, MACs {100 * row['macs_ratio']:.1f} %")
             write_summary(out, n_boot)
     write_summary(out, n_boot)

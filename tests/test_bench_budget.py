@@ -170,3 +170,22 @@ def test_budget_free_rows_are_reused_only_from_a_matching_cell(tmp_path: Path) -
     assert reusable_row(here, "tp_global", meta) is None  # depends on the budget
     assert reusable_row(here, "baseline+ft", meta | {"protocol_sha": "def"}) is None  # another protocol
     assert reusable_row(here, "baseline+ft", meta | {"epochs": 2.0}) is None
+
+
+def test_a_row_is_claimed_by_one_live_process_and_a_dead_holders_lock_is_taken_over(tmp_path: Path) -> None:
+    import os
+
+    from benchmarks.bench_budget import claim_row
+
+    lock = claim_row(tmp_path, "slimsearch-s0")
+    assert lock == tmp_path / ".slimsearch-s0.lock" and lock.read_text() == str(os.getpid())
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(str(other.pid))  # held by another live process
+        assert claim_row(tmp_path, "slimsearch-s0") is None
+        assert claim_row(tmp_path, "slimsearch-s1") == tmp_path / ".slimsearch-s1.lock"  # other rows stay free
+    finally:
+        other.kill()
+        other.wait()
+    assert claim_row(tmp_path, "slimsearch-s0") == lock  # its holder died: taken over
+    assert lock.read_text() == str(os.getpid())
