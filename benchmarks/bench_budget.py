@@ -152,7 +152,7 @@ def finish(c: Cell, model: nn.Module, extra_steps: int = 0) -> dict[str, Any]:
     macs = c.macs(model)
     return {"test_acc": float(correct.float().mean()), "n_test": len(correct), "test_correct": L.pack(correct.numpy()),
             "macs": macs, "macs_ratio": macs / c.base_macs, "macs_within_tol": L.within(macs, c.target,
-            c.proto["baselines"]["macs_tolerance"]) if c.budget < 1 else True, "final_steps": res.steps,
+            c.proto["baselines"]["macs_tolerance"]) if macs < c.base_macs else None, "final_steps": res.steps,
             "final_choice": res.choice, "final_val_accs": res.val_accs, "final_s": time.perf_counter() - t,
             "final_cpu_s": time.process_time() - cpu}  # fmt: skip
 
