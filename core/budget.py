@@ -18,6 +18,8 @@ from slimsearch.core.macs import policy_macs
 from slimsearch.core.policy import LayerPolicy, Policy, cp_max_rank, rate_for_removed, replace_layer
 from torch import nn
 
+FIT_REL_TOL = 0.02  # the one-factor fit's default: within 2 % under the bound where its steps allow
+
 
 def prunable_leaders(model: nn.Module, input_shape: Sequence[int]) -> list[str]:
     """Convs a policy prunes directly: prunable and alone or leading their coupled group (module order)."""
@@ -138,8 +140,9 @@ def fit_macs(
     min_rate: float = 0.0,
     fill: bool = False,
     t_max: float = 0.95,
-    rel_tol: float = 0.02,
+    rel_tol: float = FIT_REL_TOL,
     max_evals: int = 10,
+    top_up: bool = False,
 ) -> tuple[Policy, float | None]:
     """``(policy, 0.0)`` when it is within ``max_macs``; else ``(scale_kept(policy, t), t)`` for a ``t <= t_max``
     whose MACs are within the bound and no more than ``rel_tol`` below it (or the smallest such ``t`` found in
@@ -147,14 +150,14 @@ def fit_macs(
     rejects it). ``criterion``, ``max_rate``, ``min_rate``: as in ``scale_kept`` (None: unlisted layers stay
     unpruned). ``fill``: a policy more than ``rel_tol`` below the bound prunes less (``t < 0``) until it is
     within ``rel_tol`` of it, or keeps every filter of its pruned layers when even that fits, so that every
-    trial spends the budget it is given.
+    trial spends the budget it is given. ``top_up``: see ``fit_cost``.
 
     A search fits every sample, so this runs once per trial: the root is found by regula falsi with the
     Illinois step (3-5 counts of ~20-60 ms on the CIFAR ResNets) rather than bisection (10+).
     """
     return fit_cost(model, policy, lambda p: policy_macs(model, p, input_shape), max_macs, input_shape,
                     criterion=criterion, max_rate=max_rate, min_rate=min_rate, fill=fill, t_max=t_max,
-                    rel_tol=rel_tol, max_evals=max_evals)  # fmt: skip
+                    rel_tol=rel_tol, max_evals=max_evals, top_up=top_up)  # fmt: skip
 
 
 def fit_cost(
@@ -169,11 +172,88 @@ def fit_cost(
     min_rate: float = 0.0,
     fill: bool = False,
     t_max: float = 0.95,
-    rel_tol: float = 0.02,
+    rel_tol: float = FIT_REL_TOL,
     max_evals: int = 10,
+    top_up: bool = False,
+    allowed: Callable[[Policy], bool] | None = None,
 ) -> tuple[Policy, float | None]:
     """``fit_macs`` for any cost that falls as ``t`` grows (MACs, predicted latency): ``cost(policy) <= bound``
-    after scaling the kept filters by ``1 - t``."""
+    after scaling the kept filters by ``1 - t``. ``top_up``: a scaled policy that the one factor leaves more
+    than ``rel_tol`` under the bound (its whole-filter steps are coarse where many layers share a rate) gets
+    filters back one at a time (``top_up_filters``, each step also ``allowed``, e.g. a second bound) until it
+    is within ``rel_tol``; the ``t`` returned is then the one factor's."""
+    policy, t = _fit_one_factor(model, policy, cost, bound, input_shape, criterion=criterion, max_rate=max_rate,
+                                min_rate=min_rate, fill=fill, t_max=t_max, rel_tol=rel_tol, max_evals=max_evals)  # fmt: skip
+    if top_up and t:
+        policy = top_up_filters(model, policy, cost, bound, input_shape, rel_tol=rel_tol, min_rate=min_rate,
+                                allowed=allowed)  # fmt: skip
+    return policy, t
+
+
+def top_up_filters(
+    model: nn.Module,
+    policy: Policy,
+    cost: Callable[[Policy], float],
+    bound: float,
+    input_shape: Sequence[int],
+    *,
+    rel_tol: float,
+    min_rate: float = 0.0,
+    max_evals: int = 400,
+    allowed: Callable[[Policy], bool] | None = None,
+) -> Policy:
+    """``policy`` (within ``bound``) with filters given back one at a time, most-pruned group first and round
+    robin, while ``cost`` stays within the bound (and ``allowed`` holds), until it is within ``rel_tol`` under
+    it (or no group can take another filter, or ``max_evals`` costs were counted). Deterministic, and a result
+    within ``rel_tol`` is its own top-up, so a resumed trial evaluates the same policy."""
+    shape = tuple(input_shape)
+    g = model_graph(model, shape)
+    f = cost(policy) - bound
+    if f > 0:
+        raise SlimError(f"top_up_filters needs a policy within the bound: {f + bound:,.0f} > {bound:,.0f}")
+    open_: list[tuple[float, str, list[str]]] = []
+    for leader in prunable_leaders(model, shape):
+        listed = [m for m in g.groups.get(leader, [leader]) if m in policy.layers]
+        if listed:
+            open_.append((-float(policy[listed[0]].prune_rate), leader, listed))
+    groups = [(leader, listed) for _, leader, listed in sorted(open_)]
+    evals = 0
+    while -f > rel_tol * bound and groups and evals < max_evals:
+        for leader, listed in list(groups):
+            n = g.layers[leader].out_channels
+            k0 = policy[listed[0]].keep_count(n)
+            grown = scale_kept(model, Policy({m: policy[m] for m in listed}), -1.0 / k0, shape, criterion=None,
+                               min_rate=min_rate)  # fmt: skip
+            if grown[listed[0]].keep_count(n) <= k0:  # all its filters back (or the space's smallest rate)
+                groups.remove((leader, listed))
+                continue
+            cand = Policy(dict(policy.layers) | dict(grown.layers))
+            c = cost(cand) - bound
+            evals += 1
+            if c > 0 or (allowed is not None and not allowed(cand)):  # one more filter here breaks a bound
+                groups.remove((leader, listed))
+                continue
+            policy, f = cand, c
+            if -f <= rel_tol * bound or evals >= max_evals:
+                break
+    return policy
+
+
+def _fit_one_factor(
+    model: nn.Module,
+    policy: Policy,
+    cost: Callable[[Policy], float],
+    bound: float,
+    input_shape: Sequence[int],
+    *,
+    criterion: str | None,
+    max_rate: float,
+    min_rate: float,
+    fill: bool,
+    t_max: float,
+    rel_tol: float,
+    max_evals: int,
+) -> tuple[Policy, float | None]:
     f0 = cost(policy) - bound
     if f0 <= 0 and (not fill or -f0 <= rel_tol * bound):
         return policy, 0.0

@@ -123,10 +123,20 @@ CONSTRAINT_KEYS: tuple[Key, ...] = (
         "choice",
         "scale",
         "`scale`: a sampled policy over a bound has every layer it prunes scaled harder "
-        "by one factor until it fits (no trial wasted on an infeasible policy); `fill`: that, and one more than 2 % "
-        "under the MACs bound is pruned less until within 2 % (not with a macs or params objective); `none`: "
-        "evaluated as sampled, infeasible trials score 0",
+        "by one factor until it fits (no trial wasted on an infeasible policy); `fill`: that, and one more than "
+        "2 % (`fit_tolerance`) under the MACs bound is pruned less until within it (not with a macs or params "
+        "objective); `none`: evaluated as sampled, infeasible trials score 0",
         choices=FIT_MODES,
+    ),
+    Key(
+        "fit_tolerance",
+        "float",
+        None,
+        "a fitted policy lands at most this fraction of the bound under it: after the one-factor fit, "
+        "filters are given back one at a time (0.01 for comparisons at equal MACs within 1 %); unset: the "
+        "one-factor fit alone, which aims within 2 % but can stop further under where many layers share a rate",
+        lo=0.001,
+        hi=0.2,
     ),
     Key(
         "max_latency_ratio",

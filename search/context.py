@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from slimsearch.core.budget import fit_cost
+from slimsearch.core.budget import FIT_REL_TOL, fit_cost
 from slimsearch.core.data import DataSplits, load_splits, progress_to
 from slimsearch.core.device import resolve_device
 from slimsearch.core.errors import SlimError
@@ -57,7 +57,8 @@ class StudyContext:
         """The policy a search trial evaluates: with ``[constraint] fit = "scale"``, one above the MACs bound gets
         every layer it prunes scaled harder by one factor until it fits (within the space's largest rate;
         layers outside the space stay as they are), then likewise onto the latency bound; ``"fill"`` also
-        prunes one more than 2 % below its bound less (within the space's smallest rate). The latency fit aims
+        prunes one more than 2 % below its bound less (within the space's smallest rate); ``fit_tolerance``
+        gives filters back one at a time until the fit is within it. The latency fit aims
         ``[constraint] latency_margin`` below the latency bound (room for the table's error). Deterministic, so a
         resumed or retried trial evaluates the same policy: the latency fit predicts from the study's stored
         table (``core.latency``), where a shape is measured once (a retry racing another process for a new
@@ -71,19 +72,27 @@ class StudyContext:
         if mode not in ("scale", "fill"):
             return rounded(policy)
         min_rate, max_rate = self.space.cfg.prune_rate
-        fill = mode == "fill"
+        fill, tol = mode == "fill", self.cfg.constraint.fit_tolerance
+        rel_tol, top_up = (FIT_REL_TOL, False) if tol is None else (tol, True)
         if ctx.max_macs is not None:
             policy, _ = fit_cost(self.model, policy, lambda p: policy_macs(self.model, rounded(p), self.input_shape),
                                  ctx.max_macs, self.input_shape, max_rate=max_rate, min_rate=min_rate,
-                                 fill=fill)  # fmt: skip
+                                 fill=fill, rel_tol=rel_tol, top_up=top_up)  # fmt: skip
         if ctx.max_latency_ratio is not None:
             table = ctx.latency_table()
             if table.predict(self.model, rounded(policy)) is not None:  # None: EVBMF ranks, measured by the evaluator
                 bound = ctx.max_latency_ratio * table.base_ms * (1.0 - self.cfg.constraint.latency_margin)
-                # Filled onto the MACs bound already: the latency fit only shrinks what is over its bound.
+                # Filled onto the MACs bound already: the latency fit only shrinks what is over its bound (and
+                # its top-up gives back no filter that would break the MACs bound).
+                max_macs = ctx.max_macs
+
+                def macs_ok(p: Policy) -> bool:
+                    return max_macs is None or policy_macs(self.model, rounded(p), self.input_shape) <= max_macs
+
                 policy, _ = fit_cost(self.model, policy, lambda p: table.predict(self.model, rounded(p)), bound,
                                      self.input_shape, max_rate=max_rate, min_rate=min_rate,
-                                     fill=fill and ctx.max_macs is None)  # fmt: skip
+                                     fill=fill and ctx.max_macs is None, rel_tol=rel_tol,
+                                     top_up=top_up, allowed=macs_ok)  # fmt: skip
         return rounded(policy)
 
     def latency_info(self, log: Log | None = None) -> dict[str, Any] | None:

@@ -130,6 +130,8 @@ class ConstraintSection:
     # (core.budget.fit_macs); "fill": that, and one more than 2 % below the bound prunes less until it is within
     # 2 % (every trial spends its budget); "none": it is evaluated as sampled and rejected as infeasible.
     fit: str = "scale"
+    # Set: the fit ends within this fraction under the bound (core.budget.top_up_filters after the one factor).
+    fit_tolerance: float | None = None
     # Predicted CPU latency (core.latency) at most this fraction of the baseline's, at latency_batch images
     # per forward, single thread, in [export] runtime; None = no latency bound.
     max_latency_ratio: float | None = None
@@ -344,6 +346,8 @@ def _constraint(data: Any, file: Path) -> ConstraintSection:
         fail(where, None, "give max_macs_ratio or max_macs, not both")
     if v["latency_margin"] and v["max_latency_ratio"] is None:
         fail(where, "latency_margin", "needs max_latency_ratio (a margin below which bound?)")
+    if v["fit"] == "none" and v["fit_tolerance"] is not None:
+        fail(where, "fit_tolerance", 'needs fit = "scale" or "fill" (fit = "none" fits nothing)')
     return ConstraintSection(**v)
 
 

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from slimsearch.core.apply import apply_policy
-from slimsearch.core.budget import bisect_budget, fit_macs, policy_macs, prunable_leaders, scale_kept
+from slimsearch.core.budget import (
+    bisect_budget,
+    fit_macs,
+    policy_macs,
+    prunable_leaders,
+    scale_kept,
+    top_up_filters,
+)
 from slimsearch.core.cost import count_cost
 from slimsearch.core.errors import SlimError
 from slimsearch.core.graph import model_graph
@@ -162,3 +170,28 @@ def test_fill_spends_the_budget_of_a_policy_under_it(resnet20: nn.Module) -> Non
     back, t_all = fit_macs(resnet20, alone, base, SHAPE, fill=True)
     assert back[names[-1]].prune_rate == 0.0 and t_all == -1.0
     assert fit_macs(resnet20, filled, bound, SHAPE, fill=True) == (filled, 0.0)  # within 2 %: its own fit
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.3])
+def test_top_up_lands_every_fill_within_one_percent_of_the_bound(resnet20: nn.Module, ratio: float) -> None:
+    # Rates on a 0.05 grid: many layers share one, so the one-factor fit moves them together in coarse steps and
+    # stops 1-9 % under the bound; giving filters back one at a time closes the gap without crossing the bound.
+    graph = model_graph(resnet20, SHAPE)
+    names = [n for n in prunable_leaders(resnet20, SHAPE) if graph.layers[n].group is None]
+    bound = ratio * count_cost(resnet20, SHAPE).macs
+    coarse = []
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+        policy = Policy({n: LayerPolicy(prune_rate=float(np.round(rng.uniform(0, 0.8) / 0.05) * 0.05)) for n in names})
+        one, t = fit_macs(resnet20, policy, bound, SHAPE, fill=True, max_rate=0.8, rel_tol=0.01)
+        coarse.append(policy_macs(resnet20, one, SHAPE) / bound)
+        exact, t2 = fit_macs(resnet20, policy, bound, SHAPE, fill=True, max_rate=0.8, rel_tol=0.01, top_up=True)
+        assert t2 == t
+        assert 0.99 * bound <= policy_macs(resnet20, exact, SHAPE) <= bound
+        assert all(exact[n].keep_count(16) >= one[n].keep_count(16) for n in names)  # it only gives filters back
+        assert top_up_filters(resnet20, exact, lambda p: policy_macs(resnet20, p, SHAPE), bound, SHAPE,
+                              rel_tol=0.01) == exact  # fmt: skip
+        never = top_up_filters(resnet20, one, lambda p: policy_macs(resnet20, p, SHAPE), bound, SHAPE, rel_tol=0.01,
+                               allowed=lambda p: False)  # fmt: skip
+        assert never == one  # a second bound that refuses every step
+    assert min(coarse) < 0.99  # the case the top-up is for

@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 from slimsearch.core.apply import apply_policy
 from slimsearch.core.budget import policy_macs
 from slimsearch.core.cost import count_cost
+from slimsearch.core.errors import SlimError
 from slimsearch.core.policy import Policy
 from slimsearch.search.context import build_study_context
 from slimsearch.search.optuna_study import is_counted, load_optuna_study, make_sampler, record_from_trial, tally
@@ -119,6 +120,29 @@ def test_fill_prunes_an_under_budget_policy_less(tmp_path: Path, baseline_ckpt: 
     rates = [lp.prune_rate for lp in Policy.from_json(t1.user_attrs["policy"]).layers.values()]
     assert max(rates) < 0.6 and min(rates) >= 0.0
     assert sctx.fit(Policy.from_json(t1.user_attrs["policy"])) == Policy.from_json(t1.user_attrs["policy"])
+
+
+def test_fit_tolerance_lands_every_trial_within_it_and_needs_a_fit(tmp_path: Path, baseline_ckpt: Path) -> None:
+    # [constraint] fit_tolerance = 0.01: after the one-factor fill, filters come back one at a time until the
+    # trial is within 1 % under the bound (equal-MACs comparisons); the same seeds without it stop further under.
+    seeds = 'strategies = ["uniform"]\nuniform_rates = [0.0, 0.6]'
+    loose = load_study(write_study(tmp_path, baseline_ckpt, name="loose", n_trials=2, seeds=seeds,
+                                   constraint='max_macs_ratio = 0.3\nfit = "fill"'))  # fmt: skip
+    exact = load_study(write_study(tmp_path, baseline_ckpt, name="exact", n_trials=2, seeds=seeds,
+                                   constraint='max_macs_ratio = 0.3\nfit = "fill"\nfit_tolerance = 0.01'))  # fmt: skip
+    assert exact.constraint.fit_tolerance == 0.01 and loose.constraint.fit_tolerance is None
+    bound = 0.3 * 1_493_632
+    lctx = build_study_context(loose)
+    before = [lctx.fit(lctx.space.uniform_policy(r)) for r in (0.0, 0.6)]
+    sctx = build_study_context(exact)
+    macs = [policy_macs(sctx.model, sctx.fit(sctx.space.uniform_policy(r)), sctx.input_shape) for r in (0.0, 0.6)]
+    assert all(0.99 * bound <= m <= bound for m in macs)
+    assert min(policy_macs(lctx.model, p, lctx.input_shape) for p in before) < 0.99 * bound
+    run_study(exact, progress=False, log=lambda s: None)
+    assert all(0.99 * bound <= t.user_attrs["macs"] <= bound for t in trials_of(exact))
+    with pytest.raises(SlimError, match=r"\[constraint\] fit_tolerance: needs fit"):
+        load_study(write_study(tmp_path, baseline_ckpt, name="none", constraint='max_macs_ratio = 0.3\nfit = "none"\n'
+                               "fit_tolerance = 0.01"))  # fmt: skip
 
 
 def test_sqlite_storage_uses_write_ahead_log(tmp_path: Path, baseline_ckpt: Path) -> None:
