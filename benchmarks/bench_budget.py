@@ -22,6 +22,11 @@ slimsearch rows' mean search + rerank cost in steps).
   python benchmarks/bench_budget.py --device cuda --epochs 30                                    # protocol [gpu]
   python benchmarks/bench_budget.py --tiny --out /tmp/tiny                                       # toy scale, seconds
   python benchmarks/bench_budget.py --summary-only                                               # rebuild summary
+  python benchmarks/bench_budget.py --protocol cand.toml --pilot cand --rows slimsearch-s0       # a candidate, val only
+
+A pilot (``--pilot NAME``) is how a change to the protocol is decided before it is frozen as a new version: the
+candidate file may be uncommitted, the test split is dropped before any row runs (rows carry ``val_acc`` only),
+and ``<out>/pilot/NAME/summary.json`` sets each row's val accuracy beside the previous version's rows' val.
 """
 
 from __future__ import annotations
@@ -73,6 +78,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shared", default=shared_root())
     p.add_argument("--tiny", action="store_true", help="toy scale (synthetic data, random ResNet-20, few steps)")
     p.add_argument("--summary-only", action="store_true", help="only regenerate summary.json / summary.md")
+    p.add_argument("--rows", default=None, help="only these rows of each cell (comma-separated, e.g. slimsearch-s0)")
+    p.add_argument("--pilot", default=None, metavar="NAME",
+                   help="a candidate protocol (may be uncommitted) scored on val only: the test split is dropped "
+                        "before any row runs; results go to <out>/pilot/NAME/")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -148,13 +157,19 @@ def finish(c: Cell, model: nn.Module, extra_steps: int = 0) -> dict[str, Any]:
     teacher = c.base.to(c.device) if f["kd"] else None
     res = final_finetune(model, c.splits.train, c.splits.val, cfg, teacher=teacher, bn_batches=f["bn_batches"],
                          log=lambda s: c.log(f"    {s}"), log_every=200)  # fmt: skip
-    correct = per_image(model, c.splits.test)
     macs = c.macs(model)
-    return {"test_acc": float(correct.float().mean()), "n_test": len(correct), "test_correct": L.pack(correct.numpy()),
-            "macs": macs, "macs_ratio": macs / c.base_macs, "macs_within_tol": L.within(macs, c.target,
+    return test_fields(c, model) | {"val_acc": res.val_acc, "macs": macs, "macs_ratio": macs / c.base_macs, "macs_within_tol": L.within(macs, c.target,
             c.proto["baselines"]["macs_tolerance"]) if macs < c.base_macs else None, "final_steps": res.steps,
             "final_choice": res.choice, "final_val_accs": res.val_accs, "final_s": time.perf_counter() - t,
             "final_cpu_s": time.process_time() - cpu}  # fmt: skip
+
+
+def test_fields(c: Cell, model: nn.Module) -> dict[str, Any]:
+    """Per-image test correctness; nothing for a pilot (its cell has no test split)."""
+    if c.splits.test is None:
+        return {}
+    correct = per_image(model, c.splits.test)
+    return {"test_acc": float(correct.float().mean()), "n_test": len(correct), "test_correct": L.pack(correct.numpy())}
 
 
 def per_image(model: nn.Module, ds: Dataset, batch_size: int = 512) -> torch.Tensor:
@@ -313,10 +328,9 @@ def plan(c: Cell) -> list[str]:
 
 def run_row(c: Cell, name: str, done: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
     if name == "baseline":
-        correct = per_image(c.base.to(c.device), c.splits.test)
-        return {"method": "baseline", "setting": "checkpoint as loaded", "test_acc": float(correct.float().mean()),
-                "n_test": len(correct), "test_correct": L.pack(correct.numpy()), "macs": c.base_macs,
-                "macs_ratio": 1.0, "cost_steps": 0.0}  # fmt: skip
+        return ({"method": "baseline", "setting": "checkpoint as loaded", "macs": c.base_macs, "macs_ratio": 1.0,
+                "cost_steps": 0.0, "val_acc": float(per_image(c.base.to(c.device), c.splits.val).float().mean())}
+                | test_fields(c, c.base))  # fmt: skip
     if name == "baseline+ft":
         return {"method": name, "setting": "checkpoint + the final fine-tune", "cost_steps": 0.0} | finish(
             c, copy.deepcopy(c.base)
@@ -408,6 +422,31 @@ def write_summary(out: Path, n_boot: int) -> list[dict[str, Any]]:
     return summary
 
 
+def write_pilot_summary(out: Path, pilot: str, version: int) -> list[dict[str, Any]]:
+    """``<out>/pilot/<pilot>/summary.json``: every finished pilot row's val accuracy beside the val accuracy of the
+    same cell's rows in the committed protocol ``v<version - 1>`` (what a candidate is compared with; no test)."""
+    pdir = out / "pilot" / pilot
+    table = []
+    for cdir in sorted(p for p in pdir.iterdir() if p.is_dir()):
+        ref = read_rows(out / f"v{version - 1}" / cdir.name)
+        for name, row in read_rows(cdir).items():
+            if name != "cell":
+                table.append({"cell": cdir.name, "row": name, "val_acc": row.get("val_acc"),
+                              "macs_ratio": row.get("macs_ratio"), "cost_steps": row.get("cost_steps"),
+                              "reference_val_acc": {k: r.get("val_acc", _chosen_val(r)) for k, r in ref.items()
+                                                    if k != "cell"}})  # fmt: skip
+    write_json(pdir / "summary.json", table)
+    for t in table:
+        log(f"pilot {pilot} {t['cell']} {t['row']}: val {t['val_acc']}  (v{version - 1}: {t['reference_val_acc']})")
+    return table
+
+
+def _chosen_val(row: dict[str, Any]) -> float | None:
+    """Rows written before ``val_acc`` was recorded: the final fine-tune's val accuracy of the variant it kept."""
+    accs, choice = row.get("final_val_accs"), row.get("final_choice")
+    return accs[choice] if accs and choice else None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -418,8 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.summary_only:
         write_summary(out, n_boot)
         return 0
-    sha = "tiny"
-    if not args.tiny:
+    sha = "tiny" if args.tiny else "pilot-" + hashlib.sha256(proto_path.read_bytes()).hexdigest()[:10]
+    if not args.tiny and args.pilot is None:
         try:
             rel = str(proto_path.relative_to(REPO))
         except ValueError:
@@ -440,12 +479,14 @@ def main(argv: list[str] | None = None) -> int:
     if not todo:
         raise SystemExit("error: no protocol cell matches --models / --budgets")
     splits = load_data(proto, args)
+    if args.pilot is not None:  # a candidate is chosen on val only: no row of a pilot can see a test image
+        splits = DataSplits(splits.train, splits.val, None)
     n_search = 60 if args.tiny else int(proto["search"]["val_images"])
     search_val = splits.val.subset(torch.arange(n_search))
     held = splits.val.subset(torch.arange(n_search, len(splits.val)))
     log(f"data: train {len(splits.train)}, val {len(splits.val)} (search {n_search}, rerank {len(held)}), "
-        f"test {len(splits.test)}")  # fmt: skip
-    vdir = out / f"v{proto['version']}"
+        f"test {len(splits.test) if splits.test is not None else 'none (pilot)'}")  # fmt: skip
+    vdir = out / f"v{proto['version']}" if args.pilot is None else out / "pilot" / args.pilot
     for model, budget, epochs in todo:
         base = load_base(model, proto, args).to(args.device)
         cell = Cell(model, budget, epochs, base, splits, search_val, held, int(count_cost(base, SHAPE).macs), proto,
@@ -457,10 +498,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         meta = {"version": proto["version"], "protocol_sha": sha, "model": model, "budget": budget, "epochs": epochs,
                 "device": args.device, "machine": machine(), "data": {"train": len(splits.train), "val": len(splits.val),
-                "test": len(splits.test)}}  # fmt: skip
+                "test": len(splits.test) if splits.test is not None else 0}}  # fmt: skip
         if not (cdir / "cell.json").is_file():
             write_json(cdir / "cell.json", meta)
         for name in plan(cell):
+            if args.rows is not None and name not in args.rows.split(","):
+                continue
             path = cdir / f"{name}.json"
             if path.is_file():
                 log(f"{cdir.name} {name}: done (resumed)")
@@ -486,9 +529,14 @@ def main(argv: list[str] | None = None) -> int:
                 write_json(path, row | {"wall_s": time.perf_counter() - t, "protocol_sha": sha})
             finally:
                 lock.unlink(missing_ok=True)
-            log(f"  {name}: test {100 * row['test_acc']:.2f} %, MACs {100 * row['macs_ratio']:.1f} %")
-            write_summary(out, n_boot)
-    write_summary(out, n_boot)
+            acc = f"test {100 * row['test_acc']:.2f} %" if "test_acc" in row else f"val {100 * row['val_acc']:.2f} %"
+            log(f"  {name}: {acc}, MACs {100 * row['macs_ratio']:.1f} %")
+            if args.pilot is None:
+                write_summary(out, n_boot)
+    if args.pilot is None:
+        write_summary(out, n_boot)
+    else:
+        write_pilot_summary(out, args.pilot, int(proto["version"]))
     return 0
 
 

@@ -189,3 +189,26 @@ def test_a_row_is_claimed_by_one_live_process_and_a_dead_holders_lock_is_taken_o
         other.wait()
     assert claim_row(tmp_path, "slimsearch-s0") == lock  # its holder died: taken over
     assert lock.read_text() == str(os.getpid())
+
+
+def test_a_pilot_runs_an_uncommitted_candidate_on_val_only(tmp_path: Path) -> None:
+    """--pilot: a candidate protocol (here a modified copy outside the repo) runs the chosen rows with the test
+    split dropped; rows hold val accuracy and nothing of test; the committed results are untouched."""
+    proto = tmp_path / "candidate.toml"
+    proto.write_text((REPO / "benchmarks" / "protocol.toml").read_text().replace("version = 1", "version = 2", 1))
+    out = tmp_path / "out"
+    (out / "v1" / "resnet20-50pct-5ep").mkdir(parents=True)
+    (out / "v1" / "resnet20-50pct-5ep" / "fpgm.json").write_text(json.dumps({"val_acc": 0.5, "test_acc": 0.4}))
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_budget.py"), "--tiny", "--protocol", str(proto),
+           "--pilot", "cand", "--models", "resnet20", "--budgets", "0.5", "--rows", "baseline,fpgm", "--out", str(out)]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cell = out / "pilot" / "cand" / "resnet20-50pct-5ep"
+    assert {p.stem for p in cell.glob("*.json")} == {"cell", "baseline", "fpgm"}
+    for name in ("baseline", "fpgm"):
+        row = json.loads((cell / f"{name}.json").read_text())
+        assert 0.0 <= row["val_acc"] <= 1.0 and not any(k.startswith(("test", "n_test")) for k in row)
+    assert json.loads((cell / "cell.json").read_text())["data"]["test"] == 0
+    pilot = json.loads((out / "pilot" / "cand" / "summary.json").read_text())
+    assert [(p["row"], p["reference_val_acc"]) for p in pilot] == [("baseline", {"fpgm": 0.5}), ("fpgm", {"fpgm": 0.5})]
+    assert not (out / "summary.json").exists() and not (out / "v2").exists()
