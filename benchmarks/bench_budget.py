@@ -467,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         if problem:
             raise SystemExit(f"error: {problem}")
         sha = L.protocol_sha(REPO, rel)
+    code = L.code_rev(REPO)  # read once: the code this process imported
     gpu = args.device.startswith("cuda")
     batch = int(proto["gpu"]["batch_size"]) if gpu else int(proto["finetune"]["batch_size"])
     todo = [cl for cl in L.cells(proto)
@@ -526,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
                 if row is None:
                     log(f"  {name}: waits for the search rows")
                     continue
-                write_json(path, row | {"wall_s": time.perf_counter() - t, "protocol_sha": sha})
+                write_json(path, row | {"wall_s": time.perf_counter() - t, "protocol_sha": sha, "code": code})
             finally:
                 lock.unlink(missing_ok=True)
             acc = f"test {100 * row['test_acc']:.2f} %" if "test_acc" in row else f"val {100 * row['val_acc']:.2f} %"

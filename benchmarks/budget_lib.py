@@ -29,6 +29,17 @@ def protocol_problem(repo: Path, rel: str) -> str | None:
     return None
 
 
+CODE_DIRS = ("core", "spaces", "evaluators", "search", "benchmarks/bench_budget.py", "benchmarks/budget_lib.py")
+
+
+def code_rev(repo: Path) -> str:
+    """The commit a row's code came from, ``+dirty`` when the code it runs differs from it (a protocol fixes the
+    settings; this names the algorithm that ran them)."""
+    head = _git(repo, "rev-parse", "--short=10", "HEAD").stdout.strip() or "unknown"
+    dirty = _git(repo, "status", "--porcelain", "--", *CODE_DIRS).stdout.strip()
+    return head + ("+dirty" if dirty else "")
+
+
 def protocol_sha(repo: Path, rel: str) -> str:
     """Git's blob id of the committed protocol file: names its exact content, and survives rebases and merges
     (``git log --find-object=<sha>`` finds the commits that hold it)."""

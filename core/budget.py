@@ -36,6 +36,7 @@ def scale_kept(
     criterion: str | None = "l1",
     max_rate: float = 1.0,
     min_rate: float = 0.0,
+    fixed: frozenset[str] = frozenset(),
 ) -> Policy:
     """``policy`` with the kept-filter count of every prunable group it lists scaled by ``1 - t`` (floor, >= 1).
 
@@ -46,7 +47,8 @@ def scale_kept(
     one already past it stays as it is. Explicit decomposition ranks are clamped to the pruned kernel.
     ``t = 0`` returns the policy unchanged. A negative ``t`` prunes less: each pruned group keeps ``1 - t``
     times its filters (at most all, and no layer falls below ``min_rate``, a space's smallest rate); a
-    ``keep`` mask gets back its strongest (L1) dropped filters.
+    ``keep`` mask gets back its strongest (L1) dropped filters. Groups whose listed layers are all in ``fixed``
+    (listed only for their decomposition, outside a search space's prune units) stay as they are.
     """
     if not t < 1.0 or not math.isfinite(t):
         raise SlimError(f"scale factor t must be below 1, got {t}")
@@ -57,7 +59,7 @@ def scale_kept(
     for leader in prunable_leaders(model, shape):
         members = g.groups.get(leader, [leader])
         listed = [m for m in members if m in layers]
-        if not listed and criterion is None:
+        if (not listed and criterion is None) or (listed and all(m in fixed for m in listed)):
             continue
         lp = layers[listed[0]] if listed else LayerPolicy(criterion=criterion or "l1")
         n = g.layers[leader].out_channels
@@ -176,17 +178,19 @@ def fit_cost(
     max_evals: int = 10,
     top_up: bool = False,
     allowed: Callable[[Policy], bool] | None = None,
+    fixed: frozenset[str] = frozenset(),
 ) -> tuple[Policy, float | None]:
     """``fit_macs`` for any cost that falls as ``t`` grows (MACs, predicted latency): ``cost(policy) <= bound``
     after scaling the kept filters by ``1 - t``. ``top_up``: a scaled policy that the one factor leaves more
     than ``rel_tol`` under the bound (its whole-filter steps are coarse where many layers share a rate) gets
     filters back one at a time (``top_up_filters``, each step also ``allowed``, e.g. a second bound) until it
-    is within ``rel_tol``; the ``t`` returned is then the one factor's."""
+    is within ``rel_tol``; the ``t`` returned is then the one factor's. ``fixed``: as in ``scale_kept``."""
     policy, t = _fit_one_factor(model, policy, cost, bound, input_shape, criterion=criterion, max_rate=max_rate,
-                                min_rate=min_rate, fill=fill, t_max=t_max, rel_tol=rel_tol, max_evals=max_evals)  # fmt: skip
+                                min_rate=min_rate, fill=fill, t_max=t_max, rel_tol=rel_tol, max_evals=max_evals,
+                                fixed=fixed)  # fmt: skip
     if top_up and t:
         policy = top_up_filters(model, policy, cost, bound, input_shape, rel_tol=rel_tol, min_rate=min_rate,
-                                allowed=allowed)  # fmt: skip
+                                allowed=allowed, fixed=fixed)  # fmt: skip
     return policy, t
 
 
@@ -201,6 +205,7 @@ def top_up_filters(
     min_rate: float = 0.0,
     max_evals: int = 400,
     allowed: Callable[[Policy], bool] | None = None,
+    fixed: frozenset[str] = frozenset(),
 ) -> Policy:
     """``policy`` (within ``bound``) with filters given back one at a time, most-pruned group first and round
     robin, while ``cost`` stays within the bound (and ``allowed`` holds), until it is within ``rel_tol`` under
@@ -214,7 +219,7 @@ def top_up_filters(
     open_: list[tuple[float, str, list[str]]] = []
     for leader in prunable_leaders(model, shape):
         listed = [m for m in g.groups.get(leader, [leader]) if m in policy.layers]
-        if listed:
+        if listed and not all(m in fixed for m in listed):
             open_.append((-float(policy[listed[0]].prune_rate), leader, listed))
     groups = [(leader, listed) for _, leader, listed in sorted(open_)]
     evals = 0
@@ -253,13 +258,16 @@ def _fit_one_factor(
     t_max: float,
     rel_tol: float,
     max_evals: int,
+    fixed: frozenset[str],
 ) -> tuple[Policy, float | None]:
     f0 = cost(policy) - bound
     if f0 <= 0 and (not fill or -f0 <= rel_tol * bound):
         return policy, 0.0
 
     def scale(t: float) -> Policy:
-        return scale_kept(model, policy, t, input_shape, criterion=criterion, max_rate=max_rate, min_rate=min_rate)
+        return scale_kept(
+            model, policy, t, input_shape, criterion=criterion, max_rate=max_rate, min_rate=min_rate, fixed=fixed
+        )
 
     if f0 > 0:
         lo, hi, f_lo = 0.0, t_max, f0

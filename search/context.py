@@ -74,10 +74,12 @@ class StudyContext:
         min_rate, max_rate = self.space.cfg.prune_rate
         fill, tol = mode == "fill", self.cfg.constraint.fit_tolerance
         rel_tol, top_up = (FIT_REL_TOL, False) if tol is None else (tol, True)
+        # listed only for a decomposition (e.g. coupled = false's residual-stream convs): the fit never prunes them
+        fixed = frozenset(policy.layers) - {n for u in self.space.units for n in u.layers}
         if ctx.max_macs is not None:
             policy, _ = fit_cost(self.model, policy, lambda p: policy_macs(self.model, rounded(p), self.input_shape),
                                  ctx.max_macs, self.input_shape, max_rate=max_rate, min_rate=min_rate,
-                                 fill=fill, rel_tol=rel_tol, top_up=top_up)  # fmt: skip
+                                 fill=fill, rel_tol=rel_tol, top_up=top_up, fixed=fixed)  # fmt: skip
         if ctx.max_latency_ratio is not None:
             table = ctx.latency_table()
             if table.predict(self.model, rounded(policy)) is not None:  # None: EVBMF ranks, measured by the evaluator
@@ -92,7 +94,7 @@ class StudyContext:
                 policy, _ = fit_cost(self.model, policy, lambda p: table.predict(self.model, rounded(p)), bound,
                                      self.input_shape, max_rate=max_rate, min_rate=min_rate,
                                      fill=fill and ctx.max_macs is None, rel_tol=rel_tol,
-                                     top_up=top_up, allowed=macs_ok)  # fmt: skip
+                                     top_up=top_up, allowed=macs_ok, fixed=fixed)  # fmt: skip
         return rounded(policy)
 
     def latency_info(self, log: Log | None = None) -> dict[str, Any] | None:

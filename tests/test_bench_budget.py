@@ -212,3 +212,5 @@ def test_a_pilot_runs_an_uncommitted_candidate_on_val_only(tmp_path: Path) -> No
     pilot = json.loads((out / "pilot" / "cand" / "summary.json").read_text())
     assert [(p["row"], p["reference_val_acc"]) for p in pilot] == [("baseline", {"fpgm": 0.5}), ("fpgm", {"fpgm": 0.5})]
     assert not (out / "summary.json").exists() and not (out / "v2").exists()
+    code = json.loads((cell / "fpgm.json").read_text())["code"]
+    assert code.split("+")[0] == L.code_rev(REPO).split("+")[0] and len(code.split("+")[0]) == 10

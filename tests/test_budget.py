@@ -195,3 +195,12 @@ def test_top_up_lands_every_fill_within_one_percent_of_the_bound(resnet20: nn.Mo
                                allowed=lambda p: False)  # fmt: skip
         assert never == one  # a second bound that refuses every step
     assert min(coarse) < 0.99  # the case the top-up is for
+
+
+def test_scale_leaves_fixed_layers_alone(resnet20: nn.Module) -> None:
+    # a second conv listed only for its Tucker-2 decomposition: scaling prunes the first conv, not the stream
+    policy = Policy({"layer1.0.conv1": LayerPolicy(prune_rate=0.2),
+                     "layer1.0.conv2": LayerPolicy(decomposition="tucker", rank_ratio=0.5)})  # fmt: skip
+    assert scale_kept(resnet20, policy, 0.3, SHAPE, criterion=None)["layer1.0.conv2"].prune_rate > 0  # unfixed
+    p = scale_kept(resnet20, policy, 0.3, SHAPE, criterion=None, fixed=frozenset({"layer1.0.conv2"}))
+    assert p["layer1.0.conv2"] == policy["layer1.0.conv2"] and p["layer1.0.conv1"].keep_count(16) == 9

@@ -22,7 +22,7 @@ from slimsearch.core.apply import apply_policy
 from slimsearch.core.budget import policy_macs
 from slimsearch.core.cost import count_cost
 from slimsearch.core.errors import SlimError
-from slimsearch.core.policy import Policy
+from slimsearch.core.policy import LayerPolicy, Policy
 from slimsearch.search.context import build_study_context
 from slimsearch.search.optuna_study import is_counted, load_optuna_study, make_sampler, record_from_trial, tally
 from slimsearch.search.records import ranked
@@ -30,6 +30,7 @@ from slimsearch.search.runner import run_study
 from slimsearch.search.slots import WORKER_ATTR, claim, reap_dead
 from slimsearch.search.storage import open_storage
 from slimsearch.search.study import load_study
+from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("tmp_cwd")
@@ -143,6 +144,47 @@ def test_fit_tolerance_lands_every_trial_within_it_and_needs_a_fit(tmp_path: Pat
     with pytest.raises(SlimError, match=r"\[constraint\] fit_tolerance: needs fit"):
         load_study(write_study(tmp_path, baseline_ckpt, name="none", constraint='max_macs_ratio = 0.3\nfit = "none"\n'
                                "fit_tolerance = 0.01"))  # fmt: skip
+
+
+def test_the_fit_never_prunes_a_layer_listed_only_for_its_decomposition(tmp_path: Path) -> None:
+    # coupled = false: the residual streams are outside the prune space, but a Tucker-2 second conv is listed
+    # in the policy (rate 0). Scaling an over-bound sample down must prune the first convs only: the stream
+    # (stem + every stage's second convs) keeps all its filters.
+    import torch
+    from slimsearch.core.data import load_synthetic, split_train_val
+    from slimsearch.core.models import build_model
+    from slimsearch.evaluators.context import build_context
+    from slimsearch.search.context import StudyContext
+    from slimsearch.search.study import study_from_dict
+    from slimsearch.spaces.space import SearchSpace
+
+    model, shape = build_model("resnet20").eval(), (1, 3, 32, 32)
+    ckpt = tmp_path / "w.th"
+    torch.save(model.state_dict(), ckpt)
+    for tol in ([], [("fit_tolerance", 0.01)]):
+        cfg = study_from_dict({"study": {"name": "s", "storage": f"sqlite:///{tmp_path}/s.db"},
+                               "model": {"factory": "resnet20", "checkpoint": str(ckpt)},
+                               "data": {"dataset": "synthetic"},
+                               "constraint": {"max_macs_ratio": 0.5, "fit": "fill", **dict(tol)},
+                               "space": {"coupled": False, "prune_rate": [0.0, 0.8],
+                                         "decomposition": ["none", "tucker"]}}, tmp_path / "s.toml")  # fmt: skip
+        splits = split_train_val(load_synthetic(n=40, size=32), 20, seed=0)
+        base = count_cost(model, shape).macs
+        ectx = build_context(model, splits, shape, max_macs=0.5 * base, score_baseline=False)
+        space = SearchSpace.build(model, cfg.space, shape)
+        sctx = StudyContext(cfg, model, splits, shape, ectx, space, ckpt, "x")
+        stream = [n for n, m in model.named_modules() if n.endswith("conv2")] + ["conv1"]
+        sampled = Policy({n: LayerPolicy(prune_rate=0.0) for n in model_first_convs(model)}
+                         | {n: LayerPolicy(prune_rate=0.0, decomposition="tucker", rank_ratio=0.9)
+                            for n in stream if n != "conv1"})  # fmt: skip
+        fitted = sctx.fit(sampled)
+        assert policy_macs(model, fitted, shape) <= 0.5 * base
+        assert all(fitted[n].prune_rate == 0.0 for n in stream if n in fitted.layers)
+        assert all(fitted[n].prune_rate > 0 for n in model_first_convs(model))
+
+
+def model_first_convs(model: nn.Module) -> list[str]:
+    return [n for n, _ in model.named_modules() if n.endswith("conv1") and n != "conv1"]
 
 
 def test_sqlite_storage_uses_write_ahead_log(tmp_path: Path, baseline_ckpt: Path) -> None:
