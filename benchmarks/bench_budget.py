@@ -237,7 +237,8 @@ def study_config(c: Cell, work: Path, seed: int, ckpt: Path) -> Any:
                   "n_startup_trials": min(int(s["n_startup_trials"]), n_trials), "seed": seed, "pruner": "none"},
         "model": {"factory": c.model, "checkpoint": str(ckpt)},
         "data": {"dataset": "synthetic"},
-        "constraint": {"max_macs": float(c.target), "fit": s["fit"]},
+        "constraint": {"max_macs": float(c.target), "fit": s["fit"]}
+                      | ({"fit_tolerance": float(s["fit_tolerance"])} if "fit_tolerance" in s else {}),
         "space": toml["space"],
         "seeds": {"strategies": list(s["seed_strategies"])} | {k: toml["seeds"][k] for k in ("uniform_rates",)
                                                                  if k in toml.get("seeds", {})},
