@@ -56,6 +56,7 @@ from slimsearch.core.models import build_model, load_checkpoint  # noqa: E402
 from slimsearch.core.policy import Policy  # noqa: E402
 from slimsearch.core.tp_prune import tp_prune, tp_prune_progressive  # noqa: E402
 from slimsearch.core.train import FinetuneConfig, final_finetune, finetune, recalibrate_bn, total_steps  # noqa: E402
+from slimsearch.search.slots import pid_alive  # noqa: E402
 
 from benchmarks import budget_lib as L  # noqa: E402
 from benchmarks.bench_compare import allocation_policy, uniform_policy  # noqa: E402
@@ -394,16 +395,6 @@ def claim_row(cdir: Path, name: str) -> Path | None:
             f.write(str(os.getpid()))
         return lock
     return None
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def write_summary(out: Path, n_boot: int) -> list[dict[str, Any]]:

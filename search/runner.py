@@ -75,7 +75,7 @@ from slimsearch.search.paths import check_writable_dir
 from slimsearch.search.placement import Placement, local_gpus, plan_workers, worker_env
 from slimsearch.search.records import RunSummary, best_summary, fmt_count
 from slimsearch.search.seeding import generate_seeds
-from slimsearch.search.slots import WORKER_ATTR, Heartbeat, _pid_alive, claim, reap_dead, top_up
+from slimsearch.search.slots import WORKER_ATTR, Heartbeat, claim, pid_alive, reap_dead, top_up
 from slimsearch.search.storage import (
     _retry_callback,
     check_sqlite_target,
@@ -440,7 +440,7 @@ def _watch_parent(parent_pid: int) -> None:
     def watch() -> None:
         while True:
             time.sleep(POLL_S)
-            if os.getppid() != parent_pid and not _pid_alive(parent_pid):
+            if os.getppid() != parent_pid and not pid_alive(parent_pid):
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
 

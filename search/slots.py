@@ -19,7 +19,7 @@ WORKER_ATTR = "slimsearch:worker"
 SLOT_BATCH = 32  # most empty WAITING slots enqueued ahead of the workers (``top_up``)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -41,7 +41,7 @@ def reap_dead(study: optuna.Study, cfg: StudyConfig) -> int:
         # The retry of a trial copies its system attrs: trust the record only for the trial it names.
         if not isinstance(w, dict) or w.get("trial") != t.number or w.get("host") != host:
             continue
-        if _pid_alive(int(w.get("pid", -1))):
+        if pid_alive(int(w.get("pid", -1))):
             continue
         with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
             storage.set_trial_user_attr(t._trial_id, "reason", f"process {w.get('pid')} died")
