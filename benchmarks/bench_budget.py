@@ -83,6 +83,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pilot", default=None, metavar="NAME",
                    help="a candidate protocol (may be uncommitted) scored on val only: the test split is dropped "
                         "before any row runs; results go to <out>/pilot/NAME/")  # fmt: skip
+    p.add_argument("--reuse-from", type=int, default=None, metavar="VERSION",
+                   help="copy the rows that never run the search (baselines, baseline+ft) from this earlier version's "
+                        "same cell when its protocol differs from this one only in [search] and search_seeds; use it "
+                        "only when no code those rows run changed between the versions")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -376,6 +380,36 @@ def reusable_row(cdir: Path, name: str, meta: dict[str, Any]) -> dict[str, Any] 
     return None
 
 
+SEARCH_ONLY = ("version", "search")  # protocol keys no search-free row reads (besides models.<m>.search_seeds)
+
+
+def search_free_settings(proto: dict[str, Any], model: str) -> dict[str, Any]:
+    """The protocol as a row that never runs the search sees it: without [search], the version and every model's
+    search seeds, and without the other models."""
+    out = {k: v for k, v in proto.items() if k not in SEARCH_ONLY and k != "models"}
+    return out | {"model": {k: v for k, v in proto["models"][model].items() if k != "search_seeds"}}
+
+
+def reusable_from_version(
+    old_cdir: Path, name: str, meta: dict[str, Any], proto: dict[str, Any], old_proto: dict[str, Any]
+) -> dict[str, Any] | None:
+    """Row ``name`` of an earlier version's same cell, to serve this version unchanged, or None: only a row that
+    never runs the search, only from a cell on the same model, budget, epochs, device and data sizes, and only when
+    the two protocols agree on everything but [search] and the search seeds."""
+    if name.startswith("slimsearch-s") or name == L.EQUAL_COMPUTE:
+        return None
+    row, old_meta = old_cdir / f"{name}.json", old_cdir / "cell.json"
+    if not (row.is_file() and old_meta.is_file()):
+        return None
+    m = json.loads(old_meta.read_text())
+    if any(m.get(k) != meta[k] for k in ("model", "budget", "epochs", "device", "data")):
+        return None
+    if search_free_settings(old_proto, meta["model"]) != search_free_settings(proto, meta["model"]):
+        return None
+    old = json.loads(row.read_text())
+    return old | {"reused_from": f"v{m['version']}/{old_cdir.name}", "reused_protocol_sha": old.get("protocol_sha")}
+
+
 def claim_row(cdir: Path, name: str) -> Path | None:
     """A lock file that makes this process the only one running row ``name`` of ``cdir`` (several processes can share
     a cell's rows), or None while a live process holds it. A dead holder's lock (killed run) is taken over."""
@@ -460,6 +494,10 @@ def main(argv: list[str] | None = None) -> int:
         if problem:
             raise SystemExit(f"error: {problem}")
         sha = L.protocol_sha(REPO, rel)
+    old_vdir = out / f"v{args.reuse_from}"
+    if args.reuse_from is not None and not 0 < args.reuse_from < int(proto["version"]):
+        raise SystemExit(f"error: --reuse-from {args.reuse_from}: not an earlier version than {proto['version']}")
+    old_proto = None if args.reuse_from is None else L.version_protocol(REPO, old_vdir)
     code = L.code_rev(REPO)  # read once: the code this process imported
     gpu = args.device.startswith("cuda")
     batch = int(proto["gpu"]["batch_size"]) if gpu else int(proto["finetune"]["batch_size"])
@@ -503,9 +541,11 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"{cdir.name} {name}: done (resumed)")
                 continue
             reused = reusable_row(cdir, name, meta)
+            if reused is None and old_proto is not None:
+                reused = reusable_from_version(old_vdir / cdir.name, name, meta, proto, old_proto)
             if reused is not None:
-                write_json(path, reused)
-                log(f"{cdir.name} {name}: the same row as {reused['reused_from']} (it does not depend on the budget)")
+                write_json(path, reused | ({"protocol_sha": sha} if "reused_protocol_sha" in reused else {}))
+                log(f"{cdir.name} {name}: the same row as {reused['reused_from']}")
                 continue
             lock = claim_row(cdir, name)
             if lock is None:

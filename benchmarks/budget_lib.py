@@ -3,6 +3,7 @@ per-image results, search cost in fine-tune steps, paired bootstrap and the summ
 
 from __future__ import annotations
 
+import json
 import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -44,6 +45,19 @@ def protocol_sha(repo: Path, rel: str) -> str:
     """Git's blob id of the committed protocol file: names its exact content, and survives rebases and merges
     (``git log --find-object=<sha>`` finds the commits that hold it)."""
     return _git(repo, "rev-parse", f"HEAD:{rel}").stdout.strip()
+
+
+def version_protocol(repo: Path, vdir: Path) -> dict[str, Any]:
+    """The protocol an earlier version's rows ran under, read back from git by the blob id its cells record."""
+    shas = {json.loads(p.read_text())["protocol_sha"] for p in sorted(vdir.glob("*/cell.json"))}
+    if len(shas) != 1:
+        raise SystemExit(
+            f"error: {vdir}: expected the cells of one protocol version, found protocol ids {sorted(shas)}"
+        )
+    text = _git(repo, "cat-file", "-p", shas.pop())
+    if text.returncode != 0:
+        raise SystemExit(f"error: {vdir}: its protocol is not in this repository's history ({text.stderr.strip()})")
+    return tomllib.loads(text.stdout)
 
 
 def load_protocol(path: Path) -> dict[str, Any]:

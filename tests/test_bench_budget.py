@@ -97,6 +97,27 @@ def test_bench_budget_refuses_a_modified_protocol(tmp_path: Path) -> None:
                         "--out", str(tmp_path / "out")], capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 2 and "must be a file of this repository" in r.stderr
     assert not (tmp_path / "out").exists()
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_budget.py"), "--reuse-from", "9",
+                        "--out", str(tmp_path / "out")], capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 2 and "--reuse-from 9: not an earlier version" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_earlier_versions_protocol_is_read_back_from_git(tmp_path: Path) -> None:
+    shallow = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--is-shallow-repository"], capture_output=True,
+                             text=True).stdout.strip()  # fmt: skip
+    if shallow != "false":
+        pytest.skip("needs the repository's full git history (a shallow clone lacks protocol v1's blob)")
+    v1 = L.version_protocol(REPO, REPO / "benchmarks" / "results" / "budget" / "v1")
+    assert v1["version"] == 1 and "fit_tolerance" not in v1["search"] and v1["models"]["resnet20"]["epochs"] == 5
+    for name, sha in (("a", "abf593802d24d50491c69e8c8773b90b6b12d35a"), ("b", "0" * 40)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "cell.json").write_text(json.dumps({"protocol_sha": sha}))
+    with pytest.raises(SystemExit, match="cells of one protocol version"):
+        L.version_protocol(REPO, tmp_path)
+    (tmp_path / "a" / "cell.json").unlink()
+    with pytest.raises(SystemExit, match="not in this repository's history"):
+        L.version_protocol(REPO, tmp_path)
 
 
 @pytest.mark.slow
@@ -170,6 +191,39 @@ def test_budget_free_rows_are_reused_only_from_a_matching_cell(tmp_path: Path) -
     assert reusable_row(here, "tp_global", meta) is None  # depends on the budget
     assert reusable_row(here, "baseline+ft", meta | {"protocol_sha": "def"}) is None  # another protocol
     assert reusable_row(here, "baseline+ft", meta | {"epochs": 2.0}) is None
+
+
+def test_search_free_rows_are_reused_from_an_earlier_version_only_when_its_protocol_differs_in_the_search(
+    tmp_path: Path,
+) -> None:
+    from benchmarks.bench_budget import reusable_from_version
+
+    proto = L.load_protocol(REPO / "benchmarks" / "protocol.toml")
+    old = json.loads(json.dumps(proto)) | {"version": 1}
+    old["search"] = old["search"] | {"n_trials": 3, "fit_tolerance": 0.5}
+    old["models"]["resnet20"]["search_seeds"] = [7]
+    data = {"train": 50000, "val": 2000, "test": 8000}
+    meta = {"version": 2, "protocol_sha": "new", "model": "resnet20", "budget": 0.5, "epochs": 5.0, "device": "cpu",
+            "data": data}  # fmt: skip
+    cdir = tmp_path / "v1" / "resnet20-50pct-5ep"
+    cdir.mkdir(parents=True)
+    (cdir / "cell.json").write_text(json.dumps(meta | {"version": 1, "protocol_sha": "old"}))
+    for name in ("tp_global", "baseline+ft", "slimsearch-s0", "tp_global_eqc"):
+        (cdir / f"{name}.json").write_text(json.dumps({"method": name, "test_acc": 0.8, "protocol_sha": "old"}))
+    row = reusable_from_version(cdir, "tp_global", meta, proto, old)
+    assert row == {"method": "tp_global", "test_acc": 0.8, "protocol_sha": "old",
+                   "reused_from": "v1/resnet20-50pct-5ep", "reused_protocol_sha": "old"}  # fmt: skip
+    assert reusable_from_version(cdir, "baseline+ft", meta, proto, old) is not None
+    assert reusable_from_version(cdir, "slimsearch-s0", meta, proto, old) is None  # runs the search
+    assert reusable_from_version(cdir, "tp_global_eqc", meta, proto, old) is None  # its steps come from the search
+    assert reusable_from_version(cdir, "tp_l1", meta, proto, old) is None  # not run there
+    assert reusable_from_version(cdir, "tp_global", meta | {"budget": 0.3}, proto, old) is None
+    assert reusable_from_version(cdir, "tp_global", meta | {"data": data | {"val": 1000}}, proto, old) is None
+    other_ft = old | {"finetune": old["finetune"] | {"lr": 0.02}}
+    assert reusable_from_version(cdir, "tp_global", meta, proto, other_ft) is None
+    other_model = json.loads(json.dumps(old))
+    other_model["models"]["resnet20"]["epochs"] = 3
+    assert reusable_from_version(cdir, "tp_global", meta, proto, other_model) is None
 
 
 def test_a_row_is_claimed_by_one_live_process_and_a_dead_holders_lock_is_taken_over(tmp_path: Path) -> None:
