@@ -138,6 +138,22 @@ def load_base(model: str, proto: dict[str, Any], args: argparse.Namespace) -> nn
     return load_checkpoint(build_model(model), path).eval()
 
 
+def search_images(proto: dict[str, Any], tiny: bool) -> int:
+    """How many of the val images score the search's trials (the rest only rerank)."""
+    return 60 if tiny else int(proto["search"]["val_images"])
+
+
+def make_cell(
+    model: str, budget: float, epochs: float, proto: dict[str, Any], args: argparse.Namespace, splits: DataSplits,
+    batch: int,
+) -> Cell:  # fmt: skip
+    base = load_base(model, proto, args).to(args.device)
+    n = search_images(proto, args.tiny)
+    return Cell(model, budget, epochs, base, splits, splits.val.subset(torch.arange(n)),
+                splits.val.subset(torch.arange(n, len(splits.val))), int(count_cost(base, SHAPE).macs), proto,
+                args.device, batch, args.tiny, log)  # fmt: skip
+
+
 # ----------------------------------------------------------------------------- the final fine-tune (every row)
 
 
@@ -255,6 +271,23 @@ def study_config(c: Cell, work: Path, seed: int, ckpt: Path) -> Any:
     return study_from_dict(raw, study_file)
 
 
+def rerank_length(c: Cell) -> int:
+    """Fine-tune steps of one rerank candidate: ``rerank_fraction`` of the final fine-tune's."""
+    final_steps = total_steps(ft_config(c), len(c.splits.train))
+    return 2 if c.tiny else max(1, round(float(c.proto["search"]["rerank_fraction"]) * final_steps))
+
+
+def rerank_acc(c: Cell, m: nn.Module) -> float:
+    """A rerank candidate's score: BN recalibrated on augmented batches, ``rerank_length`` steps of the final
+    fine-tune's recipe, top-1 on the val images the search never saw. Trains ``m`` in place."""
+    f = c.proto["finetune"]
+    m = m.to(c.device)
+    recalibrate_bn(m, c.splits.train, num_batches=f["bn_batches"], batch_size=c.batch_size, augment=True)
+    finetune(m, c.splits.train, FinetuneConfig(steps=rerank_length(c), batch_size=c.batch_size, lr=f["lr"],
+                                               seed=f["seed"]))  # fmt: skip
+    return float(per_image(m, c.held).float().mean())
+
+
 def row_slimsearch(c: Cell, seed: int) -> dict[str, Any]:
     """One search (sampler seed ``seed``) + top-K rerank + the final fine-tune; its cost in steps and CPU seconds."""
     from slimsearch.evaluators.cache import ResultCache
@@ -290,14 +323,10 @@ def row_slimsearch(c: Cell, seed: int) -> dict[str, Any]:
     t, cpu = time.perf_counter(), time.process_time()
     rer, rerank_steps = [], 0.0
     f = c.proto["finetune"]
-    final_steps = total_steps(ft_config(c), len(c.splits.train))
-    r_steps = 2 if c.tiny else max(1, round(float(s["rerank_fraction"]) * final_steps))
+    r_steps = rerank_length(c)
     for tr in ranked if len(ranked) > 1 else []:
         policy = Policy.from_json(tr.user_attrs["policy"])
-        m = apply_policy(c.base, policy, input_shape=SHAPE).to(c.device)
-        recalibrate_bn(m, c.splits.train, num_batches=f["bn_batches"], batch_size=c.batch_size, augment=True)
-        finetune(m, c.splits.train, FinetuneConfig(steps=r_steps, batch_size=c.batch_size, lr=f["lr"], seed=f["seed"]))
-        acc = float(per_image(m, c.held).float().mean())
+        acc = rerank_acc(c, apply_policy(c.base, policy, input_shape=SHAPE))
         rerank_steps += L.cost_steps(r_steps, f["bn_batches"] * c.batch_size + len(c.held), c.batch_size)
         rer.append({"trial": tr.number, "search_val_acc": tr.user_attrs.get("val_acc"), "held_out_val_acc": acc})
         c.log(f"    rerank trial {tr.number}: held-out val {100 * acc:.2f} %")
@@ -513,16 +542,12 @@ def main(argv: list[str] | None = None) -> int:
     splits = load_data(proto, args)
     if args.pilot is not None:  # a candidate is chosen on val only: no row of a pilot can see a test image
         splits = DataSplits(splits.train, splits.val, None)
-    n_search = 60 if args.tiny else int(proto["search"]["val_images"])
-    search_val = splits.val.subset(torch.arange(n_search))
-    held = splits.val.subset(torch.arange(n_search, len(splits.val)))
-    log(f"data: train {len(splits.train)}, val {len(splits.val)} (search {n_search}, rerank {len(held)}), "
+    n_search = search_images(proto, args.tiny)
+    log(f"data: train {len(splits.train)}, val {len(splits.val)} (search {n_search}, rerank {len(splits.val) - n_search}), "
         f"test {len(splits.test) if splits.test is not None else 'none (pilot)'}")  # fmt: skip
     vdir = out / f"v{proto['version']}" if args.pilot is None else out / "pilot" / args.pilot
     for model, budget, epochs in todo:
-        base = load_base(model, proto, args).to(args.device)
-        cell = Cell(model, budget, epochs, base, splits, search_val, held, int(count_cost(base, SHAPE).macs), proto,
-                    args.device, batch, args.tiny, log)  # fmt: skip
+        cell = make_cell(model, budget, epochs, proto, args, splits, batch)
         cdir = (
             vdir / L.cell_name(model, budget, epochs + 0.0)
             if not gpu

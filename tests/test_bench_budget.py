@@ -128,7 +128,8 @@ def test_bench_budget_tiny_runs_and_resumes(tmp_path: Path) -> None:
            "--budgets", "0.5", "--out", str(out)]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    cell = out / "v1" / "resnet20-50pct-5ep"
+    version = L.load_protocol(REPO / "benchmarks" / "protocol.toml")["version"]
+    cell = out / f"v{version}" / "resnet20-50pct-5ep"
     names = {p.stem for p in cell.glob("*.json")} - {"cell"}
     assert names == {"baseline", "baseline+ft", "tp_global", "tp_l1", "fpgm", "tp_alloc_fpgm", "slimsearch-s0",
                      "slimsearch-s1", "slimsearch-s2", "tp_global_eqc"}  # fmt: skip
@@ -143,6 +144,18 @@ def test_bench_budget_tiny_runs_and_resumes(tmp_path: Path) -> None:
     r2 = subprocess.run(cmd, capture_output=True, text=True)
     assert r2.returncode == 0 and r2.stdout.count("done (resumed)") == 10
     assert (cell / "slimsearch-s0.json").read_text() == before
+    # the proxy-fidelity probe on these rows: every pruned network once, scored on val images only
+    fid = tmp_path / "fid.json"
+    r3 = subprocess.run([sys.executable, str(REPO / "benchmarks" / "probe_proxy_fidelity.py"), "--tiny", "--models",
+                         "resnet20", "--results", str(out), "--out", str(fid)], capture_output=True, text=True)  # fmt: skip
+    assert r3.returncode == 0, r3.stderr[-2000:]
+    (res,) = json.loads(fid.read_text())["cells"]
+    sources = [s for n in res["networks"] for s in n["sources"]]
+    assert res["cell"] == cell.name and sorted(sources) == sorted(f"v{version}/{n}" for n in names - {
+        "baseline", "baseline+ft", "tp_global_eqc"})  # fmt: skip
+    for n in res["networks"]:
+        assert 0 <= n["search_score"] <= 1 and 0 <= n["rerank_score"] <= 1 and abs(n["macs_ratio"] - 0.5) < 0.05
+    assert len(res["networks"]) >= 3 and -1 <= res["rerank_score_vs_final"]["spearman"] <= 1
 
 
 def test_tp_progressive_stops_at_the_budget_and_keeps_unprunable_layers() -> None:
