@@ -44,6 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--protocol", default=str(B.REPO / B.PROTOCOL), help="its [search] and [finetune] set the scores")
     p.add_argument("--models", default=None, help="only these models (comma-separated)")
+    p.add_argument("--budgets", default=None, help="only these budgets (comma-separated)")
     p.add_argument("--results", default=str(B.REPO / "benchmarks" / "results" / "budget"))
     p.add_argument("--out", default=str(B.REPO / "benchmarks" / "results" / "budget" / "proxy_fidelity.json"))
     p.add_argument("--threads", type=int, default=1)
@@ -132,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     splits = DataSplits(splits.train, splits.val, None)  # val only: no test image is read
     out = []
     for model, budget, epochs in L.cells(proto):
-        if args.models is not None and model not in args.models.split(","):
+        if (args.models is not None and model not in args.models.split(",")) or (
+            args.budgets is not None and all(abs(budget - float(b)) > 1e-9 for b in args.budgets.split(","))
+        ):
             continue
         cell = B.make_cell(model, budget, epochs, proto, args, splits, int(proto["finetune"]["batch_size"]))
         log(f"{L.cell_name(model, budget, epochs)}")
@@ -140,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         if res["networks"]:
             out.append(res)
             log(f"  search score vs final val: {res['search_score_vs_final']}; rerank: {res['rerank_score_vs_final']}")
-    B.write_json(Path(args.out), {"protocol": proto["version"], "cells": out})
+            B.write_json(Path(args.out), {"protocol": proto["version"], "cells": out})  # after every cell
     return 0
 
 
