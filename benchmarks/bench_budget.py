@@ -489,7 +489,7 @@ def write_pilot_summary(out: Path, pilot: str, version: int) -> list[dict[str, A
             if name != "cell":
                 table.append({"cell": cdir.name, "row": name, "val_acc": row.get("val_acc"),
                               "macs_ratio": row.get("macs_ratio"), "cost_steps": row.get("cost_steps"),
-                              "reference_val_acc": {k: r.get("val_acc", _chosen_val(r)) for k, r in ref.items()
+                              "reference_val_acc": {k: row_val(r) for k, r in ref.items()
                                                     if k != "cell"}})  # fmt: skip
     write_json(pdir / "summary.json", table)
     for t in table:
@@ -497,8 +497,11 @@ def write_pilot_summary(out: Path, pilot: str, version: int) -> list[dict[str, A
     return table
 
 
-def _chosen_val(row: dict[str, Any]) -> float | None:
-    """Rows written before ``val_acc`` was recorded: the final fine-tune's val accuracy of the variant it kept."""
+def row_val(row: dict[str, Any]) -> float | None:
+    """A row's final val accuracy; for rows written before ``val_acc`` was recorded, the final fine-tune's val
+    accuracy of the variant it kept."""
+    if row.get("val_acc") is not None:
+        return float(row["val_acc"])
     accs, choice = row.get("final_val_accs"), row.get("final_choice")
     return accs[choice] if accs and choice else None
 

@@ -58,10 +58,10 @@ def finished_rows(results: Path, cell: str) -> list[tuple[str, dict[str, Any]]]:
     """(source, row) of every finished pruned row of ``cell`` with a final val accuracy, under every version and
     pilot folder; rows copied from another cell or version are left out (they are the same network)."""
     out = []
-    for d in sorted([*results.glob(f"v*/{cell}"), *results.glob(f"pilot/*/{cell}")]):
+    for d in [*sorted(results.glob(f"v*/{cell}")), *sorted(results.glob(f"pilot/*/{cell}"))]:
         for p in sorted(d.glob("*.json")):
             row = json.loads(p.read_text())
-            if p.stem == "cell" or p.stem in SKIP or "reused_from" in row or row.get("val_acc") is None:
+            if p.stem == "cell" or p.stem in SKIP or "reused_from" in row or B.row_val(row) is None:
                 continue
             out.append((f"{d.parent.relative_to(results)}/{p.stem}", row))
     return out
@@ -109,9 +109,9 @@ def probe_cell(c: B.Cell, results: Path) -> dict[str, Any]:
         digest = model_digest(m)
         if digest in seen:  # the same network in another version (e.g. a baseline rerun): one point, mean final val
             seen[digest]["sources"].append(source)
-            seen[digest]["final_val_accs"].append(float(row["val_acc"]))
+            seen[digest]["final_val_accs"].append(B.row_val(row))
             continue
-        net = {"sources": [source], "final_val_accs": [float(row["val_acc"])],
+        net = {"sources": [source], "final_val_accs": [B.row_val(row)],
                "macs_ratio": c.macs(m) / c.base_macs}  # fmt: skip
         net["search_score"] = search_score(c, copy.deepcopy(m))
         net["rerank_score"] = B.rerank_acc(c, m)
