@@ -37,8 +37,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -288,8 +288,19 @@ def rerank_acc(c: Cell, m: nn.Module) -> float:
     return float(per_image(m, c.held).float().mean())
 
 
-def row_slimsearch(c: Cell, seed: int) -> dict[str, Any]:
-    """One search (sampler seed ``seed``) + top-K rerank + the final fine-tune; its cost in steps and CPU seconds."""
+def spent_so_far(work: Path) -> dict[str, float]:
+    """Search time spent by earlier, killed runs of this row (``work``/spent.json), zeros for a fresh row."""
+    f = work / "spent.json"
+    return json.loads(f.read_text()) if f.is_file() else {"search_s": 0.0, "search_cpu_s": 0.0, "restarts": 0}
+
+
+def row_slimsearch(c: Cell, seed: int, work: Path) -> dict[str, Any]:
+    """One search (sampler seed ``seed``) + top-K rerank + the final fine-tune; its cost in steps and CPU seconds.
+
+    The study lives in ``work`` (kept until the row is written), so a killed run resumes the search where it stopped:
+    the finished trials are kept, the times already spent are added from ``spent.json``. A resumed search's sampler
+    continues with a new random stream (``search.runner``), so it is a different draw of the same protocol."""
+    from optuna.trial import FrozenTrial, TrialState
     from slimsearch.evaluators.cache import ResultCache
     from slimsearch.evaluators.context import build_context
     from slimsearch.search.context import StudyContext
@@ -301,25 +312,40 @@ def row_slimsearch(c: Cell, seed: int) -> dict[str, Any]:
 
     s = c.proto["search"]
     t, cpu = time.perf_counter(), time.process_time()
-    with tempfile.TemporaryDirectory(prefix="budget-") as tmp:
-        ckpt = Path(tmp) / "base.th"
-        torch.save(c.base.state_dict(), ckpt)
-        cfg = study_config(c, Path(tmp) / "study", seed, ckpt)
-        splits = DataSplits(c.splits.train, c.search_val, None)
-        ectx = build_context(c.base, splits, SHAPE, max_macs=c.target, score_baseline=False, cache=ResultCache())
-        space = SearchSpace.build(c.base, cfg.space, SHAPE)
-        sha = hashlib.sha256(b"".join(v.detach().cpu().numpy().tobytes() for v in c.base.state_dict().values()))
-        sctx = StudyContext(cfg, c.base, splits, SHAPE, ectx, space, ckpt, sha.hexdigest()[:16])
-        study = prepare_study(cfg, sctx, open_storage(cfg), log=lambda x: c.log(f"    {x}"))
-        trial_loop(study, sctx, cfg, on_trial=lambda ft: c.log(f"    {trial_line(record_from_trial(ft))}"))
-        trials = study.get_trials(deepcopy=False)
-        ev = cfg.evaluator
-        scored = [tr for tr in trials if tr.user_attrs.get("val_acc") is not None and not tr.user_attrs.get("cached")]
-        search_steps = L.cost_steps(len(scored) * ev.steps,
-                                    len(scored) * (ev.bn_batches * ev.batch_size + len(c.search_val)), c.batch_size)  # fmt: skip
-        by_number = {tr.number: tr for tr in trials}
-        ranked = [by_number[r.number] for r in top_trials([record_from_trial(tr) for tr in trials], int(s["rerank"]))]
-    search_s, search_cpu = time.perf_counter() - t, time.process_time() - cpu
+    work.mkdir(parents=True, exist_ok=True)
+    before = spent_so_far(work)
+
+    def spent() -> dict[str, float]:
+        return {"search_s": before["search_s"] + time.perf_counter() - t,
+                "search_cpu_s": before["search_cpu_s"] + time.process_time() - cpu,
+                "restarts": before["restarts"] + int(resumed)}  # fmt: skip
+
+    def on_trial(ft: FrozenTrial) -> None:
+        c.log(f"    {trial_line(record_from_trial(ft))}")
+        write_json(work / "spent.json", spent())
+
+    resumed = (work / "study").is_dir()
+    ckpt = work / "base.th"
+    torch.save(c.base.state_dict(), ckpt)
+    cfg = study_config(c, work / "study", seed, ckpt)
+    splits = DataSplits(c.splits.train, c.search_val, None)
+    ectx = build_context(c.base, splits, SHAPE, max_macs=c.target, score_baseline=False, cache=ResultCache())
+    space = SearchSpace.build(c.base, cfg.space, SHAPE)
+    sha = hashlib.sha256(b"".join(v.detach().cpu().numpy().tobytes() for v in c.base.state_dict().values()))
+    sctx = StudyContext(cfg, c.base, splits, SHAPE, ectx, space, ckpt, sha.hexdigest()[:16])
+    study = prepare_study(cfg, sctx, open_storage(cfg), log=lambda x: c.log(f"    {x}"))
+    if resumed:
+        c.log(f"    resumed: {len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))} trials kept")
+    trial_loop(study, sctx, cfg, on_trial=on_trial)
+    trials = study.get_trials(deepcopy=False)
+    ev = cfg.evaluator
+    scored = [tr for tr in trials if tr.user_attrs.get("val_acc") is not None and not tr.user_attrs.get("cached")]
+    search_steps = L.cost_steps(len(scored) * ev.steps,
+                                len(scored) * (ev.bn_batches * ev.batch_size + len(c.search_val)), c.batch_size)  # fmt: skip
+    by_number = {tr.number: tr for tr in trials}
+    ranked = [by_number[r.number] for r in top_trials([record_from_trial(tr) for tr in trials], int(s["rerank"]))]
+    total = spent()
+    search_s, search_cpu = total["search_s"], total["search_cpu_s"]
     t, cpu = time.perf_counter(), time.process_time()
     rer, rerank_steps = [], 0.0
     f = c.proto["finetune"]
@@ -338,7 +364,8 @@ def row_slimsearch(c: Cell, seed: int) -> dict[str, Any]:
            "seed": seed, "policy": policy.to_dict(), "best_trial": chosen.number, "rerank": rer,
            "search_steps": search_steps, "rerank_steps": rerank_steps, "cost_steps": search_steps + rerank_steps,
            "search_s": search_s, "search_cpu_s": search_cpu, "rerank_s": rerank_s, "rerank_cpu_s": rerank_cpu,
-           "n_trials": len(trials), "evaluated_trials": len(scored)}  # fmt: skip
+           "n_trials": len(trials), "evaluated_trials": len(scored), "search_restarts": total["restarts"],
+           "earlier_runs_s": before["search_s"]}  # fmt: skip
     return row | finish(c, apply_policy(c.base, policy, input_shape=SHAPE))
 
 
@@ -362,7 +389,9 @@ def plan(c: Cell) -> list[str]:
             L.EQUAL_COMPUTE]  # fmt: skip
 
 
-def run_row(c: Cell, name: str, done: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+def run_row(c: Cell, name: str, done: dict[str, dict[str, Any]], work: Path) -> dict[str, Any] | None:
+    """Row ``name`` of cell ``c`` (``done``: the cell's finished rows; ``work``: the row's scratch folder, kept
+    across killed runs), or None while it waits for other rows."""
     if name == "baseline":
         return ({"method": "baseline", "setting": "checkpoint as loaded", "macs": c.base_macs, "macs_ratio": 1.0,
                 "cost_steps": 0.0, "val_acc": float(per_image(c.base.to(c.device), c.splits.val).float().mean())}
@@ -372,7 +401,7 @@ def run_row(c: Cell, name: str, done: dict[str, dict[str, Any]]) -> dict[str, An
             c, copy.deepcopy(c.base)
         )
     if name.startswith("slimsearch-s"):
-        return {"method": L.LEAD} | row_slimsearch(c, int(name.removeprefix("slimsearch-s")))
+        return {"method": L.LEAD} | row_slimsearch(c, int(name.removeprefix("slimsearch-s")), work)
     if name == L.EQUAL_COMPUTE:
         r = row_equal_compute(c, done)
         return None if r is None else {"method": name} | r
@@ -584,11 +613,14 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 log(f"{cdir.name} {name}")
                 t = time.perf_counter()
-                row = run_row(cell, name, read_rows(cdir))
+                work = cdir / f".work-{name}"
+                row = run_row(cell, name, read_rows(cdir), work)
                 if row is None:
                     log(f"  {name}: waits for the search rows")
                     continue
-                write_json(path, row | {"wall_s": time.perf_counter() - t, "protocol_sha": sha, "code": code})
+                wall = time.perf_counter() - t + row.get("earlier_runs_s", 0.0)  # + killed runs' search time
+                write_json(path, row | {"wall_s": wall, "protocol_sha": sha, "code": code})
+                shutil.rmtree(work, ignore_errors=True)
             finally:
                 lock.unlink(missing_ok=True)
             acc = f"test {100 * row['test_acc']:.2f} %" if "test_acc" in row else f"val {100 * row['val_acc']:.2f} %"

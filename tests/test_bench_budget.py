@@ -158,6 +158,32 @@ def test_bench_budget_tiny_runs_and_resumes(tmp_path: Path) -> None:
     assert len(res["networks"]) >= 3 and -1 <= res["rerank_score_vs_final"]["spearman"] <= 1
 
 
+@pytest.mark.slow
+def test_a_killed_search_row_resumes_its_study_and_adds_the_time_already_spent(tmp_path: Path) -> None:
+    import optuna
+
+    from benchmarks import bench_budget as B
+
+    args = B.parse_args(["--tiny"])
+    proto = L.load_protocol(REPO / "benchmarks" / "protocol.toml")
+    cell = B.make_cell("resnet20", 0.5, 5.0, proto, args, B.load_data(proto, args), 32)
+    work = tmp_path / ".work-slimsearch-s0"
+
+    def started() -> list[object]:
+        db = f"sqlite:///{work}/study/study.db"
+        return [t.datetime_start for t in optuna.load_study(study_name="budget_resnet20_0", storage=db).trials]
+
+    first = B.row_slimsearch(cell, 0, work)
+    assert first["search_restarts"] == 0 and first["n_trials"] == 3 and first["search_cpu_s"] > 0
+    spent = json.loads((work / "spent.json").read_text())
+    assert spent["restarts"] == 0 and spent["search_cpu_s"] > 0
+    trials = started()
+    again = B.row_slimsearch(cell, 0, work)  # as if killed after the search: the study's trials are kept, not rerun
+    assert started() == trials and again["search_restarts"] == 1 and again["n_trials"] == 3
+    assert again["search_steps"] == first["search_steps"] and again["policy"] == first["policy"]
+    assert again["search_cpu_s"] > spent["search_cpu_s"]
+
+
 def test_tp_progressive_stops_at_the_budget_and_keeps_unprunable_layers() -> None:
     import torch
     from slimsearch.core.cost import count_cost
