@@ -170,6 +170,8 @@ def _kept(graph: ModelGraph, model: nn.Module, policy: Policy, seed: int) -> dic
     for leader, (name, lp) in pruned_leaders(graph, policy).items():
         weight = convs[leader].weight
         n = weight.shape[0]
+        if lp.criterion == "group":  # ranks the whole coupled group's weights, not the leader's alone
+            weight = graph.group_norms(model, leader).unsqueeze(1)
         try:
             kept[leader] = select_filters(
                 weight, lp.keep_count(n), lp.criterion, seed=layer_seed(seed, leader), keep_idx=lp.keep

@@ -15,12 +15,13 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from slimsearch.core.errors import SlimError
+from slimsearch.core.policy import CRITERIA
 from torch import Tensor
 
 __all__ = ["SELECT_CRITERIA", "global_rates", "group_importance", "importance", "norm_wasserstein", "select_filters"]
 
-SELECT_CRITERIA = ("l1", "l2", "fpgm", "hpc", "distfit", "random", "mask")
-_SCORED = ("l1", "l2", "fpgm", "distfit")
+SELECT_CRITERIA = CRITERIA
+_SCORED = ("l1", "l2", "fpgm", "group", "distfit")
 
 
 def _flat(weight: Tensor) -> Tensor:
@@ -43,14 +44,15 @@ def _distance_sums(flat: Tensor) -> Tensor:
 def importance(weight: Tensor, criterion: str) -> Tensor:
     """Per-filter importance (higher = more worth keeping) for the score-based criteria.
 
-    l1/l2: filter norms. fpgm and distfit: sum of distances to all other filters (a filter near the
-    geometric median is replaceable by the others, so it is least important). hpc/random/mask select
+    l1/l2: filter norms. group: the l2 norm too, of the rows it is given: ``core.apply`` passes each filter's
+    group norm (``ModelGraph.group_norms``). fpgm and distfit: sum of distances to all other filters (a filter
+    near the geometric median is replaceable by the others, so it is least important). hpc/random/mask select
     sets, not scores, and raise SlimError.
     """
     flat = _flat(weight)
     if criterion == "l1":
         return flat.abs().sum(dim=1)
-    if criterion == "l2":
+    if criterion in ("l2", "group"):
         return flat.norm(dim=1)
     if criterion in ("fpgm", "distfit"):
         return _distance_sums(flat)
@@ -123,7 +125,8 @@ def select_filters(
     """Sorted indices of the ``keep`` filters of ``weight`` to KEEP under ``criterion``.
 
     ``weight`` is N x C x kh x kw (or N x ...). Criteria: l1, l2 (largest norms), fpgm (largest distance
-    sum, i.e. remove those nearest the geometric median), hpc (ABSHPC clustering into ``keep`` clusters,
+    sum, i.e. remove those nearest the geometric median), group (Torch-Pruning's group magnitude: ``core.apply``
+    passes, instead of the conv's weight, each filter's l2 norm over every weight removed with it), hpc (ABSHPC clustering into ``keep`` clusters,
     median-root-mean member per cluster; params max_iter, tol), distfit (norm-distribution fitting),
     random (seeded by ``seed``), mask (``keep_idx`` given explicitly). Raises SlimError on bad input.
     """
@@ -138,7 +141,7 @@ def select_filters(
         raise SlimError(f"criterion {criterion!r} does not take parameter(s) {', '.join(unknown)}")
     if criterion == "mask":
         return _mask_indices(n, keep, keep_idx)
-    if criterion in ("l1", "l2", "fpgm"):
+    if criterion in ("l1", "l2", "fpgm", "group"):
         return _top(importance(weight, criterion), keep)
     if criterion == "random":
         gen = torch.Generator().manual_seed(int(seed))

@@ -244,6 +244,27 @@ class ModelGraph:
             self._maps[leader] = maps
         return maps
 
+    def group_norms(self, model: nn.Module, leader: str) -> torch.Tensor:
+        """Per filter of ``leader``: the l2 norm of every weight removed with it (Torch-Pruning's
+        ``GroupMagnitudeImportance``, p=2): the filters of the leader and its coupled convs, their BN scales, and
+        the consumers' input slices (conv and linear). Read from ``model`` (same architecture as the graph's).
+        Other modules (channel maps, norms without an affine scale) hold no weight to count."""
+        mods = dict(model.named_modules())
+        n = self.convs[leader].out_channels
+        maps = self._index_map(leader)
+        if maps is None:  # no consecutive-block map (e.g. a split): one group walk per filter
+            maps = {}
+            for r in range(n):
+                for key, idxs in self._direct({leader: [i for i in range(n) if i != r]}).items():
+                    maps.setdefault(key, {})[r] = tuple(idxs)
+        sq = torch.zeros(n, dtype=torch.float64)
+        for (name, handler, _), per_filter in maps.items():
+            per_index = _squares_per_channel(mods[name], getattr(handler, "__name__", ""))
+            if per_index is not None:
+                for r, idxs in per_filter.items():
+                    sq[r] += per_index[list(idxs)].sum()
+        return sq.sqrt()
+
     def _direct_ordered(self, leader: str) -> dict[RemovalKey, list[int]]:
         """Per handler call, the indices (in Torch-Pruning's order, not sorted) of removing every filter."""
         conv = self.convs[leader]
@@ -297,6 +318,23 @@ class ModelGraph:
             for key, idxs in ops.items():
                 merged.setdefault(key, set()).update(idxs)
         return {k: sorted(v) for k, v in merged.items()}
+
+
+def _squares_per_channel(module: nn.Module, handler: str) -> torch.Tensor | None:
+    """Sum of squared weights per output (``prune_out_channels``) or input (``prune_in_channels``) channel of a
+    conv, linear or affine norm layer, as Torch-Pruning's magnitude importance counts them; None for others."""
+    w = getattr(module, "weight", None)
+    if not isinstance(w, torch.Tensor) or isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return None
+    w = w.detach().to(torch.float64).pow(2)
+    if handler == "prune_out_channels" or (handler == "prune_in_channels" and w.dim() == 1):
+        return w.reshape(w.shape[0], -1).sum(dim=1)
+    if handler == "prune_in_channels" and isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear):
+        if isinstance(module, nn.Linear) or module.groups == 1:
+            return w.transpose(0, 1).reshape(w.shape[1], -1).sum(dim=1)
+        if module.groups == module.in_channels == module.out_channels:  # depthwise: channel c is filter c
+            return w.reshape(w.shape[0], -1).sum(dim=1)
+    return None
 
 
 def _traceable(template: nn.Module) -> tuple[nn.Module, frozenset[str]]:

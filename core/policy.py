@@ -26,7 +26,7 @@ from slimsearch.core.errors import SlimError
 if TYPE_CHECKING:  # torch is imported on use: reading a study file (and reporting its errors) stays fast
     from torch import nn
 
-CRITERIA = ("l1", "l2", "fpgm", "hpc", "distfit", "random", "mask")
+CRITERIA = ("l1", "l2", "fpgm", "group", "hpc", "distfit", "random", "mask")  # core.criteria.select_filters
 DECOMPOSITIONS = ("none", "cp", "tucker")
 
 Rank = int | tuple[int, int] | None

@@ -84,8 +84,8 @@ def _check_fractions_and_criterion(
         span = "[0, 1)" if zero_ok else "(0, 1)"
         raise SlimError(f"{where} {name}_{list_key}: expected a non-empty list of fractions in {span}, got {fr!r}")
     crit = params.get("criterion", criterion)
-    if crit not in ("l1", "l2", "fpgm"):
-        raise SlimError(f"{where} {name}_criterion: {crit!r} is not one of l1, l2, fpgm")
+    if crit not in ("l1", "l2", "fpgm", "group"):
+        raise SlimError(f"{where} {name}_criterion: {crit!r} is not one of l1, l2, fpgm, group")
 
 
 def _check_global(params: Mapping[str, Any], where: str) -> None:

@@ -29,7 +29,7 @@ SPACE_KEYS: tuple[Key, ...] = (
         "choices",
         ("l1",),
         "filter selection criteria to search: `l1`, `l2` (weight norms), `fpgm` "
-        "(geometric median), `hpc` (hybrid-pyramid clustering), `distfit` (distribution fitting), `random`",
+        "(geometric median), `group` (l2 over every weight removed with a filter: coupled convs, BN, consumers), `hpc` (hybrid-pyramid clustering), `distfit` (distribution fitting), `random`",
         choices=SEARCHABLE_CRITERIA,
     ),
     Key(

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from nets import PadNet
-from slimsearch.core.graph import compressible_layers, coupled_groups, fingerprint
+from nets import Coupled, PadNet, randomize_bn
+from slimsearch.core.apply import apply_policy, kept_indices
+from slimsearch.core.graph import compressible_layers, coupled_groups, fingerprint, model_graph
 from slimsearch.core.models import build_model
+from slimsearch.core.policy import LayerPolicy, Policy
 from torch import nn
 
 
@@ -139,3 +141,43 @@ def test_fingerprint_cache_does_not_keep_models_alive() -> None:
     del m
     gc.collect()
     assert ref() is None
+
+
+def _sq(w: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Sum of squares per index of ``dim``, float64."""
+    w = w.detach().double().pow(2).transpose(0, dim)
+    return w.reshape(w.shape[0], -1).sum(dim=1)
+
+
+def test_group_norms_count_every_weight_removed_with_a_filter() -> None:
+    """Torch-Pruning's group magnitude (p=2): coupled convs' filters, BN scales, consumers' input slices; concat
+    offsets followed; a channel map (option-A shortcut) holds no weight."""
+    m = randomize_bn(build_model("resnet20"), seed=3)
+    mods = dict(m.named_modules())
+    got = model_graph(m, (1, 3, 32, 32)).group_norms(m, "conv1")
+    want = _sq(mods["conv1"].weight) + _sq(mods["bn1"].weight) + _sq(mods["layer2.0.conv1"].weight, 1)
+    for b in range(3):
+        blk = f"layer1.{b}"
+        want += _sq(mods[f"{blk}.conv2"].weight) + _sq(mods[f"{blk}.bn2"].weight) + _sq(mods[f"{blk}.conv1"].weight, 1)
+    torch.testing.assert_close(got, want.sqrt())
+
+    c = randomize_bn(Coupled(), seed=1)
+    g = model_graph(c, (1, 3, 8, 8))
+    want = _sq(c.a.weight) + _sq(c.bn_a.weight) + _sq(c.b.weight) + _sq(c.dw.weight) + _sq(c.c.weight, 1)
+    torch.testing.assert_close(g.group_norms(c, "a"), want.sqrt())
+    torch.testing.assert_close(g.group_norms(c, "d"), (_sq(c.d.weight) + _sq(c.e.weight, 1)[6:]).sqrt())
+
+
+def test_the_group_criterion_keeps_a_filter_whose_consumer_slice_carries_the_weight() -> None:
+    m = build_model("resnet20").eval()
+    with torch.no_grad():
+        m.layer1[0].conv1.weight[0].mul_(1e-3)  # the smallest filter by its own norm...
+        m.layer1[0].conv2.weight[:, 0].mul_(1e3)  # ...but the next conv reads it with huge weights
+    kept = {}
+    for crit in ("l1", "group"):
+        pol = Policy({"layer1.0.conv1": LayerPolicy(prune_rate=0.5, criterion=crit)})
+        kept[crit] = kept_indices(m, pol, example_input=(1, 3, 32, 32))["layer1.0.conv1"].tolist()
+    assert 0 not in kept["l1"] and 0 in kept["group"] and len(kept["group"]) == 8
+    out = apply_policy(m, Policy({"layer1.0.conv1": LayerPolicy(prune_rate=0.5, criterion="group")}),
+                       input_shape=(1, 3, 32, 32))  # fmt: skip
+    assert out.layer1[0].conv1.out_channels == 8 and out.layer1[0].conv2.in_channels == 8
