@@ -244,8 +244,10 @@ def row_baseline(c: Cell, kind: str) -> dict[str, Any]:
 
 
 def study_config(c: Cell, work: Path, seed: int, ckpt: Path) -> Any:
-    """A StudyConfig from studies/<model>_cifar10.toml's [space] and the protocol's [search] (the data fields are
-    bookkeeping: the search runs on ``c.search_val``)."""
+    """A StudyConfig from the protocol's [search] and studies/<model>_cifar10.toml's [space] (the data fields are
+    bookkeeping: the search runs on ``c.search_val``). A protocol's own ``[search.space]`` table replaces the study
+    file's whole [space], and ``[search.seed_params]`` adds seed-strategy options (e.g. tp_global_criterion), so a
+    version can change the space without touching the shipped study files."""
     import tomllib
     from slimsearch.search.study import study_from_dict
 
@@ -261,9 +263,10 @@ def study_config(c: Cell, work: Path, seed: int, ckpt: Path) -> Any:
         "data": {"dataset": "synthetic"},
         "constraint": {"max_macs": float(c.target), "fit": s["fit"]}
                       | ({"fit_tolerance": float(s["fit_tolerance"])} if "fit_tolerance" in s else {}),
-        "space": toml["space"],
+        "space": dict(s.get("space", toml["space"])),
         "seeds": {"strategies": list(s["seed_strategies"])} | {k: toml["seeds"][k] for k in ("uniform_rates",)
-                                                                 if k in toml.get("seeds", {})},
+                                                                 if k in toml.get("seeds", {})}
+                 | dict(s.get("seed_params", {})),
         "evaluator": {"kind": "finetune", "steps": 2 if c.tiny else int(s["evaluator_steps"]),
                       "batch_size": 32 if c.tiny else c.batch_size, "lr": float(s["evaluator_lr"]),
                       "kd": bool(s["evaluator_kd"]), "bn_batches": int(s["bn_batches"]), "seed": 0},

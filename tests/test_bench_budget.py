@@ -184,6 +184,24 @@ def test_a_killed_search_row_resumes_its_study_and_adds_the_time_already_spent(t
     assert again["search_cpu_s"] > spent["search_cpu_s"]
 
 
+def test_a_protocols_own_space_and_seed_params_replace_the_study_files(tmp_path: Path) -> None:
+    from benchmarks import bench_budget as B
+
+    args = B.parse_args(["--tiny"])
+    proto = L.load_protocol(REPO / "benchmarks" / "protocol.toml")
+    cell = B.make_cell("resnet20", 0.5, 5.0, proto, args, B.load_data(proto, args), 32)
+    plain = B.study_config(cell, tmp_path, 0, tmp_path / "base.th")
+    assert plain.space.criteria == ("l1", "fpgm")  # studies/resnet20_cifar10.toml
+    own = json.loads(json.dumps(proto))
+    own["search"] |= {"space": {"coupled": False, "prune_rate": [0.0, 0.7], "criteria": ["group"]},
+                      "seed_strategies": ["uniform", "tp_global"], "seed_params": {"tp_global_criterion": "group"}}
+    cell = B.dataclasses.replace(cell, proto=own)
+    cfg = B.study_config(cell, tmp_path, 0, tmp_path / "base.th")
+    assert cfg.space.criteria == ("group",) and cfg.space.prune_rate == (0.0, 0.7)
+    assert cfg.space.decomposition == ("none",)  # the whole [space] is replaced, not merged
+    assert cfg.seeds.strategies == ("uniform", "tp_global") and cfg.seeds.params["tp_global"]["criterion"] == "group"
+
+
 def test_tp_progressive_stops_at_the_budget_and_keeps_unprunable_layers() -> None:
     import torch
     from slimsearch.core.cost import count_cost
