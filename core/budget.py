@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import TypedDict, Unpack
 
 from slimsearch.core.apply import apply_policy
 from slimsearch.core.errors import SlimError
@@ -131,20 +132,21 @@ def bisect_budget(
     return hi, m_hi
 
 
+class FitOptions(TypedDict, total=False):
+    """``fit_cost``'s keyword options (their defaults are there), shared by ``fit_macs``."""
+
+    criterion: str | None
+    max_rate: float
+    min_rate: float
+    fill: bool
+    t_max: float
+    rel_tol: float
+    max_evals: int
+    top_up: bool
+
+
 def fit_macs(
-    model: nn.Module,
-    policy: Policy,
-    max_macs: float,
-    input_shape: Sequence[int],
-    *,
-    criterion: str | None = None,
-    max_rate: float = 1.0,
-    min_rate: float = 0.0,
-    fill: bool = False,
-    t_max: float = 0.95,
-    rel_tol: float = FIT_REL_TOL,
-    max_evals: int = 10,
-    top_up: bool = False,
+    model: nn.Module, policy: Policy, max_macs: float, input_shape: Sequence[int], **options: Unpack[FitOptions]
 ) -> tuple[Policy, float | None]:
     """``(policy, 0.0)`` when it is within ``max_macs``; else ``(scale_kept(policy, t), t)`` for a ``t <= t_max``
     whose MACs are within the bound and no more than ``rel_tol`` below it (or the smallest such ``t`` found in
@@ -157,9 +159,7 @@ def fit_macs(
     A search fits every sample, so this runs once per trial: the root is found by regula falsi with the
     Illinois step (3-5 counts of ~20-60 ms on the CIFAR ResNets) rather than bisection (10+).
     """
-    return fit_cost(model, policy, lambda p: policy_macs(model, p, input_shape), max_macs, input_shape,
-                    criterion=criterion, max_rate=max_rate, min_rate=min_rate, fill=fill, t_max=t_max,
-                    rel_tol=rel_tol, max_evals=max_evals, top_up=top_up)  # fmt: skip
+    return fit_cost(model, policy, lambda p: policy_macs(model, p, input_shape), max_macs, input_shape, **options)
 
 
 def fit_cost(
