@@ -495,7 +495,7 @@ def claim_row(cdir: Path, name: str) -> Path | None:
 
 def write_summary(out: Path, n_boot: int) -> list[dict[str, Any]]:
     """summary.json + summary.md from every protocol version's finished rows under ``out``."""
-    summary, version = [], 0
+    summary = []
     for vdir in sorted(out.glob("v*")):
         for cdir in sorted(p for p in vdir.iterdir() if p.is_dir()):
             meta = cdir / "cell.json"
@@ -503,10 +503,11 @@ def write_summary(out: Path, n_boot: int) -> list[dict[str, Any]]:
             if not meta.is_file() or not rows:
                 continue
             m = json.loads(meta.read_text())
-            version = max(version, int(m["version"]))
-            summary.append(L.summarize_cell(m["model"], m["budget"], m["epochs"], m["protocol_sha"], rows, n_boot))
+            cell = L.summarize_cell(m["model"], m["budget"], m["epochs"], m["protocol_sha"], rows, n_boot)
+            summary.append(cell | {"version": int(m["version"])})
     write_json(out / "summary.json", [L.schema_only(c) for c in summary])
-    (out / "summary.md").write_text(L.summary_markdown(summary, version) + "\n")
+    (out / "summary.md").write_text(L.summary_markdown(summary) + "\n")
+    L.plot_summary(summary, out / "summary.png")
     return summary
 
 

@@ -86,8 +86,23 @@ def test_summarize_cell_schema_and_numbers() -> None:
     assert c["search_cost_ratio"] == pytest.approx(0.5)  # mean 50 steps / 100 final steps
     assert c["gap_to_baseline_ft"] == pytest.approx(lead["test_acc"] - ft.mean())
     assert tuple(L.schema_only(c)) == L.CELL_KEYS
-    md = L.summary_markdown([c], 1)
+    assert c["test_accs"]["slimsearch"] == pytest.approx([s0.mean(), s1.mean()])
+    md = L.summary_markdown([c | {"version": 1}])
     assert "vs best baseline (tp_global)" in md and "| slimsearch |" in md and "12 CPU s per seed" in md
+    assert "(protocol v1)" in md
+
+
+def test_the_summary_picture_is_written(tmp_path: Path) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rows = {"baseline+ft": _row("baseline+ft", rng.random(500) < 0.9), "tp_global": _row("tp_global", rng.random(500) < 0.8),
+            "slimsearch-s0": _row("slimsearch", rng.random(500) < 0.8, seed=0, cost_steps=6.0, search_cpu_s=1.0,
+                                  rerank_cpu_s=1.0)}  # fmt: skip
+    cells = [L.summarize_cell("resnet20", b, 5.0, "abc", rows, n_boot=50) | {"version": 2} for b in (0.5, 0.3)]
+    path = L.plot_summary(cells, tmp_path / "summary.png")
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size[0] > 400 and im.size[1] > 300
 
 
 def test_bench_budget_refuses_a_modified_protocol(tmp_path: Path) -> None:
@@ -193,8 +208,11 @@ def test_a_protocols_own_space_and_seed_params_replace_the_study_files(tmp_path:
     plain = B.study_config(cell, tmp_path, 0, tmp_path / "base.th")
     assert plain.space.criteria == ("l1", "fpgm")  # studies/resnet20_cifar10.toml
     own = json.loads(json.dumps(proto))
-    own["search"] |= {"space": {"coupled": False, "prune_rate": [0.0, 0.7], "criteria": ["group"]},
-                      "seed_strategies": ["uniform", "tp_global"], "seed_params": {"tp_global_criterion": "group"}}
+    own["search"] |= {
+        "space": {"coupled": False, "prune_rate": [0.0, 0.7], "criteria": ["group"]},
+        "seed_strategies": ["uniform", "tp_global"],
+        "seed_params": {"tp_global_criterion": "group"},
+    }
     cell = B.dataclasses.replace(cell, proto=own)
     cfg = B.study_config(cell, tmp_path, 0, tmp_path / "base.th")
     assert cfg.space.criteria == ("group",) and cfg.space.prune_rate == (0.0, 0.7)
