@@ -74,6 +74,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budgets", default=None, help="only these budgets of the protocol (comma-separated)")
     p.add_argument("--device", default="cpu", help="cpu | cuda (cuda: the protocol's [gpu] epochs and batch size)")
     p.add_argument("--epochs", type=float, default=None, help="must equal the protocol's epochs for --device")
+    p.add_argument(
+        "--gpu-protocol",
+        action="store_true",
+        help="the protocol's [gpu] cells and recipe on --device cpu (with --tiny: the GPU run at toy scale)",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "budget"))
     p.add_argument("--shared", default=shared_root())
@@ -90,6 +95,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """Batch size, learning rates and autocast of every fine-tune of a cell (final, rerank, the search's
+    evaluator): [finetune] and [search] on the CPU; [gpu] with --device cuda, where big batches scale both
+    learning rates linearly with the batch (Goyal et al. 2017) unless [gpu] sets them."""
+
+    batch_size: int
+    lr: float
+    eval_lr: float
+    amp: str = "off"
+
+
+def recipe(proto: dict[str, Any], gpu: bool) -> Recipe:
+    f, s = proto["finetune"], proto["search"]
+    if not gpu:
+        return Recipe(int(f["batch_size"]), float(f["lr"]), float(s["evaluator_lr"]))
+    g = proto["gpu"]
+    k = int(g["batch_size"]) / int(f["batch_size"])
+    return Recipe(int(g["batch_size"]), float(g.get("lr", k * f["lr"])),
+                  float(g.get("evaluator_lr", k * s["evaluator_lr"])), str(g.get("amp", "off")))  # fmt: skip
+
+
 @dataclasses.dataclass
 class Cell:
     """What every row of one (model, budget, epochs) cell shares."""
@@ -104,9 +131,13 @@ class Cell:
     base_macs: int
     proto: dict[str, Any]
     device: str
-    batch_size: int
+    recipe: Recipe
     tiny: bool
     log: Log
+
+    @property
+    def batch_size(self) -> int:
+        return self.recipe.batch_size
 
     @property
     def target(self) -> float:
@@ -145,26 +176,26 @@ def search_images(proto: dict[str, Any], tiny: bool) -> int:
 
 def make_cell(
     model: str, budget: float, epochs: float, proto: dict[str, Any], args: argparse.Namespace, splits: DataSplits,
-    batch: int,
+    rec: Recipe,
 ) -> Cell:  # fmt: skip
     base = load_base(model, proto, args).to(args.device)
     n = search_images(proto, args.tiny)
     return Cell(model, budget, epochs, base, splits, splits.val.subset(torch.arange(n)),
                 splits.val.subset(torch.arange(n, len(splits.val))), int(count_cost(base, SHAPE).macs), proto,
-                args.device, batch, args.tiny, log)  # fmt: skip
+                args.device, rec, args.tiny, log)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- the final fine-tune (every row)
 
 
 def ft_config(c: Cell, extra_steps: int = 0) -> FinetuneConfig:
-    f = c.proto["finetune"]
+    f, r = c.proto["finetune"], c.recipe
     if c.tiny:
-        return FinetuneConfig(steps=4 + extra_steps, batch_size=32, lr=f["lr"], seed=f["seed"])
+        return FinetuneConfig(steps=4 + extra_steps, batch_size=32, lr=r.lr, seed=f["seed"], amp=r.amp)
     if extra_steps:
         steps = total_steps(FinetuneConfig(epochs=c.epochs, batch_size=c.batch_size), len(c.splits.train))
-        return FinetuneConfig(steps=steps + extra_steps, batch_size=c.batch_size, lr=f["lr"], seed=f["seed"])
-    return FinetuneConfig(epochs=c.epochs, batch_size=c.batch_size, lr=f["lr"], seed=f["seed"])
+        return FinetuneConfig(steps=steps + extra_steps, batch_size=c.batch_size, lr=r.lr, seed=f["seed"], amp=r.amp)
+    return FinetuneConfig(epochs=c.epochs, batch_size=c.batch_size, lr=r.lr, seed=f["seed"], amp=r.amp)
 
 
 def finish(c: Cell, model: nn.Module, extra_steps: int = 0) -> dict[str, Any]:
@@ -268,7 +299,7 @@ def study_config(c: Cell, work: Path, seed: int, ckpt: Path) -> Any:
                                                                  if k in toml.get("seeds", {})}
                  | dict(s.get("seed_params", {})),
         "evaluator": {"kind": "finetune", "steps": 2 if c.tiny else int(s["evaluator_steps"]),
-                      "batch_size": 32 if c.tiny else c.batch_size, "lr": float(s["evaluator_lr"]),
+                      "batch_size": 32 if c.tiny else c.batch_size, "lr": c.recipe.eval_lr, "amp": c.recipe.amp,
                       "kd": bool(s["evaluator_kd"]), "bn_batches": int(s["bn_batches"]), "seed": 0},
     }  # fmt: skip
     return study_from_dict(raw, study_file)
@@ -286,8 +317,8 @@ def rerank_acc(c: Cell, m: nn.Module) -> float:
     f = c.proto["finetune"]
     m = m.to(c.device)
     recalibrate_bn(m, c.splits.train, num_batches=f["bn_batches"], batch_size=c.batch_size, augment=True)
-    finetune(m, c.splits.train, FinetuneConfig(steps=rerank_length(c), batch_size=c.batch_size, lr=f["lr"],
-                                               seed=f["seed"]))  # fmt: skip
+    finetune(m, c.splits.train, FinetuneConfig(steps=rerank_length(c), batch_size=c.batch_size, lr=c.recipe.lr,
+                                               seed=f["seed"], amp=c.recipe.amp))  # fmt: skip
     return float(per_image(m, c.held).float().mean())
 
 
@@ -444,10 +475,11 @@ def reusable_row(cdir: Path, name: str, meta: dict[str, Any]) -> dict[str, Any] 
 SEARCH_ONLY = ("version", "search")  # protocol keys no search-free row reads (besides models.<m>.search_seeds)
 
 
-def search_free_settings(proto: dict[str, Any], model: str) -> dict[str, Any]:
+def search_free_settings(proto: dict[str, Any], model: str, gpu: bool = False) -> dict[str, Any]:
     """The protocol as a row that never runs the search sees it: without [search], the version and every model's
-    search seeds, and without the other models."""
-    out = {k: v for k, v in proto.items() if k not in SEARCH_ONLY and k != "models"}
+    search seeds, and without the other models; a CPU cell (``gpu`` False) without [gpu] too."""
+    drop = {*SEARCH_ONLY, "models", *(() if gpu else ("gpu",))}
+    out = {k: v for k, v in proto.items() if k not in drop}
     return out | {"model": {k: v for k, v in proto["models"][model].items() if k != "search_seeds"}}
 
 
@@ -465,7 +497,8 @@ def reusable_from_version(
     m = json.loads(old_meta.read_text())
     if any(m.get(k) != meta[k] for k in ("model", "budget", "epochs", "device", "data")):
         return None
-    if search_free_settings(old_proto, meta["model"]) != search_free_settings(proto, meta["model"]):
+    gpu = old_cdir.name.endswith("-gpu")
+    if search_free_settings(old_proto, meta["model"], gpu) != search_free_settings(proto, meta["model"], gpu):
         return None
     old = json.loads(row.read_text())
     return old | {"reused_from": f"v{m['version']}/{old_cdir.name}", "reused_protocol_sha": old.get("protocol_sha")}
@@ -564,13 +597,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: --reuse-from {args.reuse_from}: not an earlier version than {proto['version']}")
     old_proto = None if args.reuse_from is None else L.version_protocol(REPO, old_vdir)
     code = L.code_rev(REPO)  # read once: the code this process imported
-    gpu = args.device.startswith("cuda")
-    batch = int(proto["gpu"]["batch_size"]) if gpu else int(proto["finetune"]["batch_size"])
-    todo = [cl for cl in L.cells(proto)
+    gpu = args.device.startswith("cuda") or args.gpu_protocol
+    rec = recipe(proto, gpu)
+    todo = [cl for cl in (L.gpu_cells(proto) if gpu else L.cells(proto))
             if (args.models is None or cl[0] in args.models.split(","))
             and (args.budgets is None or any(abs(cl[1] - float(b)) < 1e-9 for b in args.budgets.split(",")))]  # fmt: skip
-    if gpu:
-        todo = [(m, b, float(proto["gpu"]["epochs"])) for m, b, _ in todo]
     if args.epochs is not None and any(e != args.epochs for _, _, e in todo):
         raise SystemExit(f"error: --epochs {args.epochs:g} is not what {PROTOCOL} fixes for --device {args.device}")
     if not todo:
@@ -583,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
         f"test {len(splits.test) if splits.test is not None else 'none (pilot)'}")  # fmt: skip
     vdir = out / f"v{proto['version']}" if args.pilot is None else out / "pilot" / args.pilot
     for model, budget, epochs in todo:
-        cell = make_cell(model, budget, epochs, proto, args, splits, batch)
+        cell = make_cell(model, budget, epochs, proto, args, splits, rec)
         cdir = (
             vdir / L.cell_name(model, budget, epochs + 0.0)
             if not gpu
@@ -591,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         meta = {"version": proto["version"], "protocol_sha": sha, "model": model, "budget": budget, "epochs": epochs,
                 "device": args.device, "machine": machine(), "data": {"train": len(splits.train), "val": len(splits.val),
-                "test": len(splits.test) if splits.test is not None else 0}}  # fmt: skip
+                "test": len(splits.test) if splits.test is not None else 0}, "recipe": dataclasses.asdict(rec)}  # fmt: skip
         if not (cdir / "cell.json").is_file():
             write_json(cdir / "cell.json", meta)
         for name in plan(cell):

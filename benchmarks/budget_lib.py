@@ -74,6 +74,13 @@ def cells(protocol: dict[str, Any]) -> list[tuple[str, float, float]]:
     return [(m, float(b), float(spec["epochs"])) for m, spec in protocol["models"].items() for b in spec["budgets"]]
 
 
+def gpu_cells(protocol: dict[str, Any]) -> list[tuple[str, float, float]]:
+    """The cells ``--device cuda`` runs: [gpu] ``models`` and ``budgets`` (default: every cell), at [gpu] epochs."""
+    g = protocol["gpu"]
+    return [(m, b, float(g["epochs"])) for m, b, _ in cells(protocol)
+            if m in g.get("models", [m]) and any(abs(b - float(x)) < 1e-9 for x in g.get("budgets", [b]))]  # fmt: skip
+
+
 def cell_name(model: str, budget: float, epochs: float) -> str:
     return f"{model}-{round(100 * budget)}pct-{epochs:g}ep"
 

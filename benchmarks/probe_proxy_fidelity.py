@@ -87,7 +87,7 @@ def search_score(c: B.Cell, m: nn.Module) -> float:
     m = m.to(c.device)
     recalibrate_bn(m, c.splits.train, num_batches=int(s["bn_batches"]), batch_size=c.batch_size, seed=0)
     steps = 2 if c.tiny else int(s["evaluator_steps"])
-    finetune(m, c.splits.train, FinetuneConfig(steps=steps, batch_size=c.batch_size, lr=float(s["evaluator_lr"]),
+    finetune(m, c.splits.train, FinetuneConfig(steps=steps, batch_size=c.batch_size, lr=c.recipe.eval_lr,
                                                seed=0))  # fmt: skip
     return accuracy(m, c.search_val)
 
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             args.budgets is not None and all(abs(budget - float(b)) > 1e-9 for b in args.budgets.split(","))
         ):
             continue
-        cell = B.make_cell(model, budget, epochs, proto, args, splits, int(proto["finetune"]["batch_size"]))
+        cell = B.make_cell(model, budget, epochs, proto, args, splits, B.recipe(proto, False))
         log(f"{L.cell_name(model, budget, epochs)}")
         res = probe_cell(cell, Path(args.results))
         if res["networks"]:

@@ -181,7 +181,7 @@ def test_a_killed_search_row_resumes_its_study_and_adds_the_time_already_spent(t
 
     args = B.parse_args(["--tiny"])
     proto = L.load_protocol(REPO / "benchmarks" / "protocol.toml")
-    cell = B.make_cell("resnet20", 0.5, 5.0, proto, args, B.load_data(proto, args), 32)
+    cell = B.make_cell("resnet20", 0.5, 5.0, proto, args, B.load_data(proto, args), B.recipe(proto, False))
     work = tmp_path / ".work-slimsearch-s0"
 
     def started() -> list[object]:
@@ -204,7 +204,7 @@ def test_a_protocols_own_space_and_seed_params_replace_the_study_files(tmp_path:
 
     args = B.parse_args(["--tiny"])
     proto = L.load_protocol(REPO / "benchmarks" / "protocol.toml")
-    cell = B.make_cell("resnet20", 0.5, 5.0, proto, args, B.load_data(proto, args), 32)
+    cell = B.make_cell("resnet20", 0.5, 5.0, proto, args, B.load_data(proto, args), B.recipe(proto, False))
     plain = B.study_config(cell, tmp_path, 0, tmp_path / "base.th")
     assert plain.space.criteria == ("l1", "fpgm")  # studies/resnet20_cifar10.toml
     own = json.loads(json.dumps(proto))
@@ -343,3 +343,57 @@ def test_a_pilot_runs_an_uncommitted_candidate_on_val_only(tmp_path: Path) -> No
     assert not (out / "summary.json").exists() and not (out / "v2").exists()
     code = json.loads((cell / "fpgm.json").read_text())["code"]
     assert code.split("+")[0] == L.code_rev(REPO).split("+")[0] and len(code.split("+")[0]) == 10
+
+
+def test_the_gpu_recipe_scales_the_learning_rates_with_the_batch_and_picks_its_cells() -> None:
+    from benchmarks.bench_budget import Recipe, recipe
+
+    proto = json.loads(json.dumps(L.load_protocol(REPO / "benchmarks" / "protocol.toml")))
+    f, s = proto["finetune"], proto["search"]
+    assert recipe(proto, False) == Recipe(f["batch_size"], f["lr"], s["evaluator_lr"], "off")
+    proto["gpu"] = {"epochs": 30, "batch_size": 8 * f["batch_size"], "amp": "bf16", "models": ["resnet20"],
+                    "budgets": [0.5]}  # fmt: skip
+    assert recipe(proto, True) == Recipe(8 * f["batch_size"], 8 * f["lr"], 8 * s["evaluator_lr"], "bf16")
+    assert recipe(proto | {"gpu": proto["gpu"] | {"lr": 0.05}}, True).lr == 0.05  # set explicitly: kept
+    assert L.gpu_cells(proto) == [("resnet20", 0.5, 30.0)]
+    del proto["gpu"]["models"], proto["gpu"]["budgets"]
+    assert L.gpu_cells(proto) == [(m, b, 30.0) for m, b, _ in L.cells(proto)]
+
+
+@pytest.mark.slow
+def test_the_gpu_protocol_runs_at_toy_scale_on_the_cpu(tmp_path: Path) -> None:
+    """--gpu-protocol --tiny: the [gpu] cells only, with its recipe (bf16 autocast, lrs scaled with the batch)."""
+    text = (REPO / "benchmarks" / "protocol.toml").read_text()
+    gpu = '[gpu]\nepochs = 30\nbatch_size = 1024\namp = "bf16"\nmodels = ["resnet20"]\nbudgets = [0.5]\n'
+    proto = tmp_path / "candidate.toml"
+    proto.write_text(text[: text.index("[gpu]")] + gpu)
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_budget.py"), "--tiny", "--gpu-protocol", "--protocol",
+           str(proto), "--pilot", "gpu", "--rows", "baseline,tp_global,slimsearch-s0", "--out", str(out)]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (cell,) = [p for p in (out / "pilot" / "gpu").iterdir() if p.is_dir()]
+    assert cell.name == "resnet20-50pct-30ep-gpu"
+    assert {p.stem for p in cell.glob("*.json")} == {"cell", "baseline", "tp_global", "slimsearch-s0"}
+    base = L.load_protocol(REPO / "benchmarks" / "protocol.toml")
+    rec = json.loads((cell / "cell.json").read_text())["recipe"]
+    assert rec == {"batch_size": 1024, "lr": pytest.approx(8 * base["finetune"]["lr"]),
+                   "eval_lr": pytest.approx(8 * base["search"]["evaluator_lr"]), "amp": "bf16"}  # fmt: skip
+    assert 0.0 <= json.loads((cell / "tp_global.json").read_text())["val_acc"] <= 1.0
+
+
+def test_the_gpu_budget_estimate_adds_up_every_row_of_the_gpu_cells(tmp_path: Path) -> None:
+    from benchmarks.gpu_budget_estimate import main as estimate
+
+    text = (REPO / "benchmarks" / "protocol.toml").read_text()
+    proto = tmp_path / "p.toml"
+    proto.write_text(text[: text.index("[gpu]")] + '[gpu]\nepochs = 30\nbatch_size = 1024\nmodels = ["resnet20"]\n'
+                     "budgets = [0.5]\n")  # fmt: skip
+    out = tmp_path / "est.json"
+    assert estimate(["--protocol", str(proto), "--out", str(out), "--startup-s", "7"]) == 0
+    e = json.loads(out.read_text())
+    (cell,) = e["cells"]
+    assert cell["cell"] == "resnet20-50pct-30ep-gpu" and cell["final_steps"] == 30 * (50_000 // 1024)
+    assert set(cell["rows_s"]) == {"baseline", "baseline+ft", "baselines", "slimsearch", "tp_global_eqc"}
+    assert e["expected_s"] == pytest.approx(7 + sum(cell["rows_s"].values())) and e["fits"] == (e["expected_s"] <= 540)
+    assert cell["rows_s"]["tp_global_eqc"] > cell["rows_s"]["baselines"] / 4 > 0  # its final fine-tune is longer
