@@ -74,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budgets", default=None, help="only these budgets of the protocol (comma-separated)")
     p.add_argument("--device", default="cpu", help="cpu | cuda (cuda: the protocol's [gpu] epochs and batch size)")
     p.add_argument("--epochs", type=float, default=None, help="must equal the protocol's epochs for --device")
+    p.add_argument("--expect-protocol", default=None, metavar="BLOB",
+                   help="on a copy without git history: run only if the protocol file is this git blob (the id of "
+                        "the committed file, `git rev-parse HEAD:benchmarks/protocol.toml` where it was committed)")  # fmt: skip
     p.add_argument(
         "--gpu-protocol",
         action="store_true",
@@ -540,7 +543,10 @@ def write_summary(out: Path, n_boot: int) -> list[dict[str, Any]]:
             summary.append(cell | {"version": int(m["version"])})
     write_json(out / "summary.json", [L.schema_only(c) for c in summary])
     (out / "summary.md").write_text(L.summary_markdown(summary) + "\n")
-    L.plot_summary(summary, out / "summary.png")
+    try:
+        L.plot_summary(summary, out / "summary.png")
+    except ImportError as e:  # a bare GPU machine may lack matplotlib: the rows and summary.json are what matter there
+        log(f"summary.png not drawn ({e})")
     return summary
 
 
@@ -583,7 +589,12 @@ def main(argv: list[str] | None = None) -> int:
         write_summary(out, n_boot)
         return 0
     sha = "tiny" if args.tiny else "pilot-" + hashlib.sha256(proto_path.read_bytes()).hexdigest()[:10]
-    if not args.tiny and args.pilot is None:
+    if not args.tiny and args.pilot is None and args.expect_protocol is not None:
+        sha = L.blob_sha(proto_path)  # a copy without git (a GPU machine): the committed file named by its blob id
+        if sha != args.expect_protocol:
+            raise SystemExit(f"error: {proto_path} is not the protocol --expect-protocol names "
+                             f"(blob {sha}, expected {args.expect_protocol})")  # fmt: skip
+    elif not args.tiny and args.pilot is None:
         try:
             rel = str(proto_path.relative_to(REPO))
         except ValueError:

@@ -3,7 +3,9 @@ per-image results, search cost in fine-tune steps, paired bootstrap and the summ
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -35,10 +37,19 @@ CODE_DIRS = ("core", "spaces", "evaluators", "search", "benchmarks/bench_budget.
 
 def code_rev(repo: Path) -> str:
     """The commit a row's code came from, ``+dirty`` when the code it runs differs from it (a protocol fixes the
-    settings; this names the algorithm that ran them)."""
-    head = _git(repo, "rev-parse", "--short=10", "HEAD").stdout.strip() or "unknown"
+    settings; this names the algorithm that ran them). On a copy without git (a GPU machine): $SLIMSEARCH_CODE_REV,
+    set by whoever sent the copy, else "unknown"."""
+    head = _git(repo, "rev-parse", "--short=10", "HEAD").stdout.strip()
+    if not head:
+        return os.environ.get("SLIMSEARCH_CODE_REV", "unknown")
     dirty = _git(repo, "status", "--porcelain", "--", *CODE_DIRS).stdout.strip()
     return head + ("+dirty" if dirty else "")
+
+
+def blob_sha(path: Path) -> str:
+    """Git's blob id of a file's content (``git hash-object``), computed without git."""
+    data = path.read_bytes()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
 def protocol_sha(repo: Path, rel: str) -> str:

@@ -15,8 +15,7 @@
 #     -d .whl optuna alembic colorlog sqlalchemy mako greenlet tensorly torch-pruning cmaes
 # (ray too for backend ray; this check runs local workers, so it needs no Ray). They are installed with
 #   pip install --no-index --no-deps --target /tmp/site .whl/*.whl   and PYTHONPATH=/tmp/site.
-# slimsearch itself runs from this checkout (even where another copy is installed): a folder of links maps
-# slimsearch.core, .spaces, .evaluators and .search onto the repository's top-level folders (pyproject's package-dir).
+# slimsearch itself runs from this checkout (even where another copy is installed): see gpu_env.sh.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -35,24 +34,7 @@ while [[ $# -gt 0 ]]; do
 done
 [[ " ${ARGS[*]-} " == *" --device "* ]] || ARGS+=(--device "$DEVICE")
 
-if [[ "$DEVICE" != cpu ]]; then
-  if compgen -G "$WHEELS/*.whl" > /dev/null; then
-    echo "[gpu_check] installing $(ls "$WHEELS"/*.whl | wc -l) wheels from $WHEELS into $SITE"
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl
-    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-  else
-    echo "[gpu_check] no wheels in $WHEELS: using the packages this Python has"
-  fi
-fi
-
-# This checkout's code, whatever else is installed: links map the package onto the repository's folders.
-SHIM="$(mktemp -d)/pkg"
-mkdir -p "$SHIM/slimsearch"
-ln -s "$REPO"/slimsearch/*.py "$SHIM/slimsearch/"
-for room in core spaces evaluators search; do ln -s "$REPO/$room" "$SHIM/slimsearch/$room"; done
-export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
-"$PY" -c "import optuna, tensorly, torch_pruning, slimsearch.core.device, slimsearch.search.cli" || {
-  echo "[gpu_check] error: missing packages (see the wheels note at the top of $0)" >&2
-  exit 2
-}
+TAG=gpu_check
+# shellcheck source=gpu_env.sh
+source "$REPO/benchmarks/gpu_env.sh"
 exec "$PY" "$REPO/benchmarks/gpu_check.py" "${ARGS[@]}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -362,17 +363,20 @@ def test_the_gpu_recipe_scales_the_learning_rates_with_the_batch_and_picks_its_c
 
 @pytest.mark.slow
 def test_the_gpu_protocol_runs_at_toy_scale_on_the_cpu(tmp_path: Path) -> None:
-    """--gpu-protocol --tiny: the [gpu] cells only, with its recipe (bf16 autocast, lrs scaled with the batch)."""
+    """benchmarks/gpu_budget.sh --device cpu --tiny --gpu-protocol: the [gpu] cells only, with its recipe (bf16
+    autocast, lrs scaled with the batch), this checkout's code through gpu_env.sh's links."""
     text = (REPO / "benchmarks" / "protocol.toml").read_text()
     gpu = '[gpu]\nepochs = 30\nbatch_size = 1024\namp = "bf16"\nmodels = ["resnet20"]\nbudgets = [0.5]\n'
     proto = tmp_path / "candidate.toml"
     proto.write_text(text[: text.index("[gpu]")] + gpu)
     out = tmp_path / "out"
-    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_budget.py"), "--tiny", "--gpu-protocol", "--protocol",
-           str(proto), "--pilot", "gpu", "--rows", "baseline,tp_global,slimsearch-s0", "--out", str(out)]  # fmt: skip
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    cmd = ["bash", str(REPO / "benchmarks" / "gpu_budget.sh"), "--device", "cpu", "--tiny", "--gpu-protocol",
+           "--protocol", str(proto), "--pilot", "gpu", "--rows", "baseline,tp_global,slimsearch-s0"]  # fmt: skip
+    r = subprocess.run(
+        cmd, capture_output=True, text=True, env=os.environ | {"OUT": str(out), "PYTHON": sys.executable}
+    )
     assert r.returncode == 0, r.stderr[-2000:]
-    (cell,) = [p for p in (out / "pilot" / "gpu").iterdir() if p.is_dir()]
+    (cell,) = [p for p in (out / "budget" / "pilot" / "gpu").iterdir() if p.is_dir()]
     assert cell.name == "resnet20-50pct-30ep-gpu"
     assert {p.stem for p in cell.glob("*.json")} == {"cell", "baseline", "tp_global", "slimsearch-s0"}
     base = L.load_protocol(REPO / "benchmarks" / "protocol.toml")
@@ -397,3 +401,19 @@ def test_the_gpu_budget_estimate_adds_up_every_row_of_the_gpu_cells(tmp_path: Pa
     assert set(cell["rows_s"]) == {"baseline", "baseline+ft", "baselines", "slimsearch", "tp_global_eqc"}
     assert e["expected_s"] == pytest.approx(7 + sum(cell["rows_s"].values())) and e["fits"] == (e["expected_s"] <= 540)
     assert cell["rows_s"]["tp_global_eqc"] > cell["rows_s"]["baselines"] / 4 > 0  # its final fine-tune is longer
+
+
+def test_a_copy_without_git_runs_only_the_protocol_blob_it_is_told(tmp_path: Path) -> None:
+    def git_blob(path: Path) -> str:
+        return subprocess.run(["git", "hash-object", str(path)], capture_output=True, text=True).stdout.strip()
+
+    other = tmp_path / "other.toml"
+    other.write_text("x = 1\n")
+    hashed = git_blob(other)
+    assert L.blob_sha(other) == hashed and L.blob_sha(REPO / "benchmarks" / "protocol.toml") == git_blob(
+        REPO / "benchmarks" / "protocol.toml"
+    )
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_budget.py"), "--expect-protocol", hashed,
+                        "--out", str(out)], capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 2 and "is not the protocol --expect-protocol names" in r.stderr and not out.exists()
