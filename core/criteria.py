@@ -125,10 +125,11 @@ def select_filters(
     """Sorted indices of the ``keep`` filters of ``weight`` to KEEP under ``criterion``.
 
     ``weight`` is N x C x kh x kw (or N x ...). Criteria: l1, l2 (largest norms), fpgm (largest distance
-    sum, i.e. remove those nearest the geometric median), group (Torch-Pruning's group magnitude: ``core.apply``
-    passes, instead of the conv's weight, each filter's l2 norm over every weight removed with it), hpc (ABSHPC clustering into ``keep`` clusters,
-    median-root-mean member per cluster; params max_iter, tol), distfit (norm-distribution fitting),
-    random (seeded by ``seed``), mask (``keep_idx`` given explicitly). Raises SlimError on bad input.
+    sum, i.e. remove those nearest the geometric median), group (Torch-Pruning's group magnitude: ``weight`` is
+    then N x 1, each filter's l2 norm over every weight removed with it, which ``core.apply`` computes from the
+    model), hpc (ABSHPC clustering into ``keep`` clusters, median-root-mean member per cluster; params max_iter,
+    tol), distfit (norm-distribution fitting), random (seeded by ``seed``), mask (``keep_idx`` given explicitly).
+    Raises SlimError on bad input.
     """
     flat = _flat(weight)
     n = flat.shape[0]
@@ -141,6 +142,11 @@ def select_filters(
         raise SlimError(f"criterion {criterion!r} does not take parameter(s) {', '.join(unknown)}")
     if criterion == "mask":
         return _mask_indices(n, keep, keep_idx)
+    if criterion == "group" and tuple(weight.shape[1:]) != (1,):
+        raise SlimError(
+            "criterion 'group' ranks filters by their whole coupled group's weights, which need the model: "
+            "select through apply_policy / kept_indices (a conv's weight alone is not enough)"
+        )
     if criterion in ("l1", "l2", "fpgm", "group"):
         return _top(importance(weight, criterion), keep)
     if criterion == "random":

@@ -75,6 +75,10 @@ def test_mask_validation() -> None:
 @pytest.mark.parametrize("criterion", [c for c in SELECT_CRITERIA if c != "mask"])
 def test_keep_out_of_range_and_contract(criterion: str) -> None:
     w = torch.randn(8, 3, 3, 3, generator=torch.Generator().manual_seed(1))
+    if criterion == "group":  # given the filters' group norms (core.apply computes them), not a conv weight
+        with pytest.raises(SlimError, match="whole coupled group"):
+            select_filters(w, 3, "group")
+        w = w.flatten(1).norm(dim=1, keepdim=True)
     for bad in (0, 9, -1, 2.0, True):
         with pytest.raises(SlimError):
             select_filters(w, bad, criterion)  # type: ignore[arg-type]

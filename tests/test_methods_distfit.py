@@ -9,7 +9,7 @@ import torch
 from helpers import shared_path
 from slimsearch.core.errors import SlimError
 from slimsearch.core.models import build_model, load_checkpoint
-from slimsearch.core.policy import Policy
+from slimsearch.core.policy import LayerPolicy, Policy
 from slimsearch.search.methods import METHOD_SEEDS, distfit_policy, distfit_search, seed_policies, wasserstein_report
 from torch import nn
 
@@ -107,3 +107,15 @@ def test_study_registry_params_check() -> None:
         SEED_PARAM_CHECKS["mtd"]({"bogus": 1}, "[seeds]")
     with pytest.raises(SlimError, match="mtd_tol: expected float"):
         SEED_PARAM_CHECKS["mtd"]({"tol": "x"}, "[seeds]")
+
+
+def test_the_wasserstein_report_selects_group_filters_through_the_model(resnet56: nn.Module) -> None:
+    from slimsearch.core.apply import kept_indices
+    from slimsearch.core.criteria import norm_wasserstein
+
+    name = INNER[0]
+    policy = Policy({name: LayerPolicy(prune_rate=0.5, criterion="group")})
+    row = wasserstein_report(resnet56, policy, compare=("l2",))[name]
+    w = dict(resnet56.named_modules())[name].weight.detach()
+    assert row["group"] == pytest.approx(norm_wasserstein(w, kept_indices(resnet56, policy)[name]))
+    assert row["keep"] == w.shape[0] // 2 and "l2" in row

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
+from slimsearch.core.apply import kept_indices
 from slimsearch.core.criteria import norm_wasserstein, select_filters
 from slimsearch.core.errors import SlimError
 from slimsearch.core.policy import LayerPolicy, Policy, rate_for_removed
@@ -69,7 +71,10 @@ def wasserstein_report(
         k = lp.keep_count(n)
         row: dict[str, Any] = {"filters": n, "keep": k}
         for crit in dict.fromkeys((lp.criterion, *compare)):
-            idx = select_filters(w, k, crit, keep_idx=lp.keep if crit == "mask" else None)
+            if crit == "group":  # scores the coupled group's weights: selected through the model's graph
+                idx = kept_indices(model, Policy({name: replace(lp, criterion=crit, keep=None)}))[name]
+            else:
+                idx = select_filters(w, k, crit, keep_idx=lp.keep if crit == "mask" else None)
             row[crit] = norm_wasserstein(w, idx)
         out[name] = row
     return out
