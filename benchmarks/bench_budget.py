@@ -19,7 +19,7 @@ search did not use; then the final fine-tune) and tp_global_eqc (tp_global, fina
 slimsearch rows' mean search + rerank cost in steps).
 
   nice -n 19 python benchmarks/bench_budget.py --models resnet20 --budgets 0.5 --threads 1      # CPU, resumable
-  python benchmarks/bench_budget.py --device cuda --epochs 30                                    # protocol [gpu]
+  benchmarks/gpu_budget.sh --expect-protocol BLOB                                                # protocol [gpu]
   python benchmarks/bench_budget.py --tiny --out /tmp/tiny                                       # toy scale, seconds
   python benchmarks/bench_budget.py --summary-only                                               # rebuild summary
   python benchmarks/bench_budget.py --protocol cand.toml --pilot cand --rows slimsearch-s0       # a candidate, val only
@@ -72,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--protocol", default=str(REPO / PROTOCOL))
     p.add_argument("--models", default=None, help="only these models of the protocol (comma-separated)")
     p.add_argument("--budgets", default=None, help="only these budgets of the protocol (comma-separated)")
-    p.add_argument("--device", default="cpu", help="cpu | cuda (cuda: the protocol's [gpu] epochs and batch size)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda (cuda: the protocol's [gpu] cells, epochs and recipe)")
     p.add_argument("--epochs", type=float, default=None, help="must equal the protocol's epochs for --device")
     p.add_argument("--expect-protocol", default=None, metavar="BLOB",
                    help="on a copy without git history: run only if the protocol file is this git blob (the id of "
