@@ -490,9 +490,10 @@ def reusable_from_version(
     old_cdir: Path, name: str, meta: dict[str, Any], proto: dict[str, Any], old_proto: dict[str, Any]
 ) -> dict[str, Any] | None:
     """Row ``name`` of an earlier version's same cell, to serve this version unchanged, or None: only a row that
-    never runs the search, only from a cell on the same model, budget, epochs, device and data sizes, and only when
-    the two protocols agree on everything but [search] and the search seeds."""
-    if name.startswith("slimsearch-s") or name == L.EQUAL_COMPUTE:
+    never runs the search (or a search row ``search_row_without_rerank`` derives), only from a cell on the same
+    model, budget, epochs, device and data sizes, and only when the two protocols agree on everything but [search]
+    and the search seeds."""
+    if name == L.EQUAL_COMPUTE:
         return None
     row, old_meta = old_cdir / f"{name}.json", old_cdir / "cell.json"
     if not (row.is_file() and old_meta.is_file()):
@@ -504,7 +505,35 @@ def reusable_from_version(
     if search_free_settings(old_proto, meta["model"], gpu) != search_free_settings(proto, meta["model"], gpu):
         return None
     old = json.loads(row.read_text())
+    if name.startswith("slimsearch-s"):
+        old = search_row_without_rerank(old, proto["search"], old_proto["search"])
+        if old is None:
+            return None
     return old | {"reused_from": f"v{m['version']}/{old_cdir.name}", "reused_protocol_sha": old.get("protocol_sha")}
+
+
+RERANK_KEYS = ("rerank", "rerank_fraction")
+
+
+def search_row_without_rerank(
+    row: dict[str, Any], search: dict[str, Any], old_search: dict[str, Any]
+) -> dict[str, Any] | None:
+    """An earlier search row as a protocol without the rerank (``rerank = 1``) would have produced it, or None.
+
+    Only when the two [search] tables differ in the rerank alone and the earlier run's rerank kept its search's top
+    trial: the search is deterministic for a given seed (the v3-norerank pilot reproduced v2-fit's trials one for
+    one), and without a rerank the top trial goes to the same final fine-tune, so the network, its accuracies and
+    the search's cost are the same; the rerank's steps and seconds are dropped from the cost."""
+    drop = {k: v for k, v in search.items() if k not in RERANK_KEYS}
+    if int(search.get("rerank", 1)) != 1 or drop != {k: v for k, v in old_search.items() if k not in RERANK_KEYS}:
+        return None
+    rer = row.get("rerank") or []
+    if rer and row.get("best_trial") != rer[0]["trial"]:  # the rerank moved the pick: another network
+        return None
+    setting = row["setting"].split(", rerank")[0]
+    return row | {"setting": setting, "rerank": [], "rerank_steps": 0.0, "cost_steps": row["search_steps"],
+                  "rerank_s": 0.0, "rerank_cpu_s": 0.0, "wall_s": row.get("wall_s", 0.0) - row.get("rerank_s", 0.0),
+                  "derived": "the earlier row without its rerank, which had kept the search's top trial"}  # fmt: skip
 
 
 def claim_row(cdir: Path, name: str) -> Path | None:

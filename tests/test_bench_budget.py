@@ -302,6 +302,37 @@ def test_search_free_rows_are_reused_from_an_earlier_version_only_when_its_proto
     assert reusable_from_version(cdir, "tp_global", meta, proto, other_model) is None
 
 
+def test_a_search_row_whose_rerank_kept_the_top_trial_serves_a_protocol_without_rerank(tmp_path: Path) -> None:
+    from benchmarks.bench_budget import reusable_from_version
+
+    proto = json.loads(json.dumps(L.load_protocol(REPO / "benchmarks" / "protocol.toml")))
+    proto["search"] |= {"rerank": 1}
+    old = json.loads(json.dumps(proto)) | {"version": 1}
+    old["search"] = old["search"] | {"rerank": 3, "rerank_fraction": 0.2}
+    data = {"train": 50000, "val": 2000, "test": 8000}
+    meta = {"version": 2, "protocol_sha": "new", "model": "resnet56", "budget": 0.5, "epochs": 2.0, "device": "cpu",
+            "data": data}  # fmt: skip
+    cdir = tmp_path / "v1" / "resnet56-50pct-2ep"
+    cdir.mkdir(parents=True)
+    (cdir / "cell.json").write_text(json.dumps(meta | {"version": 1, "protocol_sha": "old"}))
+    row = {"method": "slimsearch", "setting": "24 trials tpe, finetune:50, rerank 3 x 156 steps", "seed": 0,
+           "best_trial": 12, "rerank": [{"trial": 12}, {"trial": 20}, {"trial": 19}], "search_steps": 1500.0,
+           "rerank_steps": 600.0, "cost_steps": 2100.0, "rerank_s": 30.0, "rerank_cpu_s": 29.0, "wall_s": 100.0,
+           "test_acc": 0.8, "protocol_sha": "old"}  # fmt: skip
+    (cdir / "slimsearch-s0.json").write_text(json.dumps(row))
+    (cdir / "slimsearch-s1.json").write_text(json.dumps(row | {"best_trial": 20}))  # the rerank moved its pick
+    got = reusable_from_version(cdir, "slimsearch-s0", meta, proto, old)
+    assert got is not None and got["test_acc"] == 0.8 and got["reused_from"] == "v1/resnet56-50pct-2ep"
+    assert (got["cost_steps"], got["rerank_steps"], got["rerank"], got["wall_s"]) == (1500.0, 0.0, [], 70.0)
+    assert got["setting"] == "24 trials tpe, finetune:50" and "derived" in got
+    assert reusable_from_version(cdir, "slimsearch-s1", meta, proto, old) is None  # another network
+    more = json.loads(json.dumps(old))
+    more["search"]["n_trials"] = 16
+    assert reusable_from_version(cdir, "slimsearch-s0", meta, proto, more) is None  # another search
+    assert reusable_from_version(cdir, "slimsearch-s0", meta, old, old) is None  # this protocol reranks too
+    assert reusable_from_version(cdir, "tp_global_eqc", meta, proto, old) is None
+
+
 def test_a_row_is_claimed_by_one_live_process_and_a_dead_holders_lock_is_taken_over(tmp_path: Path) -> None:
     import os
 
