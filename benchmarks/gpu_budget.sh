@@ -12,11 +12,8 @@
 # whose files travel as carried paths). Dependencies: as gpu_check.sh (wheels in .whl/), plus pillow for the JPEGs.
 set -euo pipefail
 
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PY="${PYTHON:-python3}"
-DEVICE=cuda
-WHEELS="$REPO/.whl"
-SITE="${SLIMSEARCH_SITE:-/tmp/site}"
+# shellcheck source=gpu_env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh"
 SHARED="${SLIMSEARCH_SHARED:-$REPO/shared}"
 OUTDIR="${OUT:-$REPO/benchmarks/results}"
 ARGS=()
@@ -29,9 +26,7 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 
-TAG=gpu_budget
-# shellcheck source=gpu_env.sh
-source "$REPO/benchmarks/gpu_env.sh"
+gpu_env_setup gpu_budget
 "$PY" -c "import PIL" || { echo "[gpu_budget] error: pillow is missing (add its wheel to $WHEELS)" >&2; exit 2; }
 [[ "$DEVICE" == cpu ]] || "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" || {
   echo "[gpu_budget] error: no CUDA device" >&2

@@ -18,11 +18,8 @@
 # slimsearch itself runs from this checkout (even where another copy is installed): see gpu_env.sh.
 set -euo pipefail
 
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PY="${PYTHON:-python3}"
-DEVICE=cuda
-WHEELS="$REPO/.whl"
-SITE="${SLIMSEARCH_SITE:-/tmp/site}"
+# shellcheck source=gpu_env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh"
 ARGS=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -34,7 +31,5 @@ while [[ $# -gt 0 ]]; do
 done
 [[ " ${ARGS[*]-} " == *" --device "* ]] || ARGS+=(--device "$DEVICE")
 
-TAG=gpu_check
-# shellcheck source=gpu_env.sh
-source "$REPO/benchmarks/gpu_env.sh"
+gpu_env_setup gpu_check
 exec "$PY" "$REPO/benchmarks/gpu_check.py" "${ARGS[@]}"

@@ -269,6 +269,16 @@ def test_budget_free_rows_are_reused_only_from_a_matching_cell(tmp_path: Path) -
     assert reusable_row(here, "baseline+ft", meta | {"epochs": 2.0}) is None
 
 
+def _old_cell(tmp_path: Path, model: str, budget: float, epochs: float) -> tuple[Path, dict]:
+    """An earlier version's (v1) cell folder with its cell.json, and this version's (v2) meta for the same cell."""
+    meta = {"version": 2, "protocol_sha": "new", "model": model, "budget": budget, "epochs": epochs, "device": "cpu",
+            "data": {"train": 50000, "val": 2000, "test": 8000}}  # fmt: skip
+    cdir = tmp_path / "v1" / L.cell_name(model, budget, epochs)
+    cdir.mkdir(parents=True)
+    (cdir / "cell.json").write_text(json.dumps(meta | {"version": 1, "protocol_sha": "old"}))
+    return cdir, meta
+
+
 def test_search_free_rows_are_reused_from_an_earlier_version_only_when_its_protocol_differs_in_the_search(
     tmp_path: Path,
 ) -> None:
@@ -278,12 +288,8 @@ def test_search_free_rows_are_reused_from_an_earlier_version_only_when_its_proto
     old = json.loads(json.dumps(proto)) | {"version": 1}
     old["search"] = old["search"] | {"n_trials": 3, "fit_tolerance": 0.5}
     old["models"]["resnet20"]["search_seeds"] = [7]
-    data = {"train": 50000, "val": 2000, "test": 8000}
-    meta = {"version": 2, "protocol_sha": "new", "model": "resnet20", "budget": 0.5, "epochs": 5.0, "device": "cpu",
-            "data": data}  # fmt: skip
-    cdir = tmp_path / "v1" / "resnet20-50pct-5ep"
-    cdir.mkdir(parents=True)
-    (cdir / "cell.json").write_text(json.dumps(meta | {"version": 1, "protocol_sha": "old"}))
+    cdir, meta = _old_cell(tmp_path, "resnet20", 0.5, 5.0)
+    data = meta["data"]
     for name in ("tp_global", "baseline+ft", "slimsearch-s0", "tp_global_eqc"):
         (cdir / f"{name}.json").write_text(json.dumps({"method": name, "test_acc": 0.8, "protocol_sha": "old"}))
     row = reusable_from_version(cdir, "tp_global", meta, proto, old)
@@ -309,12 +315,7 @@ def test_a_search_row_whose_rerank_kept_the_top_trial_serves_a_protocol_without_
     proto["search"] |= {"rerank": 1}
     old = json.loads(json.dumps(proto)) | {"version": 1}
     old["search"] = old["search"] | {"rerank": 3, "rerank_fraction": 0.2}
-    data = {"train": 50000, "val": 2000, "test": 8000}
-    meta = {"version": 2, "protocol_sha": "new", "model": "resnet56", "budget": 0.5, "epochs": 2.0, "device": "cpu",
-            "data": data}  # fmt: skip
-    cdir = tmp_path / "v1" / "resnet56-50pct-2ep"
-    cdir.mkdir(parents=True)
-    (cdir / "cell.json").write_text(json.dumps(meta | {"version": 1, "protocol_sha": "old"}))
+    cdir, meta = _old_cell(tmp_path, "resnet56", 0.5, 2.0)
     row = {"method": "slimsearch", "setting": "24 trials tpe, finetune:50, rerank 3 x 156 steps", "seed": 0,
            "best_trial": 12, "rerank": [{"trial": 12}, {"trial": 20}, {"trial": 19}], "search_steps": 1500.0,
            "rerank_steps": 600.0, "cost_steps": 2100.0, "rerank_s": 30.0, "rerank_cpu_s": 29.0, "wall_s": 100.0,
@@ -355,11 +356,13 @@ def test_a_row_is_claimed_by_one_live_process_and_a_dead_holders_lock_is_taken_o
 def test_a_pilot_runs_an_uncommitted_candidate_on_val_only(tmp_path: Path) -> None:
     """--pilot: a candidate protocol (here a modified copy outside the repo) runs the chosen rows with the test
     split dropped; rows hold val accuracy and nothing of test; the committed results are untouched."""
+    v = L.load_protocol(REPO / "benchmarks" / "protocol.toml")["version"]
     proto = tmp_path / "candidate.toml"
-    proto.write_text((REPO / "benchmarks" / "protocol.toml").read_text().replace("version = 1", "version = 2", 1))
+    text = (REPO / "benchmarks" / "protocol.toml").read_text()
+    proto.write_text(text.replace(f"\nversion = {v}\n", f"\nversion = {v + 1}\n", 1))
     out = tmp_path / "out"
-    (out / "v1" / "resnet20-50pct-5ep").mkdir(parents=True)
-    (out / "v1" / "resnet20-50pct-5ep" / "fpgm.json").write_text(json.dumps({"val_acc": 0.5, "test_acc": 0.4}))
+    (out / f"v{v}" / "resnet20-50pct-5ep").mkdir(parents=True)
+    (out / f"v{v}" / "resnet20-50pct-5ep" / "fpgm.json").write_text(json.dumps({"val_acc": 0.5, "test_acc": 0.4}))
     cmd = [sys.executable, str(REPO / "benchmarks" / "bench_budget.py"), "--tiny", "--protocol", str(proto),
            "--pilot", "cand", "--models", "resnet20", "--budgets", "0.5", "--rows", "baseline,fpgm", "--out", str(out)]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True)
@@ -372,7 +375,7 @@ def test_a_pilot_runs_an_uncommitted_candidate_on_val_only(tmp_path: Path) -> No
     assert json.loads((cell / "cell.json").read_text())["data"]["test"] == 0
     pilot = json.loads((out / "pilot" / "cand" / "summary.json").read_text())
     assert [(p["row"], p["reference_val_acc"]) for p in pilot] == [("baseline", {"fpgm": 0.5}), ("fpgm", {"fpgm": 0.5})]
-    assert not (out / "summary.json").exists() and not (out / "v2").exists()
+    assert not (out / "summary.json").exists() and not (out / f"v{v + 1}").exists()
     code = json.loads((cell / "fpgm.json").read_text())["code"]
     assert code.split("+")[0] == L.code_rev(REPO).split("+")[0] and len(code.split("+")[0]) == 10
 
@@ -399,7 +402,7 @@ def test_the_gpu_protocol_runs_at_toy_scale_on_the_cpu(tmp_path: Path) -> None:
     text = (REPO / "benchmarks" / "protocol.toml").read_text()
     gpu = '[gpu]\nepochs = 30\nbatch_size = 1024\namp = "bf16"\nmodels = ["resnet20"]\nbudgets = [0.5]\n'
     proto = tmp_path / "candidate.toml"
-    proto.write_text(text[: text.index("[gpu]")] + gpu)
+    proto.write_text(text[: text.index("\n[gpu]") + 1] + gpu)
     out = tmp_path / "out"
     cmd = ["bash", str(REPO / "benchmarks" / "gpu_budget.sh"), "--device", "cpu", "--tiny", "--gpu-protocol",
            "--protocol", str(proto), "--pilot", "gpu", "--rows", "baseline,tp_global,slimsearch-s0"]  # fmt: skip
@@ -422,7 +425,7 @@ def test_the_gpu_budget_estimate_adds_up_every_row_of_the_gpu_cells(tmp_path: Pa
 
     text = (REPO / "benchmarks" / "protocol.toml").read_text()
     proto = tmp_path / "p.toml"
-    proto.write_text(text[: text.index("[gpu]")] + '[gpu]\nepochs = 30\nbatch_size = 1024\nmodels = ["resnet20"]\n'
+    proto.write_text(text[: text.index("\n[gpu]") + 1] + '[gpu]\nepochs = 30\nbatch_size = 1024\nmodels = ["resnet20"]\n'
                      "budgets = [0.5]\n")  # fmt: skip
     out = tmp_path / "est.json"
     assert estimate(["--protocol", str(proto), "--out", str(out), "--startup-s", "7"]) == 0
