@@ -201,8 +201,14 @@ def ft_config(c: Cell, extra_steps: int = 0) -> FinetuneConfig:
     return FinetuneConfig(epochs=c.epochs, batch_size=c.batch_size, lr=r.lr, seed=f["seed"], amp=r.amp)
 
 
-def finish(c: Cell, model: nn.Module, extra_steps: int = 0) -> dict[str, Any]:
-    """The same final fine-tune for every row, then per-image test correctness (chosen on val only)."""
+CHECKPOINT_EVERY = 100  # final fine-tune steps between two checkpoints of a row (a killed run resumes there)
+
+
+def finish(c: Cell, model: nn.Module, work: Path, extra_steps: int = 0) -> dict[str, Any]:
+    """The same final fine-tune for every row, then per-image test correctness (chosen on val only).
+
+    Every ``CHECKPOINT_EVERY`` steps the fine-tune's state goes to ``work``/final.pt; a rerun of the row (same
+    network, same steps) resumes from it and ends as an uninterrupted run would, the time already spent added."""
     f = c.proto["finetune"]
     t, cpu = time.perf_counter(), time.process_time()
     model = model.to(c.device)
@@ -210,14 +216,34 @@ def finish(c: Cell, model: nn.Module, extra_steps: int = 0) -> dict[str, Any]:
     recalibrate_bn(model, c.splits.train, num_batches=f["bn_batches"], batch_size=cfg.batch_size, seed=cfg.seed,
                    augment=True)  # fmt: skip
     teacher = c.base.to(c.device) if f["kd"] else None
+    weights = hashlib.sha256(b"".join(v.detach().cpu().numpy().tobytes() for v in model.state_dict().values()))
+    key = [weights.hexdigest(), total_steps(cfg, len(c.splits.train))]  # this network, this length
+    path = work / "final.pt"
+    state = torch.load(path, map_location=c.device, weights_only=True) if path.is_file() else None
+    if state is not None and state.get("key") != key:  # another network or length: start afresh
+        state = None
+    earlier = {"s": 0.0, "cpu_s": 0.0} if state is None else state["spent"]
+
+    def save(ft: dict[str, Any]) -> None:
+        spent = {"s": earlier["s"] + time.perf_counter() - t, "cpu_s": earlier["cpu_s"] + time.process_time() - cpu}
+        work.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".final.{os.getpid()}.tmp")
+        torch.save(ft | {"key": key, "spent": spent}, tmp)
+        os.replace(tmp, path)
+
+    if state is not None:
+        c.log(f"    final fine-tune resumed at step {state['finetune']['step']} ({state['tag']})")
     res = final_finetune(model, c.splits.train, c.splits.val, cfg, teacher=teacher, bn_batches=f["bn_batches"],
-                         log=lambda s: c.log(f"    {s}"), log_every=200)  # fmt: skip
+                         log=lambda s: c.log(f"    {s}"), log_every=200, checkpoint=save,
+                         checkpoint_every=2 if c.tiny else CHECKPOINT_EVERY, resume=state)  # fmt: skip
     macs = c.macs(model)
     tol = L.within(macs, c.target, c.proto["baselines"]["macs_tolerance"]) if macs < c.base_macs else None
     return test_fields(c, model) | {"val_acc": res.val_acc, "macs": macs, "macs_ratio": macs / c.base_macs,
                                     "macs_within_tol": tol, "final_steps": res.steps, "final_choice": res.choice,
-                                    "final_val_accs": res.val_accs, "final_s": time.perf_counter() - t,
-                                    "final_cpu_s": time.process_time() - cpu}  # fmt: skip
+                                    "final_val_accs": res.val_accs,
+                                    "final_s": earlier["s"] + time.perf_counter() - t,
+                                    "final_cpu_s": earlier["cpu_s"] + time.process_time() - cpu,
+                                    "final_earlier_s": earlier["s"]}  # fmt: skip
 
 
 def test_fields(c: Cell, model: nn.Module) -> dict[str, Any]:
@@ -403,10 +429,10 @@ def row_slimsearch(c: Cell, seed: int, work: Path) -> dict[str, Any]:
            "search_s": search_s, "search_cpu_s": search_cpu, "rerank_s": rerank_s, "rerank_cpu_s": rerank_cpu,
            "n_trials": len(trials), "evaluated_trials": len(scored), "search_restarts": total["restarts"],
            "earlier_runs_s": before["search_s"]}  # fmt: skip
-    return row | finish(c, apply_policy(c.base, policy, input_shape=SHAPE))
+    return row | finish(c, apply_policy(c.base, policy, input_shape=SHAPE), work)
 
 
-def row_equal_compute(c: Cell, done: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+def row_equal_compute(c: Cell, done: dict[str, dict[str, Any]], work: Path) -> dict[str, Any] | None:
     """tp_global with the slimsearch rows' mean search + rerank cost added to its final fine-tune (None until every
     search seed's row is finished)."""
     seeds = c.proto["models"][c.model]["search_seeds"]
@@ -416,7 +442,7 @@ def row_equal_compute(c: Cell, done: dict[str, dict[str, Any]]) -> dict[str, Any
     extra = round(sum(r["cost_steps"] for r in lead) / len(lead))  # type: ignore[index]
     model, steps = tp_global_model(c)
     return {"setting": f"tp_global + {extra} extra fine-tune steps (slimsearch's mean search + rerank cost)",
-            "cost_steps": float(extra)} | finish(c, model, extra_steps=extra)  # fmt: skip
+            "cost_steps": float(extra)} | finish(c, model, work, extra_steps=extra)  # fmt: skip
 
 
 def plan(c: Cell) -> list[str]:
@@ -435,15 +461,15 @@ def run_row(c: Cell, name: str, done: dict[str, dict[str, Any]], work: Path) -> 
                 | test_fields(c, c.base))  # fmt: skip
     if name == "baseline+ft":
         return {"method": name, "setting": "checkpoint + the final fine-tune", "cost_steps": 0.0} | finish(
-            c, copy.deepcopy(c.base)
+            c, copy.deepcopy(c.base), work
         )
     if name.startswith("slimsearch-s"):
         return {"method": L.LEAD} | row_slimsearch(c, int(name.removeprefix("slimsearch-s")), work)
     if name == L.EQUAL_COMPUTE:
-        r = row_equal_compute(c, done)
+        r = row_equal_compute(c, done, work)
         return None if r is None else {"method": name} | r
     info, model = row_baseline(c, name)
-    return {"method": name, "cost_steps": 0.0} | info | finish(c, model)
+    return {"method": name, "cost_steps": 0.0} | info | finish(c, model, work)
 
 
 def write_json(path: Path, obj: dict[str, Any] | list[dict[str, Any]]) -> None:
@@ -693,7 +719,7 @@ def main(argv: list[str] | None = None) -> int:
                 if row is None:
                     log(f"  {name}: waits for the search rows")
                     continue
-                wall = time.perf_counter() - t + row.get("earlier_runs_s", 0.0)  # + killed runs' search time
+                wall = time.perf_counter() - t + row.get("earlier_runs_s", 0.0) + row.get("final_earlier_s", 0.0)
                 write_json(path, row | {"wall_s": wall, "protocol_sha": sha, "code": code})
                 shutil.rmtree(work, ignore_errors=True)
             finally:

@@ -378,6 +378,9 @@ def final_finetune(
     bn_batches: int = 20,
     log: Callable[[str], None] | None = None,
     log_every: int = 200,
+    checkpoint: Callable[[dict[str, Any]], None] | None = None,
+    checkpoint_every: int = 0,
+    resume: Mapping[str, Any] | None = None,
 ) -> FinalResult:
     """The final fine-tune that never leaves a model worse on val than it came in: fine-tune IN PLACE and keep
     the variant with the best val accuracy (ties: the earlier, simpler one) among the model as it came
@@ -387,16 +390,31 @@ def final_finetune(
     Why: recalibrating after training with unaugmented batches lost 4 pt, and KD from a teacher weaker on the
     user's data than the student pulled the student down (issue 22); val decides instead of a fixed recipe.
     A teacher doubles the cost (two fine-tunes from the same start).
+
+    ``checkpoint(state)`` every ``checkpoint_every`` steps gets what a rerun needs (the start, the variants
+    scored so far, the running fine-tune's ``finetune`` checkpoint; its tensors are the live ones: save them at
+    once); ``resume=state`` continues from it and ends as an uninterrupted run would.
     """
     import copy
 
-    start = copy.deepcopy(model.state_dict())
-    accs: dict[str, float] = {"start": evaluate(model, val_ds)}
-    states: dict[str, dict[str, torch.Tensor]] = {"start": start}
-    steps = 0
+    start = copy.deepcopy(model.state_dict()) if resume is None else resume["start"]
+    accs: dict[str, float] = {"start": evaluate(model, val_ds)} if resume is None else dict(resume["accs"])
+    states: dict[str, dict[str, torch.Tensor]] = {"start": start} if resume is None else dict(resume["states"])
+    steps = 0 if resume is None else int(resume["steps"])
     for tag, t in [("ft", None), ("kd", teacher)] if teacher is not None else [("ft", None)]:
+        if tag in accs:  # scored before the interruption
+            continue
         model.load_state_dict(start)
-        res = finetune(model, train_ds, cfg, teacher=t, log=log, log_every=log_every)
+        here = resume["finetune"] if resume is not None and resume.get("tag") == tag else None
+
+        def save(ft_state: dict[str, Any], tag: str = tag, done: int = steps) -> None:
+            if checkpoint is not None:
+                checkpoint({"start": start, "accs": dict(accs), "states": dict(states), "steps": done, "tag": tag,
+                            "finetune": ft_state})  # a snapshot: accs and states grow after it  # fmt: skip
+
+        res = finetune(model, train_ds, cfg, teacher=t, log=log, log_every=log_every,
+                       checkpoint=save if checkpoint is not None else None, checkpoint_every=checkpoint_every,
+                       resume=here)  # fmt: skip
         steps += res.steps
         accs[tag], states[tag] = evaluate(model, val_ds), copy.deepcopy(model.state_dict())
         recalibrate_bn(model, train_ds, num_batches=bn_batches, batch_size=cfg.batch_size, seed=cfg.seed, augment=True)

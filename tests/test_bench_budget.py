@@ -200,6 +200,29 @@ def test_a_killed_search_row_resumes_its_study_and_adds_the_time_already_spent(t
     assert again["search_cpu_s"] > spent["search_cpu_s"]
 
 
+@pytest.mark.slow
+def test_a_killed_final_fine_tune_resumes_from_its_checkpoint_and_ends_the_same(tmp_path: Path) -> None:
+    from benchmarks import bench_budget as B
+
+    args = B.parse_args(["--tiny"])
+    proto = L.load_protocol(REPO / "benchmarks" / "protocol.toml")
+    lines: list[str] = []
+    cell = B.make_cell("resnet20", 0.5, 5.0, proto, args, B.load_data(proto, args), B.recipe(proto, False))
+    cell = B.dataclasses.replace(cell, log=lines.append)
+    work = tmp_path / ".work-fpgm"
+    _, net = B.row_baseline(cell, "fpgm")
+    whole = B.finish(cell, B.copy.deepcopy(net), work)  # leaves its step-2 checkpoint behind (as a kill would)
+    assert (work / "final.pt").is_file() and not any("resumed" in x for x in lines)
+    again = B.finish(cell, B.copy.deepcopy(net), work)
+    assert any("final fine-tune resumed at step 2" in x for x in lines)
+    same = ("val_acc", "final_val_accs", "final_steps", "final_choice", "test_acc", "test_correct")
+    assert {k: again[k] for k in same} == {k: whole[k] for k in same} and again["final_earlier_s"] > 0
+    _, other = B.row_baseline(cell, "tp_l1")  # another network: its checkpoint is not this one's
+    lines.clear()
+    B.finish(cell, other, work)
+    assert not any("resumed" in x for x in lines)
+
+
 def test_a_protocols_own_space_and_seed_params_replace_the_study_files(tmp_path: Path) -> None:
     from benchmarks import bench_budget as B
 

@@ -330,7 +330,9 @@ def _cli(*args: str, cwd: Path) -> subprocess.Popen:
 
 @pytest.mark.slow
 def test_two_worker_processes_reach_exactly_n_trials(tmp_path: Path, baseline_ckpt: Path) -> None:
-    cfg = load_study(write_study(tmp_path, baseline_ckpt, n_trials=8))
+    # Trials of about a second (a 150-step fine-tune): with instant proxy trials the first worker could finish all
+    # eight before the second has imported torch, and "both workers evaluated" would be a race.
+    cfg = load_study(write_study(tmp_path, baseline_ckpt, n_trials=8, evaluator='kind = "finetune"\nsteps = 150'))
     summary = run_study(cfg, workers=2, progress=False, log=lambda s: None, threads=1)
     trials = trials_of(cfg)
     assert summary.done and summary.counted == 8

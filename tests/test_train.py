@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -407,3 +408,26 @@ def test_export_final_finetune_of_public_resnet20_is_not_below_the_plain_finetun
     export_way = copy.deepcopy(base)
     res = final_finetune(export_way, train, full.val, cfg, teacher=base)
     assert evaluate(export_way, test) >= evaluate(plain, test), res.val_accs
+
+
+def test_final_finetune_resumed_from_a_checkpoint_ends_as_an_uninterrupted_run() -> None:
+    train, val = stripes(256, seed=1), stripes(128, seed=2)
+    cfg = FinetuneConfig(steps=30, batch_size=32, lr=0.05, seed=0)
+    whole = tiny_cnn(0)
+    want = final_finetune(whole, train, val, cfg, teacher=tiny_cnn(1), bn_batches=4)
+    saved: list[dict] = []
+    first = tiny_cnn(0)
+    final_finetune(first, train, val, cfg, teacher=tiny_cnn(1), bn_batches=4,
+                   checkpoint=lambda state: saved.append(copy.deepcopy(state)),  # live tensors: copy them now
+                   checkpoint_every=10)  # fmt: skip
+    assert [(s["tag"], s["finetune"]["step"]) for s in saved] == [("ft", 10), ("ft", 20), ("kd", 10), ("kd", 20)]
+    for state in (saved[1], saved[2]):  # killed in the plain fine-tune, and in the KD one after ft was scored
+        again = tiny_cnn(7)  # whatever it holds: the checkpoint's start and steps win
+        got = final_finetune(again, train, val, cfg, teacher=tiny_cnn(1), bn_batches=4, resume=state)
+        assert (
+            (got.choice, got.val_accs, got.steps)
+            == (want.choice, want.val_accs, want.steps)
+            == (got.choice, got.val_accs, 60)
+        )
+        for a, b in zip(again.state_dict().values(), whole.state_dict().values(), strict=True):
+            torch.testing.assert_close(a, b)
