@@ -201,6 +201,12 @@ def ft_config(c: Cell, extra_steps: int = 0) -> FinetuneConfig:
     return FinetuneConfig(epochs=c.epochs, batch_size=c.batch_size, lr=r.lr, seed=f["seed"], amp=r.amp)
 
 
+def weights_sha(m: nn.Module) -> str:
+    """sha256 of a model's tensors (keys the search's baseline and a final fine-tune's checkpoint; kept as it was
+    written before, so the studies and checkpoints of killed runs still match)."""
+    return hashlib.sha256(b"".join(v.detach().cpu().numpy().tobytes() for v in m.state_dict().values())).hexdigest()
+
+
 CHECKPOINT_EVERY = 100  # final fine-tune steps between two checkpoints of a row (a killed run resumes there)
 
 
@@ -216,8 +222,7 @@ def finish(c: Cell, model: nn.Module, work: Path, extra_steps: int = 0) -> dict[
     recalibrate_bn(model, c.splits.train, num_batches=f["bn_batches"], batch_size=cfg.batch_size, seed=cfg.seed,
                    augment=True)  # fmt: skip
     teacher = c.base.to(c.device) if f["kd"] else None
-    weights = hashlib.sha256(b"".join(v.detach().cpu().numpy().tobytes() for v in model.state_dict().values()))
-    key = [weights.hexdigest(), total_steps(cfg, len(c.splits.train))]  # this network, this length
+    key = [weights_sha(model), total_steps(cfg, len(c.splits.train))]  # this network, this length
     path = work / "final.pt"
     state = torch.load(path, map_location=c.device, weights_only=True) if path.is_file() else None
     if state is not None and state.get("key") != key:  # another network or length: start afresh
@@ -394,8 +399,7 @@ def row_slimsearch(c: Cell, seed: int, work: Path) -> dict[str, Any]:
     splits = DataSplits(c.splits.train, c.search_val, None)
     ectx = build_context(c.base, splits, SHAPE, max_macs=c.target, score_baseline=False, cache=ResultCache())
     space = SearchSpace.build(c.base, cfg.space, SHAPE)
-    sha = hashlib.sha256(b"".join(v.detach().cpu().numpy().tobytes() for v in c.base.state_dict().values()))
-    sctx = StudyContext(cfg, c.base, splits, SHAPE, ectx, space, ckpt, sha.hexdigest()[:16])
+    sctx = StudyContext(cfg, c.base, splits, SHAPE, ectx, space, ckpt, weights_sha(c.base)[:16])
     study = prepare_study(cfg, sctx, open_storage(cfg), log=lambda x: c.log(f"    {x}"))
     if resumed:
         c.log(f"    resumed: {len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))} trials kept")
